@@ -1,0 +1,555 @@
+//! The configuration schema: Fast-LLM's field names and (where we support them) its defaults.
+//!
+//! Every field documents its meaning, default and valid range next to its declaration. Unknown fields
+//! are refused (`deny_unknown_fields`); range checks live in `validate.rs`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The whole training configuration (`fast-llm-rs train --config cfg.yaml`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Where the run writes its outputs.
+    pub run: RunConfig,
+    /// Length of training, logging, evaluation and checkpoints.
+    pub training: TrainingConfig,
+    /// Datasets and batch shape.
+    pub data: DataConfig,
+    /// Micro-batch schedule.
+    pub schedule: ScheduleConfig,
+    /// AdamW and the learning-rate schedule.
+    pub optimizer: OptimizerConfig,
+    /// Architecture, multi-stage layout and distributed setup.
+    pub model: ModelConfig,
+    /// Optional initial weights (e.g. a HuggingFace Llama directory).
+    pub pretrained: Option<PretrainedConfig>,
+    /// Seed-document spelling of `model.multi_stage` (top level). Setting both is refused.
+    /// Merged into `model.multi_stage` by the loader; always `None` after loading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_stage: Option<MultiStageConfig>,
+}
+
+/// `run:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Directory for `metrics.jsonl`, `memory.json`, checkpoints and the resolved config.
+    /// Default `experiments/default`.
+    pub experiment_dir: PathBuf,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { experiment_dir: PathBuf::from("experiments/default") }
+    }
+}
+
+/// `training:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Number of optimizer steps. Default 0 (setup only). Must be >= 0.
+    pub train_iters: u64,
+    /// Console and metrics logging.
+    pub logs: LogsConfig,
+    /// Named evaluators: validation loss on `data.datasets.<name>` (by default the `validation` dataset).
+    pub evaluators: BTreeMap<String, EvaluatorConfig>,
+    /// Training checkpoints.
+    pub checkpoint: CheckpointConfig,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            train_iters: 0,
+            logs: LogsConfig::default(),
+            evaluators: BTreeMap::new(),
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}
+
+/// `training.logs:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Log every `interval` steps (console line + one `metrics.jsonl` record). Default 100, >= 1.
+    pub interval: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self { interval: 100 }
+    }
+}
+
+/// `training.evaluators.<name>:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluatorConfig {
+    /// Evaluate every `interval` steps (and after the last step). Default 1000, >= 1.
+    pub interval: u64,
+    /// Number of global batches per evaluation. Default 1, >= 1.
+    pub iterations: u64,
+    /// Dataset name in `data.datasets`. Default: the evaluator's own name if such a dataset exists,
+    /// else `validation`.
+    pub dataset_name: Option<String>,
+}
+
+impl Default for EvaluatorConfig {
+    fn default() -> Self {
+        Self { interval: 1000, iterations: 1, dataset_name: None }
+    }
+}
+
+/// `training.checkpoint:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every `interval` steps; `None` (default) saves only at the end of training when
+    /// `train_iters > 0`... no: `None` never saves. >= 1 when set.
+    pub interval: Option<u64>,
+    /// Keep the newest `keep` checkpoints. Default 5, >= 1.
+    pub keep: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { interval: None, keep: 5 }
+    }
+}
+
+/// `data:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Named datasets; `training` is required to train, `validation` feeds the evaluators.
+    pub datasets: BTreeMap<String, DatasetConfig>,
+    /// Tokens per micro-batch per data-parallel rank (Fast-LLM v0.4 meaning). Must be a positive
+    /// multiple of `sequence_length`. Default 2048.
+    pub micro_batch_size: u64,
+    /// Tokens in one sample (sequence). Default 2048, >= 2.
+    pub sequence_length: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { datasets: BTreeMap::new(), micro_batch_size: 2048, sequence_length: 2048 }
+    }
+}
+
+/// One dataset source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// `memmap`: a dataset written by `fast-llm-rs prepare` (path = its directory);
+    /// `text`: a plain-text file, tokenized byte-level and cached on first use (path = the file).
+    #[serde(rename = "type", default)]
+    pub kind: DatasetKind,
+    /// Path of the prepared dataset directory or the text file.
+    pub path: PathBuf,
+    /// For `memmap`: which split of the prepared directory to read (`training` or `validation`).
+    /// Default: the dataset's name when it is `training` or `validation`, else `training`.
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+/// Dataset kinds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// Prepared memory-mapped tokens.
+    #[default]
+    Memmap,
+    /// Plain text, prepared (byte-level) and cached automatically.
+    Text,
+}
+
+/// `schedule:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Micro-batches run forward+backward through all stages one after the other. Default 1, >= 1.
+    pub depth_first_micro_batches: u64,
+    /// Micro-batches run through each stage before the next stage. Default 1, >= 1.
+    pub breadth_first_micro_batches: u64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { depth_first_micro_batches: 1, breadth_first_micro_batches: 1 }
+    }
+}
+
+/// `optimizer:` section (AdamW).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// Learning-rate schedule.
+    pub learning_rate: LearningRateConfig,
+    /// Decoupled weight decay. Default 0.01, >= 0. Not applied to normalization weights.
+    pub weight_decay: f64,
+    /// Adam beta 1. Default 0.9, in [0, 1).
+    pub beta_1: f64,
+    /// Adam beta 2. Default 0.999, in [0, 1).
+    pub beta_2: f64,
+    /// Adam epsilon. Default 1e-8, > 0.
+    pub epsilon: f64,
+    /// Clip the global gradient norm to this value. Default 1.0; > 0.
+    pub gradient_norm_clipping: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: LearningRateConfig::default(),
+            weight_decay: 0.01,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            gradient_norm_clipping: 1.0,
+        }
+    }
+}
+
+/// `optimizer.learning_rate:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearningRateConfig {
+    /// Peak learning rate. Default 1e-4, > 0.
+    pub base: f64,
+    /// `constant`, `linear` or `cosine` decay after warm-up. Default `constant`.
+    pub decay_style: DecayStyle,
+    /// Steps over which the rate decays from `base` to `minimum` (after warm-up). Default: `train_iters`.
+    pub decay_iterations: Option<u64>,
+    /// Linear warm-up steps from 0 to `base`. Default 0.
+    pub warmup_iterations: u64,
+    /// Floor of the decay. Default 0, in [0, base].
+    pub minimum: f64,
+}
+
+impl Default for LearningRateConfig {
+    fn default() -> Self {
+        Self {
+            base: 1e-4,
+            decay_style: DecayStyle::Constant,
+            decay_iterations: None,
+            warmup_iterations: 0,
+            minimum: 0.0,
+        }
+    }
+}
+
+/// Learning-rate decay styles.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayStyle {
+    /// Stay at `base` after warm-up.
+    #[default]
+    Constant,
+    /// Linear from `base` to `minimum`.
+    Linear,
+    /// Half-cosine from `base` to `minimum`.
+    Cosine,
+}
+
+/// `model:` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// The architecture.
+    pub base_model: BaseModelConfig,
+    /// Stages, ZeRO sharding and buffers (the seed document).
+    pub multi_stage: MultiStageConfig,
+    /// Ranks and communication.
+    pub distributed: DistributedConfig,
+}
+
+/// `model.base_model:` (Llama architecture).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaseModelConfig {
+    /// Width of the residual stream. Default 1024, >= 1.
+    pub hidden_size: u64,
+    /// Share the embedding matrix with the output head. Default false.
+    pub tied_embedding_weight: bool,
+    /// Token embeddings.
+    pub embeddings: EmbeddingsConfig,
+    /// The stack of transformer blocks.
+    pub decoder: DecoderConfig,
+    /// The output head.
+    pub head: HeadConfig,
+}
+
+impl Default for BaseModelConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1024,
+            tied_embedding_weight: false,
+            embeddings: EmbeddingsConfig::default(),
+            decoder: DecoderConfig::default(),
+            head: HeadConfig::default(),
+        }
+    }
+}
+
+/// `model.base_model.embeddings:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsConfig {
+    /// Vocabulary size. Default 49152, >= 1. Every token id of the data must be below it.
+    pub vocab_size: u64,
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        Self { vocab_size: 49152 }
+    }
+}
+
+/// `model.base_model.decoder:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecoderConfig {
+    /// Number of transformer blocks. Default 12, >= 1.
+    pub num_blocks: u64,
+    /// The block (all blocks are the same).
+    pub block: BlockConfig,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self { num_blocks: 12, block: BlockConfig::default() }
+    }
+}
+
+/// `model.base_model.decoder.block:`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlockConfig {
+    /// Attention.
+    pub mixer: MixerConfig,
+    /// Feed-forward.
+    pub mlp: MlpConfig,
+    /// Normalization before the mixer and before the MLP.
+    pub normalization: NormalizationConfig,
+}
+
+/// `...block.mixer:` (causal attention with grouped KV heads and rotary embeddings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixerConfig {
+    /// Attention type; only `attention`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Query heads. Default 8, >= 1.
+    pub heads: u64,
+    /// Key/value heads (grouped-query attention). Default 1; must divide `heads`.
+    pub head_groups: u64,
+    /// Size of one head. Default 64, even.
+    pub head_size: u64,
+    /// Rotary position embedding.
+    pub rotary: RotaryConfig,
+    /// Sliding-window attention: not supported (must be absent or null).
+    pub window_size: Option<u64>,
+    /// Biases on q/k/v/o: not supported (must be false).
+    pub add_linear_biases: Option<bool>,
+}
+
+impl Default for MixerConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            heads: 8,
+            head_groups: 1,
+            head_size: 64,
+            rotary: RotaryConfig::default(),
+            window_size: None,
+            add_linear_biases: None,
+        }
+    }
+}
+
+/// `...mixer.rotary:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotaryConfig {
+    /// `default` (Llama rotary). Other Fast-LLM types (`llama3`, `yarn`, `none`) are refused.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Rotary base. Default 10000, > 0.
+    pub theta: f64,
+}
+
+impl Default for RotaryConfig {
+    fn default() -> Self {
+        Self { kind: "default".into(), theta: 10000.0 }
+    }
+}
+
+/// `...block.mlp:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlpConfig {
+    /// Hidden width of the MLP. Default 4096, >= 1.
+    pub intermediate_size: u64,
+    /// Gated (SwiGLU) MLP. Default true; `false` is not supported yet.
+    pub gated: bool,
+    /// Activation; only `silu` is supported. Default `silu`.
+    pub activation: String,
+    /// Biases: not supported (must be false).
+    pub add_linear_biases: Option<bool>,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        Self { intermediate_size: 4096, gated: true, activation: "silu".into(), add_linear_biases: None }
+    }
+}
+
+/// Normalization layer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NormalizationConfig {
+    /// `rms_norm` (only).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Added to the mean square. Default 1e-5, > 0.
+    pub epsilon: f64,
+}
+
+impl Default for NormalizationConfig {
+    fn default() -> Self {
+        Self { kind: "rms_norm".into(), epsilon: 1e-5 }
+    }
+}
+
+/// `model.base_model.head:`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    /// Final normalization before the output projection.
+    pub normalization: NormalizationConfig,
+}
+
+/// `model.multi_stage:` (also accepted at the top level as `multi_stage:`). See the seed document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultiStageConfig {
+    /// ZeRO stage: 1 (default: optimizer state sharded), 2 (+ gradients), 3 (+ weights).
+    /// 0 (full replication) is not supported.
+    pub zero_stage: Option<u8>,
+    /// Gradient buffers. Default: one per stage for ZeRO-1, a ring of 2 for ZeRO-2/3. >= 1.
+    pub num_grad_buffers: Option<u64>,
+    /// Weight buffers. Default: one per stage for ZeRO-1/2, a ring of 2 for ZeRO-3. >= 1.
+    pub num_weight_buffers: Option<u64>,
+    /// Layers per stage (a block counts 1, its attention and MLP halves 0.5 each; the head counts 1).
+    /// The embedding is always its own stage. Default 1.0, > 0; fractional allowed (0.5 = half blocks).
+    pub layers_per_stage: f64,
+    /// Stages per pipeline stage: only 1 until pipeline parallelism exists.
+    pub stages_per_pipeline_stage: u64,
+    /// Keep gradient buffers in fp32 whatever the compute dtype. Default true.
+    pub full_precision_gradients: bool,
+}
+
+impl Default for MultiStageConfig {
+    fn default() -> Self {
+        Self {
+            zero_stage: None,
+            num_grad_buffers: None,
+            num_weight_buffers: None,
+            layers_per_stage: 1.0,
+            stages_per_pipeline_stage: 1,
+            full_precision_gradients: true,
+        }
+    }
+}
+
+impl MultiStageConfig {
+    /// The effective ZeRO stage (absent = 1).
+    pub fn zero_stage(&self) -> u8 {
+        self.zero_stage.unwrap_or(1)
+    }
+}
+
+/// `model.distributed:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Number of ranks (all data-parallel). Default 1, >= 1. For `nccl`, taken from the launcher's
+    /// environment when set there.
+    pub world_size: u64,
+    /// `local`: ranks are threads of one process; `nccl`: one process per GPU.
+    pub backend: CommBackend,
+    /// Seed of initialization and data sampling. Default 1234.
+    pub seed: u64,
+    /// `float32` (CPU) or `bfloat16` (CUDA). Default `float32`.
+    pub compute_dtype: ComputeDtype,
+    /// Seconds any collective may wait before the run stops with an error naming the missing rank.
+    /// Default 60, > 0.
+    pub timeout: f64,
+    /// Run on an NVIDIA GPU. Default false.
+    pub use_cuda: bool,
+    /// Tensor parallelism: only 1 is supported.
+    pub tensor_parallel: u64,
+    /// Pipeline parallelism: only 1 is supported.
+    pub pipeline_parallel: u64,
+    /// Sequence data parallelism: only 1 is supported.
+    pub sequence_data_parallel: u64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            world_size: 1,
+            backend: CommBackend::Local,
+            seed: 1234,
+            compute_dtype: ComputeDtype::Float32,
+            timeout: 60.0,
+            use_cuda: false,
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+            sequence_data_parallel: 1,
+        }
+    }
+}
+
+/// Communication backends.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CommBackend {
+    /// Threads of one process over shared memory (fixed reduction order).
+    #[default]
+    Local,
+    /// NCCL, one process per GPU.
+    Nccl,
+}
+
+/// Compute dtypes (Fast-LLM's names; `fp32`/`bf16` accepted as aliases).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ComputeDtype {
+    /// 32-bit float.
+    #[default]
+    #[serde(rename = "float32", alias = "fp32")]
+    Float32,
+    /// bfloat16 (CUDA only).
+    #[serde(rename = "bfloat16", alias = "bf16")]
+    Bfloat16,
+}
+
+/// `pretrained:` section: start from existing weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainedConfig {
+    /// Checkpoint directory.
+    pub path: PathBuf,
+    /// `llama` (HuggingFace) or `distributed` (ours).
+    #[serde(default = "default_pretrained_format")]
+    pub format: String,
+}
+
+fn default_pretrained_format() -> String {
+    "llama".into()
+}

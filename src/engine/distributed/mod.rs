@@ -1,0 +1,47 @@
+//! Ranks, the data-parallel group and the [`Communicator`] trait that engine code uses without knowing
+//! the backend; `local` runs the ranks as threads of one process.
+
+pub mod local;
+pub mod stream;
+
+use thiserror::Error;
+
+/// A failed collective.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum CommError {
+    /// Another rank failed (error or panic) and told the group.
+    #[error("rank {rank} failed: {reason}")]
+    PeerFailed { rank: usize, reason: String },
+    /// The collective did not complete within `model.distributed.timeout`.
+    #[error("collective '{op}' timed out after {timeout_s:.1} s waiting for rank(s) {missing:?} (model.distributed.timeout)")]
+    Timeout { op: String, timeout_s: f64, missing: Vec<usize> },
+    /// Arguments do not fit the collective (lengths).
+    #[error("collective '{op}': {msg}")]
+    Invalid { op: String, msg: String },
+}
+
+/// Collectives over the data-parallel group. Every rank must call the same collectives in the same
+/// order. Reductions sum in rank order 0, 1, ..., D-1 (fixed, so results are deterministic), and
+/// every rank receives bitwise the same reduced values.
+pub trait Communicator: Send + Sync {
+    /// This rank, in `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+    /// `out (D*S)` receives every rank's `shard (S)`, in rank order.
+    fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), CommError>;
+    /// `input (D*S)`: `s = input_0[r*S..] + input_1[r*S..] + ...` (rank order) for this rank `r`;
+    /// `out (S) = s`, or `out = out + s` when `accumulate`.
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError>;
+    /// Elementwise sum over ranks (rank order), result on every rank.
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
+    /// Elementwise f64 sum over ranks (rank order), result on every rank (losses, norms).
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<(), CommError>;
+    /// Copy `root`'s `data` to every rank.
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError>;
+    /// Wait until every rank arrives.
+    fn barrier(&self) -> Result<(), CommError>;
+    /// Tell the group that this rank failed; every pending and later collective of the other ranks
+    /// returns [`CommError::PeerFailed`] naming this rank.
+    fn abort(&self, reason: &str);
+}

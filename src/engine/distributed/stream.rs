@@ -1,0 +1,1 @@
+//! Comm stream (stub).
