@@ -1,6 +1,6 @@
 //! Compute backends: the kernels the model calls, behind one narrow trait.
 //!
-//! Every kernel works on flat row-major `f32` slices: parameters are views into a stage's flat weight
+//! Every kernel works on flat row-major slices of an [`Element`] type: parameters are views into a stage's flat weight
 //! buffer, gradients views into its grad buffer, activations views into a per-stage workspace. Kernels
 //! never allocate in the training step (callers pass any scratch they need) and never keep state.
 //!
@@ -12,8 +12,77 @@
 
 pub mod cpu;
 
-/// The kernels of a Llama decoder, forward and backward, on `f32`.
-pub trait Kernels: Send + Sync {
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// A floating-point element type the kernels run on: `f32` for training, `f64` for gradient checks.
+pub trait Element:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// Conversion from f64 (rounding).
+    fn from_f64(x: f64) -> Self;
+    /// Conversion to f64 (exact).
+    fn to_f64(self) -> f64;
+    /// e^x.
+    fn exp(self) -> Self;
+    /// Natural log.
+    fn ln(self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Larger of two.
+    fn max(self, other: Self) -> Self;
+}
+
+macro_rules! impl_element {
+    ($t:ty) => {
+        impl Element for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+        }
+    };
+}
+impl_element!(f32);
+impl_element!(f64);
+
+/// The kernels of a Llama decoder, forward and backward, on element type `T` (`f32` in training,
+/// `f64` in gradient checks).
+pub trait Kernels<T: Element>: Send + Sync {
     /// Short name for logs ("cpu").
     fn name(&self) -> &'static str;
 
@@ -22,9 +91,9 @@ pub trait Kernels: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
-        c: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        c: &mut [T],
+        a: &[T],
+        b: &[T],
         m: usize,
         n: usize,
         k: usize,
@@ -34,32 +103,32 @@ pub trait Kernels: Send + Sync {
     );
 
     /// `out (n,c) = table[tokens]`, with `table (vocab,c)`.
-    fn embedding_forward(&self, out: &mut [f32], tokens: &[u32], table: &[f32], hidden: usize);
+    fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize);
 
     /// `grad_table[tokens[i]] += grad_out[i]` (accumulates), `grad_out (n,c)`.
-    fn embedding_backward(&self, grad_table: &mut [f32], tokens: &[u32], grad_out: &[f32], hidden: usize);
+    fn embedding_backward(&self, grad_table: &mut [T], tokens: &[u32], grad_out: &[T], hidden: usize);
 
     /// RMSNorm: `out (n,c) = x / rms(x) * weight`, `rstd (n) = 1/sqrt(mean(x^2) + eps)` (saved for backward).
     fn rms_norm_forward(
         &self,
-        out: &mut [f32],
-        rstd: &mut [f32],
-        x: &[f32],
-        weight: &[f32],
+        out: &mut [T],
+        rstd: &mut [T],
+        x: &[T],
+        weight: &[T],
         hidden: usize,
-        eps: f32,
+        eps: T,
     );
 
     /// RMSNorm backward: writes `grad_x (n,c)`, accumulates `grad_weight (c) +=`.
     #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
-        grad_x: &mut [f32],
-        grad_weight: &mut [f32],
-        grad_out: &[f32],
-        x: &[f32],
-        weight: &[f32],
-        rstd: &[f32],
+        grad_x: &mut [T],
+        grad_weight: &mut [T],
+        grad_out: &[T],
+        x: &[T],
+        weight: &[T],
+        rstd: &[T],
         hidden: usize,
     );
 
@@ -70,13 +139,13 @@ pub trait Kernels: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn rotary(
         &self,
-        x: &mut [f32],
+        x: &mut [T],
         row_stride: usize,
         num_heads: usize,
         head_size: usize,
         seq: usize,
-        cos: &[f32],
-        sin: &[f32],
+        cos: &[T],
+        sin: &[T],
         inverse: bool,
     );
 
@@ -87,9 +156,9 @@ pub trait Kernels: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        qkv: &[f32],
+        out: &mut [T],
+        probs: &mut [T],
+        qkv: &[T],
         batch: usize,
         seq: usize,
         heads: usize,
@@ -102,11 +171,11 @@ pub trait Kernels: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        grad_qkv: &mut [f32],
-        scratch: &mut [f32],
-        grad_out: &[f32],
-        qkv: &[f32],
-        probs: &[f32],
+        grad_qkv: &mut [T],
+        scratch: &mut [T],
+        grad_out: &[T],
+        qkv: &[T],
+        probs: &[T],
         batch: usize,
         seq: usize,
         heads: usize,
@@ -115,16 +184,16 @@ pub trait Kernels: Send + Sync {
     );
 
     /// SwiGLU: `gate_up (n, 2*inter)` rows are `[gate | up]`; `out (n, inter) = silu(gate) * up`.
-    fn swiglu_forward(&self, out: &mut [f32], gate_up: &[f32], inter: usize);
+    fn swiglu_forward(&self, out: &mut [T], gate_up: &[T], inter: usize);
 
     /// SwiGLU backward: writes `grad_gate_up (n, 2*inter)`.
-    fn swiglu_backward(&self, grad_gate_up: &mut [f32], grad_out: &[f32], gate_up: &[f32], inter: usize);
+    fn swiglu_backward(&self, grad_gate_up: &mut [T], grad_out: &[T], gate_up: &[T], inter: usize);
 
     /// Softmax cross-entropy over `logits (n, vocab)` against `targets (n)`.
     /// Returns the *sum* of the per-token losses (natural log), accumulated in f64 in row order.
     /// When `grad_scale` is `Some(s)`, overwrites `logits` with `s * (softmax - onehot)`;
     /// when `None`, `logits` may be left modified (scratch) and no gradient is produced.
-    fn cross_entropy(&self, logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64;
+    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<T>) -> f64;
 
     /// AdamW (decoupled weight decay, PyTorch semantics) on one contiguous range:
     /// `w -= lr*wd*w; m = b1*m + (1-b1)*g*gs; v = b2*v + (1-b2)*(g*gs)^2;`
@@ -133,22 +202,22 @@ pub trait Kernels: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
-        w: &mut [f32],
-        grad: &[f32],
-        exp_avg: &mut [f32],
-        exp_avg_sq: &mut [f32],
-        lr: f32,
-        beta_1: f32,
-        beta_2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        grad_scale: f32,
+        w: &mut [T],
+        grad: &[T],
+        exp_avg: &mut [T],
+        exp_avg_sq: &mut [T],
+        lr: T,
+        beta_1: T,
+        beta_2: T,
+        epsilon: T,
+        weight_decay: T,
+        grad_scale: T,
         step: u64,
     );
 
     /// `out += x` elementwise (residual connections).
-    fn add_assign(&self, out: &mut [f32], x: &[f32]);
+    fn add_assign(&self, out: &mut [T], x: &[T]);
 
     /// Sum of squares, accumulated in f64 in a fixed order (gradient norm).
-    fn sum_squares(&self, x: &[f32]) -> f64;
+    fn sum_squares(&self, x: &[T]) -> f64;
 }
