@@ -1,1 +1,731 @@
-//! Model (stub).
+//! The Llama decoder as a list of layers, each with explicit forward and backward over parameter views.
+//!
+//! The model owns no weight or gradient memory: a layer's parameters are one contiguous range of its
+//! stage's flat buffer, laid out in the order of [`Llama::layer_params`] (HuggingFace tensor names, so a
+//! stage's `q_proj, k_proj, v_proj` rows are one fused `(q+2kv, hidden)` matrix and `gate_proj, up_proj`
+//! one fused `(2*inter, hidden)` matrix). Activations live in a [`MicroBatchActs`] workspace allocated
+//! once; nothing is allocated in the training step.
+//!
+//! Layer granularity: the embedding, then each block as two layers (attention half and MLP half, each
+//! with its pre-normalization and residual), then the head (final norm, output projection, loss). This is
+//! what lets `layers_per_stage: 0.5` put each half block in its own stage.
+
+pub mod init;
+
+use crate::backend::{Element, Kernels};
+use crate::config::BaseModelConfig;
+
+/// The shape of a Llama model, checked and in `usize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    /// Residual width `c`.
+    pub hidden: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Number of transformer blocks.
+    pub num_blocks: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_size: usize,
+    /// MLP width.
+    pub inter: usize,
+    /// Block normalization epsilon.
+    pub norm_eps: f64,
+    /// Final normalization epsilon.
+    pub head_norm_eps: f64,
+    /// Rotary base.
+    pub theta: f64,
+}
+
+impl ModelShape {
+    /// From the validated config section.
+    pub fn from_config(cfg: &BaseModelConfig) -> anyhow::Result<Self> {
+        if cfg.tied_embedding_weight {
+            anyhow::bail!(
+                "model.base_model.tied_embedding_weight = true: tied embeddings are not supported yet; \
+                 set it to false"
+            );
+        }
+        let mixer = &cfg.decoder.block.mixer;
+        Ok(Self {
+            hidden: cfg.hidden_size as usize,
+            vocab: cfg.embeddings.vocab_size as usize,
+            num_blocks: cfg.decoder.num_blocks as usize,
+            heads: mixer.heads as usize,
+            kv_heads: mixer.head_groups as usize,
+            head_size: mixer.head_size as usize,
+            inter: cfg.decoder.block.mlp.intermediate_size as usize,
+            norm_eps: cfg.decoder.block.normalization.epsilon,
+            head_norm_eps: cfg.head.normalization.epsilon,
+            theta: mixer.rotary.theta,
+        })
+    }
+
+    /// Width of a fused q/k/v row: `(heads + 2*kv_heads) * head_size`.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_size
+    }
+
+    /// Width of the attention output: `heads * head_size`.
+    pub fn attn_width(&self) -> usize {
+        self.heads * self.head_size
+    }
+}
+
+/// One layer of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Token embedding: tokens -> hidden.
+    Embedding,
+    /// `x + o_proj(attention(rotary(qkv_proj(rms_norm(x)))))` of block `i`.
+    Attention(usize),
+    /// `x + down_proj(silu(gate_proj(n)) * up_proj(n))`, `n = rms_norm(x)`, of block `i`.
+    Mlp(usize),
+    /// Final norm, output projection and cross-entropy loss.
+    Head,
+}
+
+impl LayerKind {
+    /// How much of a "layer" this counts for `layers_per_stage` (a block = 1, its halves 0.5 each).
+    pub fn layer_weight(&self) -> f64 {
+        match self {
+            LayerKind::Attention(_) | LayerKind::Mlp(_) => 0.5,
+            LayerKind::Embedding | LayerKind::Head => 1.0,
+        }
+    }
+}
+
+/// How a parameter is initialized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// All ones (normalization weights).
+    Ones,
+    /// Normal(0, std).
+    Normal(f64),
+}
+
+/// A parameter of a layer: name (HuggingFace Llama naming), shape, initialization, weight decay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    /// HuggingFace tensor name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Initialization.
+    pub init: Init,
+    /// Whether AdamW's weight decay applies (not to normalization weights).
+    pub weight_decay: bool,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The model: its shape and its layers.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// The shape.
+    pub shape: ModelShape,
+    /// Layers in execution order.
+    pub layers: Vec<LayerKind>,
+}
+
+/// Rotary tables `(seq, head_size/2)`.
+#[derive(Debug, Clone)]
+pub struct Rope<T> {
+    /// cos of the angles.
+    pub cos: Vec<T>,
+    /// sin of the angles.
+    pub sin: Vec<T>,
+    /// Sequence length the tables cover.
+    pub seq: usize,
+}
+
+impl<T: Element> Rope<T> {
+    /// Angles `pos * theta^(-2i/head_size)`, computed in f64.
+    pub fn new(seq: usize, head_size: usize, theta: f64) -> Self {
+        let half = head_size / 2;
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for pos in 0..seq {
+            for i in 0..half {
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_size as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(T::from_f64(angle.cos()));
+                sin.push(T::from_f64(angle.sin()));
+            }
+        }
+        Self { cos, sin, seq }
+    }
+}
+
+/// Saved activations of one layer for one micro-batch.
+#[derive(Debug, Clone, Default)]
+pub struct LayerActs<T> {
+    /// Normalized input `(n, c)`.
+    pub normed: Vec<T>,
+    /// 1/rms per token `(n)`.
+    pub rstd: Vec<T>,
+    /// Attention: q/k/v after rotary `(n, qkv)`; MLP: gate|up `(n, 2*inter)`; head: logits `(n, vocab)`.
+    pub proj: Vec<T>,
+    /// Attention: softmax `(batch, heads, seq, seq)`.
+    pub probs: Vec<T>,
+    /// Attention: output before o_proj `(n, heads*head_size)`; MLP: `silu(gate)*up (n, inter)`.
+    pub inner: Vec<T>,
+}
+
+/// Everything one micro-batch keeps between its forward and its backward.
+#[derive(Debug, Clone)]
+pub struct MicroBatchActs<T> {
+    /// Input tokens `(n)`.
+    pub tokens: Vec<u32>,
+    /// Target tokens `(n)`.
+    pub targets: Vec<u32>,
+    /// `hidden[l]` is the input of layer `l` (`(n, c)`); `hidden[0]` is unused (the embedding reads tokens).
+    pub hidden: Vec<Vec<T>>,
+    /// Per layer saved activations.
+    pub layers: Vec<LayerActs<T>>,
+    /// Gradient of the hidden state flowing backward `(n, c)`.
+    pub grad_hidden: Vec<T>,
+    /// Sum of the token losses of this micro-batch (set by the head's forward).
+    pub loss_sum: f64,
+}
+
+/// Scratch shared by all micro-batches (used inside one layer's backward only).
+#[derive(Debug, Clone)]
+pub struct Scratch<T> {
+    /// `(n, c)`.
+    pub d_normed: Vec<T>,
+    /// `(n, c)`.
+    pub d_x: Vec<T>,
+    /// `(n, max(qkv, 2*inter))`.
+    pub d_proj: Vec<T>,
+    /// `(n, max(attn, inter))`.
+    pub d_inner: Vec<T>,
+    /// `(batch, heads, seq, seq)`.
+    pub d_probs: Vec<T>,
+}
+
+/// Token-batch geometry of a micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Tokens `n = batch * seq`.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+impl Llama {
+    /// The layers of a shape: embedding, (attention, mlp) per block, head.
+    pub fn new(shape: ModelShape) -> Self {
+        let mut layers = vec![LayerKind::Embedding];
+        for i in 0..shape.num_blocks {
+            layers.push(LayerKind::Attention(i));
+            layers.push(LayerKind::Mlp(i));
+        }
+        layers.push(LayerKind::Head);
+        Self { shape, layers }
+    }
+
+    /// Parameters of a layer, in buffer order.
+    pub fn layer_params(&self, layer: LayerKind) -> Vec<ParamSpec> {
+        let s = &self.shape;
+        let std = (s.hidden as f64).powf(-0.5);
+        let out_std = std / (2.0 * s.num_blocks as f64).sqrt();
+        let p = |name: String, shape: Vec<usize>, init: Init, wd: bool| ParamSpec {
+            name,
+            shape,
+            init,
+            weight_decay: wd,
+        };
+        match layer {
+            LayerKind::Embedding => {
+                vec![p(
+                    "model.embed_tokens.weight".into(),
+                    vec![s.vocab, s.hidden],
+                    Init::Normal(std),
+                    true,
+                )]
+            }
+            LayerKind::Attention(i) => {
+                let pre = format!("model.layers.{i}");
+                vec![
+                    p(
+                        format!("{pre}.input_layernorm.weight"),
+                        vec![s.hidden],
+                        Init::Ones,
+                        false,
+                    ),
+                    p(
+                        format!("{pre}.self_attn.q_proj.weight"),
+                        vec![s.heads * s.head_size, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ),
+                    p(
+                        format!("{pre}.self_attn.k_proj.weight"),
+                        vec![s.kv_heads * s.head_size, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ),
+                    p(
+                        format!("{pre}.self_attn.v_proj.weight"),
+                        vec![s.kv_heads * s.head_size, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ),
+                    p(
+                        format!("{pre}.self_attn.o_proj.weight"),
+                        vec![s.hidden, s.heads * s.head_size],
+                        Init::Normal(out_std),
+                        true,
+                    ),
+                ]
+            }
+            LayerKind::Mlp(i) => {
+                let pre = format!("model.layers.{i}");
+                vec![
+                    p(
+                        format!("{pre}.post_attention_layernorm.weight"),
+                        vec![s.hidden],
+                        Init::Ones,
+                        false,
+                    ),
+                    p(
+                        format!("{pre}.mlp.gate_proj.weight"),
+                        vec![s.inter, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ),
+                    p(
+                        format!("{pre}.mlp.up_proj.weight"),
+                        vec![s.inter, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ),
+                    p(
+                        format!("{pre}.mlp.down_proj.weight"),
+                        vec![s.hidden, s.inter],
+                        Init::Normal(out_std),
+                        true,
+                    ),
+                ]
+            }
+            LayerKind::Head => vec![
+                p(
+                    "model.norm.weight".into(),
+                    vec![s.hidden],
+                    Init::Ones,
+                    false,
+                ),
+                p(
+                    "lm_head.weight".into(),
+                    vec![s.vocab, s.hidden],
+                    Init::Normal(std),
+                    true,
+                ),
+            ],
+        }
+    }
+
+    /// Number of parameters of a layer.
+    pub fn layer_numel(&self, layer: LayerKind) -> usize {
+        self.layer_params(layer).iter().map(ParamSpec::numel).sum()
+    }
+
+    /// All parameters of the model, in model order.
+    pub fn all_params(&self) -> Vec<ParamSpec> {
+        self.layers
+            .iter()
+            .flat_map(|&l| self.layer_params(l))
+            .collect()
+    }
+
+    /// Total parameter count.
+    pub fn num_params(&self) -> usize {
+        self.layers.iter().map(|&l| self.layer_numel(l)).sum()
+    }
+
+    /// Allocate the saved-activation workspace of one micro-batch for layers `layers` (indices into
+    /// `self.layers`). Layers outside the range get empty buffers.
+    pub fn alloc_acts<T: Element>(
+        &self,
+        b: Batch,
+        layers: std::ops::Range<usize>,
+    ) -> MicroBatchActs<T> {
+        let s = &self.shape;
+        let n = b.tokens();
+        let z = |len: usize| vec![T::ZERO; len];
+        let mut acts = MicroBatchActs {
+            tokens: vec![0; n],
+            targets: vec![0; n],
+            hidden: vec![Vec::new(); self.layers.len() + 1],
+            layers: vec![LayerActs::default(); self.layers.len()],
+            grad_hidden: z(n * s.hidden),
+            loss_sum: 0.0,
+        };
+        for l in layers {
+            if l > 0 {
+                acts.hidden[l] = z(n * s.hidden);
+            }
+            let a = &mut acts.layers[l];
+            match self.layers[l] {
+                LayerKind::Embedding => {}
+                LayerKind::Attention(_) => {
+                    a.normed = z(n * s.hidden);
+                    a.rstd = z(n);
+                    a.proj = z(n * s.qkv_width());
+                    a.probs = z(b.batch * s.heads * b.seq * b.seq);
+                    a.inner = z(n * s.attn_width());
+                }
+                LayerKind::Mlp(_) => {
+                    a.normed = z(n * s.hidden);
+                    a.rstd = z(n);
+                    a.proj = z(n * 2 * s.inter);
+                    a.inner = z(n * s.inter);
+                }
+                LayerKind::Head => {
+                    a.normed = z(n * s.hidden);
+                    a.rstd = z(n);
+                    a.proj = z(n * s.vocab);
+                }
+            }
+        }
+        acts
+    }
+
+    /// Allocate the backward scratch for a micro-batch geometry.
+    pub fn alloc_scratch<T: Element>(&self, b: Batch) -> Scratch<T> {
+        let s = &self.shape;
+        let n = b.tokens();
+        Scratch {
+            d_normed: vec![T::ZERO; n * s.hidden],
+            d_x: vec![T::ZERO; n * s.hidden],
+            d_proj: vec![T::ZERO; n * s.qkv_width().max(2 * s.inter)],
+            d_inner: vec![T::ZERO; n * s.attn_width().max(s.inter)],
+            d_probs: vec![T::ZERO; b.batch * s.heads * b.seq * b.seq],
+        }
+    }
+
+    /// Bytes of one micro-batch's saved activations for `layers` (f32), as [`Llama::alloc_acts`] allocates.
+    pub fn acts_bytes(&self, b: Batch, layers: std::ops::Range<usize>) -> usize {
+        let a: MicroBatchActs<f32> = self.alloc_acts(b, layers);
+        let per = |v: &Vec<f32>| v.len() * 4;
+        a.hidden.iter().map(per).sum::<usize>()
+            + a.layers
+                .iter()
+                .map(|l| {
+                    per(&l.normed) + per(&l.rstd) + per(&l.proj) + per(&l.probs) + per(&l.inner)
+                })
+                .sum::<usize>()
+            + per(&a.grad_hidden)
+            + a.tokens.len() * 8
+    }
+
+    /// Forward of layer `l` for one micro-batch. `weights` is the layer's parameter range.
+    /// Reads `acts.hidden[l]` (or the tokens), writes `acts.hidden[l + 1]` (or the loss sum).
+    /// `loss_scale`: for the head, `Some(s)` computes the loss gradient scaled by `s` into the saved
+    /// logits (training); `None` computes the loss only (evaluation).
+    pub fn forward_layer<T: Element>(
+        &self,
+        k: &dyn Kernels<T>,
+        rope: &Rope<T>,
+        l: usize,
+        weights: &[T],
+        acts: &mut MicroBatchActs<T>,
+        b: Batch,
+        loss_scale: Option<T>,
+    ) {
+        let s = &self.shape;
+        let c = s.hidden;
+        let n = b.tokens();
+        let (before, after) = acts.hidden.split_at_mut(l + 1);
+        let input = &before[l];
+        let la = &mut acts.layers[l];
+        match self.layers[l] {
+            LayerKind::Embedding => {
+                k.embedding_forward(&mut after[0], &acts.tokens, weights, c);
+            }
+            LayerKind::Attention(_) => {
+                let (norm_w, rest) = weights.split_at(c);
+                let qkv_w = &rest[..s.qkv_width() * c];
+                let o_w = &rest[s.qkv_width() * c..];
+                k.rms_norm_forward(
+                    &mut la.normed,
+                    &mut la.rstd,
+                    input,
+                    norm_w,
+                    c,
+                    T::from_f64(s.norm_eps),
+                );
+                k.matmul(
+                    &mut la.proj,
+                    &la.normed,
+                    qkv_w,
+                    n,
+                    s.qkv_width(),
+                    c,
+                    false,
+                    true,
+                    false,
+                );
+                k.rotary(
+                    &mut la.proj,
+                    s.qkv_width(),
+                    s.heads + s.kv_heads,
+                    s.head_size,
+                    b.seq,
+                    &rope.cos,
+                    &rope.sin,
+                    false,
+                );
+                k.attention_forward(
+                    &mut la.inner,
+                    &mut la.probs,
+                    &la.proj,
+                    b.batch,
+                    b.seq,
+                    s.heads,
+                    s.kv_heads,
+                    s.head_size,
+                );
+                let out = &mut after[0];
+                out.copy_from_slice(input);
+                k.matmul(out, &la.inner, o_w, n, c, s.attn_width(), false, true, true);
+            }
+            LayerKind::Mlp(_) => {
+                let (norm_w, rest) = weights.split_at(c);
+                let gu_w = &rest[..2 * s.inter * c];
+                let down_w = &rest[2 * s.inter * c..];
+                k.rms_norm_forward(
+                    &mut la.normed,
+                    &mut la.rstd,
+                    input,
+                    norm_w,
+                    c,
+                    T::from_f64(s.norm_eps),
+                );
+                k.matmul(
+                    &mut la.proj,
+                    &la.normed,
+                    gu_w,
+                    n,
+                    2 * s.inter,
+                    c,
+                    false,
+                    true,
+                    false,
+                );
+                k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
+                let out = &mut after[0];
+                out.copy_from_slice(input);
+                k.matmul(out, &la.inner, down_w, n, c, s.inter, false, true, true);
+            }
+            LayerKind::Head => {
+                let (norm_w, out_w) = weights.split_at(c);
+                k.rms_norm_forward(
+                    &mut la.normed,
+                    &mut la.rstd,
+                    input,
+                    norm_w,
+                    c,
+                    T::from_f64(s.head_norm_eps),
+                );
+                k.matmul(
+                    &mut la.proj,
+                    &la.normed,
+                    out_w,
+                    n,
+                    s.vocab,
+                    c,
+                    false,
+                    true,
+                    false,
+                );
+                acts.loss_sum = k.cross_entropy(&mut la.proj, &acts.targets, s.vocab, loss_scale);
+            }
+        }
+    }
+
+    /// Backward of layer `l` for one micro-batch. `grads` is the layer's range of the grad buffer
+    /// (accumulated into). Reads and overwrites `acts.grad_hidden` in place: on entry the gradient of
+    /// the layer's output (unused for the head, which starts from its saved loss gradient), on exit the
+    /// gradient of its input (unused after the embedding).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_layer<T: Element>(
+        &self,
+        k: &dyn Kernels<T>,
+        rope: &Rope<T>,
+        l: usize,
+        weights: &[T],
+        grads: &mut [T],
+        acts: &mut MicroBatchActs<T>,
+        scratch: &mut Scratch<T>,
+        b: Batch,
+    ) {
+        let s = &self.shape;
+        let c = s.hidden;
+        let n = b.tokens();
+        let input = &acts.hidden[l];
+        let la = &mut acts.layers[l];
+        let dh = &mut acts.grad_hidden;
+        match self.layers[l] {
+            LayerKind::Embedding => {
+                k.embedding_backward(grads, &acts.tokens, dh, c);
+            }
+            LayerKind::Attention(_) => {
+                let (norm_w, rest) = weights.split_at(c);
+                let qkv_w = &rest[..s.qkv_width() * c];
+                let o_w = &rest[s.qkv_width() * c..];
+                let (g_norm, g_rest) = grads.split_at_mut(c);
+                let (g_qkv, g_o) = g_rest.split_at_mut(s.qkv_width() * c);
+                let d_inner = &mut scratch.d_inner[..n * s.attn_width()];
+                let d_qkv = &mut scratch.d_proj[..n * s.qkv_width()];
+                // out = x + inner @ o^T
+                k.matmul(g_o, dh, &la.inner, c, s.attn_width(), n, true, false, true);
+                k.matmul(d_inner, dh, o_w, n, s.attn_width(), c, false, false, false);
+                k.attention_backward(
+                    d_qkv,
+                    &mut scratch.d_probs,
+                    d_inner,
+                    &la.proj,
+                    &la.probs,
+                    b.batch,
+                    b.seq,
+                    s.heads,
+                    s.kv_heads,
+                    s.head_size,
+                );
+                k.rotary(
+                    d_qkv,
+                    s.qkv_width(),
+                    s.heads + s.kv_heads,
+                    s.head_size,
+                    b.seq,
+                    &rope.cos,
+                    &rope.sin,
+                    true,
+                );
+                k.matmul(
+                    g_qkv,
+                    d_qkv,
+                    &la.normed,
+                    s.qkv_width(),
+                    c,
+                    n,
+                    true,
+                    false,
+                    true,
+                );
+                k.matmul(
+                    &mut scratch.d_normed,
+                    d_qkv,
+                    qkv_w,
+                    n,
+                    c,
+                    s.qkv_width(),
+                    false,
+                    false,
+                    false,
+                );
+                self.norm_backward(
+                    k,
+                    g_norm,
+                    norm_w,
+                    input,
+                    la,
+                    dh,
+                    &scratch.d_normed,
+                    &mut scratch.d_x,
+                    c,
+                );
+            }
+            LayerKind::Mlp(_) => {
+                let (norm_w, rest) = weights.split_at(c);
+                let gu_w = &rest[..2 * s.inter * c];
+                let down_w = &rest[2 * s.inter * c..];
+                let (g_norm, g_rest) = grads.split_at_mut(c);
+                let (g_gu, g_down) = g_rest.split_at_mut(2 * s.inter * c);
+                let d_inner = &mut scratch.d_inner[..n * s.inter];
+                let d_gu = &mut scratch.d_proj[..n * 2 * s.inter];
+                k.matmul(g_down, dh, &la.inner, c, s.inter, n, true, false, true);
+                k.matmul(d_inner, dh, down_w, n, s.inter, c, false, false, false);
+                k.swiglu_backward(d_gu, d_inner, &la.proj, s.inter);
+                k.matmul(g_gu, d_gu, &la.normed, 2 * s.inter, c, n, true, false, true);
+                k.matmul(
+                    &mut scratch.d_normed,
+                    d_gu,
+                    gu_w,
+                    n,
+                    c,
+                    2 * s.inter,
+                    false,
+                    false,
+                    false,
+                );
+                self.norm_backward(
+                    k,
+                    g_norm,
+                    norm_w,
+                    input,
+                    la,
+                    dh,
+                    &scratch.d_normed,
+                    &mut scratch.d_x,
+                    c,
+                );
+            }
+            LayerKind::Head => {
+                let (norm_w, out_w) = weights.split_at(c);
+                let (g_norm, g_out) = grads.split_at_mut(c);
+                // la.proj holds the scaled loss gradient d logits (n, vocab).
+                k.matmul(
+                    g_out, &la.proj, &la.normed, s.vocab, c, n, true, false, true,
+                );
+                k.matmul(
+                    &mut scratch.d_normed,
+                    &la.proj,
+                    out_w,
+                    n,
+                    c,
+                    s.vocab,
+                    false,
+                    false,
+                    false,
+                );
+                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c);
+            }
+        }
+    }
+
+    /// Pre-norm residual backward: `dh += rms_norm_backward(d_normed)`; accumulates the norm weight grad.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward<T: Element>(
+        &self,
+        k: &dyn Kernels<T>,
+        g_norm: &mut [T],
+        norm_w: &[T],
+        input: &[T],
+        la: &LayerActs<T>,
+        dh: &mut [T],
+        d_normed: &[T],
+        d_x: &mut [T],
+        c: usize,
+    ) {
+        k.rms_norm_backward(d_x, g_norm, d_normed, input, norm_w, &la.rstd, c);
+        k.add_assign(dh, d_x);
+    }
+}

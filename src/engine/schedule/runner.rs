@@ -1,0 +1,428 @@
+//! The runner: one rank's state (shards, buffers, activations) and the execution of a planned batch.
+//!
+//! Compute runs on the rank's thread; restores and reduces run on its [`CommStream`]. A compute step
+//! waits for the latest restore of its weight buffer and, for a backward, for the latest reduce of its
+//! grad buffer (the buffer must be empty before a new stage accumulates into it). Time spent in those
+//! waits is the *exposed* communication reported per batch.
+
+use super::{plan, Op, WeightBufferState};
+use crate::backend::Kernels;
+use crate::engine::distributed::stream::{CommHandle, CommStream, SyncBuf};
+use crate::engine::distributed::{CommError, Communicator};
+use crate::engine::multi_stage::{MultiStageLayout, StateBytes};
+use crate::engine::optimizer::clip_factor;
+use crate::model::{init, Batch, LayerKind, Llama, MicroBatchActs, Rope, Scratch};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-stage shards owned by one rank (each `shard` elements, fp32).
+pub struct StageShards {
+    /// Master weights.
+    pub weight: Arc<SyncBuf>,
+    /// Reduced gradients.
+    pub grad: Arc<SyncBuf>,
+    /// Adam first moment.
+    pub exp_avg: Arc<SyncBuf>,
+    /// Adam second moment.
+    pub exp_avg_sq: Arc<SyncBuf>,
+}
+
+/// Optimizer hyper-parameters for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Beta 1.
+    pub beta_1: f64,
+    /// Beta 2.
+    pub beta_2: f64,
+    /// Epsilon.
+    pub epsilon: f64,
+    /// Decoupled weight decay (for parameters that take it).
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold.
+    pub max_norm: f64,
+    /// 1-based step for bias correction.
+    pub step: u64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BatchStats {
+    /// Sum of this rank's token losses (f64, in micro-batch order).
+    pub loss_sum: f64,
+    /// Wall time of the batch on this rank.
+    pub time_s: f64,
+    /// Time the compute thread waited on communication (exposed communication).
+    pub comm_wait_s: f64,
+}
+
+/// Bytes held by a rank (the rows of `memory.json`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MemoryReport {
+    /// Rank.
+    pub rank: usize,
+    /// fp32 weight shards.
+    pub weight_shard: u64,
+    /// fp32 grad shards.
+    pub grad_shard: u64,
+    /// Adam states.
+    pub optimizer_state: u64,
+    /// Weight buffers.
+    pub weight_buffers: u64,
+    /// Grad buffers.
+    pub grad_buffers: u64,
+    /// Activation workspace (saved activations of the breadth-first micro-batches + backward scratch).
+    pub activations_peak: u64,
+}
+
+/// One rank of the multi-stage engine.
+pub struct RankEngine {
+    // Declared first so it is dropped (joined) first: no job outlives the buffers it points to.
+    stream: CommStream,
+    comm: Arc<dyn Communicator>,
+    /// The model.
+    pub model: Arc<Llama>,
+    /// The layout.
+    pub layout: Arc<MultiStageLayout>,
+    kernels: Box<dyn Kernels<f32>>,
+    rope: Rope<f32>,
+    /// Micro-batch geometry.
+    pub batch: Batch,
+    depth_first: usize,
+    breadth_first: usize,
+    /// Per-stage shards.
+    pub shards: Vec<StageShards>,
+    weight_buffers: Vec<Arc<SyncBuf>>,
+    grad_buffers: Vec<Arc<SyncBuf>>,
+    weight_handles: Vec<CommHandle>,
+    grad_handles: Vec<CommHandle>,
+    weight_state: WeightBufferState,
+    acts: Vec<MicroBatchActs<f32>>,
+    scratch: Scratch<f32>,
+    activation_bytes: u64,
+}
+
+fn check(r: (Result<(), CommError>, Duration), waited: &mut Duration) -> anyhow::Result<()> {
+    *waited += r.1;
+    r.0.map_err(anyhow::Error::from)
+}
+
+impl RankEngine {
+    /// Allocate a rank's state and initialize its weight shards from `seed` (layout-independent).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        comm: Arc<dyn Communicator>,
+        model: Arc<Llama>,
+        layout: Arc<MultiStageLayout>,
+        kernels: Box<dyn Kernels<f32>>,
+        batch: Batch,
+        depth_first: usize,
+        breadth_first: usize,
+        seed: u64,
+    ) -> Self {
+        let rank = comm.rank();
+        let shards: Vec<StageShards> = layout
+            .stages
+            .iter()
+            .map(|s| StageShards {
+                weight: SyncBuf::zeros(s.shard),
+                grad: SyncBuf::zeros(s.shard),
+                exp_avg: SyncBuf::zeros(s.shard),
+                exp_avg_sq: SyncBuf::zeros(s.shard),
+            })
+            .collect();
+        for (s, sh) in layout.stages.iter().zip(&shards) {
+            let base = s.shard_range(rank).start;
+            // SAFETY: no job exists yet.
+            let w = unsafe { sh.weight.get_mut() };
+            for (p, r) in s.shard_segments(rank) {
+                let spec = crate::model::ParamSpec {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    init: p.init,
+                    weight_decay: p.weight_decay,
+                };
+                init::init_into(
+                    seed,
+                    p.global_index,
+                    &spec,
+                    r.start - p.offset,
+                    &mut w[r.start - base..r.end - base],
+                );
+            }
+        }
+        let weight_buffers = layout
+            .weight_buffer_sizes
+            .iter()
+            .map(|&n| SyncBuf::zeros(n))
+            .collect();
+        let grad_buffers = layout
+            .grad_buffer_sizes
+            .iter()
+            .map(|&n| SyncBuf::zeros(n))
+            .collect();
+        let all_layers = 0..model.layers.len();
+        let acts: Vec<_> = (0..breadth_first)
+            .map(|_| model.alloc_acts(batch, all_layers.clone()))
+            .collect();
+        let scratch = model.alloc_scratch(batch);
+        let activation_bytes = (breadth_first * model.acts_bytes(batch, all_layers)
+            + 4 * (scratch.d_normed.len()
+                + scratch.d_x.len()
+                + scratch.d_proj.len()
+                + scratch.d_inner.len()
+                + scratch.d_probs.len())) as u64;
+        let rope = Rope::new(batch.seq, model.shape.head_size, model.shape.theta);
+        Self {
+            stream: CommStream::new(format!("rank-{rank}-comm")),
+            weight_handles: vec![CommHandle::ready(); layout.num_weight_buffers()],
+            grad_handles: vec![CommHandle::ready(); layout.num_grad_buffers()],
+            weight_state: WeightBufferState::new(layout.num_weight_buffers()),
+            comm,
+            model,
+            layout,
+            kernels,
+            rope,
+            batch,
+            depth_first,
+            breadth_first,
+            shards,
+            weight_buffers,
+            grad_buffers,
+            acts,
+            scratch,
+            activation_bytes,
+        }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// The communicator.
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// Local micro-batches per batch (`depth_first * breadth_first`).
+    pub fn micro_batches(&self) -> usize {
+        self.depth_first * self.breadth_first
+    }
+
+    /// Bytes held, by category.
+    pub fn memory(&self) -> MemoryReport {
+        let s: StateBytes = self.layout.state_bytes();
+        MemoryReport {
+            rank: self.rank(),
+            weight_shard: s.weight_shard,
+            grad_shard: s.grad_shard,
+            optimizer_state: s.optimizer_state,
+            weight_buffers: s.weight_buffers,
+            grad_buffers: s.grad_buffers,
+            activations_peak: self.activation_bytes,
+        }
+    }
+
+    /// The weights changed outside the optimizer (checkpoint load): every weight buffer is stale.
+    pub fn invalidate_weights(&mut self) {
+        self.weight_state.invalidate();
+    }
+
+    fn issue(&mut self, op: Op) {
+        match op {
+            Op::Restore { stage, buffer } => {
+                let comm = self.comm.clone();
+                let shard = self.shards[stage].weight.clone();
+                let buf = self.weight_buffers[buffer].clone();
+                let padded = self.layout.stages[stage].padded;
+                self.weight_handles[buffer] = self.stream.submit(move || {
+                    // SAFETY: the schedule issues a restore only once every compute step using this
+                    // buffer is done, and the shard is only written by the optimizer after all waits.
+                    let (src, dst) = unsafe { (shard.get(), &mut buf.get_mut()[..padded]) };
+                    comm.all_gather(src, dst)
+                });
+            }
+            Op::Reduce {
+                stage,
+                buffer,
+                accumulate,
+            } => {
+                let comm = self.comm.clone();
+                let shard = self.shards[stage].grad.clone();
+                let buf = self.grad_buffers[buffer].clone();
+                let padded = self.layout.stages[stage].padded;
+                self.grad_handles[buffer] = self.stream.submit(move || {
+                    // SAFETY: the reduce is issued after the last backward accumulating into the
+                    // buffer; the next backward using it waits for this handle.
+                    let (src, dst) = unsafe { (&mut buf.get_mut()[..padded], shard.get_mut()) };
+                    let r = comm.reduce_scatter(src, dst, accumulate);
+                    src.iter_mut().for_each(|x| *x = 0.0);
+                    r
+                });
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Run one batch: forward (and backward when `train`) of every local micro-batch.
+    /// `fill(micro_batch, tokens, targets)` loads a local micro-batch's data.
+    /// `loss_scale`: the loss-gradient scale (1 / global tokens) when training.
+    pub fn run_batch(
+        &mut self,
+        train: bool,
+        loss_scale: f32,
+        fill: &mut dyn FnMut(usize, &mut [u32], &mut [u32]),
+    ) -> anyhow::Result<BatchStats> {
+        let start = Instant::now();
+        let ops = plan(
+            &self.layout,
+            self.depth_first,
+            self.breadth_first,
+            train,
+            &mut self.weight_state,
+        );
+        let mut waited = Duration::ZERO;
+        let mut losses = vec![0f64; self.micro_batches()];
+        let bf = self.breadth_first;
+        for op in ops {
+            match op {
+                Op::Restore { .. } | Op::Reduce { .. } => self.issue(op),
+                Op::Forward { stage, micro_batch } => {
+                    let wb = self.layout.weight_buffer_of[stage];
+                    check(self.weight_handles[wb].wait(), &mut waited)?;
+                    let acts = &mut self.acts[micro_batch % bf];
+                    if stage == 0 {
+                        fill(micro_batch, &mut acts.tokens, &mut acts.targets);
+                    }
+                    let st = &self.layout.stages[stage];
+                    // SAFETY: the restore into `wb` has completed (waited above); no job writes it
+                    // until a later restore, issued only after this step.
+                    let weights = unsafe { self.weight_buffers[wb].get() };
+                    for (j, l) in st.layers.clone().enumerate() {
+                        let w = &weights[st.layer_ranges[j].clone()];
+                        let scale = train.then_some(loss_scale);
+                        self.model.forward_layer(
+                            &*self.kernels,
+                            &self.rope,
+                            l,
+                            w,
+                            acts,
+                            self.batch,
+                            scale,
+                        );
+                        if self.model.layers[l] == LayerKind::Head {
+                            losses[micro_batch] = acts.loss_sum;
+                        }
+                    }
+                }
+                Op::Backward { stage, micro_batch } => {
+                    let wb = self.layout.weight_buffer_of[stage];
+                    let gb = self.layout.grad_buffer_of[stage];
+                    check(self.weight_handles[wb].wait(), &mut waited)?;
+                    check(self.grad_handles[gb].wait(), &mut waited)?;
+                    let acts = &mut self.acts[micro_batch % bf];
+                    let st = &self.layout.stages[stage];
+                    // SAFETY: as for the forward; the grad buffer's previous reduce has completed.
+                    let (weights, grads) = unsafe {
+                        (
+                            self.weight_buffers[wb].get(),
+                            self.grad_buffers[gb].get_mut(),
+                        )
+                    };
+                    for (j, l) in st.layers.clone().enumerate().rev() {
+                        let r = st.layer_ranges[j].clone();
+                        self.model.backward_layer(
+                            &*self.kernels,
+                            &self.rope,
+                            l,
+                            &weights[r.clone()],
+                            &mut grads[r],
+                            acts,
+                            &mut self.scratch,
+                            self.batch,
+                        );
+                    }
+                }
+            }
+        }
+        for h in self.grad_handles.iter().chain(&self.weight_handles) {
+            check(h.wait(), &mut waited)?;
+        }
+        Ok(BatchStats {
+            loss_sum: losses.iter().sum(),
+            time_s: start.elapsed().as_secs_f64(),
+            comm_wait_s: waited.as_secs_f64(),
+        })
+    }
+
+    /// Global gradient norm from the grad shards (padding excluded), all-reduced over the group.
+    pub fn grad_norm(&self) -> anyhow::Result<f64> {
+        let rank = self.rank();
+        let mut sq = [0f64];
+        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+            let base = s.shard_range(rank).start;
+            // SAFETY: called after `run_batch` waited on every handle.
+            let g = unsafe { sh.grad.get() };
+            for (_, r) in s.shard_segments(rank) {
+                sq[0] += self.kernels.sum_squares(&g[r.start - base..r.end - base]);
+            }
+        }
+        self.comm.all_reduce_sum_f64(&mut sq)?;
+        Ok(sq[0].sqrt())
+    }
+
+    /// AdamW on this rank's shards with global-norm clipping. Returns the (unclipped) gradient norm.
+    pub fn optimizer_step(&mut self, a: AdamStep) -> anyhow::Result<f64> {
+        let norm = self.grad_norm()?;
+        let scale = clip_factor(norm, a.max_norm) as f32;
+        let rank = self.rank();
+        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+            let base = s.shard_range(rank).start;
+            // SAFETY: no job is pending (all handles waited in `run_batch`).
+            let (w, g, m, v) = unsafe {
+                (
+                    sh.weight.get_mut(),
+                    sh.grad.get(),
+                    sh.exp_avg.get_mut(),
+                    sh.exp_avg_sq.get_mut(),
+                )
+            };
+            for (p, r) in s.shard_segments(rank) {
+                let r = r.start - base..r.end - base;
+                let wd = if p.weight_decay { a.weight_decay } else { 0.0 };
+                self.kernels.adamw(
+                    &mut w[r.clone()],
+                    &g[r.clone()],
+                    &mut m[r.clone()],
+                    &mut v[r],
+                    a.lr as f32,
+                    a.beta_1 as f32,
+                    a.beta_2 as f32,
+                    a.epsilon as f32,
+                    wd as f32,
+                    scale,
+                    a.step,
+                );
+            }
+        }
+        self.weight_state.invalidate();
+        Ok(norm)
+    }
+
+    /// The full, unpadded model weights in model order (gathered from every rank's shards; every rank
+    /// gets them). Used by checkpoint export and tests.
+    pub fn gather_weights(&self) -> anyhow::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.layout.num_params());
+        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+            let mut full = vec![0f32; s.padded];
+            // SAFETY: no job is pending outside `run_batch`.
+            self.comm
+                .all_gather(unsafe { sh.weight.get() }, &mut full)?;
+            out.extend_from_slice(&full[..s.num_params]);
+        }
+        Ok(out)
+    }
+}
