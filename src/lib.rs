@@ -7,3 +7,6 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod model;
+pub mod plan;
+pub mod progress;
+pub mod train;

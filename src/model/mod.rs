@@ -359,14 +359,24 @@ impl Llama {
         self.layers.iter().map(|&l| self.layer_numel(l)).sum()
     }
 
+    /// Element counts of one layer's saved activations for a micro-batch:
+    /// `[normed, rstd, proj, probs, inner]` (see [`LayerActs`]).
+    pub fn layer_act_sizes(&self, layer: LayerKind, b: Batch) -> [usize; 5] {
+        let s = &self.shape;
+        let n = b.tokens();
+        match layer {
+            LayerKind::Embedding => [0; 5],
+            LayerKind::Attention(_) => {
+                [n * s.hidden, n, n * s.qkv_width(), b.batch * s.heads * b.seq * b.seq, n * s.attn_width()]
+            }
+            LayerKind::Mlp(_) => [n * s.hidden, n, n * 2 * s.inter, 0, n * s.inter],
+            LayerKind::Head => [n * s.hidden, n, n * s.vocab, 0, 0],
+        }
+    }
+
     /// Allocate the saved-activation workspace of one micro-batch for layers `layers` (indices into
     /// `self.layers`). Layers outside the range get empty buffers.
-    pub fn alloc_acts<T: Element>(
-        &self,
-        b: Batch,
-        layers: std::ops::Range<usize>,
-    ) -> MicroBatchActs<T> {
-        let s = &self.shape;
+    pub fn alloc_acts<T: Element>(&self, b: Batch, layers: std::ops::Range<usize>) -> MicroBatchActs<T> {
         let n = b.tokens();
         let z = |len: usize| vec![T::ZERO; len];
         let mut acts = MicroBatchActs {
@@ -374,37 +384,44 @@ impl Llama {
             targets: vec![0; n],
             hidden: vec![Vec::new(); self.layers.len() + 1],
             layers: vec![LayerActs::default(); self.layers.len()],
-            grad_hidden: z(n * s.hidden),
+            grad_hidden: z(n * self.shape.hidden),
             loss_sum: 0.0,
         };
         for l in layers {
             if l > 0 {
-                acts.hidden[l] = z(n * s.hidden);
+                acts.hidden[l] = z(n * self.shape.hidden);
             }
-            let a = &mut acts.layers[l];
-            match self.layers[l] {
-                LayerKind::Embedding => {}
-                LayerKind::Attention(_) => {
-                    a.normed = z(n * s.hidden);
-                    a.rstd = z(n);
-                    a.proj = z(n * s.qkv_width());
-                    a.probs = z(b.batch * s.heads * b.seq * b.seq);
-                    a.inner = z(n * s.attn_width());
-                }
-                LayerKind::Mlp(_) => {
-                    a.normed = z(n * s.hidden);
-                    a.rstd = z(n);
-                    a.proj = z(n * 2 * s.inter);
-                    a.inner = z(n * s.inter);
-                }
-                LayerKind::Head => {
-                    a.normed = z(n * s.hidden);
-                    a.rstd = z(n);
-                    a.proj = z(n * s.vocab);
-                }
-            }
+            let [normed, rstd, proj, probs, inner] = self.layer_act_sizes(self.layers[l], b);
+            acts.layers[l] = LayerActs { normed: z(normed), rstd: z(rstd), proj: z(proj), probs: z(probs), inner: z(inner) };
         }
         acts
+    }
+
+    /// Elements of one micro-batch's saved activations for `layers`, as [`Llama::alloc_acts`] allocates
+    /// them (token ids counted as one element each, inputs and targets).
+    pub fn acts_elems(&self, b: Batch, layers: std::ops::Range<usize>) -> usize {
+        let n = b.tokens();
+        let mut total = 2 * n + n * self.shape.hidden;
+        for l in layers {
+            if l > 0 {
+                total += n * self.shape.hidden;
+            }
+            total += self.layer_act_sizes(self.layers[l], b).iter().sum::<usize>();
+        }
+        total
+    }
+
+    /// Elements of the backward scratch, as [`Llama::alloc_scratch`] allocates it.
+    pub fn scratch_elems(&self, b: Batch) -> usize {
+        let s = &self.shape;
+        let n = b.tokens();
+        2 * n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + b.batch * s.heads * b.seq * b.seq
+    }
+
+    /// Activation bytes of one rank: `breadth_first` micro-batches of saved activations plus the
+    /// backward scratch, at `bytes` per element.
+    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize) -> u64 {
+        ((breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b)) * bytes) as u64
     }
 
     /// Allocate the backward scratch for a micro-batch geometry.
@@ -418,21 +435,6 @@ impl Llama {
             d_inner: vec![T::ZERO; n * s.attn_width().max(s.inter)],
             d_probs: vec![T::ZERO; b.batch * s.heads * b.seq * b.seq],
         }
-    }
-
-    /// Bytes of one micro-batch's saved activations for `layers` (f32), as [`Llama::alloc_acts`] allocates.
-    pub fn acts_bytes(&self, b: Batch, layers: std::ops::Range<usize>) -> usize {
-        let a: MicroBatchActs<f32> = self.alloc_acts(b, layers);
-        let per = |v: &Vec<f32>| v.len() * 4;
-        a.hidden.iter().map(per).sum::<usize>()
-            + a.layers
-                .iter()
-                .map(|l| {
-                    per(&l.normed) + per(&l.rstd) + per(&l.proj) + per(&l.probs) + per(&l.inner)
-                })
-                .sum::<usize>()
-            + per(&a.grad_hidden)
-            + a.tokens.len() * 8
     }
 
     /// Forward of layer `l` for one micro-batch. `weights` is the layer's parameter range.
@@ -727,5 +729,117 @@ impl Llama {
     ) {
         k.rms_norm_backward(d_x, g_norm, d_normed, input, norm_w, &la.rstd, c);
         k.add_assign(dh, d_x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuKernels;
+
+    fn tiny() -> Llama {
+        Llama::new(ModelShape {
+            hidden: 8,
+            vocab: 13,
+            num_blocks: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_size: 4,
+            inter: 12,
+            norm_eps: 1e-5,
+            head_norm_eps: 1e-5,
+            theta: 10000.0,
+        })
+    }
+
+    /// Whole-model forward (+ backward) in one flat buffer of all layers; returns the mean loss.
+    fn run(m: &Llama, w: &[f64], grads: Option<&mut [f64]>, tokens: &[u32], targets: &[u32], b: Batch) -> f64 {
+        let k = CpuKernels::new(1);
+        let rope = Rope::<f64>::new(b.seq, m.shape.head_size, m.shape.theta);
+        let mut acts = m.alloc_acts::<f64>(b, 0..m.layers.len());
+        acts.tokens.copy_from_slice(tokens);
+        acts.targets.copy_from_slice(targets);
+        let mut ranges = Vec::new();
+        let mut off = 0;
+        for &l in &m.layers {
+            let n = m.layer_numel(l);
+            ranges.push(off..off + n);
+            off += n;
+        }
+        let scale = 1.0 / b.tokens() as f64;
+        for l in 0..m.layers.len() {
+            m.forward_layer(&k, &rope, l, &w[ranges[l].clone()], &mut acts, b, Some(scale));
+        }
+        let loss = acts.loss_sum * scale;
+        if let Some(g) = grads {
+            let mut scratch = m.alloc_scratch::<f64>(b);
+            for l in (0..m.layers.len()).rev() {
+                m.backward_layer(&k, &rope, l, &w[ranges[l].clone()], &mut g[ranges[l].clone()], &mut acts, &mut scratch, b);
+            }
+        }
+        loss
+    }
+
+    fn setup() -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
+        let m = tiny();
+        let b = Batch { batch: 2, seq: 5 };
+        let mut w = Vec::new();
+        for (p, spec) in m.all_params().iter().enumerate() {
+            for e in 0..spec.numel() {
+                // Perturb the norm weights away from 1 so their gradients are generic.
+                let v = match spec.init {
+                    Init::Ones => 1.0 + 0.3 * init::normal(3, p as u64, e as u64),
+                    Init::Normal(_) => 0.4 * init::normal(3, p as u64, e as u64),
+                };
+                w.push(v);
+            }
+        }
+        let tokens: Vec<u32> = (0..b.tokens()).map(|i| (init::mix64(i as u64) % 13) as u32).collect();
+        let targets: Vec<u32> = (0..b.tokens()).map(|i| (init::mix64(100 + i as u64) % 13) as u32).collect();
+        (m, w, tokens, targets, b)
+    }
+
+    /// Max relative error of the analytic gradient against central differences, over every parameter
+    /// element; `corrupt` lets a test break the analytic gradient on purpose.
+    fn gradient_error(corrupt: impl Fn(&mut [f64])) -> f64 {
+        let (m, mut w, tokens, targets, b) = setup();
+        let mut g = vec![0.0; w.len()];
+        run(&m, &w, Some(&mut g), &tokens, &targets, b);
+        corrupt(&mut g);
+        let h = 1e-5;
+        let mut num = vec![0.0; w.len()];
+        for i in 0..w.len() {
+            let x = w[i];
+            w[i] = x + h;
+            let lp = run(&m, &w, None, &tokens, &targets, b);
+            w[i] = x - h;
+            let lm = run(&m, &w, None, &tokens, &targets, b);
+            w[i] = x;
+            num[i] = (lp - lm) / (2.0 * h);
+        }
+        let scale = num.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        g.iter().zip(&num).map(|(a, n)| (a - n).abs()).fold(0.0, f64::max) / scale
+    }
+
+    #[test]
+    fn whole_model_gradient_matches_finite_differences() {
+        let err = gradient_error(|_| {});
+        assert!(err < 1e-6, "relative gradient error {err:e}");
+    }
+
+    #[test]
+    fn whole_model_gradient_check_catches_a_broken_backward() {
+        // Scale one tensor's gradient by 0.9, as a backward with a wrong factor would.
+        let (m, ..) = setup();
+        let mut range = 0..0;
+        let mut off = 0;
+        for spec in m.all_params() {
+            if spec.name.ends_with("layers.1.self_attn.o_proj.weight") {
+                range = off..off + spec.numel();
+            }
+            off += spec.numel();
+        }
+        let err = gradient_error(|g| g[range.clone()].iter_mut().for_each(|x| *x *= 0.9));
+        assert!(err > 1e-6, "broken gradient not detected: {err:e}");
     }
 }

@@ -168,12 +168,7 @@ impl RankEngine {
             .map(|_| model.alloc_acts(batch, all_layers.clone()))
             .collect();
         let scratch = model.alloc_scratch(batch);
-        let activation_bytes = (breadth_first * model.acts_bytes(batch, all_layers)
-            + 4 * (scratch.d_normed.len()
-                + scratch.d_x.len()
-                + scratch.d_proj.len()
-                + scratch.d_inner.len()
-                + scratch.d_probs.len())) as u64;
+        let activation_bytes = model.activation_bytes(batch, breadth_first, 4);
         let rope = Rope::new(batch.seq, model.shape.head_size, model.shape.theta);
         Self {
             stream: CommStream::new(format!("rank-{rank}-comm")),

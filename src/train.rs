@@ -1,0 +1,419 @@
+//! The training loop: setup (model, layout, data, ranks), then per step one batch through the
+//! schedule, the optimizer on the shards, logging, evaluation and checkpoints.
+
+use crate::backend::cpu::CpuKernels;
+use crate::config::{validate::global_batch_tokens, CommBackend, TrainConfig};
+use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
+use crate::engine::distributed::local::run_ranks;
+use crate::engine::distributed::Communicator;
+use crate::engine::multi_stage::MultiStageLayout;
+use crate::engine::optimizer::learning_rate;
+use crate::engine::schedule::runner::{AdamStep, MemoryReport, RankEngine};
+use crate::model::{Batch, Llama, ModelShape};
+use anyhow::{bail, Context};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One logged record (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Metric {
+    /// `training` or `validation`.
+    pub phase: String,
+    /// Optimizer step (1-based: the number of completed steps).
+    pub step: u64,
+    /// Mean loss (nats/token).
+    pub loss: f64,
+    /// Extra fields (lr, grad_norm, tokens_per_s, ...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a finished run returns (rank 0's view).
+#[derive(Debug, Clone, Default)]
+pub struct TrainSummary {
+    /// Every training-step loss, in order (all steps, not only logged ones).
+    pub losses: Vec<f64>,
+    /// Validation losses `(step, loss)`.
+    pub validation: Vec<(u64, f64)>,
+    /// Final full weights in model order (gathered).
+    pub final_weights: Vec<f32>,
+    /// Per-rank memory.
+    pub memory: Vec<MemoryReport>,
+    /// Collective statistics of rank 0 over the whole run.
+    pub comm_stats: Option<crate::engine::distributed::local::CommStats>,
+    /// Mean tokens/s over the run (excluding the first step).
+    pub tokens_per_s: f64,
+    /// Mean fraction of step time spent waiting on communication.
+    pub comm_wait_fraction: f64,
+}
+
+/// Options that are not part of the config (tests, benchmarks).
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Do not print to the console.
+    pub quiet: bool,
+    /// Kernel threads per rank (default: available cores / ranks, at least 1).
+    pub threads_per_rank: Option<usize>,
+}
+
+struct Data {
+    training: Option<TokenDataset>,
+    eval: Vec<(String, u64, u64, TokenDataset)>,
+}
+
+fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
+    let vocab = cfg.model.base_model.embeddings.vocab_size;
+    let training = if cfg.training.train_iters > 0 {
+        let ds = cfg.data.datasets.get("training").with_context(|| {
+            "data.datasets.training is missing: training needs a dataset, e.g. \
+             `data: {datasets: {training: {type: text, path: examples/data/tinyshakespeare.txt}}}`"
+        })?;
+        Some(resolve_dataset(ds, "training", vocab)?)
+    } else {
+        None
+    };
+    let mut eval = Vec::new();
+    for (name, ev) in &cfg.training.evaluators {
+        let ds_name = ev.dataset_name.clone().unwrap_or_else(|| {
+            if cfg.data.datasets.contains_key(name) {
+                name.clone()
+            } else {
+                "validation".into()
+            }
+        });
+        let ds = cfg.data.datasets.get(&ds_name).with_context(|| {
+            format!(
+                "training.evaluators.{name} reads dataset '{ds_name}', but data.datasets.{ds_name} is not set; \
+                 add it or set training.evaluators.{name}.dataset_name"
+            )
+        })?;
+        eval.push((name.clone(), ev.interval, ev.iterations, resolve_dataset(ds, &ds_name, vocab)?));
+    }
+    Ok(Data { training, eval })
+}
+
+fn human(n: f64) -> String {
+    if n >= 1e9 {
+        format!("{:.2}G", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+/// Append-only `metrics.jsonl` writer (rank 0).
+struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, m: &Metric) -> anyhow::Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(m)?)?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Train a model as configured. Writes `config.yaml`, `metrics.jsonl` and `memory.json` into
+/// `run.experiment_dir`.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
+    if cfg.model.distributed.use_cuda {
+        bail!(
+            "model.distributed.use_cuda = true: this build has no usable CUDA backend yet (no GPU support \
+             compiled in); set model.distributed.use_cuda: false to train on the CPU"
+        );
+    }
+    if cfg.model.distributed.backend == CommBackend::Nccl {
+        bail!(
+            "model.distributed.backend = nccl: NCCL needs CUDA, which this build cannot use yet; \
+             use backend: local (ranks as threads of one process)"
+        );
+    }
+    let shape = ModelShape::from_config(&cfg.model.base_model)?;
+    let model = Arc::new(Llama::new(shape));
+    let world = cfg.model.distributed.world_size as usize;
+    let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
+    let seq = cfg.data.sequence_length as usize;
+    let batch = Batch { batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize, seq };
+    let df = cfg.schedule.depth_first_micro_batches as usize;
+    let bf = cfg.schedule.breadth_first_micro_batches as usize;
+    let global_tokens = global_batch_tokens(cfg);
+    let dir = cfg.run.experiment_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create run.experiment_dir {}", dir.display()))?;
+    std::fs::write(dir.join("config.yaml"), crate::config::validate::to_yaml(cfg))
+        .with_context(|| format!("cannot write {}", dir.join("config.yaml").display()))?;
+    let data = open_data(cfg)?;
+    let say = |s: String| {
+        if !opts.quiet {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "Model: {} parameters ({} blocks, hidden {}, {} heads / {} kv heads of {}, MLP {}, vocab {})",
+        model.num_params(),
+        model.shape.num_blocks,
+        model.shape.hidden,
+        model.shape.heads,
+        model.shape.kv_heads,
+        model.shape.head_size,
+        model.shape.inter,
+        model.shape.vocab
+    ));
+    say(format!(
+        "Distributed: {world} data-parallel rank(s), backend local, ZeRO stage {}, {} stages",
+        layout.zero_stage,
+        layout.num_stages()
+    ));
+    for line in layout.describe() {
+        say(line);
+    }
+    say(format!(
+        "Global batch: {global_tokens} tokens = micro_batch_size {} x depth_first {df} x breadth_first {bf} x data_parallel {world} ({} sequences of {seq})",
+        cfg.data.micro_batch_size,
+        global_tokens / seq as u64
+    ));
+    let threads = opts
+        .threads_per_rank
+        .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
+    let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
+    let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
+    let results = run_ranks(world, timeout, |comm| {
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let engine = RankEngine::new(
+            comm.clone(),
+            model.clone(),
+            layout.clone(),
+            Box::new(CpuKernels::new(threads)),
+            batch,
+            df,
+            bf,
+            cfg.model.distributed.seed,
+        );
+        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory)
+    })?;
+    let mut summary = results.into_iter().next().expect("rank 0");
+    summary.memory = memory.lock().unwrap().clone();
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rank_main(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    mut engine: RankEngine,
+    data: &Data,
+    dir: &Path,
+    global_tokens: u64,
+    memory: &Mutex<Vec<MemoryReport>>,
+) -> anyhow::Result<TrainSummary> {
+    let rank = engine.rank();
+    let world = engine.comm().world_size();
+    let leader = rank == 0;
+    let quiet = opts.quiet || !leader;
+    memory.lock().unwrap()[rank] = engine.memory();
+    engine.comm().barrier()?;
+    if leader {
+        let reports = memory.lock().unwrap().clone();
+        write_atomic(&dir.join("memory.json"), serde_json::to_string_pretty(&json!({ "ranks": reports }))?.as_bytes())?;
+        if !quiet {
+            let m = reports[0];
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            println!(
+                "Memory per rank: weight shard {:.2} MiB, grad shard {:.2} MiB, optimizer state {:.2} MiB, weight buffers {:.2} MiB, grad buffers {:.2} MiB, activations {:.2} MiB (total {:.2} MiB)",
+                mib(m.weight_shard),
+                mib(m.grad_shard),
+                mib(m.optimizer_state),
+                mib(m.weight_buffers),
+                mib(m.grad_buffers),
+                mib(m.activations_peak),
+                mib(m.weight_shard + m.grad_shard + m.optimizer_state + m.weight_buffers + m.grad_buffers + m.activations_peak)
+            );
+        }
+    }
+    let seq = engine.batch.seq;
+    let samples_per_mb = engine.batch.batch;
+    let local_mbs = engine.micro_batches();
+    let samples_per_batch = (samples_per_mb * local_mbs * world) as u64;
+    let seed = cfg.model.distributed.seed;
+    let sampler = SequenceSampler::new(seed, seq);
+    let train_iters = cfg.training.train_iters;
+    let mut metrics = if leader { Some(MetricsLog::open(dir)?) } else { None };
+    let mut summary = TrainSummary::default();
+    let progress = (!quiet && train_iters > 0).then(|| crate::progress::bar(train_iters));
+    let (mut interval_loss, mut interval_steps, mut interval_time, mut interval_wait) = (0.0, 0u64, 0.0, 0.0);
+    let (mut total_time, mut total_wait, mut timed_steps) = (0.0, 0.0, 0u64);
+    let mem_mib = {
+        let m = engine.memory();
+        (m.weight_shard + m.grad_shard + m.optimizer_state + m.weight_buffers + m.grad_buffers + m.activations_peak)
+            as f64
+            / (1 << 20) as f64
+    };
+    for step in 0..train_iters {
+        let ds = data.training.as_ref().expect("training dataset");
+        let step_start = Instant::now();
+        let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
+            let global_mb = (rank * local_mbs + mb) as u64;
+            for j in 0..samples_per_mb {
+                let index = step * samples_per_batch + global_mb * samples_per_mb as u64 + j as u64;
+                sampler.fill(ds, index, &mut tokens[j * seq..(j + 1) * seq], &mut targets[j * seq..(j + 1) * seq]);
+            }
+        };
+        let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
+        let mut loss = [stats.loss_sum];
+        engine.comm().all_reduce_sum_f64(&mut loss)?;
+        let loss = loss[0] / global_tokens as f64;
+        let lr = learning_rate(&cfg.optimizer, step, train_iters);
+        let o = &cfg.optimizer;
+        let grad_norm = engine.optimizer_step(AdamStep {
+            lr,
+            beta_1: o.beta_1,
+            beta_2: o.beta_2,
+            epsilon: o.epsilon,
+            weight_decay: o.weight_decay,
+            max_norm: o.gradient_norm_clipping,
+            step: step + 1,
+        })?;
+        if !loss.is_finite() {
+            bail!("step {}: the loss is {loss}; training diverged (lower optimizer.learning_rate.base or raise warm-up)", step + 1);
+        }
+        let step_time = step_start.elapsed().as_secs_f64();
+        summary.losses.push(loss);
+        interval_loss += loss;
+        interval_steps += 1;
+        interval_time += step_time;
+        interval_wait += stats.comm_wait_s;
+        if step > 0 || train_iters == 1 {
+            total_time += step_time;
+            total_wait += stats.comm_wait_s;
+            timed_steps += 1;
+        }
+        if let Some(p) = &progress {
+            p.set_position(step + 1);
+            p.set_message(format!("loss {loss:.4}"));
+        }
+        let done = step + 1;
+        if done % cfg.training.logs.interval == 0 || done == train_iters {
+            let tps = interval_steps as f64 * global_tokens as f64 / interval_time;
+            let mean_loss = interval_loss / interval_steps as f64;
+            if let Some(m) = metrics.as_mut() {
+                let mut extra = serde_json::Map::new();
+                extra.insert("lr".into(), json!(lr));
+                extra.insert("grad_norm".into(), json!(grad_norm));
+                extra.insert("step_time_s".into(), json!(interval_time / interval_steps as f64));
+                extra.insert("tokens_per_s".into(), json!(tps));
+                extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
+                extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
+                m.write(&Metric { phase: "training".into(), step: done, loss: mean_loss, extra })?;
+            }
+            if !quiet {
+                let line = format!(
+                    "step {done}/{train_iters} | loss {mean_loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | step {:.3} s | {} tokens/s | comm wait {:.1}% | memory {mem_mib:.1} MiB/rank",
+                    interval_time / interval_steps as f64,
+                    human(tps),
+                    100.0 * interval_wait / interval_time,
+                );
+                match &progress {
+                    Some(p) => p.println(line),
+                    None => println!("{line}"),
+                }
+            }
+            (interval_loss, interval_steps, interval_time, interval_wait) = (0.0, 0, 0.0, 0.0);
+        }
+        for (name, interval, iterations, ds) in &data.eval {
+            if done % interval == 0 || done == train_iters {
+                let vloss = evaluate(&mut engine, &sampler, ds, *iterations, global_tokens, samples_per_batch)?;
+                summary.validation.push((done, vloss));
+                if let Some(m) = metrics.as_mut() {
+                    let mut extra = serde_json::Map::new();
+                    extra.insert("evaluator".into(), json!(name));
+                    m.write(&Metric { phase: "validation".into(), step: done, loss: vloss, extra })?;
+                }
+                if !quiet {
+                    let line = format!("step {done}/{train_iters} | validation ({name}) loss {vloss:.4}");
+                    match &progress {
+                        Some(p) => p.println(line),
+                        None => println!("{line}"),
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    if timed_steps > 0 {
+        summary.tokens_per_s = timed_steps as f64 * global_tokens as f64 / total_time;
+        summary.comm_wait_fraction = total_wait / total_time;
+        if !quiet {
+            println!(
+                "Done: {train_iters} steps, {} tokens/s, communication wait {:.1}% of step time",
+                human(summary.tokens_per_s),
+                100.0 * summary.comm_wait_fraction
+            );
+        }
+    }
+    summary.final_weights = engine.gather_weights()?;
+    Ok(summary)
+}
+
+/// Mean validation loss over `iterations` global batches of consecutive windows.
+fn evaluate(
+    engine: &mut RankEngine,
+    sampler: &SequenceSampler,
+    ds: &TokenDataset,
+    iterations: u64,
+    global_tokens: u64,
+    samples_per_batch: u64,
+) -> anyhow::Result<f64> {
+    let rank = engine.rank();
+    let local_mbs = engine.micro_batches();
+    let (seq, spm) = (engine.batch.seq, engine.batch.batch);
+    let mut total = 0.0;
+    for it in 0..iterations {
+        let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
+            let global_mb = (rank * local_mbs + mb) as u64;
+            for j in 0..spm {
+                let index = it * samples_per_batch + global_mb * spm as u64 + j as u64;
+                sampler.fill_sequential(
+                    ds,
+                    index,
+                    &mut tokens[j * seq..(j + 1) * seq],
+                    &mut targets[j * seq..(j + 1) * seq],
+                );
+            }
+        };
+        let stats = engine.run_batch(false, 0.0, &mut fill)?;
+        let mut loss = [stats.loss_sum];
+        engine.comm().all_reduce_sum_f64(&mut loss)?;
+        total += loss[0] / global_tokens as f64;
+    }
+    Ok(total / iterations as f64)
+}
+
+/// Write a file atomically: temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp: PathBuf = path.with_extension(format!("tmp.{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
