@@ -286,7 +286,7 @@ impl LocalGroup {
                 return Some(r);
             }
             i = i.wrapping_add(1);
-            if i % 64 == 0 && start.elapsed() > SPIN {
+            if i.is_multiple_of(64) && start.elapsed() > SPIN {
                 break;
             }
             std::hint::spin_loop();
@@ -1350,7 +1350,11 @@ mod tests {
         };
         let msgs: Vec<String> = out[0].iter().map(msg).collect();
         for errs in &out {
-            assert_eq!(errs.iter().map(msg).collect::<Vec<_>>(), msgs, "all ranks agree");
+            assert_eq!(
+                errs.iter().map(msg).collect::<Vec<_>>(),
+                msgs,
+                "all ranks agree"
+            );
         }
         assert!(
             msgs[0].contains("rank 1: out has 8 elements"),
