@@ -42,12 +42,14 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { experiment_dir: PathBuf::from("experiments/default") }
+        Self {
+            experiment_dir: PathBuf::from("experiments/default"),
+        }
     }
 }
 
 /// `training:` section.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     /// Number of optimizer steps. Default 0 (setup only). Must be >= 0.
@@ -58,17 +60,6 @@ pub struct TrainingConfig {
     pub evaluators: BTreeMap<String, EvaluatorConfig>,
     /// Training checkpoints.
     pub checkpoint: CheckpointConfig,
-}
-
-impl Default for TrainingConfig {
-    fn default() -> Self {
-        Self {
-            train_iters: 0,
-            logs: LogsConfig::default(),
-            evaluators: BTreeMap::new(),
-            checkpoint: CheckpointConfig::default(),
-        }
-    }
 }
 
 /// `training.logs:`.
@@ -100,7 +91,11 @@ pub struct EvaluatorConfig {
 
 impl Default for EvaluatorConfig {
     fn default() -> Self {
-        Self { interval: 1000, iterations: 1, dataset_name: None }
+        Self {
+            interval: 1000,
+            iterations: 1,
+            dataset_name: None,
+        }
     }
 }
 
@@ -108,8 +103,8 @@ impl Default for EvaluatorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Save every `interval` steps; `None` (default) saves only at the end of training when
-    /// `train_iters > 0`... no: `None` never saves. >= 1 when set.
+    /// Save a checkpoint every `interval` steps. Default `None`: no checkpoints are saved.
+    /// >= 1 when set.
     pub interval: Option<u64>,
     /// Keep the newest `keep` checkpoints. Default 5, >= 1.
     pub keep: u64,
@@ -117,7 +112,10 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { interval: None, keep: 5 }
+        Self {
+            interval: None,
+            keep: 5,
+        }
     }
 }
 
@@ -136,7 +134,11 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { datasets: BTreeMap::new(), micro_batch_size: 2048, sequence_length: 2048 }
+        Self {
+            datasets: BTreeMap::new(),
+            micro_batch_size: 2048,
+            sequence_length: 2048,
+        }
     }
 }
 
@@ -179,7 +181,10 @@ pub struct ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        Self { depth_first_micro_batches: 1, breadth_first_micro_batches: 1 }
+        Self {
+            depth_first_micro_batches: 1,
+            breadth_first_micro_batches: 1,
+        }
     }
 }
 
@@ -223,6 +228,7 @@ pub struct LearningRateConfig {
     /// `constant`, `linear` or `cosine` decay after warm-up. Default `constant`.
     pub decay_style: DecayStyle,
     /// Steps over which the rate decays from `base` to `minimum` (after warm-up). Default: `train_iters`.
+    /// >= 1 when set.
     pub decay_iterations: Option<u64>,
     /// Linear warm-up steps from 0 to `base`. Default 0.
     pub warmup_iterations: u64,
@@ -321,7 +327,10 @@ pub struct DecoderConfig {
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { num_blocks: 12, block: BlockConfig::default() }
+        Self {
+            num_blocks: 12,
+            block: BlockConfig::default(),
+        }
     }
 }
 
@@ -385,7 +394,10 @@ pub struct RotaryConfig {
 
 impl Default for RotaryConfig {
     fn default() -> Self {
-        Self { kind: "default".into(), theta: 10000.0 }
+        Self {
+            kind: "default".into(),
+            theta: 10000.0,
+        }
     }
 }
 
@@ -405,7 +417,12 @@ pub struct MlpConfig {
 
 impl Default for MlpConfig {
     fn default() -> Self {
-        Self { intermediate_size: 4096, gated: true, activation: "silu".into(), add_linear_biases: None }
+        Self {
+            intermediate_size: 4096,
+            gated: true,
+            activation: "silu".into(),
+            add_linear_biases: None,
+        }
     }
 }
 
@@ -422,7 +439,10 @@ pub struct NormalizationConfig {
 
 impl Default for NormalizationConfig {
     fn default() -> Self {
-        Self { kind: "rms_norm".into(), epsilon: 1e-5 }
+        Self {
+            kind: "rms_norm".into(),
+            epsilon: 1e-5,
+        }
     }
 }
 
