@@ -9,5 +9,6 @@ pub mod load;
 pub mod schema;
 pub mod validate;
 
-pub use load::{load_config, load_config_str, ConfigError};
+pub use load::{load_config, load_config_str, to_yaml, ConfigError};
 pub use schema::*;
+pub use validate::{global_batch_tokens, validate};

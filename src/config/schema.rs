@@ -49,7 +49,7 @@ impl Default for RunConfig {
 }
 
 /// `training:` section.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     /// Number of optimizer steps. Default 0 (setup only). Must be >= 0.
@@ -60,17 +60,6 @@ pub struct TrainingConfig {
     pub evaluators: BTreeMap<String, EvaluatorConfig>,
     /// Training checkpoints.
     pub checkpoint: CheckpointConfig,
-}
-
-impl Default for TrainingConfig {
-    fn default() -> Self {
-        Self {
-            train_iters: 0,
-            logs: LogsConfig::default(),
-            evaluators: BTreeMap::new(),
-            checkpoint: CheckpointConfig::default(),
-        }
-    }
 }
 
 /// `training.logs:`.
@@ -114,8 +103,8 @@ impl Default for EvaluatorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Save every `interval` steps; `None` (default) saves only at the end of training when
-    /// `train_iters > 0`... no: `None` never saves. >= 1 when set.
+    /// Save a checkpoint every `interval` steps. Default `None`: no checkpoints are saved.
+    /// >= 1 when set.
     pub interval: Option<u64>,
     /// Keep the newest `keep` checkpoints. Default 5, >= 1.
     pub keep: u64,
@@ -239,6 +228,7 @@ pub struct LearningRateConfig {
     /// `constant`, `linear` or `cosine` decay after warm-up. Default `constant`.
     pub decay_style: DecayStyle,
     /// Steps over which the rate decays from `base` to `minimum` (after warm-up). Default: `train_iters`.
+    /// >= 1 when set.
     pub decay_iterations: Option<u64>,
     /// Linear warm-up steps from 0 to `base`. Default 0.
     pub warmup_iterations: u64,

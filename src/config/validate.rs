@@ -1,1 +1,945 @@
-//! Validation (stub).
+//! Validation: every documented range of `schema.rs`, and the features this engine does not support.
+//!
+//! Each error is one line: `<field.path> = <value>: <what is accepted>; <what to do>`. The first
+//! problem found is reported.
+
+use super::load::ConfigError;
+use super::schema::*;
+use std::fmt::Display;
+
+/// Checks every range and supported-feature rule of the schema; the first violation is the error.
+pub fn validate(cfg: &TrainConfig) -> Result<(), ConfigError> {
+    if cfg.multi_stage.is_some() {
+        return Err(ConfigError::new(
+            "multi_stage (top level) is set on a config that did not go through load_config: accepted \
+             only as a spelling of model.multi_stage in YAML; set model.multi_stage instead",
+        ));
+    }
+    validate_training(cfg)?;
+    validate_data(&cfg.data)?;
+    validate_schedule(&cfg.schedule)?;
+    validate_optimizer(&cfg.optimizer)?;
+    validate_base_model(&cfg.model.base_model)?;
+    validate_multi_stage(&cfg.model.multi_stage)?;
+    validate_distributed(&cfg.model.distributed)?;
+    if let Some(pretrained) = &cfg.pretrained {
+        validate_pretrained(pretrained)?;
+    }
+    Ok(())
+}
+
+/// Global batch in tokens: `data.micro_batch_size` x `schedule.depth_first_micro_batches` x
+/// `schedule.breadth_first_micro_batches` x data-parallel size (`model.distributed.world_size`: all ranks
+/// are data-parallel). Saturates instead of overflowing.
+pub fn global_batch_tokens(cfg: &TrainConfig) -> u64 {
+    cfg.data
+        .micro_batch_size
+        .saturating_mul(cfg.schedule.depth_first_micro_batches)
+        .saturating_mul(cfg.schedule.breadth_first_micro_batches)
+        .saturating_mul(cfg.model.distributed.world_size)
+}
+
+/// Fails with `<path> = <value>: <accepted>; <todo>` unless `ok`.
+fn require(
+    ok: bool,
+    path: &str,
+    value: impl Display,
+    accepted: &str,
+    todo: &str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!(
+            "{path} = {value}: {accepted}; {todo}"
+        )))
+    }
+}
+
+/// A float as written in YAML (`1e-8`, `0.0`, `NaN`).
+fn num(x: f64) -> String {
+    format!("{x:?}")
+}
+
+/// `x > 0` and finite (false for NaN).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// `x >= 0` and finite (false for NaN).
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
+fn validate_training(cfg: &TrainConfig) -> Result<(), ConfigError> {
+    let training = &cfg.training;
+    require(
+        training.logs.interval >= 1,
+        "training.logs.interval",
+        training.logs.interval,
+        "must be >= 1 (log every N steps)",
+        "set it to 1 or more",
+    )?;
+    for (name, evaluator) in &training.evaluators {
+        let path = format!("training.evaluators.{name}");
+        require(
+            evaluator.interval >= 1,
+            &format!("{path}.interval"),
+            evaluator.interval,
+            "must be >= 1 (evaluate every N steps)",
+            "set it to 1 or more, or remove the evaluator",
+        )?;
+        require(
+            evaluator.iterations >= 1,
+            &format!("{path}.iterations"),
+            evaluator.iterations,
+            "must be >= 1 (global batches per evaluation)",
+            "set it to 1 or more, or remove the evaluator",
+        )?;
+        if let Some(dataset) = &evaluator.dataset_name {
+            let names: Vec<&str> = cfg.data.datasets.keys().map(String::as_str).collect();
+            let accepted = if names.is_empty() {
+                "must name a dataset of data.datasets (none is defined)".to_string()
+            } else {
+                format!(
+                    "must name a dataset of data.datasets ({})",
+                    names.join(", ")
+                )
+            };
+            require(
+                cfg.data.datasets.contains_key(dataset),
+                &format!("{path}.dataset_name"),
+                dataset,
+                &accepted,
+                "use one of those names or add the dataset under data.datasets",
+            )?;
+        }
+    }
+    if let Some(interval) = training.checkpoint.interval {
+        require(
+            interval >= 1,
+            "training.checkpoint.interval",
+            interval,
+            "must be >= 1 when set (save every N steps)",
+            "set it to 1 or more, or remove it (null) to save no checkpoints",
+        )?;
+    }
+    require(
+        training.checkpoint.keep >= 1,
+        "training.checkpoint.keep",
+        training.checkpoint.keep,
+        "must be >= 1 (number of newest checkpoints kept)",
+        "set it to 1 or more",
+    )
+}
+
+fn validate_data(data: &DataConfig) -> Result<(), ConfigError> {
+    for (name, dataset) in &data.datasets {
+        let path = format!("data.datasets.{name}");
+        require(
+            !dataset.path.as_os_str().is_empty(),
+            &format!("{path}.path"),
+            "\"\"",
+            "must be a path (prepared dataset directory or text file)",
+            "set the path of the dataset",
+        )?;
+        if let Some(split) = &dataset.split {
+            require(
+                split == "training" || split == "validation",
+                &format!("{path}.split"),
+                split,
+                "accepted: training, validation",
+                "use one of those, or remove it to default to the dataset's name",
+            )?;
+        }
+    }
+    require(
+        data.sequence_length >= 2,
+        "data.sequence_length",
+        data.sequence_length,
+        "must be >= 2 (tokens per sample: inputs and next-token labels)",
+        "set it to 2 or more (e.g. 2048)",
+    )?;
+    let seq = data.sequence_length;
+    require(
+        data.micro_batch_size >= 1 && data.micro_batch_size.is_multiple_of(seq),
+        "data.micro_batch_size",
+        data.micro_batch_size,
+        &format!(
+            "must be a positive multiple of data.sequence_length ({seq}): it counts tokens per \
+             micro-batch per rank"
+        ),
+        &format!(
+            "set it to k x {seq}, e.g. {}",
+            seq.saturating_mul((data.micro_batch_size / seq).max(1))
+        ),
+    )
+}
+
+fn validate_schedule(schedule: &ScheduleConfig) -> Result<(), ConfigError> {
+    require(
+        schedule.depth_first_micro_batches >= 1,
+        "schedule.depth_first_micro_batches",
+        schedule.depth_first_micro_batches,
+        "must be >= 1",
+        "set it to 1 or more",
+    )?;
+    require(
+        schedule.breadth_first_micro_batches >= 1,
+        "schedule.breadth_first_micro_batches",
+        schedule.breadth_first_micro_batches,
+        "must be >= 1",
+        "set it to 1 or more",
+    )
+}
+
+fn validate_optimizer(optimizer: &OptimizerConfig) -> Result<(), ConfigError> {
+    let lr = &optimizer.learning_rate;
+    require(
+        positive(lr.base),
+        "optimizer.learning_rate.base",
+        num(lr.base),
+        "must be > 0 (peak learning rate)",
+        "set a positive rate, e.g. 1e-4",
+    )?;
+    require(
+        non_negative(lr.minimum) && lr.minimum <= lr.base,
+        "optimizer.learning_rate.minimum",
+        num(lr.minimum),
+        &format!(
+            "must be in [0, optimizer.learning_rate.base = {}]",
+            num(lr.base)
+        ),
+        "set it between 0 and the base rate",
+    )?;
+    if let Some(decay) = lr.decay_iterations {
+        require(
+            decay >= 1,
+            "optimizer.learning_rate.decay_iterations",
+            decay,
+            "must be >= 1 when set",
+            "set it to 1 or more, or remove it to decay over training.train_iters",
+        )?;
+    }
+    require(
+        non_negative(optimizer.weight_decay),
+        "optimizer.weight_decay",
+        num(optimizer.weight_decay),
+        "must be >= 0",
+        "set it to 0 (no decay) or a positive value, e.g. 0.01",
+    )?;
+    for (path, beta) in [
+        ("optimizer.beta_1", optimizer.beta_1),
+        ("optimizer.beta_2", optimizer.beta_2),
+    ] {
+        require(
+            (0.0..1.0).contains(&beta),
+            path,
+            num(beta),
+            "must be in [0, 1)",
+            "use a value below 1, e.g. 0.9 for beta_1 or 0.95 for beta_2",
+        )?;
+    }
+    require(
+        positive(optimizer.epsilon),
+        "optimizer.epsilon",
+        num(optimizer.epsilon),
+        "must be > 0",
+        "set a small positive value, e.g. 1e-8",
+    )?;
+    require(
+        positive(optimizer.gradient_norm_clipping),
+        "optimizer.gradient_norm_clipping",
+        num(optimizer.gradient_norm_clipping),
+        "must be > 0",
+        "set a positive norm, e.g. 1.0",
+    )
+}
+
+fn validate_normalization(path: &str, norm: &NormalizationConfig) -> Result<(), ConfigError> {
+    require(
+        norm.kind == "rms_norm",
+        &format!("{path}.type"),
+        &norm.kind,
+        "only rms_norm is supported (layer_norm and others are not supported)",
+        "set type: rms_norm",
+    )?;
+    require(
+        positive(norm.epsilon),
+        &format!("{path}.epsilon"),
+        num(norm.epsilon),
+        "must be > 0",
+        "set a small positive value, e.g. 1e-5",
+    )
+}
+
+fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
+    const P: &str = "model.base_model";
+    require(
+        base.hidden_size >= 1,
+        &format!("{P}.hidden_size"),
+        base.hidden_size,
+        "must be >= 1",
+        "set the model width",
+    )?;
+    require(
+        base.embeddings.vocab_size >= 1,
+        &format!("{P}.embeddings.vocab_size"),
+        base.embeddings.vocab_size,
+        "must be >= 1 (every token id of the data must be below it)",
+        "set the tokenizer's vocabulary size (256 for byte-level text)",
+    )?;
+    require(
+        base.decoder.num_blocks >= 1,
+        &format!("{P}.decoder.num_blocks"),
+        base.decoder.num_blocks,
+        "must be >= 1",
+        "set the number of transformer blocks",
+    )?;
+
+    let mixer = &base.decoder.block.mixer;
+    let m = format!("{P}.decoder.block.mixer");
+    if let Some(kind) = &mixer.kind {
+        require(
+            kind == "attention",
+            &format!("{m}.type"),
+            kind,
+            "only attention is supported",
+            "set type: attention or remove it",
+        )?;
+    }
+    require(
+        mixer.heads >= 1,
+        &format!("{m}.heads"),
+        mixer.heads,
+        "must be >= 1",
+        "set the number of query heads",
+    )?;
+    require(
+        mixer.head_groups >= 1 && mixer.heads.is_multiple_of(mixer.head_groups),
+        &format!("{m}.head_groups"),
+        mixer.head_groups,
+        &format!("must be >= 1 and divide heads ({})", mixer.heads),
+        "use a divisor of heads (1 = multi-query, heads = multi-head attention)",
+    )?;
+    require(
+        mixer.head_size >= 2 && mixer.head_size.is_multiple_of(2),
+        &format!("{m}.head_size"),
+        mixer.head_size,
+        "must be even and >= 2 (rotary embeddings rotate pairs)",
+        "use an even head size, e.g. 64",
+    )?;
+    require(
+        mixer.rotary.kind == "default",
+        &format!("{m}.rotary.type"),
+        &mixer.rotary.kind,
+        "only default (Llama rotary) is supported; llama3, yarn and none are not supported",
+        "set type: default",
+    )?;
+    require(
+        positive(mixer.rotary.theta),
+        &format!("{m}.rotary.theta"),
+        num(mixer.rotary.theta),
+        "must be > 0",
+        "set the rotary base, e.g. 10000",
+    )?;
+    if let Some(window) = mixer.window_size {
+        return Err(ConfigError::new(format!(
+            "{m}.window_size = {window}: sliding-window attention is not supported (accepted: absent or \
+             null); remove window_size"
+        )));
+    }
+    require(
+        mixer.add_linear_biases != Some(true),
+        &format!("{m}.add_linear_biases"),
+        "true",
+        "attention biases are not supported (accepted: false or absent)",
+        "set add_linear_biases: false or remove it",
+    )?;
+
+    let mlp = &base.decoder.block.mlp;
+    let f = format!("{P}.decoder.block.mlp");
+    require(
+        mlp.intermediate_size >= 1,
+        &format!("{f}.intermediate_size"),
+        mlp.intermediate_size,
+        "must be >= 1",
+        "set the MLP width",
+    )?;
+    require(
+        mlp.gated,
+        &format!("{f}.gated"),
+        mlp.gated,
+        "non-gated MLPs are not supported (accepted: true, SwiGLU)",
+        "set gated: true",
+    )?;
+    require(
+        mlp.activation == "silu",
+        &format!("{f}.activation"),
+        &mlp.activation,
+        "only silu is supported (gelu, relu and others are not supported)",
+        "set activation: silu",
+    )?;
+    require(
+        mlp.add_linear_biases != Some(true),
+        &format!("{f}.add_linear_biases"),
+        "true",
+        "MLP biases are not supported (accepted: false or absent)",
+        "set add_linear_biases: false or remove it",
+    )?;
+    validate_normalization(
+        &format!("{P}.decoder.block.normalization"),
+        &base.decoder.block.normalization,
+    )?;
+    validate_normalization(&format!("{P}.head.normalization"), &base.head.normalization)
+}
+
+fn validate_multi_stage(ms: &MultiStageConfig) -> Result<(), ConfigError> {
+    const P: &str = "model.multi_stage";
+    if let Some(stage) = ms.zero_stage {
+        let accepted = if stage == 0 {
+            "ZeRO stage 0 (full replication) is not supported"
+        } else {
+            "ZeRO stages are 1, 2 and 3"
+        };
+        require(
+            (1..=3).contains(&stage),
+            &format!("{P}.zero_stage"),
+            stage,
+            accepted,
+            "use 1 (default), 2 or 3",
+        )?;
+    }
+    if let Some(n) = ms.num_grad_buffers {
+        require(
+            n >= 1,
+            &format!("{P}.num_grad_buffers"),
+            n,
+            "must be >= 1 when set",
+            "set it to 1 or more, or remove it for the default",
+        )?;
+    }
+    if let Some(n) = ms.num_weight_buffers {
+        require(
+            n >= 1,
+            &format!("{P}.num_weight_buffers"),
+            n,
+            "must be >= 1 when set",
+            "set it to 1 or more, or remove it for the default",
+        )?;
+    }
+    require(
+        positive(ms.layers_per_stage),
+        &format!("{P}.layers_per_stage"),
+        num(ms.layers_per_stage),
+        "must be a finite number > 0 (fractions allowed: 0.5 = half blocks)",
+        "set it to e.g. 1.0 (default)",
+    )?;
+    require(
+        ms.stages_per_pipeline_stage == 1,
+        &format!("{P}.stages_per_pipeline_stage"),
+        ms.stages_per_pipeline_stage,
+        "pipeline parallelism is not supported yet (accepted: 1)",
+        "set it to 1 or remove it",
+    )
+}
+
+fn validate_distributed(d: &DistributedConfig) -> Result<(), ConfigError> {
+    const P: &str = "model.distributed";
+    require(
+        d.world_size >= 1,
+        &format!("{P}.world_size"),
+        d.world_size,
+        "must be >= 1 (number of data-parallel ranks)",
+        "set it to 1 or more",
+    )?;
+    require(
+        positive(d.timeout),
+        &format!("{P}.timeout"),
+        num(d.timeout),
+        "must be > 0 seconds",
+        "set it to e.g. 60",
+    )?;
+    for (name, value, what) in [
+        ("tensor_parallel", d.tensor_parallel, "tensor parallelism"),
+        (
+            "pipeline_parallel",
+            d.pipeline_parallel,
+            "pipeline parallelism",
+        ),
+        (
+            "sequence_data_parallel",
+            d.sequence_data_parallel,
+            "sequence data parallelism",
+        ),
+    ] {
+        require(
+            value == 1,
+            &format!("{P}.{name}"),
+            value,
+            &format!("{what} is not supported yet (accepted: 1)"),
+            "set it to 1 or remove it; scale with world_size (data parallel) and zero_stage instead",
+        )?;
+    }
+    require(
+        d.compute_dtype != ComputeDtype::Bfloat16 || d.use_cuda,
+        &format!("{P}.compute_dtype"),
+        "bfloat16",
+        "bfloat16 compute needs model.distributed.use_cuda: true",
+        "on CPU use float32",
+    )?;
+    require(
+        d.backend != CommBackend::Nccl || d.use_cuda,
+        &format!("{P}.backend"),
+        "nccl",
+        "the nccl backend needs model.distributed.use_cuda: true",
+        "on CPU use backend: local",
+    )
+}
+
+fn validate_pretrained(p: &PretrainedConfig) -> Result<(), ConfigError> {
+    require(
+        !p.path.as_os_str().is_empty(),
+        "pretrained.path",
+        "\"\"",
+        "must be a checkpoint directory",
+        "set the path, or remove the pretrained section",
+    )?;
+    require(
+        p.format == "llama" || p.format == "distributed",
+        "pretrained.format",
+        &p.format,
+        "accepted: llama (HuggingFace), distributed (fast-llm-rs checkpoint)",
+        "use one of those",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::tests::{assert_mentions, example, example_err};
+
+    /// Each case: overrides on the example config, then text the error must contain.
+    fn assert_refused(overrides: &[&str], needles: &[&str]) {
+        let err = example_err(overrides);
+        assert_mentions(&err, needles);
+        assert!(
+            err.contains(": ") && err.contains("; "),
+            "not `path = value: accepted; todo`: {err}"
+        );
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let cfg = example(&[]).unwrap();
+        assert_eq!(validate(&cfg), Ok(()));
+    }
+
+    #[test]
+    fn zero_stage_zero_is_refused_with_the_seed_reason() {
+        assert_refused(
+            &["model.multi_stage.zero_stage=0"],
+            &[
+                "model.multi_stage.zero_stage = 0",
+                "ZeRO stage 0 (full replication) is not supported",
+                "use 1 (default), 2 or 3",
+            ],
+        );
+    }
+
+    #[test]
+    fn zero_stage_above_three_is_refused() {
+        assert_refused(
+            &["model.multi_stage.zero_stage=4"],
+            &["model.multi_stage.zero_stage = 4", "1 (default), 2 or 3"],
+        );
+    }
+
+    #[test]
+    fn zero_stages_one_to_three_are_accepted() {
+        for stage in 1..=3u8 {
+            let cfg = example(&[&format!("model.multi_stage.zero_stage={stage}")]).unwrap();
+            assert_eq!(cfg.model.multi_stage.zero_stage(), stage);
+        }
+    }
+
+    #[test]
+    fn multi_stage_ranges_are_refused() {
+        assert_refused(
+            &["model.multi_stage.num_grad_buffers=0"],
+            &["model.multi_stage.num_grad_buffers = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.multi_stage.num_weight_buffers=0"],
+            &["model.multi_stage.num_weight_buffers = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.multi_stage.layers_per_stage=0"],
+            &["model.multi_stage.layers_per_stage = 0.0", "> 0"],
+        );
+        assert_refused(
+            &["model.multi_stage.layers_per_stage=-1.5"],
+            &["model.multi_stage.layers_per_stage = -1.5", "> 0"],
+        );
+        // Non-finite floats do not survive the generic tree: refused as a wrong type, path named.
+        assert_refused(
+            &["model.multi_stage.layers_per_stage=.inf"],
+            &[
+                "model.multi_stage.layers_per_stage = .inf",
+                "expected a number",
+            ],
+        );
+        assert_refused(
+            &["model.multi_stage.stages_per_pipeline_stage=2"],
+            &[
+                "model.multi_stage.stages_per_pipeline_stage = 2",
+                "pipeline parallelism is not supported yet",
+                "accepted: 1",
+            ],
+        );
+        let cfg = example(&[
+            "model.multi_stage.layers_per_stage=0.5",
+            "model.multi_stage.num_grad_buffers=3",
+        ])
+        .unwrap();
+        assert_eq!(cfg.model.multi_stage.layers_per_stage, 0.5);
+    }
+
+    #[test]
+    fn unsupported_parallelism_is_refused() {
+        for field in [
+            "tensor_parallel",
+            "pipeline_parallel",
+            "sequence_data_parallel",
+        ] {
+            let path = format!("model.distributed.{field}");
+            assert_refused(
+                &[&format!("{path}=2")],
+                &[&format!("{path} = 2"), "not supported yet", "accepted: 1"],
+            );
+        }
+        assert_refused(
+            &["model.distributed.world_size=0"],
+            &["model.distributed.world_size = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.distributed.timeout=0"],
+            &["model.distributed.timeout = 0.0", "> 0"],
+        );
+    }
+
+    #[test]
+    fn bfloat16_without_cuda_is_refused() {
+        assert_refused(
+            &["model.distributed.compute_dtype=bfloat16"],
+            &[
+                "model.distributed.compute_dtype = bfloat16",
+                "bfloat16 compute needs model.distributed.use_cuda: true; on CPU use float32",
+            ],
+        );
+        assert_refused(
+            &["model.distributed.backend=nccl"],
+            &["model.distributed.backend = nccl", "use_cuda: true"],
+        );
+        let cfg = example(&[
+            "model.distributed.compute_dtype=bfloat16",
+            "model.distributed.use_cuda=true",
+        ])
+        .unwrap();
+        assert_eq!(cfg.model.distributed.compute_dtype, ComputeDtype::Bfloat16);
+    }
+
+    #[test]
+    fn batch_shape_is_checked() {
+        assert_refused(
+            &["data.micro_batch_size=1000"],
+            &[
+                "data.micro_batch_size = 1000",
+                "positive multiple of data.sequence_length (256)",
+                "e.g. 768",
+            ],
+        );
+        assert_refused(
+            &["data.micro_batch_size=0"],
+            &["data.micro_batch_size = 0", "positive multiple", "e.g. 256"],
+        );
+        assert_refused(
+            &["data.sequence_length=1"],
+            &["data.sequence_length = 1", ">= 2"],
+        );
+        assert_refused(
+            &["data.sequence_length=0"],
+            &["data.sequence_length = 0", ">= 2"],
+        );
+        assert_refused(
+            &["schedule.depth_first_micro_batches=0"],
+            &["schedule.depth_first_micro_batches = 0", ">= 1"],
+        );
+        assert_refused(
+            &["schedule.breadth_first_micro_batches=0"],
+            &["schedule.breadth_first_micro_batches = 0", ">= 1"],
+        );
+        assert_refused(
+            &["data.datasets.training.split=test"],
+            &[
+                "data.datasets.training.split = test",
+                "training, validation",
+            ],
+        );
+    }
+
+    #[test]
+    fn architecture_ranges_are_checked() {
+        let m = "model.base_model.decoder.block.mixer";
+        assert_refused(
+            &[&format!("{m}.head_groups=3")],
+            &[&format!("{m}.head_groups = 3"), "divide heads (8)"],
+        );
+        assert_refused(
+            &[&format!("{m}.head_groups=0")],
+            &[&format!("{m}.head_groups = 0"), "divide heads (8)"],
+        );
+        assert_refused(
+            &[&format!("{m}.heads=0")],
+            &[&format!("{m}.heads = 0"), ">= 1"],
+        );
+        assert_refused(
+            &[&format!("{m}.head_size=33")],
+            &[&format!("{m}.head_size = 33"), "even"],
+        );
+        assert_refused(
+            &[&format!("{m}.head_size=0")],
+            &[&format!("{m}.head_size = 0"), "even and >= 2"],
+        );
+        assert_refused(
+            &["model.base_model.embeddings.vocab_size=0"],
+            &["model.base_model.embeddings.vocab_size = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.base_model.hidden_size=0"],
+            &["model.base_model.hidden_size = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.base_model.decoder.num_blocks=0"],
+            &["model.base_model.decoder.num_blocks = 0", ">= 1"],
+        );
+        assert_refused(
+            &["model.base_model.decoder.block.mlp.intermediate_size=0"],
+            &[
+                "model.base_model.decoder.block.mlp.intermediate_size = 0",
+                ">= 1",
+            ],
+        );
+        assert_refused(
+            &[&format!("{m}.rotary.theta=0")],
+            &[&format!("{m}.rotary.theta = 0.0"), "> 0"],
+        );
+        // Grouped-query and multi-query attention are fine.
+        assert!(example(&[&format!("{m}.head_groups=2")]).is_ok());
+        assert!(example(&[&format!("{m}.head_groups=1")]).is_ok());
+    }
+
+    #[test]
+    fn unsupported_architecture_features_are_refused() {
+        let b = "model.base_model.decoder.block";
+        assert_refused(
+            &[&format!("{b}.mixer.window_size=512")],
+            &[
+                &format!("{b}.mixer.window_size = 512"),
+                "sliding-window attention is not supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.mixer.add_linear_biases=true")],
+            &[
+                &format!("{b}.mixer.add_linear_biases = true"),
+                "not supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.mlp.add_linear_biases=true")],
+            &[
+                &format!("{b}.mlp.add_linear_biases = true"),
+                "not supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.mlp.gated=false")],
+            &[
+                &format!("{b}.mlp.gated = false"),
+                "not supported",
+                "accepted: true",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.mlp.activation=gelu")],
+            &[
+                &format!("{b}.mlp.activation = gelu"),
+                "only silu is supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.normalization.type=layer_norm")],
+            &[
+                &format!("{b}.normalization.type = layer_norm"),
+                "only rms_norm is supported",
+            ],
+        );
+        assert_refused(
+            &["model.base_model.head.normalization.type=layer_norm"],
+            &[
+                "model.base_model.head.normalization.type = layer_norm",
+                "only rms_norm is supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.normalization.epsilon=0")],
+            &[&format!("{b}.normalization.epsilon = 0.0"), "> 0"],
+        );
+        assert_refused(
+            &[&format!("{b}.mixer.rotary.type=yarn")],
+            &[
+                &format!("{b}.mixer.rotary.type = yarn"),
+                "only default (Llama rotary) is supported",
+            ],
+        );
+        assert_refused(
+            &[&format!("{b}.mixer.type=mamba")],
+            &[&format!("{b}.mixer.type = mamba"), "only attention"],
+        );
+        // Explicitly disabled features are fine.
+        assert!(example(&[
+            &format!("{b}.mixer.add_linear_biases=false"),
+            &format!("{b}.mixer.window_size=null")
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn optimizer_ranges_are_checked() {
+        assert_refused(
+            &["optimizer.beta_1=1.0"],
+            &["optimizer.beta_1 = 1.0", "[0, 1)"],
+        );
+        assert_refused(
+            &["optimizer.beta_2=-0.1"],
+            &["optimizer.beta_2 = -0.1", "[0, 1)"],
+        );
+        assert_refused(
+            &["optimizer.epsilon=0"],
+            &["optimizer.epsilon = 0.0", "> 0"],
+        );
+        assert_refused(
+            &["optimizer.learning_rate.base=0"],
+            &["optimizer.learning_rate.base = 0.0", "> 0"],
+        );
+        assert_refused(
+            &["optimizer.learning_rate.minimum=0.01"],
+            &[
+                "optimizer.learning_rate.minimum = 0.01",
+                "[0, optimizer.learning_rate.base = 0.002]",
+            ],
+        );
+        assert_refused(
+            &["optimizer.learning_rate.minimum=-1"],
+            &["optimizer.learning_rate.minimum = -1.0", "[0,"],
+        );
+        assert_refused(
+            &["optimizer.learning_rate.decay_iterations=0"],
+            &["optimizer.learning_rate.decay_iterations = 0", ">= 1"],
+        );
+        assert_refused(
+            &["optimizer.gradient_norm_clipping=0"],
+            &["optimizer.gradient_norm_clipping = 0.0", "> 0"],
+        );
+        assert_refused(
+            &["optimizer.weight_decay=-0.1"],
+            &["optimizer.weight_decay = -0.1", ">= 0"],
+        );
+        assert!(example(&["optimizer.weight_decay=0", "optimizer.beta_1=0"]).is_ok());
+    }
+
+    #[test]
+    fn training_intervals_are_checked() {
+        assert_refused(
+            &["training.logs.interval=0"],
+            &["training.logs.interval = 0", ">= 1"],
+        );
+        assert_refused(
+            &["training.evaluators.validation.interval=0"],
+            &["training.evaluators.validation.interval = 0", ">= 1"],
+        );
+        assert_refused(
+            &["training.evaluators.validation.iterations=0"],
+            &["training.evaluators.validation.iterations = 0", ">= 1"],
+        );
+        assert_refused(
+            &["training.evaluators.validation.dataset_name=held_out"],
+            &[
+                "training.evaluators.validation.dataset_name = held_out",
+                "training, validation",
+            ],
+        );
+        assert_refused(
+            &["training.checkpoint.interval=0"],
+            &["training.checkpoint.interval = 0", ">= 1"],
+        );
+        assert_refused(
+            &["training.checkpoint.keep=0"],
+            &["training.checkpoint.keep = 0", ">= 1"],
+        );
+    }
+
+    #[test]
+    fn pretrained_format_is_checked() {
+        assert_refused(
+            &["pretrained.path=w", "pretrained.format=gguf"],
+            &["pretrained.format = gguf", "llama", "distributed"],
+        );
+        let cfg = example(&["pretrained.path=w", "pretrained.format=distributed"]).unwrap();
+        assert_eq!(cfg.pretrained.unwrap().format, "distributed");
+    }
+
+    #[test]
+    fn non_finite_floats_are_refused() {
+        let mut cfg = example(&[]).unwrap();
+        cfg.model.multi_stage.layers_per_stage = f64::INFINITY;
+        let err = validate(&cfg).unwrap_err().to_string();
+        assert_mentions(
+            &err,
+            &[
+                "model.multi_stage.layers_per_stage = inf",
+                "finite number > 0",
+            ],
+        );
+        let mut cfg = example(&[]).unwrap();
+        cfg.optimizer.learning_rate.base = f64::NAN;
+        let err = validate(&cfg).unwrap_err().to_string();
+        assert_mentions(&err, &["optimizer.learning_rate.base = NaN", "> 0"]);
+        let mut cfg = example(&[]).unwrap();
+        cfg.optimizer.beta_2 = f64::NAN;
+        let err = validate(&cfg).unwrap_err().to_string();
+        assert_mentions(&err, &["optimizer.beta_2 = NaN", "[0, 1)"]);
+    }
+
+    #[test]
+    fn top_level_multi_stage_left_on_a_config_is_refused() {
+        let mut cfg = example(&[]).unwrap();
+        cfg.multi_stage = Some(MultiStageConfig::default());
+        let err = validate(&cfg).unwrap_err().to_string();
+        assert!(err.contains("model.multi_stage"), "{err}");
+    }
+
+    #[test]
+    fn global_batch_counts_tokens_over_schedule_and_ranks() {
+        let cfg = example(&[]).unwrap();
+        assert_eq!(global_batch_tokens(&cfg), 2048 * 2);
+        let cfg = example(&[
+            "schedule.depth_first_micro_batches=3",
+            "schedule.breadth_first_micro_batches=2",
+            "model.distributed.world_size=4",
+        ])
+        .unwrap();
+        assert_eq!(global_batch_tokens(&cfg), 2048 * 3 * 2 * 4);
+    }
+}
