@@ -156,7 +156,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let global_tokens = global_batch_tokens(cfg);
     let dir = cfg.run.experiment_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create run.experiment_dir {}", dir.display()))?;
-    std::fs::write(dir.join("config.yaml"), crate::config::validate::to_yaml(cfg))
+    std::fs::write(dir.join("config.yaml"), crate::config::to_yaml(cfg))
         .with_context(|| format!("cannot write {}", dir.join("config.yaml").display()))?;
     let data = open_data(cfg)?;
     let say = |s: String| {
