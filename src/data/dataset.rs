@@ -41,15 +41,27 @@ impl TokenDataset {
     /// (else: corrupt), be non-empty, and contain no id `>= vocab_size` (the first offending position
     /// and id are named). Each failure is one line naming the file. Verification is parallel for large
     /// files.
-    pub fn open(dir: impl AsRef<Path>, split: &str, vocab_size: u64) -> Result<TokenDataset, DataError> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        split: &str,
+        vocab_size: u64,
+    ) -> Result<TokenDataset, DataError> {
         let dir = dir.as_ref();
         let metadata = Metadata::read(dir)?;
         let meta_path = dir.join(format::METADATA_FILE);
-        let info = metadata.splits.get(split).ok_or_else(|| DataError::UnknownSplit {
-            path: meta_path.clone(),
-            split: split.to_string(),
-            available: metadata.splits.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let info = metadata
+            .splits
+            .get(split)
+            .ok_or_else(|| DataError::UnknownSplit {
+                path: meta_path.clone(),
+                split: split.to_string(),
+                available: metadata
+                    .splits
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
         let dtype = metadata.dtype;
         let path = dir.join(&info.file);
         let expected_bytes = info.num_tokens.checked_mul(dtype.size() as u64);
@@ -68,11 +80,17 @@ impl TokenDataset {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::Missing { path, what: "token file listed in metadata.json" })
+                return Err(DataError::Missing {
+                    path,
+                    what: "token file listed in metadata.json",
+                })
             }
             Err(e) => return Err(DataError::io("cannot open", path, e)),
         };
-        let actual_bytes = file.metadata().map_err(|e| DataError::io("cannot read", &path, e))?.len();
+        let actual_bytes = file
+            .metadata()
+            .map_err(|e| DataError::io("cannot read", &path, e))?
+            .len();
         if actual_bytes != info.byte_length {
             return Err(DataError::Truncated {
                 path,
@@ -83,12 +101,16 @@ impl TokenDataset {
             });
         }
         if info.num_tokens == 0 {
-            return Err(DataError::Empty { path, split: split.to_string() });
+            return Err(DataError::Empty {
+                path,
+                split: split.to_string(),
+            });
         }
         // SAFETY: read-only map of a file that prepared datasets never modify in place (they are
         // replaced by rename). Truncation by another process after this point would fault; that is
         // the usual memory-map caveat and outside what a training run can guard against.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("cannot memory-map", &path, e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| DataError::io("cannot memory-map", &path, e))?;
         if map.len() as u64 != info.byte_length {
             return Err(DataError::Truncated {
                 path,
@@ -101,7 +123,11 @@ impl TokenDataset {
         let expected = parse_checksum(&info.checksum).expect("checked by Metadata::read");
         let actual = format::checksum(&map);
         if actual != expected {
-            return Err(DataError::Corrupt { path, expected: info.checksum.clone(), actual: format_checksum(actual) });
+            return Err(DataError::Corrupt {
+                path,
+                expected: info.checksum.clone(),
+                actual: format_checksum(actual),
+            });
         }
         let dataset = TokenDataset {
             map,
@@ -136,19 +162,32 @@ impl TokenDataset {
         }
         let size = self.dtype.size();
         let bytes: &[u8] = &self.map;
-        bytes.par_chunks(SCAN_CHUNK * size).enumerate().find_map_first(|(c, chunk)| {
-            let base = (c * SCAN_CHUNK) as u64;
-            match self.dtype {
-                TokenDtype::U16 => chunk
-                    .chunks_exact(2)
-                    .position(|b| u64::from(u16::from_le_bytes([b[0], b[1]])) >= limit)
-                    .map(|i| (base + i as u64, u32::from(u16::from_le_bytes([chunk[2 * i], chunk[2 * i + 1]])))),
-                TokenDtype::U32 => chunk
-                    .chunks_exact(4)
-                    .position(|b| u64::from(u32::from_le_bytes(b.try_into().unwrap())) >= limit)
-                    .map(|i| (base + i as u64, u32::from_le_bytes(chunk[4 * i..4 * i + 4].try_into().unwrap()))),
-            }
-        })
+        bytes
+            .par_chunks(SCAN_CHUNK * size)
+            .enumerate()
+            .find_map_first(|(c, chunk)| {
+                let base = (c * SCAN_CHUNK) as u64;
+                match self.dtype {
+                    TokenDtype::U16 => chunk
+                        .chunks_exact(2)
+                        .position(|b| u64::from(u16::from_le_bytes([b[0], b[1]])) >= limit)
+                        .map(|i| {
+                            (
+                                base + i as u64,
+                                u32::from(u16::from_le_bytes([chunk[2 * i], chunk[2 * i + 1]])),
+                            )
+                        }),
+                    TokenDtype::U32 => chunk
+                        .chunks_exact(4)
+                        .position(|b| u64::from(u32::from_le_bytes(b.try_into().unwrap())) >= limit)
+                        .map(|i| {
+                            (
+                                base + i as u64,
+                                u32::from_le_bytes(chunk[4 * i..4 * i + 4].try_into().unwrap()),
+                            )
+                        }),
+                }
+            })
     }
 
     /// Number of tokens.
@@ -166,10 +205,17 @@ impl TokenDataset {
     /// # Panics
     /// If `index >= self.len()`.
     pub fn get(&self, index: u64) -> u32 {
-        assert!(index < self.len, "token index {index} out of range for {} ({} tokens)", self.path.display(), self.len);
+        assert!(
+            index < self.len,
+            "token index {index} out of range for {} ({} tokens)",
+            self.path.display(),
+            self.len
+        );
         let i = index as usize;
         match self.dtype {
-            TokenDtype::U16 => u32::from(u16::from_le_bytes([self.map[2 * i], self.map[2 * i + 1]])),
+            TokenDtype::U16 => {
+                u32::from(u16::from_le_bytes([self.map[2 * i], self.map[2 * i + 1]]))
+            }
             TokenDtype::U32 => u32::from_le_bytes(self.map[4 * i..4 * i + 4].try_into().unwrap()),
         }
     }
@@ -179,7 +225,9 @@ impl TokenDataset {
     /// # Panics
     /// If the range extends past the end of the split.
     pub fn read(&self, start: u64, out: &mut [u32]) {
-        let end = start.checked_add(out.len() as u64).filter(|&e| e <= self.len);
+        let end = start
+            .checked_add(out.len() as u64)
+            .filter(|&e| e <= self.len);
         assert!(
             end.is_some(),
             "token range {start}..{start}+{} out of range for {} ({} tokens)",
@@ -263,16 +311,36 @@ mod tests {
     #[test]
     fn missing_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let e = TokenDataset::open(dir.path().join("nowhere"), "training", 256).unwrap_err().to_string();
-        assert!(e.contains("nowhere") && e.contains("not found") && e.contains("prepare"), "{e}");
-        let e = TokenDataset::open(dir.path(), "training", 256).unwrap_err().to_string();
-        assert!(e.contains("metadata.json") && e.contains("not found"), "{e}");
+        let e = TokenDataset::open(dir.path().join("nowhere"), "training", 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nowhere") && e.contains("not found") && e.contains("prepare"),
+            "{e}"
+        );
+        let e = TokenDataset::open(dir.path(), "training", 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metadata.json") && e.contains("not found"),
+            "{e}"
+        );
         let out = prepared(dir.path(), "some text here");
-        let e = TokenDataset::open(&out, "test", 256).unwrap_err().to_string();
-        assert!(e.contains("'test'") && e.contains("training, validation"), "{e}");
+        let e = TokenDataset::open(&out, "test", 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'test'") && e.contains("training, validation"),
+            "{e}"
+        );
         std::fs::remove_file(out.join("validation.bin")).unwrap();
-        let e = TokenDataset::open(&out, "validation", 256).unwrap_err().to_string();
-        assert!(e.contains("validation.bin") && e.contains("not found"), "{e}");
+        let e = TokenDataset::open(&out, "validation", 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("validation.bin") && e.contains("not found"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -280,8 +348,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = prepared(dir.path(), "some text here");
         std::fs::write(out.join("metadata.json"), "{\"format\": ").unwrap();
-        let e = TokenDataset::open(&out, "training", 256).unwrap_err().to_string();
-        assert!(e.contains("metadata.json") && e.contains("cannot parse"), "{e}");
+        let e = TokenDataset::open(&out, "training", 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metadata.json") && e.contains("cannot parse"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1);
     }
 
@@ -295,7 +368,10 @@ mod tests {
         let e = TokenDataset::open(&out, "training", 256).unwrap_err();
         assert!(matches!(e, DataError::Truncated { .. }));
         let e = e.to_string();
-        assert!(e.contains("training.bin") && e.contains("truncated") && e.contains("1797 bytes"), "{e}");
+        assert!(
+            e.contains("training.bin") && e.contains("truncated") && e.contains("1797 bytes"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1);
     }
 
@@ -304,14 +380,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = prepared(dir.path(), &"0123456789".repeat(100));
         let bin = out.join("training.bin");
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&bin).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bin)
+            .unwrap();
         f.seek(SeekFrom::Start(777)).unwrap();
         f.write_all(&[0x5a]).unwrap();
         drop(f);
         let e = TokenDataset::open(&out, "training", 256).unwrap_err();
         assert!(matches!(e, DataError::Corrupt { .. }));
         let e = e.to_string();
-        assert!(e.contains("training.bin") && e.contains("checksum") && e.contains("corrupt"), "{e}");
+        assert!(
+            e.contains("training.bin") && e.contains("checksum") && e.contains("corrupt"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -321,27 +404,66 @@ mod tests {
         let out = prepared(dir.path(), "ABC 012 zebra 0123456789");
         let e = TokenDataset::open(&out, "training", 100).unwrap_err();
         match &e {
-            DataError::TokenOutOfRange { position, token, vocab_size, needed, .. } => {
-                assert_eq!((*position, *token, *vocab_size, *needed), (8, 122, 100, 256));
+            DataError::TokenOutOfRange {
+                position,
+                token,
+                vocab_size,
+                needed,
+                ..
+            } => {
+                assert_eq!(
+                    (*position, *token, *vocab_size, *needed),
+                    (8, 122, 100, 256)
+                );
             }
             other => panic!("unexpected {other}"),
         }
         let e = e.to_string();
-        assert!(e.contains("training.bin") && e.contains("position 8") && e.contains("token 122"), "{e}");
-        assert!(e.contains("vocab_size 100") && e.contains("at least 256"), "{e}");
+        assert!(
+            e.contains("training.bin") && e.contains("position 8") && e.contains("token 122"),
+            "{e}"
+        );
+        assert!(
+            e.contains("vocab_size 100") && e.contains("at least 256"),
+            "{e}"
+        );
         // Fine with a larger vocabulary.
         TokenDataset::open(&out, "training", 123).unwrap();
     }
 
     #[test]
-    fn open_verifies_1mb_quickly() {
+    fn first_offending_token_is_found_across_parallel_chunks() {
+        // 3 M tokens: several checksum chunks and vocabulary-scan chunks, verified in parallel.
+        let mut text = vec![b'a'; 3_000_000];
+        text[2_600_000] = b'~';
+        text[1_500_000] = b'z';
+        text[2_950_000] = b'{'; // in the validation tail
         let dir = tempfile::tempdir().unwrap();
-        let out = prepared(dir.path(), &"All the world's a stage.\n".repeat(1 << 16));
-        let t = std::time::Instant::now();
-        let ds = TokenDataset::open(&out, "training", 256).unwrap();
-        let dt = t.elapsed();
-        eprintln!("open+verify of {} bytes: {dt:?}", ds.len() * 2);
-        assert!(ds.len() * 2 > 1 << 20);
-        assert!(dt.as_millis() < 500, "open took {dt:?}");
+        let out = prepared(dir.path(), std::str::from_utf8(&text).unwrap());
+        let e = TokenDataset::open(&out, "training", 100).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DataError::TokenOutOfRange {
+                    position: 1_500_000,
+                    token: 122,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let val = TokenDataset::open(&out, "validation", 256).unwrap();
+        assert_eq!(val.get(2_950_000 - 2_700_000), u32::from(b'{'));
+        let e = TokenDataset::open(&out, "validation", 100).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DataError::TokenOutOfRange {
+                    position: 250_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! `prepare`: tokenize text / JSONL files into a prepared dataset directory.
 
 use super::format::{
-    self, file_stamp, format_checksum, sync_dir, temp_sibling, write_atomic, Checksummer, Metadata, SourceInfo,
-    SplitInfo, TokenDtype, CHECKSUM_ALGORITHM, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE,
+    self, file_stamp, format_checksum, sync_dir, temp_sibling, write_atomic, Checksummer, Metadata,
+    SourceInfo, SplitInfo, TokenDtype, CHECKSUM_ALGORITHM, FORMAT_NAME, FORMAT_VERSION,
+    METADATA_FILE,
 };
 use super::{DataError, Tokenizer};
 use rayon::prelude::*;
@@ -51,7 +52,11 @@ impl Default for PrepareOptions {
 impl PrepareOptions {
     /// Options with the defaults (byte-level, field `text`, 10% validation).
     pub fn new(inputs: Vec<PathBuf>, output: impl Into<PathBuf>) -> Self {
-        Self { inputs, output: output.into(), ..Self::default() }
+        Self {
+            inputs,
+            output: output.into(),
+            ..Self::default()
+        }
     }
 }
 
@@ -111,7 +116,10 @@ pub fn prepare(opts: &PrepareOptions) -> anyhow::Result<PrepareReport> {
 }
 
 /// [`prepare`] with an already loaded tokenizer.
-pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Result<PrepareReport, DataError> {
+pub(crate) fn prepare_with(
+    opts: &PrepareOptions,
+    tokenizer: &Tokenizer,
+) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
     if opts.inputs.is_empty() {
         return Err(DataError::Options("no input files given".into()));
@@ -128,11 +136,14 @@ pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Resu
     let vocab_size = tokenizer.vocab_size();
     let dtype = TokenDtype::for_vocab(vocab_size);
     let out_dir = &opts.output;
-    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("cannot create output directory", out_dir, e))?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| DataError::io("cannot create output directory", out_dir, e))?;
 
     let mut total_input = 0u64;
     for input in &opts.inputs {
-        total_input += std::fs::metadata(input).map_err(|e| DataError::io("cannot open input", input, e))?.len();
+        total_input += std::fs::metadata(input)
+            .map_err(|e| DataError::io("cannot open input", input, e))?
+            .len();
     }
     let progress = progress_bar(total_input);
 
@@ -141,8 +152,15 @@ pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Resu
     let mut cleanup = Cleanup(vec![train_tmp.clone(), val_tmp.clone()]);
 
     // 1. Tokenize every input into one token stream (the future training file).
-    let file = File::create(&train_tmp).map_err(|e| DataError::io("cannot create", &train_tmp, e))?;
-    let mut writer = Writer { out: BufWriter::with_capacity(1 << 20, file), dtype, tokens: 0, buf: Vec::new(), path: &train_tmp };
+    let file =
+        File::create(&train_tmp).map_err(|e| DataError::io("cannot create", &train_tmp, e))?;
+    let mut writer = Writer {
+        out: BufWriter::with_capacity(1 << 20, file),
+        dtype,
+        tokens: 0,
+        buf: Vec::new(),
+        path: &train_tmp,
+    };
     let mut sources = Vec::with_capacity(opts.inputs.len());
     let mut ranges = Vec::with_capacity(opts.inputs.len());
     let mut documents = 0u64;
@@ -155,24 +173,37 @@ pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Resu
     }
     progress.finish_and_clear();
     let total = writer.tokens;
-    let file = writer.out.into_inner().map_err(|e| DataError::io("cannot write", &train_tmp, e.into_error()))?;
+    let file = writer
+        .out
+        .into_inner()
+        .map_err(|e| DataError::io("cannot write", &train_tmp, e.into_error()))?;
     if total == 0 {
-        return Err(DataError::Options("the inputs produced no tokens (are they empty?)".into()));
+        return Err(DataError::Options(
+            "the inputs produced no tokens (are they empty?)".into(),
+        ));
     }
 
     // 2. Split: the tail goes to validation.
     let n_val = ((total as f64 * opts.validation_fraction).round() as u64).min(total);
     let n_train = total - n_val;
     let size = dtype.size() as u64;
-    let mut val_file = File::create(&val_tmp).map_err(|e| DataError::io("cannot create", &val_tmp, e))?;
+    let mut val_file =
+        File::create(&val_tmp).map_err(|e| DataError::io("cannot create", &val_tmp, e))?;
     {
-        let mut src = File::open(&train_tmp).map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
-        src.seek(SeekFrom::Start(n_train * size)).map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
-        std::io::copy(&mut src.take(n_val * size), &mut val_file).map_err(|e| DataError::io("cannot write", &val_tmp, e))?;
+        let mut src =
+            File::open(&train_tmp).map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
+        src.seek(SeekFrom::Start(n_train * size))
+            .map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
+        std::io::copy(&mut src.take(n_val * size), &mut val_file)
+            .map_err(|e| DataError::io("cannot write", &val_tmp, e))?;
     }
-    file.set_len(n_train * size).map_err(|e| DataError::io("cannot truncate", &train_tmp, e))?;
-    file.sync_all().map_err(|e| DataError::io("cannot sync", &train_tmp, e))?;
-    val_file.sync_all().map_err(|e| DataError::io("cannot sync", &val_tmp, e))?;
+    file.set_len(n_train * size)
+        .map_err(|e| DataError::io("cannot truncate", &train_tmp, e))?;
+    file.sync_all()
+        .map_err(|e| DataError::io("cannot sync", &train_tmp, e))?;
+    val_file
+        .sync_all()
+        .map_err(|e| DataError::io("cannot sync", &val_tmp, e))?;
     drop((file, val_file));
 
     // 3. Checksums and metadata.
@@ -185,7 +216,10 @@ pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Resu
             .collect()
     };
     let mut splits = std::collections::BTreeMap::new();
-    for (name, tmp, lo, hi) in [("training", &train_tmp, 0, n_train), ("validation", &val_tmp, n_train, total)] {
+    for (name, tmp, lo, hi) in [
+        ("training", &train_tmp, 0, n_train),
+        ("validation", &val_tmp, n_train, total),
+    ] {
         splits.insert(
             name.to_string(),
             SplitInfo {
@@ -217,7 +251,8 @@ pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Resu
     }
     for (tmp, name) in [(&train_tmp, "training.bin"), (&val_tmp, "validation.bin")] {
         let dest = out_dir.join(name);
-        std::fs::rename(tmp, &dest).map_err(|e| DataError::io("cannot rename into place", &dest, e))?;
+        std::fs::rename(tmp, &dest)
+            .map_err(|e| DataError::io("cannot rename into place", &dest, e))?;
     }
     cleanup.0.clear();
     sync_dir(out_dir);
@@ -260,7 +295,9 @@ impl Writer<'_> {
     fn push(&mut self, tokens: &[u32]) -> Result<(), DataError> {
         self.buf.clear();
         self.dtype.encode_into(tokens, &mut self.buf);
-        self.out.write_all(&self.buf).map_err(|e| DataError::io("cannot write", self.path, e))?;
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| DataError::io("cannot write", self.path, e))?;
         self.tokens += tokens.len() as u64;
         Ok(())
     }
@@ -282,13 +319,17 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 /// Checksum of a whole file (memory-mapped; parallel for large files).
 pub(crate) fn checksum_file(path: &Path) -> Result<u64, DataError> {
     let file = File::open(path).map_err(|e| DataError::io("cannot read", path, e))?;
-    let len = file.metadata().map_err(|e| DataError::io("cannot read", path, e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| DataError::io("cannot read", path, e))?
+        .len();
     if len == 0 {
         return Ok(format::checksum(&[]));
     }
     // SAFETY: the map is read-only and dropped before returning; a concurrent writer could at worst
     // make the checksum wrong, which the caller treats as a mismatch.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("cannot memory-map", path, e))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| DataError::io("cannot memory-map", path, e))?;
     Ok(format::checksum(&map))
 }
 
@@ -344,7 +385,10 @@ fn tokenize_input(
     progress.set_message(path.display().to_string());
     loop {
         let old = carry.len();
-        let n = (&mut file).take(BLOCK).read_to_end(&mut carry).map_err(|e| DataError::io("cannot read input", path, e))?;
+        let n = (&mut file)
+            .take(BLOCK)
+            .read_to_end(&mut carry)
+            .map_err(|e| DataError::io("cannot read input", path, e))?;
         let eof = n == 0;
         hasher.update(&carry[old..]);
         bytes_read += n as u64;
@@ -364,7 +408,11 @@ fn tokenize_input(
             let pieces = if jsonl {
                 jsonl_pieces(chunk, carry_offset, carry_line)
             } else {
-                text_pieces(chunk, carry_offset, !matches!(tokenizer, Tokenizer::ByteLevel))
+                text_pieces(
+                    chunk,
+                    carry_offset,
+                    !matches!(tokenizer, Tokenizer::ByteLevel),
+                )
             };
             let results: Vec<Result<Option<Vec<u32>>, DataError>> = pieces
                 .par_iter()
@@ -414,7 +462,12 @@ fn tokenize_input(
 }
 
 /// Tokenizes raw bytes: byte-level takes them as they are; HuggingFace needs valid UTF-8.
-fn encode(tokenizer: &Tokenizer, bytes: &[u8], path: &Path, piece: &Piece<'_>) -> Result<Vec<u32>, DataError> {
+fn encode(
+    tokenizer: &Tokenizer,
+    bytes: &[u8],
+    path: &Path,
+    piece: &Piece<'_>,
+) -> Result<Vec<u32>, DataError> {
     match tokenizer {
         Tokenizer::ByteLevel => Ok(bytes.iter().map(|&b| u32::from(b)).collect()),
         Tokenizer::HuggingFace(_) => {
@@ -457,7 +510,11 @@ fn text_pieces(chunk: &[u8], offset: u64, utf8: bool) -> Vec<Piece<'_>> {
                 None => end,
             };
         }
-        pieces.push(Piece { bytes: &chunk[start..end], line: 0, offset: offset + start as u64 });
+        pieces.push(Piece {
+            bytes: &chunk[start..end],
+            line: 0,
+            offset: offset + start as u64,
+        });
         start = end;
     }
     pieces
@@ -470,27 +527,44 @@ fn jsonl_pieces(chunk: &[u8], offset: u64, first_line: u64) -> Vec<Piece<'_>> {
     let mut line = first_line;
     for (i, &b) in chunk.iter().enumerate() {
         if b == b'\n' {
-            pieces.push(Piece { bytes: &chunk[start..i], line, offset: offset + start as u64 });
+            pieces.push(Piece {
+                bytes: &chunk[start..i],
+                line,
+                offset: offset + start as u64,
+            });
             start = i + 1;
             line += 1;
         }
     }
     if start < chunk.len() {
-        pieces.push(Piece { bytes: &chunk[start..], line, offset: offset + start as u64 });
+        pieces.push(Piece {
+            bytes: &chunk[start..],
+            line,
+            offset: offset + start as u64,
+        });
     }
     pieces
 }
 
 /// The text field of one JSONL line (`None` for a blank line).
 fn jsonl_text(piece: &Piece<'_>, path: &Path, field: &str) -> Result<Option<String>, DataError> {
-    let bad = |message: String| DataError::Input { path: path.to_path_buf(), line: piece.line, message };
+    let bad = |message: String| DataError::Input {
+        path: path.to_path_buf(),
+        line: piece.line,
+        message,
+    };
     let line = piece.bytes.strip_suffix(b"\r").unwrap_or(piece.bytes);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| bad(format!("invalid JSON: {e}; each line must be one JSON object")))?;
-    let obj = value.as_object().ok_or_else(|| bad("expected a JSON object on each line".into()))?;
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+        bad(format!(
+            "invalid JSON: {e}; each line must be one JSON object"
+        ))
+    })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("expected a JSON object on each line".into()))?;
     match obj.get(field) {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(bad(format!(
@@ -535,8 +609,11 @@ mod tests {
         let mut opts = PrepareOptions::new(vec![a.clone(), b.clone()], &out);
         opts.validation_fraction = 0.25;
         let report = prepare(&opts).unwrap();
-        let expected: Vec<u32> =
-            [std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()].concat().into_iter().map(u32::from).collect();
+        let expected: Vec<u32> = [std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()]
+            .concat()
+            .into_iter()
+            .map(u32::from)
+            .collect();
         let n = expected.len() as u64;
         let n_val = (n as f64 * 0.25).round() as u64;
         assert_eq!(report.training_tokens + report.validation_tokens, n);
@@ -547,11 +624,16 @@ mod tests {
         let val = TokenDataset::open(&out, "validation", 256).unwrap();
         assert_eq!([read_all(&train), read_all(&val)].concat(), expected);
         // Validation only comes from the second file.
-        assert_eq!(report.metadata.splits["validation"].sources, vec![b.display().to_string()]);
+        assert_eq!(
+            report.metadata.splits["validation"].sources,
+            vec![b.display().to_string()]
+        );
         assert_eq!(report.metadata.splits["training"].sources.len(), 2);
         // No temporary files are left behind.
-        let mut names: Vec<String> =
-            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, ["metadata.json", "training.bin", "validation.bin"]);
     }
@@ -572,20 +654,31 @@ mod tests {
         let report = prepare(&opts).unwrap();
         assert_eq!(report.documents, 3);
         let train = TokenDataset::open(&out, "training", 256).unwrap();
-        assert_eq!(Tokenizer::byte_level().decode(&read_all(&train)), "abcdéfxyz");
+        assert_eq!(
+            Tokenizer::byte_level().decode(&read_all(&train)),
+            "abcdéfxyz"
+        );
         assert_eq!(report.validation_tokens, 0);
         // An empty validation split is refused when opened, with a useful message.
-        let e = TokenDataset::open(&out, "validation", 256).unwrap_err().to_string();
+        let e = TokenDataset::open(&out, "validation", 256)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("validation.bin") && e.contains("empty"), "{e}");
 
         // Wrong field: error names file, line, and the available fields.
         opts.text_field = "body".into();
         let e = prepare(&opts).unwrap_err().to_string();
-        assert!(e.contains("docs.jsonl:1") && e.contains("'body'") && e.contains("content"), "{e}");
+        assert!(
+            e.contains("docs.jsonl:1") && e.contains("'body'") && e.contains("content"),
+            "{e}"
+        );
         std::fs::write(&input, "{\"text\": \"ok\"}\nnot json\n").unwrap();
         opts.text_field = "text".into();
         let e = prepare(&opts).unwrap_err().to_string();
-        assert!(e.contains("docs.jsonl:2") && e.contains("invalid JSON"), "{e}");
+        assert!(
+            e.contains("docs.jsonl:2") && e.contains("invalid JSON"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -593,7 +686,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = crate::data::tokenizer::tests::write_tiny_tokenizer(dir.path());
         let input = dir.path().join("docs.jsonl");
-        std::fs::write(&input, "{\"text\": \"the cat sat\"}\n{\"text\": \"on the mat .\"}\n").unwrap();
+        std::fs::write(
+            &input,
+            "{\"text\": \"the cat sat\"}\n{\"text\": \"on the mat .\"}\n",
+        )
+        .unwrap();
         let text = dir.path().join("plain.txt");
         std::fs::write(&text, "hello world\nhello").unwrap();
         let out = dir.path().join("prepared");
@@ -604,7 +701,10 @@ mod tests {
         assert_eq!(report.documents, 3);
         assert_eq!(report.metadata.tokenizer.eos_token_id, Some(1));
         let train = TokenDataset::open(&out, "training", 10).unwrap();
-        assert_eq!(read_all(&train), vec![4, 5, 6, 1, 7, 4, 8, 9, 1, 2, 3, 2, 1]);
+        assert_eq!(
+            read_all(&train),
+            vec![4, 5, 6, 1, 7, 4, 8, 9, 1, 2, 3, 2, 1]
+        );
     }
 
     #[test]
@@ -614,7 +714,7 @@ mod tests {
         let mut i = 0u64;
         while text.len() < 3 * SEGMENT + 1000 {
             text.push_str(&format!("line {i} ✓ é"));
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 text.push('\n');
             }
             i += 1;
@@ -624,7 +724,10 @@ mod tests {
         for p in &pieces {
             assert!(std::str::from_utf8(p.bytes).is_ok());
         }
-        assert_eq!(pieces.iter().map(|p| p.bytes.len()).sum::<usize>(), text.len());
+        assert_eq!(
+            pieces.iter().map(|p| p.bytes.len()).sum::<usize>(),
+            text.len()
+        );
         assert_eq!(last_char_start("ab✓".as_bytes()), 2);
         assert_eq!(last_char_start(&"ab✓".as_bytes()[..3]), 2);
         assert_eq!(last_char_start(b""), 0);
@@ -634,11 +737,17 @@ mod tests {
     fn bad_options_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = PrepareOptions::new(vec![], dir.path().join("o"));
-        assert!(prepare(&opts).unwrap_err().to_string().contains("no input files"));
+        assert!(prepare(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("no input files"));
         opts.inputs = vec![dir.path().join("missing.txt")];
         let e = prepare(&opts).unwrap_err().to_string();
         assert!(e.contains("missing.txt"), "{e}");
         opts.validation_fraction = 1.0;
-        assert!(prepare(&opts).unwrap_err().to_string().contains("validation_fraction"));
+        assert!(prepare(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("validation_fraction"));
     }
 }

@@ -34,8 +34,13 @@ pub fn text_cache_dir(path: &Path) -> PathBuf {
 fn temp_cache_dir(path: &Path) -> PathBuf {
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let key = format::checksum(canonical.as_os_str().as_encoded_bytes());
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
-    std::env::temp_dir().join("fast-llm-rs-cache").join(format!("{name}-{key:016x}{CACHE_SUFFIX}"))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    std::env::temp_dir()
+        .join("fast-llm-rs-cache")
+        .join(format!("{name}-{key:016x}{CACHE_SUFFIX}"))
 }
 
 /// Opens the dataset `cfg` (named `name` in `data.datasets`) for a model with `vocab_size` ids, fully
@@ -50,7 +55,11 @@ fn temp_cache_dir(path: &Path) -> PathBuf {
 ///
 /// Safe to call from several threads (or processes) at once: cache builds are serialized by an
 /// exclusive lock on `<cache>.lock`, write to a unique temporary directory and are renamed into place.
-pub fn resolve_dataset(cfg: &DatasetConfig, name: &str, vocab_size: u64) -> Result<TokenDataset, DataError> {
+pub fn resolve_dataset(
+    cfg: &DatasetConfig,
+    name: &str,
+    vocab_size: u64,
+) -> Result<TokenDataset, DataError> {
     let split = split_for_dataset(cfg, name);
     match cfg.kind {
         DatasetKind::Memmap => TokenDataset::open(&cfg.path, &split, vocab_size),
@@ -71,16 +80,25 @@ struct Stamp {
 impl Stamp {
     fn of(path: &Path) -> Result<Stamp, DataError> {
         if !path.is_file() {
-            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file; fix data.datasets.<name>.path");
+            let e = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file; fix data.datasets.<name>.path",
+            );
             return Err(DataError::io("cannot read text dataset", path, e));
         }
         let (bytes, modified_unix_ns) = file_stamp(path)?;
-        Ok(Stamp { bytes, modified_unix_ns, checksum: format_checksum(checksum_file(path)?) })
+        Ok(Stamp {
+            bytes,
+            modified_unix_ns,
+            checksum: format_checksum(checksum_file(path)?),
+        })
     }
 
     /// Whether `dir` holds a byte-level cache of exactly this source version.
     fn matches(&self, dir: &Path) -> bool {
-        let Ok(meta) = Metadata::read(dir) else { return false };
+        let Ok(meta) = Metadata::read(dir) else {
+            return false;
+        };
         meta.tokenizer.kind == "byte_level"
             && meta.sources.len() == 1
             && meta.sources[0].bytes == self.bytes
@@ -91,21 +109,33 @@ impl Stamp {
 
 /// Opens `split` of the cache at `dir` if it is fresh and intact. `None`: (re)build needed.
 /// Errors that rebuilding cannot fix (token ids beyond the vocabulary, an empty split) are returned.
-fn open_fresh(dir: &Path, stamp: &Stamp, split: &str, vocab_size: u64) -> Option<Result<TokenDataset, DataError>> {
+fn open_fresh(
+    dir: &Path,
+    stamp: &Stamp,
+    split: &str,
+    vocab_size: u64,
+) -> Option<Result<TokenDataset, DataError>> {
     if !stamp.matches(dir) {
         return None;
     }
     match TokenDataset::open(dir, split, vocab_size) {
         Ok(ds) => Some(Ok(ds)),
-        Err(e @ (DataError::TokenOutOfRange { .. } | DataError::Empty { .. } | DataError::UnknownSplit { .. })) => {
-            Some(Err(e))
-        }
+        Err(
+            e @ (DataError::TokenOutOfRange { .. }
+            | DataError::Empty { .. }
+            | DataError::UnknownSplit { .. }),
+        ) => Some(Err(e)),
         Err(_) => None,
     }
 }
 
 /// [`resolve_dataset`] for a `text` file, trying the cache directories in order.
-fn resolve_text(path: &Path, split: &str, vocab_size: u64, candidates: &[PathBuf]) -> Result<TokenDataset, DataError> {
+fn resolve_text(
+    path: &Path,
+    split: &str,
+    vocab_size: u64,
+    candidates: &[PathBuf],
+) -> Result<TokenDataset, DataError> {
     let stamp = Stamp::of(path)?;
     // A fresh cache is used as it is, even in a read-only place.
     for dir in candidates {
@@ -126,15 +156,25 @@ fn resolve_text(path: &Path, split: &str, vocab_size: u64, candidates: &[PathBuf
                 continue;
             }
         }
-        let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+        let lock = match File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+        {
             Ok(f) => f,
             Err(e) => {
                 // Not writable here: try the next place.
-                last_err = Some(DataError::io("cannot create cache lock file", &lock_path, e));
+                last_err = Some(DataError::io(
+                    "cannot create cache lock file",
+                    &lock_path,
+                    e,
+                ));
                 continue;
             }
         };
-        lock.lock().map_err(|e| DataError::io("cannot lock", &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| DataError::io("cannot lock", &lock_path, e))?;
         // Someone may have built it while we waited for the lock.
         if let Some(result) = open_fresh(dir, &stamp, split, vocab_size) {
             return result;
@@ -161,10 +201,12 @@ fn build_cache(source: &Path, dir: &Path) -> Result<(), DataError> {
     let built = prepare_with(&opts, &Tokenizer::byte_level()).and_then(|_| {
         if dir.exists() {
             let old = temp_sibling(dir, "old");
-            std::fs::rename(dir, &old).map_err(|e| DataError::io("cannot move stale cache", dir, e))?;
+            std::fs::rename(dir, &old)
+                .map_err(|e| DataError::io("cannot move stale cache", dir, e))?;
             let _ = std::fs::remove_dir_all(&old);
         }
-        std::fs::rename(&tmp, dir).map_err(|e| DataError::io("cannot rename cache into place", dir, e))
+        std::fs::rename(&tmp, dir)
+            .map_err(|e| DataError::io("cannot rename cache into place", dir, e))
     });
     if built.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -178,7 +220,11 @@ mod tests {
     use std::sync::Arc;
 
     fn text_cfg(path: &Path) -> DatasetConfig {
-        DatasetConfig { kind: DatasetKind::Text, path: path.to_path_buf(), split: None }
+        DatasetConfig {
+            kind: DatasetKind::Text,
+            path: path.to_path_buf(),
+            split: None,
+        }
     }
 
     fn mtime(p: &Path) -> std::time::SystemTime {
@@ -193,7 +239,10 @@ mod tests {
         assert_eq!(split_for_dataset(&cfg, "wiki"), "training");
         cfg.split = Some("validation".into());
         assert_eq!(split_for_dataset(&cfg, "training"), "validation");
-        assert_eq!(text_cache_dir(Path::new("/d/a.txt")), Path::new("/d/a.txt.fast-llm-rs-cache"));
+        assert_eq!(
+            text_cache_dir(Path::new("/d/a.txt")),
+            Path::new("/d/a.txt.fast-llm-rs-cache")
+        );
     }
 
     #[test]
@@ -203,10 +252,17 @@ mod tests {
         std::fs::write(&input, "0123456789").unwrap();
         let out = dir.path().join("prep");
         crate::data::prepare(&PrepareOptions::new(vec![input], &out)).unwrap();
-        let cfg = DatasetConfig { kind: DatasetKind::Memmap, path: out, split: None };
+        let cfg = DatasetConfig {
+            kind: DatasetKind::Memmap,
+            path: out,
+            split: None,
+        };
         assert_eq!(resolve_dataset(&cfg, "training", 256).unwrap().len(), 9);
         assert_eq!(resolve_dataset(&cfg, "validation", 256).unwrap().len(), 1);
-        assert_eq!(resolve_dataset(&cfg, "other", 256).unwrap().split(), "training");
+        assert_eq!(
+            resolve_dataset(&cfg, "other", 256).unwrap().split(),
+            "training"
+        );
     }
 
     #[test]
@@ -225,11 +281,19 @@ mod tests {
 
         std::thread::sleep(std::time::Duration::from_millis(20));
         let again = resolve_dataset(&cfg, "training", 256).unwrap();
-        assert_eq!((mtime(&bin), mtime(&cache.join("metadata.json"))), (m1, meta1), "cache was rewritten");
+        assert_eq!(
+            (mtime(&bin), mtime(&cache.join("metadata.json"))),
+            (m1, meta1),
+            "cache was rewritten"
+        );
         assert_eq!(again.get(0), u32::from(b't'));
 
         // Change the source: the cache is rebuilt with the new contents.
-        std::fs::write(&file, "all the world's a stage, and all the men and women merely players").unwrap();
+        std::fs::write(
+            &file,
+            "all the world's a stage, and all the men and women merely players",
+        )
+        .unwrap();
         let new = resolve_dataset(&cfg, "training", 256).unwrap();
         assert_eq!(new.get(0), u32::from(b'a'));
         let expected_len = 65 - (65.0 * TEXT_VALIDATION_FRACTION).round() as u64;
@@ -238,12 +302,24 @@ mod tests {
         assert_eq!(again.get(0), u32::from(b't'));
         // A damaged cache is rebuilt too.
         std::fs::write(cache.join("training.bin"), b"xx").unwrap();
-        assert_eq!(resolve_dataset(&cfg, "training", 256).unwrap().len(), expected_len);
+        assert_eq!(
+            resolve_dataset(&cfg, "training", 256).unwrap().len(),
+            expected_len
+        );
         // Only the cache and its lock file sit next to the source.
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
-        assert_eq!(names, ["corpus.txt", "corpus.txt.fast-llm-rs-cache", "corpus.txt.fast-llm-rs-cache.lock"]);
+        assert_eq!(
+            names,
+            [
+                "corpus.txt",
+                "corpus.txt.fast-llm-rs-cache",
+                "corpus.txt.fast-llm-rs-cache.lock"
+            ]
+        );
     }
 
     #[test]
@@ -252,7 +328,7 @@ mod tests {
         let file = dir.path().join("corpus.txt");
         std::fs::write(&file, "concurrency is not parallelism. ".repeat(5000)).unwrap();
         let cfg = Arc::new(text_cfg(&file));
-        let handles: Vec<_> = (0..6)
+        let handles: Vec<_> = (0..6u32)
             .map(|i| {
                 let cfg = Arc::clone(&cfg);
                 let name = if i % 2 == 0 { "training" } else { "validation" };
@@ -282,14 +358,19 @@ mod tests {
         // A parent that is a regular file cannot hold a cache directory.
         let blocker = dir.path().join("blocker");
         std::fs::write(&blocker, "").unwrap();
-        let candidates = [blocker.join("sub").join("c.fast-llm-rs-cache"), dir.path().join("tmp").join("c.fast-llm-rs-cache")];
+        let candidates = [
+            blocker.join("sub").join("c.fast-llm-rs-cache"),
+            dir.path().join("tmp").join("c.fast-llm-rs-cache"),
+        ];
         let ds = resolve_text(&file, "training", 256, &candidates).unwrap();
         assert_eq!(ds.dir(), candidates[1]);
         let e = resolve_text(&file, "training", 256, &candidates[..1]);
         // The fresh cache in the fallback is not in this candidate list, so the build fails naming why.
         let e = e.unwrap_err().to_string();
         assert!(e.contains("blocker"), "{e}");
-        let e = resolve_dataset(&text_cfg(&dir.path().join("missing.txt")), "training", 256).unwrap_err().to_string();
+        let e = resolve_dataset(&text_cfg(&dir.path().join("missing.txt")), "training", 256)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.txt"), "{e}");
     }
 }

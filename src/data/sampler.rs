@@ -8,7 +8,10 @@ use super::{DataError, TokenDataset};
 /// The global index of sample `j` of global batch `batch`, with `samples_per_batch` samples per global
 /// batch (over all data-parallel ranks and micro-batches): `batch * samples_per_batch + j`.
 pub fn global_sample_index(batch: u64, samples_per_batch: u64, j: u64) -> u64 {
-    debug_assert!(j < samples_per_batch, "sample {j} of a batch of {samples_per_batch}");
+    debug_assert!(
+        j < samples_per_batch,
+        "sample {j} of a batch of {samples_per_batch}"
+    );
     batch * samples_per_batch + j
 }
 
@@ -77,7 +80,9 @@ impl SequenceSampler {
     /// window (`sequence_length + 1` tokens) or `sequence_length` is 0.
     pub fn new(seed: u64, dataset_len: u64, sequence_length: u64) -> Result<Self, DataError> {
         if sequence_length == 0 {
-            return Err(DataError::Invalid("sequence_length must be at least 1".into()));
+            return Err(DataError::Invalid(
+                "sequence_length must be at least 1".into(),
+            ));
         }
         if dataset_len <= sequence_length {
             return Err(DataError::Invalid(format!(
@@ -86,13 +91,23 @@ impl SequenceSampler {
                 sequence_length + 1
             )));
         }
-        Ok(Self { seed, dataset_len, sequence_length })
+        Ok(Self {
+            seed,
+            dataset_len,
+            sequence_length,
+        })
     }
 
     /// [`SequenceSampler::new`] for `dataset`, with an error naming its file.
-    pub fn for_dataset(seed: u64, dataset: &TokenDataset, sequence_length: u64) -> Result<Self, DataError> {
+    pub fn for_dataset(
+        seed: u64,
+        dataset: &TokenDataset,
+        sequence_length: u64,
+    ) -> Result<Self, DataError> {
         Self::new(seed, dataset.len(), sequence_length).map_err(|e| match e {
-            DataError::Invalid(m) => DataError::Invalid(format!("{}: {m}", dataset.path().display())),
+            DataError::Invalid(m) => {
+                DataError::Invalid(format!("{}: {m}", dataset.path().display()))
+            }
             other => other,
         })
     }
@@ -127,7 +142,13 @@ impl SequenceSampler {
     /// # Panics
     /// If `dataset` is not the length this sampler was built for, or `inputs`/`targets` are not
     /// `sequence_length` long.
-    pub fn fill(&self, dataset: &TokenDataset, sample_index: u64, inputs: &mut [u32], targets: &mut [u32]) {
+    pub fn fill(
+        &self,
+        dataset: &TokenDataset,
+        sample_index: u64,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+    ) {
         self.fill_at(dataset, self.offset(sample_index), inputs, targets);
     }
 
@@ -135,11 +156,28 @@ impl SequenceSampler {
     ///
     /// # Panics
     /// As [`fill`](Self::fill).
-    pub fn fill_sequential(&self, dataset: &TokenDataset, sample_index: u64, inputs: &mut [u32], targets: &mut [u32]) {
-        self.fill_at(dataset, self.sequential_offset(sample_index), inputs, targets);
+    pub fn fill_sequential(
+        &self,
+        dataset: &TokenDataset,
+        sample_index: u64,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+    ) {
+        self.fill_at(
+            dataset,
+            self.sequential_offset(sample_index),
+            inputs,
+            targets,
+        );
     }
 
-    fn fill_at(&self, dataset: &TokenDataset, offset: u64, inputs: &mut [u32], targets: &mut [u32]) {
+    fn fill_at(
+        &self,
+        dataset: &TokenDataset,
+        offset: u64,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+    ) {
         assert_eq!(
             dataset.len(),
             self.dataset_len,
@@ -149,7 +187,10 @@ impl SequenceSampler {
             dataset.len()
         );
         let n = self.sequence_length as usize;
-        assert!(inputs.len() == n && targets.len() == n, "inputs and targets must hold sequence_length = {n} tokens");
+        assert!(
+            inputs.len() == n && targets.len() == n,
+            "inputs and targets must hold sequence_length = {n} tokens"
+        );
         dataset.read(offset, inputs);
         targets[..n - 1].copy_from_slice(&inputs[1..]);
         targets[n - 1] = dataset.get(offset + n as u64);
@@ -163,7 +204,9 @@ mod tests {
 
     fn dataset(dir: &std::path::Path, len: usize) -> TokenDataset {
         let input = dir.join("in.txt");
-        let text: String = (0..len).map(|i| char::from(b'!' + (i * 7 % 90) as u8)).collect();
+        let text: String = (0..len)
+            .map(|i| char::from(b'!' + (i * 7 % 90) as u8))
+            .collect();
         std::fs::write(&input, text).unwrap();
         let out = dir.join("prep");
         let mut opts = PrepareOptions::new(vec![input], &out);
@@ -237,10 +280,22 @@ mod tests {
         assert_eq!((t.num_sequential_windows(), t.offset(5)), (1, 0));
     }
 
+    /// Pinned offsets: the sample stream of a seed must never change silently (resumed runs and
+    /// comparisons across versions rely on it).
+    #[test]
+    fn offsets_golden_values() {
+        let s = SequenceSampler::new(1234, 1_000_000, 2048).unwrap();
+        let got: Vec<u64> = (0..4).map(|i| s.offset(i)).collect();
+        assert_eq!(got, [178167, 685528, 149816, 542024]);
+    }
+
     #[test]
     fn too_short_dataset_is_refused() {
         let e = SequenceSampler::new(0, 10, 10).unwrap_err().to_string();
-        assert!(e.contains("10 tokens") && e.contains("sequence_length"), "{e}");
+        assert!(
+            e.contains("10 tokens") && e.contains("sequence_length"),
+            "{e}"
+        );
         assert!(SequenceSampler::new(0, 10, 0).is_err());
         assert_eq!(global_sample_index(3, 8, 5), 29);
     }

@@ -5,7 +5,14 @@ use super::DataError;
 use std::path::{Path, PathBuf};
 
 /// Special tokens recognised as end-of-sequence when no `tokenizer_config.json` names one.
-const EOS_CANDIDATES: [&str; 6] = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>"];
+const EOS_CANDIDATES: [&str; 6] = [
+    "</s>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eos|>",
+    "<|im_end|>",
+];
 
 /// A tokenizer that turns text into token ids and back.
 #[derive(Clone)]
@@ -43,19 +50,35 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, DataError> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(DataError::Missing { path: path.to_path_buf(), what: "tokenizer file (a HuggingFace tokenizer.json)" });
+            return Err(DataError::Missing {
+                path: path.to_path_buf(),
+                what: "tokenizer file (a HuggingFace tokenizer.json)",
+            });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
             path: path.to_path_buf(),
             message: format!("cannot load as a HuggingFace tokenizer.json: {e}"),
         })?;
         // The largest id + 1: robust to holes and to added tokens that overlap the model vocabulary.
-        let vocab_size = inner.get_vocab(true).values().map(|&id| id as u64 + 1).max().unwrap_or(0);
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as u64 + 1)
+            .max()
+            .unwrap_or(0);
         if vocab_size == 0 {
-            return Err(DataError::Tokenizer { path: path.to_path_buf(), message: "the vocabulary is empty".into() });
+            return Err(DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: "the vocabulary is empty".into(),
+            });
         }
         let eos = find_eos(&inner, path);
-        Ok(Tokenizer::HuggingFace(Box::new(HfTokenizer { inner, path: path.to_path_buf(), vocab_size, eos })))
+        Ok(Tokenizer::HuggingFace(Box::new(HfTokenizer {
+            inner,
+            path: path.to_path_buf(),
+            vocab_size,
+            eos,
+        })))
     }
 
     /// Token ids of `text` (no special tokens added).
@@ -74,7 +97,10 @@ impl Tokenizer {
                 .inner
                 .encode_fast(text, false)
                 .map(|enc| enc.get_ids().to_vec())
-                .map_err(|e| DataError::Tokenizer { path: hf.path.clone(), message: format!("cannot encode text: {e}") }),
+                .map_err(|e| DataError::Tokenizer {
+                    path: hf.path.clone(),
+                    message: format!("cannot encode text: {e}"),
+                }),
         }
     }
 
@@ -100,7 +126,11 @@ impl Tokenizer {
             }
             Tokenizer::HuggingFace(hf) => hf.inner.decode(ids, false).unwrap_or_else(|_| {
                 ids.iter()
-                    .map(|&id| hf.inner.id_to_token(id).unwrap_or_else(|| char::REPLACEMENT_CHARACTER.to_string()))
+                    .map(|&id| {
+                        hf.inner
+                            .id_to_token(id)
+                            .unwrap_or_else(|| char::REPLACEMENT_CHARACTER.to_string())
+                    })
                     .collect()
             }),
         }
@@ -162,9 +192,10 @@ fn find_eos(tok: &tokenizers::Tokenizer, path: &Path) -> Option<(String, u32)> {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
             let name = match value.get("eos_token") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(obj @ serde_json::Value::Object(_)) => {
-                    obj.get("content").and_then(|c| c.as_str()).map(str::to_string)
-                }
+                Some(obj @ serde_json::Value::Object(_)) => obj
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
                 _ => None,
             };
             if let Some(name) = name {
@@ -176,7 +207,10 @@ fn find_eos(tok: &tokenizers::Tokenizer, path: &Path) -> Option<(String, u32)> {
     }
     let specials = tok.get_added_tokens_decoder();
     EOS_CANDIDATES.iter().find_map(|cand| {
-        specials.iter().find(|(_, t)| t.special && t.content == *cand).map(|(&id, t)| (t.content.clone(), id))
+        specials
+            .iter()
+            .find(|(_, t)| t.special && t.content == *cand)
+            .map(|(&id, t)| (t.content.clone(), id))
     })
 }
 
@@ -186,9 +220,14 @@ pub(crate) mod tests {
 
     /// Writes a tiny WordLevel `tokenizer.json` (whitespace pre-tokenizer, `</s>` special) to `dir`.
     pub(crate) fn write_tiny_tokenizer(dir: &Path) -> PathBuf {
-        let words = ["<unk>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "."];
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+        let words = [
+            "<unk>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", ".",
+        ];
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+            .collect();
         let json = serde_json::json!({
             "version": "1.0",
             "truncation": null,
@@ -235,7 +274,11 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![4, 5, 6, 7, 4, 8, 9]);
         assert_eq!(t.decode(&ids), "the cat sat on the mat .");
         assert_eq!(t.encode("hello dog"), vec![2, 0]);
-        assert!(t.description().contains("'</s>' = 1"), "{}", t.description());
+        assert!(
+            t.description().contains("'</s>' = 1"),
+            "{}",
+            t.description()
+        );
         assert_eq!(t.info().kind, "huggingface");
     }
 
@@ -243,7 +286,11 @@ pub(crate) mod tests {
     fn huggingface_eos_from_tokenizer_config() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_tiny_tokenizer(dir.path());
-        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": {"content": "."}}"#).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"eos_token": {"content": "."}}"#,
+        )
+        .unwrap();
         let t = Tokenizer::from_file(&path).unwrap();
         assert_eq!(t.eos(), Some((".", 9)));
     }
