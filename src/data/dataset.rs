@@ -162,32 +162,41 @@ impl TokenDataset {
         }
         let size = self.dtype.size();
         let bytes: &[u8] = &self.map;
-        bytes
-            .par_chunks(SCAN_CHUNK * size)
-            .enumerate()
-            .find_map_first(|(c, chunk)| {
-                let base = (c * SCAN_CHUNK) as u64;
-                match self.dtype {
-                    TokenDtype::U16 => chunk
-                        .chunks_exact(2)
-                        .position(|b| u64::from(u16::from_le_bytes([b[0], b[1]])) >= limit)
-                        .map(|i| {
-                            (
-                                base + i as u64,
-                                u32::from(u16::from_le_bytes([chunk[2 * i], chunk[2 * i + 1]])),
-                            )
-                        }),
-                    TokenDtype::U32 => chunk
-                        .chunks_exact(4)
-                        .position(|b| u64::from(u32::from_le_bytes(b.try_into().unwrap())) >= limit)
-                        .map(|i| {
-                            (
-                                base + i as u64,
-                                u32::from_le_bytes(chunk[4 * i..4 * i + 4].try_into().unwrap()),
-                            )
-                        }),
-                }
-            })
+        /// First `(index, id)` in `chunk` with `id >= limit`.
+        fn scan(
+            chunk: &[u8],
+            size: usize,
+            decode: impl Fn(&[u8]) -> u32,
+            limit: u64,
+        ) -> Option<(usize, u32)> {
+            chunk
+                .chunks_exact(size)
+                .map(decode)
+                .enumerate()
+                .find(|&(_, t)| u64::from(t) >= limit)
+        }
+        let chunks = bytes.par_chunks(SCAN_CHUNK * size).enumerate();
+        let at = |c: usize, (i, t): (usize, u32)| ((c * SCAN_CHUNK + i) as u64, t);
+        match self.dtype {
+            TokenDtype::U16 => chunks.find_map_first(|(c, chunk)| {
+                scan(
+                    chunk,
+                    2,
+                    |b| u32::from(u16::from_le_bytes([b[0], b[1]])),
+                    limit,
+                )
+                .map(|hit| at(c, hit))
+            }),
+            TokenDtype::U32 => chunks.find_map_first(|(c, chunk)| {
+                scan(
+                    chunk,
+                    4,
+                    |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    limit,
+                )
+                .map(|hit| at(c, hit))
+            }),
+        }
     }
 
     /// Number of tokens.

@@ -230,9 +230,10 @@ const MIX_PRIME: u64 = 0x9E37_79B9_7F4A_7C15;
 const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
 
-/// Finalizer (the splitmix64 / murmur3 avalanche).
+/// The splitmix64 output function (murmur3-style avalanche): a bijection on `u64` that mixes every
+/// input bit into every output bit. Shared by the checksum and the sampler's PRNG.
 #[inline]
-fn avalanche(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -266,7 +267,7 @@ fn chunk_digest(index: u64, bytes: &[u8]) -> u64 {
     }
     let mut h = bytes.len() as u64;
     for lane in lanes {
-        h = avalanche(h ^ lane).wrapping_add(MIX_PRIME);
+        h = mix64(h ^ lane).wrapping_add(MIX_PRIME);
     }
     h
 }
@@ -277,7 +278,7 @@ fn fold_digests(digests: impl IntoIterator<Item = u64>, total_len: u64) -> u64 {
     for d in digests {
         h = (h ^ d).wrapping_mul(FNV_PRIME);
     }
-    avalanche(h ^ total_len)
+    mix64(h ^ total_len)
 }
 
 /// The dataset checksum ([`CHECKSUM_ALGORITHM`]) of `bytes`: [`CHECKSUM_CHUNK`]-byte chunks are

@@ -105,8 +105,10 @@ impl std::fmt::Display for PrepareReport {
 /// token stream becomes the validation split. Shows a progress bar for large inputs when stderr is a
 /// terminal.
 ///
-/// Plain text is tokenized in parallel in pieces of about 64 KiB cut right after a line break, so with
-/// a HuggingFace tokenizer no token spans a line break at a piece boundary.
+/// Plain text is tokenized in parallel in pieces of about 64 KiB cut right after a line break (or, in
+/// a longer line, at a character boundary). With a HuggingFace tokenizer, no token spans a piece
+/// boundary, and tokenizers that treat the start of their input specially (SentencePiece-style
+/// `Metaspace` prepending `▁`) see each piece as a start; JSONL documents are always whole.
 pub fn prepare(opts: &PrepareOptions) -> anyhow::Result<PrepareReport> {
     let tokenizer = match &opts.tokenizer {
         Some(path) => Tokenizer::from_file(path)?,

@@ -25,8 +25,13 @@ pub fn split_for_dataset(cfg: &DatasetConfig, name: &str) -> String {
 
 /// The cache directory next to a `text` dataset file: `<file>.fast-llm-rs-cache`.
 pub fn text_cache_dir(path: &Path) -> PathBuf {
+    with_suffix(path, CACHE_SUFFIX)
+}
+
+/// `path` with `suffix` appended to its last component.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(CACHE_SUFFIX);
+    s.push(suffix);
     PathBuf::from(s)
 }
 
@@ -145,11 +150,7 @@ fn resolve_text(
     }
     let mut last_err = None;
     for dir in candidates {
-        let lock_path = {
-            let mut s = dir.as_os_str().to_owned();
-            s.push(".lock");
-            PathBuf::from(s)
-        };
+        let lock_path = with_suffix(dir, ".lock");
         if let Some(parent) = dir.parent() {
             if let Err(e) = std::fs::create_dir_all(parent) {
                 last_err = Some(DataError::io("cannot create cache directory in", parent, e));

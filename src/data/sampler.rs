@@ -3,6 +3,7 @@
 //! See the [module documentation](super#global-sample-indexing) for how global sample indices map to
 //! batches.
 
+use super::format::mix64;
 use super::{DataError, TokenDataset};
 
 /// The global index of sample `j` of global batch `batch`, with `samples_per_batch` samples per global
@@ -13,14 +14,6 @@ pub fn global_sample_index(batch: u64, samples_per_batch: u64, j: u64) -> u64 {
         "sample {j} of a batch of {samples_per_batch}"
     );
     batch * samples_per_batch + j
-}
-
-/// The splitmix64 output function.
-#[inline]
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -50,9 +50,9 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, DataError> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(DataError::Missing {
+            return Err(DataError::Tokenizer {
                 path: path.to_path_buf(),
-                what: "tokenizer file (a HuggingFace tokenizer.json)",
+                message: "file not found; pass the path of a HuggingFace tokenizer.json".into(),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
