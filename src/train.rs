@@ -60,18 +60,24 @@ pub struct TrainOptions {
 }
 
 struct Data {
-    training: Option<TokenDataset>,
-    eval: Vec<(String, u64, u64, TokenDataset)>,
+    training: Option<(TokenDataset, SequenceSampler)>,
+    eval: Vec<(String, u64, u64, TokenDataset, SequenceSampler)>,
 }
 
 fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
     let vocab = cfg.model.base_model.embeddings.vocab_size;
+    let (seed, seq) = (cfg.model.distributed.seed, cfg.data.sequence_length);
+    let with_sampler = |name: &str, ds: TokenDataset| -> anyhow::Result<(TokenDataset, SequenceSampler)> {
+        let sampler = SequenceSampler::for_dataset(seed, &ds, seq)
+            .with_context(|| format!("dataset '{name}' cannot feed data.sequence_length = {seq}"))?;
+        Ok((ds, sampler))
+    };
     let training = if cfg.training.train_iters > 0 {
         let ds = cfg.data.datasets.get("training").with_context(|| {
             "data.datasets.training is missing: training needs a dataset, e.g. \
              `data: {datasets: {training: {type: text, path: examples/data/tinyshakespeare.txt}}}`"
         })?;
-        Some(resolve_dataset(ds, "training", vocab)?)
+        Some(with_sampler("training", resolve_dataset(ds, "training", vocab)?)?)
     } else {
         None
     };
@@ -90,7 +96,8 @@ fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
                  add it or set training.evaluators.{name}.dataset_name"
             )
         })?;
-        eval.push((name.clone(), ev.interval, ev.iterations, resolve_dataset(ds, &ds_name, vocab)?));
+        let (ds, sampler) = with_sampler(&ds_name, resolve_dataset(ds, &ds_name, vocab)?)?;
+        eval.push((name.clone(), ev.interval, ev.iterations, ds, sampler));
     }
     Ok(Data { training, eval })
 }
@@ -250,8 +257,6 @@ fn rank_main(
     let samples_per_mb = engine.batch.batch;
     let local_mbs = engine.micro_batches();
     let samples_per_batch = (samples_per_mb * local_mbs * world) as u64;
-    let seed = cfg.model.distributed.seed;
-    let sampler = SequenceSampler::new(seed, seq);
     let train_iters = cfg.training.train_iters;
     let mut metrics = if leader { Some(MetricsLog::open(dir)?) } else { None };
     let mut summary = TrainSummary::default();
@@ -265,7 +270,7 @@ fn rank_main(
             / (1 << 20) as f64
     };
     for step in 0..train_iters {
-        let ds = data.training.as_ref().expect("training dataset");
+        let (ds, sampler) = data.training.as_ref().expect("training dataset");
         let step_start = Instant::now();
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
             let global_mb = (rank * local_mbs + mb) as u64;
@@ -335,9 +340,9 @@ fn rank_main(
             }
             (interval_loss, interval_steps, interval_time, interval_wait) = (0.0, 0, 0.0, 0.0);
         }
-        for (name, interval, iterations, ds) in &data.eval {
+        for (name, interval, iterations, ds, sampler) in &data.eval {
             if done % interval == 0 || done == train_iters {
-                let vloss = evaluate(&mut engine, &sampler, ds, *iterations, global_tokens, samples_per_batch)?;
+                let vloss = evaluate(&mut engine, sampler, ds, *iterations, global_tokens, samples_per_batch)?;
                 summary.validation.push((done, vloss));
                 if let Some(m) = metrics.as_mut() {
                     let mut extra = serde_json::Map::new();
