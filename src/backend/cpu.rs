@@ -234,9 +234,51 @@ fn reduce8<T: Element>(a: [T; 8]) -> T {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-#[inline]
+/// `e^x` in single precision without a libm call, so that loops over it vectorize: range reduction
+/// `x = n ln2 + r` (round-to-nearest by the 1.5*2^23 trick), then a degree-6 polynomial on
+/// `|r| <= ln2/2` (Cephes `expf` coefficients), about 1 ulp. Inputs are clamped to
+/// `[-87.3, 88.37]`, so the result is never 0 nor inf (at most ~1e-38 instead of an underflow).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let x = x.clamp(-87.33, 88.37);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = (p * (r * r) + r) + 1.0;
+    // n is in the low bits of t (two's complement offset from MAGIC's bits).
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    y * scale
+}
+
+/// `e^x`: the vectorizable [`exp_f32`] for `f32`, libm for `f64` (the gradient-check type).
+/// The `TypeId` test is resolved at compile time.
+#[inline(always)]
+fn exp<T: Element>(x: T) -> T {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32.
+        unsafe {
+            let y = exp_f32(std::mem::transmute_copy::<T, f32>(&x));
+            std::mem::transmute_copy::<f32, T>(&y)
+        }
+    } else {
+        x.exp()
+    }
+}
+
+#[inline(always)]
 fn sigmoid<T: Element>(x: T) -> T {
-    T::ONE / (T::ONE + (-x).exp())
+    T::ONE / (T::ONE + exp(-x))
 }
 
 /// Shapes shared by the attention kernels.
@@ -334,7 +376,7 @@ unsafe fn attention_forward_head<T: Element>(
             let (live, masked) = row.split_at_mut(i + 1);
             let mx = max(live);
             for x in live.iter_mut() {
-                *x = (*x - mx).exp();
+                *x = exp(*x - mx);
             }
             let inv = T::ONE / sum(live);
             for x in live.iter_mut() {
@@ -960,7 +1002,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
                     let mx = max(row);
                     let zt = row[t];
                     for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
+                        *x = exp(*x - mx);
                     }
                     let total_exp = sum(row);
                     *l = (mx.to_f64() + total_exp.to_f64().ln()) - zt.to_f64();

@@ -6,6 +6,13 @@ use thiserror::Error;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 /// Load a config file and apply dotted overrides.
-pub fn load_config(_path: &std::path::Path, _overrides: &[String]) -> Result<TrainConfig, ConfigError> { todo!() }
+pub fn load_config(
+    _path: &std::path::Path,
+    _overrides: &[String],
+) -> Result<TrainConfig, ConfigError> {
+    todo!()
+}
 /// Load from YAML text and apply dotted overrides.
-pub fn load_config_str(_yaml: &str, _overrides: &[String]) -> Result<TrainConfig, ConfigError> { todo!() }
+pub fn load_config_str(_yaml: &str, _overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    todo!()
+}

@@ -42,7 +42,9 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { experiment_dir: PathBuf::from("experiments/default") }
+        Self {
+            experiment_dir: PathBuf::from("experiments/default"),
+        }
     }
 }
 
@@ -100,7 +102,11 @@ pub struct EvaluatorConfig {
 
 impl Default for EvaluatorConfig {
     fn default() -> Self {
-        Self { interval: 1000, iterations: 1, dataset_name: None }
+        Self {
+            interval: 1000,
+            iterations: 1,
+            dataset_name: None,
+        }
     }
 }
 
@@ -117,7 +123,10 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { interval: None, keep: 5 }
+        Self {
+            interval: None,
+            keep: 5,
+        }
     }
 }
 
@@ -136,7 +145,11 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { datasets: BTreeMap::new(), micro_batch_size: 2048, sequence_length: 2048 }
+        Self {
+            datasets: BTreeMap::new(),
+            micro_batch_size: 2048,
+            sequence_length: 2048,
+        }
     }
 }
 
@@ -179,7 +192,10 @@ pub struct ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        Self { depth_first_micro_batches: 1, breadth_first_micro_batches: 1 }
+        Self {
+            depth_first_micro_batches: 1,
+            breadth_first_micro_batches: 1,
+        }
     }
 }
 
@@ -321,7 +337,10 @@ pub struct DecoderConfig {
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { num_blocks: 12, block: BlockConfig::default() }
+        Self {
+            num_blocks: 12,
+            block: BlockConfig::default(),
+        }
     }
 }
 
@@ -385,7 +404,10 @@ pub struct RotaryConfig {
 
 impl Default for RotaryConfig {
     fn default() -> Self {
-        Self { kind: "default".into(), theta: 10000.0 }
+        Self {
+            kind: "default".into(),
+            theta: 10000.0,
+        }
     }
 }
 
@@ -405,7 +427,12 @@ pub struct MlpConfig {
 
 impl Default for MlpConfig {
     fn default() -> Self {
-        Self { intermediate_size: 4096, gated: true, activation: "silu".into(), add_linear_biases: None }
+        Self {
+            intermediate_size: 4096,
+            gated: true,
+            activation: "silu".into(),
+            add_linear_biases: None,
+        }
     }
 }
 
@@ -422,7 +449,10 @@ pub struct NormalizationConfig {
 
 impl Default for NormalizationConfig {
     fn default() -> Self {
-        Self { kind: "rms_norm".into(), epsilon: 1e-5 }
+        Self {
+            kind: "rms_norm".into(),
+            epsilon: 1e-5,
+        }
     }
 }
 

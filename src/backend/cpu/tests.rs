@@ -884,3 +884,22 @@ fn determinism_row_kernels() {
         (bits(&w), bits(&m), bits(&v))
     });
 }
+
+#[test]
+fn fast_exp_f32_accuracy() {
+    let mut worst = 0.0f64;
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let want = (x as f64).exp();
+        let got = super::exp_f32(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+        x += 0.000_37;
+    }
+    assert!(worst < 3e-7, "exp_f32 relative error {worst:e}");
+    assert_eq!(super::exp_f32(0.0), 1.0);
+    for x in [-1e30f32, -200.0, -88.0, f32::NEG_INFINITY] {
+        let y = super::exp_f32(x);
+        assert!((0.0..1e-37).contains(&y), "exp_f32({x}) = {y}");
+    }
+    assert!(super::exp_f32(1e30).is_finite());
+}

@@ -14,7 +14,11 @@ pub enum CommError {
     PeerFailed { rank: usize, reason: String },
     /// The collective did not complete within `model.distributed.timeout`.
     #[error("collective '{op}' timed out after {timeout_s:.1} s waiting for rank(s) {missing:?} (model.distributed.timeout)")]
-    Timeout { op: String, timeout_s: f64, missing: Vec<usize> },
+    Timeout {
+        op: String,
+        timeout_s: f64,
+        missing: Vec<usize>,
+    },
     /// Arguments do not fit the collective (lengths).
     #[error("collective '{op}': {msg}")]
     Invalid { op: String, msg: String },
@@ -32,7 +36,12 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), CommError>;
     /// `input (D*S)`: `s = input_0[r*S..] + input_1[r*S..] + ...` (rank order) for this rank `r`;
     /// `out (S) = s`, or `out = out + s` when `accumulate`.
-    fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError>;
+    fn reduce_scatter(
+        &self,
+        input: &[f32],
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<(), CommError>;
     /// Elementwise sum over ranks (rank order), result on every rank.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
     /// Elementwise f64 sum over ranks (rank order), result on every rank (losses, norms).
