@@ -253,7 +253,7 @@ fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = (p * (r * r) + r) + 1.0;
     // n is in the low bits of t (two's complement offset from MAGIC's bits).
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -280,6 +280,48 @@ fn exp<T: Element>(x: T) -> T {
 fn sigmoid<T: Element>(x: T) -> T {
     T::ONE / (T::ONE + exp(-x))
 }
+
+/// Whether the AVX2 variants of the hot loops can run (cached by the std macro).
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$avx2`, the function `$plain` (which must be `#[inline(always)]`) compiled with AVX2
+/// enabled, and `$dispatch`, which calls it when the CPU has AVX2 and `$plain` otherwise. FMA is
+/// deliberately *not* enabled: without it `a * b + c` is never contracted, so both variants give
+/// bitwise identical results.
+macro_rules! avx2_variant {
+    ($dispatch:ident, $avx2:ident, $plain:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2<T: Element>($($arg: $ty),*) {
+            $plain($($arg),*)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $dispatch<T: Element>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                return $avx2($($arg),*);
+            }
+            $plain($($arg),*)
+        }
+    };
+}
+
+avx2_variant!(attention_forward_task, attention_forward_head_avx2, attention_forward_head,
+    (s: AttnShape, b: usize, h: usize, out: SyncPtr<T>, probs: SyncPtr<T>, qkv: &[T]));
+avx2_variant!(attention_backward_task, attention_backward_group_avx2, attention_backward_group,
+    (s: AttnShape, b: usize, g: usize, grad_qkv: SyncPtr<T>, scratch: SyncPtr<T>, grad_out: &[T], qkv: &[T], probs: &[T]));
 
 /// Shapes shared by the attention kernels.
 #[derive(Clone, Copy)]
@@ -331,6 +373,7 @@ impl AttnShape {
 /// # Safety
 /// `out` and `probs` must be valid for the full attention shapes; no other thread may touch the
 /// head's columns of `out` for batch `b` nor its `(seq, seq)` block of `probs`.
+#[inline(always)]
 unsafe fn attention_forward_head<T: Element>(
     s: AttnShape,
     b: usize,
@@ -412,6 +455,7 @@ unsafe fn attention_forward_head<T: Element>(
 /// `grad_qkv` and `scratch` must be valid for the full attention shapes; no other thread may touch
 /// the group's columns of `grad_qkv` for batch `b` nor the group's `(seq, seq)` blocks of `scratch`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 unsafe fn attention_backward_group<T: Element>(
     s: AttnShape,
     b: usize,
@@ -538,6 +582,113 @@ unsafe fn attention_backward_group<T: Element>(
         }
     }
 }
+
+/// `out (n, inter) = silu(gate) * up` for rows of `gu (n, 2*inter)`.
+#[inline(always)]
+unsafe fn swiglu_forward_rows_plain<T: Element>(out: &mut [T], gu: &[T], inter: usize) {
+    for (orow, gurow) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+        let (gate, up) = gurow.split_at(inter);
+        for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+/// SwiGLU backward on rows: `gg (n, 2*inter)`, `go (n, inter)`, `gu (n, 2*inter)`.
+#[inline(always)]
+unsafe fn swiglu_backward_rows_plain<T: Element>(gg: &mut [T], go: &[T], gu: &[T], inter: usize) {
+    for ((ggrow, gurow), gorow) in gg
+        .chunks_exact_mut(2 * inter)
+        .zip(gu.chunks_exact(2 * inter))
+        .zip(go.chunks_exact(inter))
+    {
+        let (dgate, dup) = ggrow.split_at_mut(inter);
+        let (gate, up) = gurow.split_at(inter);
+        for ((((dg, du), &g), &u), &d) in dgate
+            .iter_mut()
+            .zip(dup.iter_mut())
+            .zip(gate)
+            .zip(up)
+            .zip(gorow)
+        {
+            let sg = sigmoid(g);
+            let silu = g * sg;
+            *du = d * silu;
+            *dg = d * u * (sg * (T::ONE + g * (T::ONE - sg)));
+        }
+    }
+}
+
+/// Cross-entropy on rows of `rows (r, vocab)`: per-row losses into `ls (r)`, gradient in place.
+#[inline(always)]
+unsafe fn cross_entropy_rows_plain<T: Element>(
+    rows: &mut [T],
+    ls: &mut [f64],
+    targets: &[u32],
+    vocab: usize,
+    grad_scale: Option<T>,
+) {
+    for ((row, l), &t) in rows.chunks_exact_mut(vocab).zip(ls).zip(targets) {
+        let t = t as usize;
+        assert!(t < vocab, "cross_entropy: target {t} out of range");
+        let mx = max(row);
+        let zt = row[t];
+        for x in row.iter_mut() {
+            *x = exp(*x - mx);
+        }
+        let total_exp = sum(row);
+        *l = (mx.to_f64() + total_exp.to_f64().ln()) - zt.to_f64();
+        if let Some(gs) = grad_scale {
+            let f = gs / total_exp;
+            for x in row.iter_mut() {
+                *x *= f;
+            }
+            row[t] -= gs;
+        }
+    }
+}
+
+/// AdamW hyper-parameters and derived constants of one step.
+#[derive(Clone, Copy)]
+struct AdamConsts<T> {
+    lr: T,
+    beta_1: T,
+    beta_2: T,
+    epsilon: T,
+    grad_scale: T,
+    bc1: T,
+    bc2: T,
+    lr_wd: T,
+    one_m_b1: T,
+    one_m_b2: T,
+}
+
+/// AdamW on one contiguous range.
+#[inline(always)]
+unsafe fn adamw_range_plain<T: Element>(
+    w: &mut [T],
+    m: &mut [T],
+    v: &mut [T],
+    grad: &[T],
+    c: AdamConsts<T>,
+) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
+        let g = g * c.grad_scale;
+        *w -= c.lr_wd * *w;
+        *m = c.beta_1 * *m + c.one_m_b1 * g;
+        *v = c.beta_2 * *v + c.one_m_b2 * g * g;
+        *w -= c.lr * (*m / c.bc1) / ((*v / c.bc2).sqrt() + c.epsilon);
+    }
+}
+
+avx2_variant!(swiglu_forward_rows, swiglu_forward_rows_avx2, swiglu_forward_rows_plain,
+    (out: &mut [T], gu: &[T], inter: usize));
+avx2_variant!(swiglu_backward_rows, swiglu_backward_rows_avx2, swiglu_backward_rows_plain,
+    (gg: &mut [T], go: &[T], gu: &[T], inter: usize));
+avx2_variant!(cross_entropy_rows, cross_entropy_rows_avx2, cross_entropy_rows_plain,
+    (rows: &mut [T], ls: &mut [f64], targets: &[u32], vocab: usize, grad_scale: Option<T>));
+avx2_variant!(adamw_range, adamw_range_avx2, adamw_range_plain,
+    (w: &mut [T], m: &mut [T], v: &mut [T], grad: &[T], c: AdamConsts<T>));
 
 impl<T: Element> Kernels<T> for CpuKernels {
     fn name(&self) -> &'static str {
@@ -838,7 +989,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         self.par_ranges(batch * heads, cost, |t0, t1| {
             for t in t0..t1 {
                 // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block.
-                unsafe { attention_forward_head(s, t / heads, t % heads, po, pp, qkv) };
+                unsafe { attention_forward_task(s, t / heads, t % heads, po, pp, qkv) };
             }
         });
     }
@@ -890,7 +1041,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
                 // SAFETY: task t = (b, g) owns the columns of kv group g (its query heads, its k and v
                 // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads.
                 unsafe {
-                    attention_backward_group(
+                    attention_backward_task(
                         s,
                         t / kv_heads,
                         t % kv_heads,
@@ -919,12 +1070,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
             // SAFETY: rows s..e are this range's only.
             let out = unsafe { po.slice(s * inter, (e - s) * inter) };
             let gu = &gate_up[2 * s * inter..2 * e * inter];
-            for (orow, gurow) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
-                let (gate, up) = gurow.split_at(inter);
-                for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
-                    *o = g * sigmoid(g) * u;
-                }
-            }
+            unsafe { swiglu_forward_rows(out, gu, inter) };
         });
     }
 
@@ -948,26 +1094,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
             let gg = unsafe { pg.slice(2 * s * inter, 2 * (e - s) * inter) };
             let gu = &gate_up[2 * s * inter..2 * e * inter];
             let go = &grad_out[s * inter..e * inter];
-            for ((ggrow, gurow), gorow) in gg
-                .chunks_exact_mut(2 * inter)
-                .zip(gu.chunks_exact(2 * inter))
-                .zip(go.chunks_exact(inter))
-            {
-                let (dgate, dup) = ggrow.split_at_mut(inter);
-                let (gate, up) = gurow.split_at(inter);
-                for ((((dg, du), &g), &u), &d) in dgate
-                    .iter_mut()
-                    .zip(dup.iter_mut())
-                    .zip(gate)
-                    .zip(up)
-                    .zip(gorow)
-                {
-                    let sg = sigmoid(g);
-                    let silu = g * sg;
-                    *du = d * silu;
-                    *dg = d * u * (sg * (T::ONE + g * (T::ONE - sg)));
-                }
-            }
+            unsafe { swiglu_backward_rows(gg, go, gu, inter) };
         });
     }
 
@@ -992,28 +1119,9 @@ impl<T: Element> Kernels<T> for CpuKernels {
                 // SAFETY: rows g0+s..g0+e and loss slots s..e are this range's only.
                 let rows = unsafe { pl.slice((g0 + s) * vocab, (e - s) * vocab) };
                 let ls = unsafe { pls.slice(s, e - s) };
-                for ((row, l), &t) in rows
-                    .chunks_exact_mut(vocab)
-                    .zip(ls)
-                    .zip(&targets[g0 + s..g0 + e])
-                {
-                    let t = t as usize;
-                    assert!(t < vocab, "cross_entropy: target {t} out of range");
-                    let mx = max(row);
-                    let zt = row[t];
-                    for x in row.iter_mut() {
-                        *x = exp(*x - mx);
-                    }
-                    let total_exp = sum(row);
-                    *l = (mx.to_f64() + total_exp.to_f64().ln()) - zt.to_f64();
-                    if let Some(gs) = grad_scale {
-                        let f = gs / total_exp;
-                        for x in row.iter_mut() {
-                            *x *= f;
-                        }
-                        row[t] -= gs;
-                    }
-                }
+                unsafe {
+                    cross_entropy_rows(rows, ls, &targets[g0 + s..g0 + e], vocab, grad_scale)
+                };
             });
             for &l in &losses[..g1 - g0] {
                 total += l;
@@ -1054,18 +1162,19 @@ impl<T: Element> Kernels<T> for CpuKernels {
         self.par_ranges(n, 4, |s, e| {
             // SAFETY: elements s..e are this range's only.
             let (w, m, v) = unsafe { (pw.slice(s, e - s), pm.slice(s, e - s), pv.slice(s, e - s)) };
-            for (((w, m), v), &g) in w
-                .iter_mut()
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-                .zip(&grad[s..e])
-            {
-                let g = g * grad_scale;
-                *w -= lr_wd * *w;
-                *m = beta_1 * *m + one_m_b1 * g;
-                *v = beta_2 * *v + one_m_b2 * g * g;
-                *w -= lr * (*m / bc1) / ((*v / bc2).sqrt() + epsilon);
-            }
+            let c = AdamConsts {
+                lr,
+                beta_1,
+                beta_2,
+                epsilon,
+                grad_scale,
+                bc1,
+                bc2,
+                lr_wd,
+                one_m_b1,
+                one_m_b2,
+            };
+            unsafe { adamw_range(w, m, v, &grad[s..e], c) };
         });
     }
 
