@@ -1,1 +1,1231 @@
-//! CPU backend (stub, being written).
+//! CPU backend: matrix products through the `gemm` crate, everything else row-parallel with rayon.
+//!
+//! One generic implementation serves `f32` (training) and `f64` (gradient checks).
+//!
+//! Threads: a [`CpuKernels`] is given a thread budget. With `threads == 1` every kernel runs serially
+//! on the calling thread and never touches rayon; otherwise work is cut into at most `threads`
+//! contiguous pieces run on the rayon pool, and `gemm` gets `Parallelism::Rayon(threads)`.
+//!
+//! Determinism: every kernel returns bitwise identical results for any thread count.
+//! * Row-wise kernels compute each row entirely on one thread, with a fixed operation order.
+//! * Reductions across rows (RMSNorm weight gradient, embedding gradient) are split over *columns*,
+//!   each column summed over the rows in row order by one thread.
+//! * Scalar reductions (cross-entropy loss, sum of squares) compute fixed-size pieces in parallel into
+//!   a stack buffer, then add them up sequentially in order.
+//! * Matrix products: `gemm` splits its work between threads over output tiles only; the depth (`k`)
+//!   blocking depends on the shapes, never on the thread count, so each output element is summed in
+//!   the same order whatever the parallelism (checked by the tests in `cpu/tests.rs`).
+//! * Attention runs one (batch, head) or (batch, kv head) task entirely on one thread.
+
+use super::{Element, Kernels};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+#[cfg(test)]
+mod tests;
+
+/// Minimum number of elements of work per thread before a row-wise kernel is split.
+const MIN_WORK_PER_THREAD: usize = 16 * 1024;
+/// Query/key block size of the causal attention: score blocks above the diagonal are skipped.
+const ATTN_BLOCK: usize = 64;
+/// Columns per task (and per stack accumulator) in column-split reductions.
+const COL_BLOCK: usize = 64;
+/// Rows per group in cross-entropy (per-row losses are kept in a stack buffer of this size).
+const CE_GROUP: usize = 1024;
+/// Elements per partial sum in `sum_squares`.
+const SQ_CHUNK: usize = 4096;
+/// Partial sums per group in `sum_squares` (stack buffer size).
+const SQ_GROUP: usize = 512;
+
+/// The CPU implementation of [`Kernels`] for `f32` and `f64`.
+#[derive(Debug, Clone)]
+pub struct CpuKernels {
+    threads: usize,
+}
+
+impl CpuKernels {
+    /// A CPU backend using at most `threads` threads per kernel call (`0` is treated as `1`).
+    pub fn new(threads: usize) -> Self {
+        Self {
+            threads: threads.max(1),
+        }
+    }
+
+    /// The thread budget.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn gemm_parallelism(&self) -> Parallelism {
+        if self.threads <= 1 {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads)
+        }
+    }
+
+    /// Number of pieces to cut `n` items of `cost` elements each into.
+    fn parts(&self, n: usize, cost: usize) -> usize {
+        if self.threads <= 1 || n <= 1 {
+            return 1;
+        }
+        let by_work = (n.saturating_mul(cost.max(1)) / MIN_WORK_PER_THREAD).max(1);
+        self.threads.min(n).min(by_work)
+    }
+
+    /// Runs `f(start, end)` on contiguous ranges covering `0..n` (each item costing about `cost`
+    /// elements of work): serially when one piece suffices, else as at most `threads` rayon tasks.
+    fn par_ranges<F>(&self, n: usize, cost: usize, f: F)
+    where
+        F: Fn(usize, usize) + Sync,
+    {
+        if n == 0 {
+            return;
+        }
+        let parts = self.parts(n, cost);
+        if parts <= 1 {
+            f(0, n);
+            return;
+        }
+        let base = n / parts;
+        let rem = n % parts;
+        let bounds = |p: usize| p * base + p.min(rem);
+        (0..parts)
+            .into_par_iter()
+            .for_each(|p| f(bounds(p), bounds(p + 1)));
+    }
+}
+
+impl Default for CpuKernels {
+    fn default() -> Self {
+        Self::new(1)
+    }
+}
+
+/// A raw pointer that may cross threads; every use writes a range disjoint from other threads'.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    fn new(s: &mut [T]) -> Self {
+        Self(s.as_mut_ptr())
+    }
+    /// # Safety
+    /// `start..start+len` must lie in the original slice and not be accessed by anyone else meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// `dst (m,n) [+]= scale * lhs (m,k) @ rhs (k,n)` on strided views (strides in elements).
+///
+/// # Safety
+/// All views must be valid for the given shapes and strides; `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn gemm_view<T: Element>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: T,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// `sum(a[i] * b[i])` with 8 interleaved accumulators (fixed order, vectorizable).
+#[inline]
+fn dot<T: Element>(a: &[T], b: &[T]) -> T {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [T::ZERO; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += *x * *y;
+    }
+    reduce8(acc)
+}
+
+/// `sum(a[i])` with 8 interleaved accumulators.
+#[inline]
+fn sum<T: Element>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let ca = a.chunks_exact(8);
+    let ra = ca.remainder();
+    for x in ca {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    for (l, x) in ra.iter().enumerate() {
+        acc[l] += *x;
+    }
+    reduce8(acc)
+}
+
+/// `max(a[i])` (`a` non-empty) with 8 interleaved accumulators.
+#[inline]
+fn max<T: Element>(a: &[T]) -> T {
+    let mut acc = [a[0]; 8];
+    let ca = a.chunks_exact(8);
+    let ra = ca.remainder();
+    for x in ca {
+        for l in 0..8 {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    for (l, x) in ra.iter().enumerate() {
+        acc[l] = acc[l].max(*x);
+    }
+    let mut m = acc[0];
+    for v in &acc[1..] {
+        m = m.max(*v);
+    }
+    m
+}
+
+#[inline]
+fn reduce8<T: Element>(a: [T; 8]) -> T {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `e^x` in single precision without a libm call, so that loops over it vectorize: range reduction
+/// `x = n ln2 + r` (round-to-nearest by the 1.5*2^23 trick), then a degree-6 polynomial on
+/// `|r| <= ln2/2` (Cephes `expf` coefficients), about 1 ulp. Inputs are clamped to
+/// `[-87.3, 88.37]`, so the result is never 0 nor inf (at most ~1e-38 instead of an underflow).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let x = x.clamp(-87.33, 88.37);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let y = (p * (r * r) + r) + 1.0;
+    // n is in the low bits of t (two's complement offset from MAGIC's bits).
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    y * scale
+}
+
+/// `e^x`: the vectorizable [`exp_f32`] for `f32`, libm for `f64` (the gradient-check type).
+/// The `TypeId` test is resolved at compile time.
+#[inline(always)]
+fn exp<T: Element>(x: T) -> T {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32.
+        unsafe {
+            let y = exp_f32(std::mem::transmute_copy::<T, f32>(&x));
+            std::mem::transmute_copy::<f32, T>(&y)
+        }
+    } else {
+        x.exp()
+    }
+}
+
+#[inline(always)]
+fn sigmoid<T: Element>(x: T) -> T {
+    T::ONE / (T::ONE + exp(-x))
+}
+
+/// Whether the AVX2 variants of the hot loops can run (cached by the std macro).
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$avx2`, the function `$plain` (which must be `#[inline(always)]`) compiled with AVX2
+/// enabled, and `$dispatch`, which calls it when the CPU has AVX2 and `$plain` otherwise. FMA is
+/// deliberately *not* enabled: without it `a * b + c` is never contracted, so both variants give
+/// bitwise identical results.
+macro_rules! avx2_variant {
+    ($dispatch:ident, $avx2:ident, $plain:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2<T: Element>($($arg: $ty),*) {
+            $plain($($arg),*)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $dispatch<T: Element>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                return $avx2($($arg),*);
+            }
+            $plain($($arg),*)
+        }
+    };
+}
+
+avx2_variant!(attention_forward_task, attention_forward_head_avx2, attention_forward_head,
+    (s: AttnShape, b: usize, h: usize, out: SyncPtr<T>, probs: SyncPtr<T>, qkv: &[T]));
+avx2_variant!(attention_backward_task, attention_backward_group_avx2, attention_backward_group,
+    (s: AttnShape, b: usize, g: usize, grad_qkv: SyncPtr<T>, scratch: SyncPtr<T>, grad_out: &[T], qkv: &[T], probs: &[T]));
+
+/// Shapes shared by the attention kernels.
+#[derive(Clone, Copy)]
+struct AttnShape {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_size: usize,
+}
+
+impl AttnShape {
+    fn check(&self) {
+        assert!(
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            "heads must be a multiple of kv_heads"
+        );
+        assert!(self.head_size > 0);
+    }
+    /// Length of `qkv` (and `grad_qkv`).
+    fn qkv_len(&self) -> usize {
+        self.batch * self.seq * self.qkv_stride()
+    }
+    /// Row stride of `qkv`.
+    fn qkv_stride(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_size
+    }
+    /// Row stride of `out`.
+    fn out_stride(&self) -> usize {
+        self.heads * self.head_size
+    }
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    /// Offsets (in `qkv` of batch `b`'s first row) of query head `h`, and of its key and value heads.
+    fn offsets(&self, b: usize, h: usize) -> (usize, usize, usize) {
+        let base = b * self.seq * self.qkv_stride();
+        let g = h / self.group();
+        (
+            base + h * self.head_size,
+            base + (self.heads + g) * self.head_size,
+            base + (self.heads + self.kv_heads + g) * self.head_size,
+        )
+    }
+}
+
+/// Forward of one (batch `b`, query head `h`) pair.
+///
+/// # Safety
+/// `out` and `probs` must be valid for the full attention shapes; no other thread may touch the
+/// head's columns of `out` for batch `b` nor its `(seq, seq)` block of `probs`.
+#[inline(always)]
+unsafe fn attention_forward_head<T: Element>(
+    s: AttnShape,
+    b: usize,
+    h: usize,
+    out: SyncPtr<T>,
+    probs: SyncPtr<T>,
+    qkv: &[T],
+) {
+    let (seq, hs) = (s.seq, s.head_size);
+    let (qs, os) = (s.qkv_stride(), s.out_stride());
+    let scale = T::from_f64(1.0 / (hs as f64).sqrt());
+    let (qo, ko, vo) = s.offsets(b, h);
+    let q = qkv.as_ptr().add(qo);
+    let k = qkv.as_ptr().add(ko);
+    let v = qkv.as_ptr().add(vo);
+    let bh = b * s.heads + h;
+    let p = probs.ptr().add(bh * seq * seq);
+    let o = out.ptr().add(b * seq * os + h * hs);
+    let mut r0 = 0;
+    while r0 < seq {
+        let r1 = (r0 + ATTN_BLOCK).min(seq);
+        // Scores S[r0..r1, 0..r1] = scale * Q[r0..r1] K[0..r1]^T (blocks right of r1 are masked).
+        gemm_view(
+            r1 - r0,
+            r1,
+            hs,
+            p.add(r0 * seq),
+            seq,
+            1,
+            false,
+            q.add(r0 * qs),
+            qs,
+            1,
+            k,
+            1,
+            qs,
+            scale,
+            Parallelism::None,
+        );
+        // Causal softmax over 0..=i; the rest of the row is zero.
+        for i in r0..r1 {
+            let row = std::slice::from_raw_parts_mut(p.add(i * seq), seq);
+            let (live, masked) = row.split_at_mut(i + 1);
+            let mx = max(live);
+            for x in live.iter_mut() {
+                *x = exp(*x - mx);
+            }
+            let inv = T::ONE / sum(live);
+            for x in live.iter_mut() {
+                *x *= inv;
+            }
+            masked.fill(T::ZERO);
+        }
+        // O[r0..r1] = P[r0..r1, 0..r1] V[0..r1].
+        gemm_view(
+            r1 - r0,
+            hs,
+            r1,
+            o.add(r0 * os),
+            os,
+            1,
+            false,
+            p.add(r0 * seq),
+            seq,
+            1,
+            v,
+            qs,
+            1,
+            T::ONE,
+            Parallelism::None,
+        );
+        r0 = r1;
+    }
+}
+
+/// Backward of one (batch `b`, kv head `g`) group: all its query heads, and the kv head itself.
+///
+/// # Safety
+/// `grad_qkv` and `scratch` must be valid for the full attention shapes; no other thread may touch
+/// the group's columns of `grad_qkv` for batch `b` nor the group's `(seq, seq)` blocks of `scratch`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn attention_backward_group<T: Element>(
+    s: AttnShape,
+    b: usize,
+    g: usize,
+    grad_qkv: SyncPtr<T>,
+    scratch: SyncPtr<T>,
+    grad_out: &[T],
+    qkv: &[T],
+    probs: &[T],
+) {
+    let (seq, hs) = (s.seq, s.head_size);
+    let (qs, os) = (s.qkv_stride(), s.out_stride());
+    let scale = T::from_f64(1.0 / (hs as f64).sqrt());
+    let none = Parallelism::None;
+    for hh in 0..s.group() {
+        let h = g * s.group() + hh;
+        let accumulate = hh > 0;
+        let (qo, ko, vo) = s.offsets(b, h);
+        let q = qkv.as_ptr().add(qo);
+        let k = qkv.as_ptr().add(ko);
+        let v = qkv.as_ptr().add(vo);
+        let dq = grad_qkv.ptr().add(qo);
+        let dk = grad_qkv.ptr().add(ko);
+        let dv = grad_qkv.ptr().add(vo);
+        let bh = b * s.heads + h;
+        let p = probs.as_ptr().add(bh * seq * seq);
+        let ds = scratch.ptr().add(bh * seq * seq);
+        let go = grad_out.as_ptr().add(b * seq * os + h * hs);
+
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + ATTN_BLOCK).min(seq);
+            // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
+            gemm_view(
+                r1 - r0,
+                r1,
+                hs,
+                ds.add(r0 * seq),
+                seq,
+                1,
+                false,
+                go.add(r0 * os),
+                os,
+                1,
+                v,
+                1,
+                qs,
+                T::ONE,
+                none,
+            );
+            // dS = P * (dP - rowsum(dP * P)) on the causal part, zero on the rest of the block.
+            for i in r0..r1 {
+                let prow = std::slice::from_raw_parts(p.add(i * seq), i + 1);
+                let drow = std::slice::from_raw_parts_mut(ds.add(i * seq), r1);
+                let (live, masked) = drow.split_at_mut(i + 1);
+                let d = dot(prow, live);
+                for (x, &pv) in live.iter_mut().zip(prow) {
+                    *x = pv * (*x - d);
+                }
+                masked.fill(T::ZERO);
+            }
+            // dQ[r0..r1] = scale * dS[r0..r1, 0..r1] K[0..r1]
+            gemm_view(
+                r1 - r0,
+                hs,
+                r1,
+                dq.add(r0 * qs),
+                qs,
+                1,
+                false,
+                ds.add(r0 * seq),
+                seq,
+                1,
+                k,
+                qs,
+                1,
+                scale,
+                none,
+            );
+            r0 = r1;
+        }
+        // Key/value rows j0..j1 only receive from query rows i >= j0.
+        let mut j0 = 0;
+        while j0 < seq {
+            let j1 = (j0 + ATTN_BLOCK).min(seq);
+            let depth = seq - j0;
+            // dV[j0..j1] (+)= P[j0.., j0..j1]^T dO[j0..]
+            gemm_view(
+                j1 - j0,
+                hs,
+                depth,
+                dv.add(j0 * qs),
+                qs,
+                1,
+                accumulate,
+                p.add(j0 * seq + j0),
+                1,
+                seq,
+                go.add(j0 * os),
+                os,
+                1,
+                T::ONE,
+                none,
+            );
+            // dK[j0..j1] (+)= scale * dS[j0.., j0..j1]^T Q[j0..]
+            gemm_view(
+                j1 - j0,
+                hs,
+                depth,
+                dk.add(j0 * qs),
+                qs,
+                1,
+                accumulate,
+                ds.add(j0 * seq + j0),
+                1,
+                seq,
+                q.add(j0 * qs),
+                qs,
+                1,
+                scale,
+                none,
+            );
+            j0 = j1;
+        }
+    }
+}
+
+/// `out (n, inter) = silu(gate) * up` for rows of `gu (n, 2*inter)`.
+#[inline(always)]
+unsafe fn swiglu_forward_rows_plain<T: Element>(out: &mut [T], gu: &[T], inter: usize) {
+    for (orow, gurow) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+        let (gate, up) = gurow.split_at(inter);
+        for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+/// SwiGLU backward on rows: `gg (n, 2*inter)`, `go (n, inter)`, `gu (n, 2*inter)`.
+#[inline(always)]
+unsafe fn swiglu_backward_rows_plain<T: Element>(gg: &mut [T], go: &[T], gu: &[T], inter: usize) {
+    for ((ggrow, gurow), gorow) in gg
+        .chunks_exact_mut(2 * inter)
+        .zip(gu.chunks_exact(2 * inter))
+        .zip(go.chunks_exact(inter))
+    {
+        let (dgate, dup) = ggrow.split_at_mut(inter);
+        let (gate, up) = gurow.split_at(inter);
+        for ((((dg, du), &g), &u), &d) in dgate
+            .iter_mut()
+            .zip(dup.iter_mut())
+            .zip(gate)
+            .zip(up)
+            .zip(gorow)
+        {
+            let sg = sigmoid(g);
+            let silu = g * sg;
+            *du = d * silu;
+            *dg = d * u * (sg * (T::ONE + g * (T::ONE - sg)));
+        }
+    }
+}
+
+/// Cross-entropy on rows of `rows (r, vocab)`: per-row losses into `ls (r)`, gradient in place.
+#[inline(always)]
+unsafe fn cross_entropy_rows_plain<T: Element>(
+    rows: &mut [T],
+    ls: &mut [f64],
+    targets: &[u32],
+    vocab: usize,
+    grad_scale: Option<T>,
+) {
+    for ((row, l), &t) in rows.chunks_exact_mut(vocab).zip(ls).zip(targets) {
+        let t = t as usize;
+        assert!(t < vocab, "cross_entropy: target {t} out of range");
+        let mx = max(row);
+        let zt = row[t];
+        for x in row.iter_mut() {
+            *x = exp(*x - mx);
+        }
+        let total_exp = sum(row);
+        *l = (mx.to_f64() + total_exp.to_f64().ln()) - zt.to_f64();
+        if let Some(gs) = grad_scale {
+            let f = gs / total_exp;
+            for x in row.iter_mut() {
+                *x *= f;
+            }
+            row[t] -= gs;
+        }
+    }
+}
+
+/// AdamW hyper-parameters and derived constants of one step.
+#[derive(Clone, Copy)]
+struct AdamConsts<T> {
+    lr: T,
+    beta_1: T,
+    beta_2: T,
+    epsilon: T,
+    grad_scale: T,
+    bc1: T,
+    bc2: T,
+    lr_wd: T,
+    one_m_b1: T,
+    one_m_b2: T,
+}
+
+/// AdamW on one contiguous range.
+#[inline(always)]
+unsafe fn adamw_range_plain<T: Element>(
+    w: &mut [T],
+    m: &mut [T],
+    v: &mut [T],
+    grad: &[T],
+    c: AdamConsts<T>,
+) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
+        let g = g * c.grad_scale;
+        *w -= c.lr_wd * *w;
+        *m = c.beta_1 * *m + c.one_m_b1 * g;
+        *v = c.beta_2 * *v + c.one_m_b2 * g * g;
+        *w -= c.lr * (*m / c.bc1) / ((*v / c.bc2).sqrt() + c.epsilon);
+    }
+}
+
+avx2_variant!(swiglu_forward_rows, swiglu_forward_rows_avx2, swiglu_forward_rows_plain,
+    (out: &mut [T], gu: &[T], inter: usize));
+avx2_variant!(swiglu_backward_rows, swiglu_backward_rows_avx2, swiglu_backward_rows_plain,
+    (gg: &mut [T], go: &[T], gu: &[T], inter: usize));
+avx2_variant!(cross_entropy_rows, cross_entropy_rows_avx2, cross_entropy_rows_plain,
+    (rows: &mut [T], ls: &mut [f64], targets: &[u32], vocab: usize, grad_scale: Option<T>));
+avx2_variant!(adamw_range, adamw_range_avx2, adamw_range_plain,
+    (w: &mut [T], m: &mut [T], v: &mut [T], grad: &[T], c: AdamConsts<T>));
+
+impl<T: Element> Kernels<T> for CpuKernels {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matmul(
+        &self,
+        c: &mut [T],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        assert!(c.len() >= m * n, "matmul: c too small");
+        assert!(a.len() >= m * k, "matmul: a too small");
+        assert!(b.len() >= k * n, "matmul: b too small");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                c[..m * n].fill(T::ZERO);
+            }
+            return;
+        }
+        let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+        // SAFETY: the asserts above bound every view; `c` is a distinct &mut slice.
+        unsafe {
+            gemm_view(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                n,
+                1,
+                accumulate,
+                a.as_ptr(),
+                a_rs,
+                a_cs,
+                b.as_ptr(),
+                b_rs,
+                b_cs,
+                T::ONE,
+                self.gemm_parallelism(),
+            );
+        }
+    }
+
+    fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize) {
+        let n = tokens.len();
+        assert_eq!(out.len(), n * hidden, "embedding_forward: out shape");
+        let vocab = table.len() / hidden.max(1);
+        let po = SyncPtr::new(out);
+        self.par_ranges(n, hidden, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let out = unsafe { po.slice(s * hidden, (e - s) * hidden) };
+            for (row, &t) in out.chunks_exact_mut(hidden).zip(&tokens[s..e]) {
+                let t = t as usize;
+                assert!(t < vocab, "embedding: token {t} out of range");
+                row.copy_from_slice(&table[t * hidden..(t + 1) * hidden]);
+            }
+        });
+    }
+
+    fn embedding_backward(
+        &self,
+        grad_table: &mut [T],
+        tokens: &[u32],
+        grad_out: &[T],
+        hidden: usize,
+    ) {
+        let n = tokens.len();
+        assert_eq!(
+            grad_out.len(),
+            n * hidden,
+            "embedding_backward: grad_out shape"
+        );
+        if hidden == 0 {
+            return;
+        }
+        let vocab = grad_table.len() / hidden;
+        assert!(
+            tokens.iter().all(|&t| (t as usize) < vocab),
+            "embedding: token out of range"
+        );
+        let pg = SyncPtr::new(grad_table);
+        // Split over column blocks: each column accumulates the rows in row order on one thread.
+        let blocks = hidden.div_ceil(COL_BLOCK);
+        self.par_ranges(blocks, n * COL_BLOCK, |bs, be| {
+            let (c0, c1) = (bs * COL_BLOCK, (be * COL_BLOCK).min(hidden));
+            for (i, &t) in tokens.iter().enumerate() {
+                // SAFETY: columns c0..c1 of any row are this range's only.
+                let dst = unsafe { pg.slice(t as usize * hidden + c0, c1 - c0) };
+                let src = &grad_out[i * hidden + c0..i * hidden + c1];
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d += x;
+                }
+            }
+        });
+    }
+
+    fn rms_norm_forward(
+        &self,
+        out: &mut [T],
+        rstd: &mut [T],
+        x: &[T],
+        weight: &[T],
+        hidden: usize,
+        eps: T,
+    ) {
+        assert!(hidden > 0);
+        let n = x.len() / hidden;
+        assert_eq!(x.len(), n * hidden, "rms_norm_forward: x shape");
+        assert_eq!(out.len(), n * hidden, "rms_norm_forward: out shape");
+        assert_eq!(rstd.len(), n, "rms_norm_forward: rstd shape");
+        assert_eq!(weight.len(), hidden, "rms_norm_forward: weight shape");
+        let inv_c = T::from_f64(1.0 / hidden as f64);
+        let (po, pr) = (SyncPtr::new(out), SyncPtr::new(rstd));
+        self.par_ranges(n, hidden, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let (out, rstd) =
+                unsafe { (po.slice(s * hidden, (e - s) * hidden), pr.slice(s, e - s)) };
+            let xs = &x[s * hidden..e * hidden];
+            for ((orow, xrow), r) in out
+                .chunks_exact_mut(hidden)
+                .zip(xs.chunks_exact(hidden))
+                .zip(rstd)
+            {
+                let rs = T::ONE / (dot(xrow, xrow) * inv_c + eps).sqrt();
+                *r = rs;
+                for ((o, &xv), &w) in orow.iter_mut().zip(xrow).zip(weight) {
+                    *o = xv * rs * w;
+                }
+            }
+        });
+    }
+
+    fn rms_norm_backward(
+        &self,
+        grad_x: &mut [T],
+        grad_weight: &mut [T],
+        grad_out: &[T],
+        x: &[T],
+        weight: &[T],
+        rstd: &[T],
+        hidden: usize,
+    ) {
+        assert!(hidden > 0);
+        let n = rstd.len();
+        assert_eq!(x.len(), n * hidden, "rms_norm_backward: x shape");
+        assert_eq!(
+            grad_out.len(),
+            n * hidden,
+            "rms_norm_backward: grad_out shape"
+        );
+        assert_eq!(grad_x.len(), n * hidden, "rms_norm_backward: grad_x shape");
+        assert_eq!(weight.len(), hidden, "rms_norm_backward: weight shape");
+        assert_eq!(
+            grad_weight.len(),
+            hidden,
+            "rms_norm_backward: grad_weight shape"
+        );
+        let inv_c = T::from_f64(1.0 / hidden as f64);
+        // grad_x = r * w * g - x * r^3 / c * sum(w * g * x), row by row.
+        let px = SyncPtr::new(grad_x);
+        self.par_ranges(n, 2 * hidden, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let gx = unsafe { px.slice(s * hidden, (e - s) * hidden) };
+            for (i, gxrow) in (s..e).zip(gx.chunks_exact_mut(hidden)) {
+                let xrow = &x[i * hidden..(i + 1) * hidden];
+                let grow = &grad_out[i * hidden..(i + 1) * hidden];
+                let r = rstd[i];
+                // gxrow first holds w * g, then the gradient.
+                for ((d, &gv), &w) in gxrow.iter_mut().zip(grow).zip(weight) {
+                    *d = w * gv;
+                }
+                let coef = dot(gxrow, xrow) * r * r * r * inv_c;
+                for (d, &xv) in gxrow.iter_mut().zip(xrow) {
+                    *d = r * *d - xv * coef;
+                }
+            }
+        });
+        // grad_weight += sum_i g * x * r, by column blocks, rows in order.
+        let pw = SyncPtr::new(grad_weight);
+        let blocks = hidden.div_ceil(COL_BLOCK);
+        self.par_ranges(blocks, n * COL_BLOCK, |bs, be| {
+            for blk in bs..be {
+                let (c0, c1) = (blk * COL_BLOCK, ((blk + 1) * COL_BLOCK).min(hidden));
+                let mut acc = [T::ZERO; COL_BLOCK];
+                let acc = &mut acc[..c1 - c0];
+                for i in 0..n {
+                    let r = rstd[i];
+                    let xs = &x[i * hidden + c0..i * hidden + c1];
+                    let gs = &grad_out[i * hidden + c0..i * hidden + c1];
+                    for ((a, &xv), &gv) in acc.iter_mut().zip(xs).zip(gs) {
+                        *a += gv * xv * r;
+                    }
+                }
+                // SAFETY: columns c0..c1 are this range's only.
+                let gw = unsafe { pw.slice(c0, c1 - c0) };
+                for (w, &a) in gw.iter_mut().zip(acc.iter()) {
+                    *w += a;
+                }
+            }
+        });
+    }
+
+    fn rotary(
+        &self,
+        x: &mut [T],
+        row_stride: usize,
+        num_heads: usize,
+        head_size: usize,
+        seq: usize,
+        cos: &[T],
+        sin: &[T],
+        inverse: bool,
+    ) {
+        assert!(row_stride > 0 && seq > 0 && head_size.is_multiple_of(2));
+        assert!(
+            num_heads * head_size <= row_stride,
+            "rotary: heads exceed the row"
+        );
+        let n = x.len() / row_stride;
+        assert_eq!(x.len(), n * row_stride, "rotary: x shape");
+        let half = head_size / 2;
+        assert!(
+            cos.len() >= seq * half && sin.len() >= seq * half,
+            "rotary: cos/sin shape"
+        );
+        let px = SyncPtr::new(x);
+        self.par_ranges(n, num_heads * head_size, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let xs = unsafe { px.slice(s * row_stride, (e - s) * row_stride) };
+            for (i, row) in (s..e).zip(xs.chunks_exact_mut(row_stride)) {
+                let pos = i % seq;
+                let c = &cos[pos * half..(pos + 1) * half];
+                let sn = &sin[pos * half..(pos + 1) * half];
+                for head in row[..num_heads * head_size].chunks_exact_mut(head_size) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    if inverse {
+                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn)
+                        {
+                            let (u, v) = (*a, *b);
+                            *a = u * cv + v * sv;
+                            *b = v * cv - u * sv;
+                        }
+                    } else {
+                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn)
+                        {
+                            let (u, v) = (*a, *b);
+                            *a = u * cv - v * sv;
+                            *b = v * cv + u * sv;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut [T],
+        probs: &mut [T],
+        qkv: &[T],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_size: usize,
+    ) {
+        let s = AttnShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_size,
+        };
+        s.check();
+        assert_eq!(qkv.len(), s.qkv_len(), "attention_forward: qkv shape");
+        assert_eq!(
+            out.len(),
+            batch * seq * s.out_stride(),
+            "attention_forward: out shape"
+        );
+        assert!(
+            probs.len() >= batch * heads * seq * seq,
+            "attention_forward: probs too small"
+        );
+        let (po, pp) = (SyncPtr::new(out), SyncPtr::new(probs));
+        let cost = seq * seq * head_size;
+        self.par_ranges(batch * heads, cost, |t0, t1| {
+            for t in t0..t1 {
+                // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block.
+                unsafe { attention_forward_task(s, t / heads, t % heads, po, pp, qkv) };
+            }
+        });
+    }
+
+    fn attention_backward(
+        &self,
+        grad_qkv: &mut [T],
+        scratch: &mut [T],
+        grad_out: &[T],
+        qkv: &[T],
+        probs: &[T],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_size: usize,
+    ) {
+        let s = AttnShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_size,
+        };
+        s.check();
+        assert_eq!(qkv.len(), s.qkv_len(), "attention_backward: qkv shape");
+        assert_eq!(
+            grad_qkv.len(),
+            qkv.len(),
+            "attention_backward: grad_qkv shape"
+        );
+        assert_eq!(
+            grad_out.len(),
+            batch * seq * s.out_stride(),
+            "attention_backward: grad_out shape"
+        );
+        assert!(
+            probs.len() >= batch * heads * seq * seq,
+            "attention_backward: probs too small"
+        );
+        assert!(
+            scratch.len() >= batch * heads * seq * seq,
+            "attention_backward: scratch too small"
+        );
+        let (pg, ps) = (SyncPtr::new(grad_qkv), SyncPtr::new(scratch));
+        let cost = s.group() * seq * seq * head_size;
+        self.par_ranges(batch * kv_heads, cost, |t0, t1| {
+            for t in t0..t1 {
+                // SAFETY: task t = (b, g) owns the columns of kv group g (its query heads, its k and v
+                // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads.
+                unsafe {
+                    attention_backward_task(
+                        s,
+                        t / kv_heads,
+                        t % kv_heads,
+                        pg,
+                        ps,
+                        grad_out,
+                        qkv,
+                        probs,
+                    )
+                };
+            }
+        });
+    }
+
+    fn swiglu_forward(&self, out: &mut [T], gate_up: &[T], inter: usize) {
+        assert!(inter > 0);
+        let n = out.len() / inter;
+        assert_eq!(out.len(), n * inter, "swiglu_forward: out shape");
+        assert_eq!(
+            gate_up.len(),
+            2 * n * inter,
+            "swiglu_forward: gate_up shape"
+        );
+        let po = SyncPtr::new(out);
+        self.par_ranges(n, inter, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let out = unsafe { po.slice(s * inter, (e - s) * inter) };
+            let gu = &gate_up[2 * s * inter..2 * e * inter];
+            unsafe { swiglu_forward_rows(out, gu, inter) };
+        });
+    }
+
+    fn swiglu_backward(&self, grad_gate_up: &mut [T], grad_out: &[T], gate_up: &[T], inter: usize) {
+        assert!(inter > 0);
+        let n = grad_out.len() / inter;
+        assert_eq!(grad_out.len(), n * inter, "swiglu_backward: grad_out shape");
+        assert_eq!(
+            gate_up.len(),
+            2 * n * inter,
+            "swiglu_backward: gate_up shape"
+        );
+        assert_eq!(
+            grad_gate_up.len(),
+            2 * n * inter,
+            "swiglu_backward: grad_gate_up shape"
+        );
+        let pg = SyncPtr::new(grad_gate_up);
+        self.par_ranges(n, 2 * inter, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let gg = unsafe { pg.slice(2 * s * inter, 2 * (e - s) * inter) };
+            let gu = &gate_up[2 * s * inter..2 * e * inter];
+            let go = &grad_out[s * inter..e * inter];
+            unsafe { swiglu_backward_rows(gg, go, gu, inter) };
+        });
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut [T],
+        targets: &[u32],
+        vocab: usize,
+        grad_scale: Option<T>,
+    ) -> f64 {
+        assert!(vocab > 0);
+        let n = targets.len();
+        assert_eq!(logits.len(), n * vocab, "cross_entropy: logits shape");
+        let pl = SyncPtr::new(logits);
+        let mut total = 0.0f64;
+        let mut losses = [0.0f64; CE_GROUP];
+        let mut g0 = 0;
+        while g0 < n {
+            let g1 = (g0 + CE_GROUP).min(n);
+            let pls = SyncPtr::new(&mut losses[..g1 - g0]);
+            self.par_ranges(g1 - g0, vocab, |s, e| {
+                // SAFETY: rows g0+s..g0+e and loss slots s..e are this range's only.
+                let rows = unsafe { pl.slice((g0 + s) * vocab, (e - s) * vocab) };
+                let ls = unsafe { pls.slice(s, e - s) };
+                unsafe {
+                    cross_entropy_rows(rows, ls, &targets[g0 + s..g0 + e], vocab, grad_scale)
+                };
+            });
+            for &l in &losses[..g1 - g0] {
+                total += l;
+            }
+            g0 = g1;
+        }
+        total
+    }
+
+    fn adamw(
+        &self,
+        w: &mut [T],
+        grad: &[T],
+        exp_avg: &mut [T],
+        exp_avg_sq: &mut [T],
+        lr: T,
+        beta_1: T,
+        beta_2: T,
+        epsilon: T,
+        weight_decay: T,
+        grad_scale: T,
+        step: u64,
+    ) {
+        let n = w.len();
+        assert_eq!(grad.len(), n, "adamw: grad shape");
+        assert_eq!(exp_avg.len(), n, "adamw: exp_avg shape");
+        assert_eq!(exp_avg_sq.len(), n, "adamw: exp_avg_sq shape");
+        assert!(step >= 1, "adamw: step is 1-based");
+        let bc1 = T::from_f64(1.0 - beta_1.to_f64().powf(step as f64));
+        let bc2 = T::from_f64(1.0 - beta_2.to_f64().powf(step as f64));
+        let lr_wd = lr * weight_decay;
+        let (one_m_b1, one_m_b2) = (T::ONE - beta_1, T::ONE - beta_2);
+        let (pw, pm, pv) = (
+            SyncPtr::new(w),
+            SyncPtr::new(exp_avg),
+            SyncPtr::new(exp_avg_sq),
+        );
+        self.par_ranges(n, 4, |s, e| {
+            // SAFETY: elements s..e are this range's only.
+            let (w, m, v) = unsafe { (pw.slice(s, e - s), pm.slice(s, e - s), pv.slice(s, e - s)) };
+            let c = AdamConsts {
+                lr,
+                beta_1,
+                beta_2,
+                epsilon,
+                grad_scale,
+                bc1,
+                bc2,
+                lr_wd,
+                one_m_b1,
+                one_m_b2,
+            };
+            unsafe { adamw_range(w, m, v, &grad[s..e], c) };
+        });
+    }
+
+    fn add_assign(&self, out: &mut [T], x: &[T]) {
+        assert_eq!(out.len(), x.len(), "add_assign: shapes");
+        let po = SyncPtr::new(out);
+        self.par_ranges(x.len(), 1, |s, e| {
+            // SAFETY: elements s..e are this range's only.
+            let out = unsafe { po.slice(s, e - s) };
+            for (o, &v) in out.iter_mut().zip(&x[s..e]) {
+                *o += v;
+            }
+        });
+    }
+
+    fn sum_squares(&self, x: &[T]) -> f64 {
+        // Fixed chunks of SQ_CHUNK elements, each summed in f64 (4 interleaved lanes), then the chunk
+        // sums added in order: the result does not depend on the thread count.
+        let chunks = x.len().div_ceil(SQ_CHUNK);
+        let mut partial = [0.0f64; SQ_GROUP];
+        let mut total = 0.0f64;
+        let mut c0 = 0;
+        while c0 < chunks {
+            let c1 = (c0 + SQ_GROUP).min(chunks);
+            let pp = SyncPtr::new(&mut partial[..c1 - c0]);
+            self.par_ranges(c1 - c0, SQ_CHUNK, |s, e| {
+                // SAFETY: slots s..e are this range's only.
+                let out = unsafe { pp.slice(s, e - s) };
+                for (o, c) in out.iter_mut().zip(c0 + s..c0 + e) {
+                    let xs = &x[c * SQ_CHUNK..((c + 1) * SQ_CHUNK).min(x.len())];
+                    let mut acc = [0.0f64; 4];
+                    let it = xs.chunks_exact(4);
+                    let rem = it.remainder();
+                    for q in it {
+                        for l in 0..4 {
+                            let v = q[l].to_f64();
+                            acc[l] += v * v;
+                        }
+                    }
+                    for (l, v) in rem.iter().enumerate() {
+                        let v = v.to_f64();
+                        acc[l] += v * v;
+                    }
+                    *o = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                }
+            });
+            for &p in &partial[..c1 - c0] {
+                total += p;
+            }
+            c0 = c1;
+        }
+        total
+    }
+}
