@@ -333,10 +333,7 @@ fn rank_main(
                     human(tps),
                     100.0 * interval_wait / interval_time,
                 );
-                match &progress {
-                    Some(p) => p.println(line),
-                    None => println!("{line}"),
-                }
+                emit(&progress, line);
             }
             (interval_loss, interval_steps, interval_time, interval_wait) = (0.0, 0, 0.0, 0.0);
         }
@@ -351,10 +348,7 @@ fn rank_main(
                 }
                 if !quiet {
                     let line = format!("step {done}/{train_iters} | validation ({name}) loss {vloss:.4}");
-                    match &progress {
-                        Some(p) => p.println(line),
-                        None => println!("{line}"),
-                    }
+                    emit(&progress, line);
                 }
             }
         }
@@ -375,6 +369,14 @@ fn rank_main(
     }
     summary.final_weights = engine.gather_weights()?;
     Ok(summary)
+}
+
+/// Print a log line above the progress bar (or plainly when there is no visible bar).
+fn emit(progress: &Option<indicatif::ProgressBar>, line: String) {
+    match progress {
+        Some(p) if !p.is_hidden() => p.println(line),
+        _ => println!("{line}"),
+    }
 }
 
 /// Mean validation loss over `iterations` global batches of consecutive windows.
