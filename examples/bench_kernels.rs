@@ -2,6 +2,8 @@
 //! vocab 256, sequences of 256, micro-batches of 2048 tokens (8 sequences), 4 blocks.
 //!
 //! `cargo run --release --example bench_kernels [-- THREADS...]` (default: 1 2).
+//! Profiling aids: `BENCH_ONLY_MATMUL=THREADS` (200 gate_up products), `BENCH_ONLY_ATTN=1` (200
+//! attention forward+backward, 1 thread).
 
 use fast_llm_rs::backend::cpu::CpuKernels;
 use fast_llm_rs::backend::Kernels;
@@ -260,6 +262,27 @@ fn bench(threads: usize) -> f64 {
 }
 
 fn main() {
+    if let Ok(t) = std::env::var("BENCH_ONLY_MATMUL") {
+        // Profiling aid: 200 forward gate_up products with the given thread count.
+        let k = CpuKernels::new(t.parse().unwrap_or(1));
+        let x = fill(TOKENS * HIDDEN, 1);
+        let w = fill(2 * INTER * HIDDEN, 2);
+        let mut y = vec![0.0f32; TOKENS * 2 * INTER];
+        for _ in 0..200 {
+            k.matmul(
+                &mut y,
+                &x,
+                &w,
+                TOKENS,
+                2 * INTER,
+                HIDDEN,
+                false,
+                true,
+                false,
+            );
+        }
+        return;
+    }
     if std::env::var("BENCH_ONLY_ATTN").is_ok() {
         let k = CpuKernels::new(1);
         let qkv_w = (HEADS + 2 * KV_HEADS) * HEAD_SIZE;
