@@ -114,13 +114,6 @@ fn parity_matrix_across_zero_stages_buffers_stage_splits_and_schedules() {
     }
     eprintln!("{checked_bitwise} bitwise comparisons, {checked_tolerance} tolerance comparisons");
     assert!(checked_bitwise > 100);
-    // Data-parallel k equals depth-first k on one rank.
-    let d1 = &references[&1];
-    for world in [2, 4] {
-        let d = &references[&world];
-        let (lr, wr) = (losses_rel(&d.losses, &d1.losses), max_rel(&d.final_weights, &d1.final_weights));
-        assert!(lr < 1e-6 && wr < 1e-5, "world {world} vs 1 rank: loss rel {lr:e}, weight rel {wr:e}");
-    }
 }
 
 #[test]
