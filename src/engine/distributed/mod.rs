@@ -3,6 +3,8 @@
 
 pub mod launch;
 pub mod local;
+pub mod nccl_lib;
+pub mod rendezvous;
 pub mod stream;
 
 use thiserror::Error;
