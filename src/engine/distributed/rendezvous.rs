@@ -443,7 +443,7 @@ mod tests {
         for (rank, r) in results {
             assert_eq!(r.unwrap(), ID, "rank {rank}");
         }
-        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[test]
@@ -480,7 +480,7 @@ mod tests {
         let mut results = run_threads(&[(1, 4), (3, 4)], port, Duration::from_millis(1000));
         results.push(server.join().unwrap());
         let elapsed = t0.elapsed();
-        assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(2000), "{elapsed:?}");
         for (rank, r) in results {
             let e = r.unwrap_err();
             let msg = e.to_string();
@@ -505,7 +505,7 @@ mod tests {
         let port = free_port();
         let t0 = Instant::now();
         let e = share_id(&env(2, 3, port), None, Duration::from_millis(300)).unwrap_err();
-        assert!(t0.elapsed() < Duration::from_millis(1000), "{:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_millis(2000), "{:?}", t0.elapsed());
         let msg = e.to_string();
         assert!(matches!(e, RendezvousError::Unreachable { rank: 2, .. }), "{msg}");
         assert!(
@@ -723,6 +723,6 @@ mod tests {
         }
         let total = t0.elapsed();
         eprintln!("4-process rendezvous (spawn to exit): {total:?}; {seen:?}");
-        assert!(total < Duration::from_secs(3), "{total:?}");
+        assert!(total < Duration::from_secs(5), "{total:?}");
     }
 }
