@@ -1,7 +1,10 @@
 //! Ranks, the data-parallel group and the [`Communicator`] trait that engine code uses without knowing
 //! the backend; `local` runs the ranks as threads of one process.
 
+pub mod launch;
 pub mod local;
+pub mod nccl_lib;
+pub mod rendezvous;
 pub mod stream;
 
 use thiserror::Error;
