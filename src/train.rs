@@ -157,7 +157,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let world = cfg.model.distributed.world_size as usize;
     let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
     let seq = cfg.data.sequence_length as usize;
-    let batch = Batch { batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize, seq };
+    let batch = Batch {
+        batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize,
+        seq,
+    };
     let df = cfg.schedule.depth_first_micro_batches as usize;
     let bf = cfg.schedule.breadth_first_micro_batches as usize;
     let global_tokens = global_batch_tokens(cfg);
@@ -237,7 +240,10 @@ fn rank_main(
     engine.comm().barrier()?;
     if leader {
         let reports = memory.lock().unwrap().clone();
-        write_atomic(&dir.join("memory.json"), serde_json::to_string_pretty(&json!({ "ranks": reports }))?.as_bytes())?;
+        write_atomic(
+            &dir.join("memory.json"),
+            serde_json::to_string_pretty(&json!({ "ranks": reports }))?.as_bytes(),
+        )?;
         if !quiet {
             let m = reports[0];
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -276,7 +282,12 @@ fn rank_main(
             let global_mb = (rank * local_mbs + mb) as u64;
             for j in 0..samples_per_mb {
                 let index = step * samples_per_batch + global_mb * samples_per_mb as u64 + j as u64;
-                sampler.fill(ds, index, &mut tokens[j * seq..(j + 1) * seq], &mut targets[j * seq..(j + 1) * seq]);
+                sampler.fill(
+                    ds,
+                    index,
+                    &mut tokens[j * seq..(j + 1) * seq],
+                    &mut targets[j * seq..(j + 1) * seq],
+                );
             }
         };
         let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
@@ -295,7 +306,10 @@ fn rank_main(
             step: step + 1,
         })?;
         if !loss.is_finite() {
-            bail!("step {}: the loss is {loss}; training diverged (lower optimizer.learning_rate.base or raise warm-up)", step + 1);
+            bail!(
+                "step {}: the loss is {loss}; training diverged (lower optimizer.learning_rate.base or raise warm-up)",
+                step + 1
+            );
         }
         let step_time = step_start.elapsed().as_secs_f64();
         summary.losses.push(loss);
@@ -324,7 +338,12 @@ fn rank_main(
                 extra.insert("tokens_per_s".into(), json!(tps));
                 extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
                 extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
-                m.write(&Metric { phase: "training".into(), step: done, loss: mean_loss, extra })?;
+                m.write(&Metric {
+                    phase: "training".into(),
+                    step: done,
+                    loss: mean_loss,
+                    extra,
+                })?;
             }
             if !quiet {
                 let line = format!(
@@ -344,7 +363,12 @@ fn rank_main(
                 if let Some(m) = metrics.as_mut() {
                     let mut extra = serde_json::Map::new();
                     extra.insert("evaluator".into(), json!(name));
-                    m.write(&Metric { phase: "validation".into(), step: done, loss: vloss, extra })?;
+                    m.write(&Metric {
+                        phase: "validation".into(),
+                        step: done,
+                        loss: vloss,
+                        extra,
+                    })?;
                 }
                 if !quiet {
                     let line = format!("step {done}/{train_iters} | validation ({name}) loss {vloss:.4}");
