@@ -57,6 +57,9 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Kernel threads per rank (default: available cores / ranks, at least 1).
     pub threads_per_rank: Option<usize>,
+    /// Fault injection for tests: `(rank, step)` makes that rank panic while loading its first
+    /// micro-batch of that (0-based) step, i.e. in the middle of the step.
+    pub fail_rank_at_step: Option<(usize, u64)>,
 }
 
 struct Data {
@@ -204,9 +207,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let local = Arc::new(comm);
+        let comm: Arc<dyn Communicator> = local.clone();
         let engine = RankEngine::new(
-            comm.clone(),
+            comm,
             model.clone(),
             layout.clone(),
             Box::new(CpuKernels::new(threads)),
@@ -215,7 +219,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
             bf,
             cfg.model.distributed.seed,
         );
-        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory)
+        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory, &|| {
+            local.stats()
+        })
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
@@ -231,6 +237,7 @@ fn rank_main(
     dir: &Path,
     global_tokens: u64,
     memory: &Mutex<Vec<MemoryReport>>,
+    comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
 ) -> anyhow::Result<TrainSummary> {
     let rank = engine.rank();
     let world = engine.comm().world_size();
@@ -279,6 +286,9 @@ fn rank_main(
         let (ds, sampler) = data.training.as_ref().expect("training dataset");
         let step_start = Instant::now();
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
+            if opts.fail_rank_at_step == Some((rank, step)) {
+                panic!("injected failure of rank {rank} at step {step}");
+            }
             let global_mb = (rank * local_mbs + mb) as u64;
             for j in 0..samples_per_mb {
                 let index = step * samples_per_batch + global_mb * samples_per_mb as u64 + j as u64;
@@ -391,6 +401,7 @@ fn rank_main(
             );
         }
     }
+    summary.comm_stats = Some(comm_stats());
     summary.final_weights = engine.gather_weights()?;
     Ok(summary)
 }
