@@ -41,7 +41,7 @@ fn run(data: &std::path::Path, s: &Setting) -> (TrainSummary, Vec<Vec<usize>>) {
         o.push(format!("model.multi_stage.num_weight_buffers={b}"));
     }
     let cfg = tiny_config(data, exp.path(), &o);
-    let summary = train(&cfg, &TrainOptions { quiet: true, threads_per_rank: Some(1) }).unwrap();
+    let summary = train(&cfg, &TrainOptions { quiet: true, threads_per_rank: Some(1), ..Default::default() }).unwrap();
     // Grouping of micro-batches per grad-buffer occupancy, per stage, from the schedule.
     let model = Llama::new(ModelShape::from_config(&cfg.model.base_model).unwrap());
     let layout = MultiStageLayout::new(&model, &cfg.model.multi_stage, s.world, 4);
