@@ -8,8 +8,8 @@ mod common;
 
 use common::{corpus_dir, ov, tiny_config};
 use fast_llm_rs::engine::checkpoint::{
-    self, checkpoints_root, file_checksum, latest_checkpoint, load_full_weights, scan_checkpoints,
-    CheckpointMetadata, MARKER, METADATA,
+    self, checkpoints_root, file_checksum, latest_checkpoint, load_full_weights, scan_checkpoints, CheckpointMetadata,
+    MARKER, METADATA,
 };
 use fast_llm_rs::train::{train, TrainOptions, TrainSummary};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -82,10 +82,7 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) / y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| ((x - y) / y).abs()).fold(0.0, f64::max)
 }
 
 #[test]
@@ -98,8 +95,7 @@ fn resume_is_bitwise_identical_to_a_straight_run() {
     for f in ["rank_0.safetensors", "rank_1.safetensors", METADATA, MARKER] {
         assert!(dir.join(f).is_file(), "{f}");
     }
-    let meta: CheckpointMetadata =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(METADATA)).unwrap()).unwrap();
+    let meta: CheckpointMetadata = serde_json::from_str(&std::fs::read_to_string(dir.join(METADATA)).unwrap()).unwrap();
     assert_eq!((meta.completed_steps, meta.layout.world_size, meta.seed), (3, 2, 77));
 
     let cfg = tiny_config(
@@ -121,7 +117,11 @@ fn resume_is_bitwise_identical_to_a_straight_run() {
     let metrics = std::fs::read_to_string(exp.path().join("metrics.jsonl")).unwrap();
     let logged: Vec<u64> = metrics
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(logged, vec![3, 6]);
 
@@ -189,7 +189,10 @@ fn resharding_to_other_world_sizes_zero_stages_and_stage_splits() {
         let s = train(&cfg, &opts()).unwrap();
         assert_eq!(s.resumed_from, 3);
         let rel = max_rel(&s.losses, &straight.losses[3..]);
-        assert!(rel < 1e-6, "world {world} zero {zero} lps {lps}: losses differ by {rel:e}");
+        assert!(
+            rel < 1e-6,
+            "world {world} zero {zero} lps {lps}: losses differ by {rel:e}"
+        );
         let wrel = s
             .final_weights
             .iter()
@@ -223,20 +226,22 @@ fn rewrite(dir: &Path, r: usize, edit: impl Fn(&str, &mut Vec<f32>)) {
         .collect();
     safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
     let meta_path = dir.join(METADATA);
-    let mut meta: CheckpointMetadata =
-        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let mut meta: CheckpointMetadata = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
     let (size, hash) = file_checksum(&path).unwrap();
     meta.files[r].size = size;
     meta.files[r].hash = hash;
     std::fs::write(&meta_path, serde_json::to_string(&meta).unwrap()).unwrap();
 }
 
+/// Damage done to a copy of a checkpoint directory.
+type Corruption = Box<dyn Fn(&Path)>;
+
 #[test]
 fn corrupt_or_mismatched_checkpoints_are_refused() {
     let saved = tempfile::tempdir().unwrap();
     three_steps(saved.path());
     let src = checkpoints_root(saved.path()).join("3");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &[&str])> = vec![
+    let cases: Vec<(&str, Corruption, &[&str])> = vec![
         (
             "truncated",
             Box::new(|d: &Path| {
@@ -308,7 +313,10 @@ fn corrupt_or_mismatched_checkpoints_are_refused() {
         for n in needles {
             assert!(e.contains(n), "{what}: '{n}' not in: {e}");
         }
-        assert!(latest_checkpoint(exp.path()).is_some(), "{what}: a complete checkpoint is never deleted");
+        assert!(
+            latest_checkpoint(exp.path()).is_some(),
+            "{what}: a complete checkpoint is never deleted"
+        );
         // So does the exporter's loader (except for optimizer-state damage, which it does not read).
         if what != "NaN in optimizer state" {
             let e = format!("{:#}", load_full_weights(&dir).unwrap_err());

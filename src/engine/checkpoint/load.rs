@@ -1,8 +1,8 @@
 //! Opening, checking and loading checkpoints, re-sharded to any layout.
 
 use super::{
-    checkpoints_root, fast_hash, rank_file_name, remove_incomplete, scan_checkpoints, tensor_name,
-    CheckpointMetadata, FORMAT_VERSION, KINDS, METADATA,
+    checkpoints_root, fast_hash, rank_file_name, remove_incomplete, scan_checkpoints, tensor_name, CheckpointMetadata,
+    FORMAT_VERSION, KINDS, METADATA,
 };
 use crate::config::{load_config_str, TrainConfig};
 use crate::engine::schedule::runner::RankEngine;
@@ -106,8 +106,7 @@ impl Checkpoint {
                 return Err(bad(format!("stage {i} has an inconsistent layout")));
             }
             for p in &s.params {
-                if p.shape.iter().product::<usize>() != p.numel || p.offset + p.numel > s.num_params
-                {
+                if p.shape.iter().product::<usize>() != p.numel || p.offset + p.numel > s.num_params {
                     return Err(bad(format!(
                         "parameter {} of stage {i} has an inconsistent layout",
                         p.name
@@ -126,9 +125,8 @@ impl Checkpoint {
                 )));
             }
             let path = dir.join(&fm.name);
-            let f = std::fs::File::open(&path).map_err(|e| {
-                anyhow::anyhow!("{}: cannot open ({e}); {}", path.display(), corrupt_hint(dir))
-            })?;
+            let f = std::fs::File::open(&path)
+                .map_err(|e| anyhow::anyhow!("{}: cannot open ({e}); {}", path.display(), corrupt_hint(dir)))?;
             let size = f.metadata()?.len();
             if size != fm.size {
                 bail!(
@@ -139,8 +137,7 @@ impl Checkpoint {
                 );
             }
             // SAFETY: checkpoint files are written once and never modified in place while mapped.
-            let map = unsafe { Mmap::map(&f) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
+            let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
             let tensors = index_tensors(&map, &metadata, r)
                 .map_err(|e| anyhow::anyhow!("{}: {e}; {}", path.display(), corrupt_hint(dir)))?;
             files.push(RankFile {
@@ -261,13 +258,7 @@ impl Checkpoint {
 
     /// Copy elements `elems` of saved parameter `name` (shard `kind`) into `out`, from whichever rank
     /// files hold them.
-    fn read_param(
-        &self,
-        name: &str,
-        elems: Range<usize>,
-        kind: &str,
-        out: &mut [f32],
-    ) -> anyhow::Result<()> {
+    fn read_param(&self, name: &str, elems: Range<usize>, kind: &str, out: &mut [f32]) -> anyhow::Result<()> {
         let Some(&(stage, offset)) = self.params.get(name) else {
             bail!(
                 "{}: parameter {name} is not in the checkpoint; the model architecture differs",
@@ -296,27 +287,18 @@ impl Checkpoint {
 }
 
 /// Byte ranges of the tensors of rank file `r`, after checking the header, names, dtypes and shapes.
-fn index_tensors(
-    map: &[u8],
-    meta: &CheckpointMetadata,
-    r: usize,
-) -> Result<HashMap<String, Range<usize>>, String> {
+fn index_tensors(map: &[u8], meta: &CheckpointMetadata, r: usize) -> Result<HashMap<String, Range<usize>>, String> {
     let st = SafeTensors::deserialize(map)
         .map_err(|e| format!("not a valid safetensors file ({e:?}); it may be truncated"))?;
     let expected = KINDS.len() * meta.layout.stages.len();
     if st.len() != expected {
-        return Err(format!(
-            "{} tensors, expected {expected} (3 per stage)",
-            st.len()
-        ));
+        return Err(format!("{} tensors, expected {expected} (3 per stage)", st.len()));
     }
     let mut out = HashMap::new();
     for s in &meta.layout.stages {
         for kind in KINDS {
             let name = tensor_name(s.index, kind);
-            let t = st
-                .tensor(&name)
-                .map_err(|_| format!("tensor {name} is missing"))?;
+            let t = st.tensor(&name).map_err(|_| format!("tensor {name} is missing"))?;
             if t.dtype() != Dtype::F32 {
                 return Err(format!("tensor {name} has dtype {:?}, expected F32", t.dtype()));
             }
@@ -337,11 +319,7 @@ fn index_tensors(
 }
 
 /// The first differing leaf between two JSON trees: `(dotted path, old, new)`.
-fn first_difference(
-    path: &str,
-    a: &serde_json::Value,
-    b: &serde_json::Value,
-) -> Option<(String, String, String)> {
+fn first_difference(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
@@ -398,9 +376,7 @@ pub fn load_into(engine: &mut RankEngine, ckpt: &Checkpoint, parts: LoadParts) -
 /// Every parameter of a checkpoint, `(HuggingFace name, shape, values)` in model order, assembled from
 /// the rank files (all checksums and values checked), with the config it was saved with.
 #[allow(clippy::type_complexity)]
-pub fn load_full_weights(
-    checkpoint_dir: &Path,
-) -> anyhow::Result<(TrainConfig, Vec<(String, Vec<usize>, Vec<f32>)>)> {
+pub fn load_full_weights(checkpoint_dir: &Path) -> anyhow::Result<(TrainConfig, Vec<(String, Vec<usize>, Vec<f32>)>)> {
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     ckpt.verify_all()?;
     let mut out = Vec::new();

@@ -219,10 +219,7 @@ pub fn scan_checkpoints(experiment_dir: &Path) -> (Vec<(u64, PathBuf)>, Vec<Path
 
 /// The newest complete checkpoint of an experiment directory (the one `train` resumes from).
 pub fn latest_checkpoint(experiment_dir: impl AsRef<Path>) -> Option<PathBuf> {
-    scan_checkpoints(experiment_dir.as_ref())
-        .0
-        .pop()
-        .map(|(_, p)| p)
+    scan_checkpoints(experiment_dir.as_ref()).0.pop().map(|(_, p)| p)
 }
 
 /// Remove the incomplete checkpoint directories (see [`scan_checkpoints`]); returns them.
@@ -259,8 +256,7 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
@@ -306,9 +302,7 @@ fn write_rank_file(engine: &RankEngine, path: &Path) -> anyhow::Result<(u64, u64
             // SAFETY: called between steps: no communication job is pending on the shards.
             let data = unsafe { buf.get() };
             // SAFETY: f32 has no padding or invalid bit patterns; little-endian (checked above).
-            let bytes = unsafe {
-                std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
-            };
+            let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
             tensors.push((
                 tensor_name(s.index, kind),
                 TensorView::new(Dtype::F32, vec![data.len()], bytes)?,
@@ -345,8 +339,7 @@ pub fn save(
     let tmp = root.join(format!(".tmp-{completed_steps}"));
     if rank == 0 {
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create checkpoint directory {}", tmp.display()))?;
@@ -354,7 +347,10 @@ pub fn save(
     comm.barrier()?;
     if let Some(n) = fail_after_files {
         if n < world && rank >= n {
-            bail!("simulated failure before writing {} (fail_checkpoint_after_files = {n})", rank_file_name(rank));
+            bail!(
+                "simulated failure before writing {} (fail_checkpoint_after_files = {n})",
+                rank_file_name(rank)
+            );
         }
     }
     let (size, hash) = write_rank_file(engine, &tmp.join(rank_file_name(rank)))?;
@@ -390,15 +386,15 @@ pub fn save(
         sync_dir(&tmp)?;
         let dst = root.join(completed_steps.to_string());
         if dst.exists() {
-            std::fs::remove_dir_all(&dst)
-                .with_context(|| format!("cannot replace {}", dst.display()))?;
+            std::fs::remove_dir_all(&dst).with_context(|| format!("cannot replace {}", dst.display()))?;
         }
-        std::fs::rename(&tmp, &dst).with_context(|| {
-            format!("cannot rename {} to {}", tmp.display(), dst.display())
-        })?;
+        std::fs::rename(&tmp, &dst).with_context(|| format!("cannot rename {} to {}", tmp.display(), dst.display()))?;
         sync_dir(&root)?;
         if matches!(fail_after_files, Some(n) if n >= world) {
-            bail!("simulated failure before writing the completion marker of {}", dst.display());
+            bail!(
+                "simulated failure before writing the completion marker of {}",
+                dst.display()
+            );
         }
         write_synced(&dst.join(MARKER), b"")?;
         sync_dir(&dst)?;
