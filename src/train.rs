@@ -242,7 +242,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
         );
         let start = match &resume {
             Some(c) => {
+                let t = Instant::now();
                 checkpoint::load_into(&mut engine, c, checkpoint::LoadParts::All)?;
+                if engine.rank() == 0 {
+                    say(format!(
+                        "Loaded checkpoint {} ({:.2} s)",
+                        c.completed_steps(),
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
                 c.completed_steps()
             }
             None => 0,
