@@ -323,6 +323,7 @@ fn rank_main(
     };
     let progress = (!quiet && train_iters > 0).then(|| crate::progress::bar(train_iters));
     let (mut interval_loss, mut interval_steps, mut interval_time, mut interval_wait) = (0.0, 0u64, 0.0, 0.0);
+    let mut interval_comm = comm_stats();
     let (mut total_time, mut total_wait, mut timed_steps) = (0.0, 0.0, 0u64);
     let mem_mib = {
         let m = engine.memory();
@@ -399,6 +400,23 @@ fn rank_main(
                 extra.insert("tokens_per_s".into(), json!(tps));
                 extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
                 extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
+                // Bytes moved per step on this rank's collectives (fp32 elements of the full buffers),
+                // including evaluation batches that ran in the interval.
+                let now = comm_stats();
+                let per_step = |a: u64, b: u64| json!(4 * (a - b) / interval_steps);
+                extra.insert(
+                    "all_gather_bytes_per_step".into(),
+                    per_step(now.all_gather_elements, interval_comm.all_gather_elements),
+                );
+                extra.insert(
+                    "reduce_scatter_bytes_per_step".into(),
+                    per_step(now.reduce_scatter_elements, interval_comm.reduce_scatter_elements),
+                );
+                extra.insert(
+                    "all_reduce_elements_per_step".into(),
+                    json!((now.all_reduce_elements - interval_comm.all_reduce_elements) / interval_steps),
+                );
+                interval_comm = now;
                 m.write(&Metric {
                     phase: "training".into(),
                     step: done,
