@@ -455,7 +455,7 @@ fn rank_main(
                 }
             }
         }
-        if cfg.training.checkpoint.interval.is_some_and(|i| done % i == 0) {
+        if cfg.training.checkpoint.interval.is_some_and(|i| done % i == 0 || done == train_iters) {
             let saved = checkpoint::save(&engine, cfg, done, samples_per_batch, opts.fail_checkpoint_after_files)?;
             if let (Some(r), false) = (saved, quiet) {
                 let mib = r.bytes as f64 / (1 << 20) as f64;

@@ -103,7 +103,7 @@ impl Default for EvaluatorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Save a checkpoint every `interval` steps. Default `None`: no checkpoints are saved.
+    /// Save a checkpoint every `interval` steps and after the last step. Default `None`: no checkpoints.
     /// >= 1 when set.
     pub interval: Option<u64>,
     /// Keep the newest `keep` checkpoints. Default 5, >= 1.
