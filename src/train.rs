@@ -311,10 +311,10 @@ fn rank_main(
             );
         }
     }
-    let seq = engine.batch.seq;
     let samples_per_mb = engine.batch.batch;
     let local_mbs = engine.micro_batches();
     let samples_per_batch = (samples_per_mb * local_mbs * world) as u64;
+    let geometry = Geometry::of(&engine, samples_per_batch);
     let train_iters = cfg.training.train_iters;
     let mut metrics = if leader { Some(MetricsLog::open(dir)?) } else { None };
     let mut summary = TrainSummary {
@@ -341,16 +341,7 @@ fn rank_main(
             if opts.fail_rank_at_step == Some((rank, step)) {
                 panic!("injected failure of rank {rank} at step {step}");
             }
-            let global_mb = (rank * local_mbs + mb) as u64;
-            for j in 0..samples_per_mb {
-                let index = step * samples_per_batch + global_mb * samples_per_mb as u64 + j as u64;
-                sampler.fill(
-                    ds,
-                    index,
-                    &mut tokens[j * seq..(j + 1) * seq],
-                    &mut targets[j * seq..(j + 1) * seq],
-                );
-            }
+            geometry.fill(step, mb, tokens, targets, |i, t, y| sampler.fill(ds, i, t, y));
         };
         let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
         let mut loss = [stats.loss_sum];
@@ -455,7 +446,12 @@ fn rank_main(
                 }
             }
         }
-        if cfg.training.checkpoint.interval.is_some_and(|i| done % i == 0 || done == train_iters) {
+        if cfg
+            .training
+            .checkpoint
+            .interval
+            .is_some_and(|i| done % i == 0 || done == train_iters)
+        {
             let saved = checkpoint::save(&engine, cfg, done, samples_per_batch, opts.fail_checkpoint_after_files)?;
             if let (Some(r), false) = (saved, quiet) {
                 let mib = r.bytes as f64 / (1 << 20) as f64;
@@ -493,6 +489,47 @@ fn emit(progress: &Option<indicatif::ProgressBar>, line: String) {
     }
 }
 
+/// Where a rank's micro-batches sit in the global batch. Local micro-batch `mb` of `rank` is global
+/// micro-batch `rank * local_mbs + mb`, so data-parallel `k` and depth-first `k` on one rank see the
+/// same samples; sample `j` of global micro-batch `g` of batch `b` has global index
+/// `b * samples_per_batch + g * samples_per_mb + j`.
+struct Geometry {
+    rank: usize,
+    local_mbs: usize,
+    samples_per_mb: usize,
+    seq: usize,
+    samples_per_batch: u64,
+}
+
+impl Geometry {
+    fn of(engine: &RankEngine, samples_per_batch: u64) -> Self {
+        Self {
+            rank: engine.rank(),
+            local_mbs: engine.micro_batches(),
+            samples_per_mb: engine.batch.batch,
+            seq: engine.batch.seq,
+            samples_per_batch,
+        }
+    }
+
+    /// Fill local micro-batch `mb` of batch `batch` with `sample(global index, tokens, targets)`.
+    fn fill(
+        &self,
+        batch: u64,
+        mb: usize,
+        tokens: &mut [u32],
+        targets: &mut [u32],
+        sample: impl Fn(u64, &mut [u32], &mut [u32]),
+    ) {
+        let global_mb = (self.rank * self.local_mbs + mb) as u64;
+        for j in 0..self.samples_per_mb {
+            let index = batch * self.samples_per_batch + global_mb * self.samples_per_mb as u64 + j as u64;
+            let r = j * self.seq..(j + 1) * self.seq;
+            sample(index, &mut tokens[r.clone()], &mut targets[r]);
+        }
+    }
+}
+
 /// Mean validation loss over `iterations` global batches of consecutive windows.
 fn evaluate(
     engine: &mut RankEngine,
@@ -502,22 +539,11 @@ fn evaluate(
     global_tokens: u64,
     samples_per_batch: u64,
 ) -> anyhow::Result<f64> {
-    let rank = engine.rank();
-    let local_mbs = engine.micro_batches();
-    let (seq, spm) = (engine.batch.seq, engine.batch.batch);
+    let geometry = Geometry::of(engine, samples_per_batch);
     let mut total = 0.0;
     for it in 0..iterations {
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
-            let global_mb = (rank * local_mbs + mb) as u64;
-            for j in 0..spm {
-                let index = it * samples_per_batch + global_mb * spm as u64 + j as u64;
-                sampler.fill_sequential(
-                    ds,
-                    index,
-                    &mut tokens[j * seq..(j + 1) * seq],
-                    &mut targets[j * seq..(j + 1) * seq],
-                );
-            }
+            geometry.fill(it, mb, tokens, targets, |i, t, y| sampler.fill_sequential(ds, i, t, y));
         };
         let stats = engine.run_batch(false, 0.0, &mut fill)?;
         let mut loss = [stats.loss_sum];

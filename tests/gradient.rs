@@ -9,7 +9,7 @@ use fast_llm_rs::engine::distributed::local::run_ranks;
 use fast_llm_rs::engine::distributed::Communicator;
 use fast_llm_rs::engine::multi_stage::MultiStageLayout;
 use fast_llm_rs::engine::schedule::runner::RankEngine;
-use fast_llm_rs::model::{init, Batch, Llama, ModelShape, Rope};
+use fast_llm_rs::model::{init, Batch, Llama, ModelShape};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,6 @@ fn tokens(g: usize, n: usize, vocab: usize) -> (Vec<u32>, Vec<u32>) {
 /// f64 reference: mean-loss gradient over `micro_batches` global micro-batches, in model order.
 fn reference(m: &Llama, b: Batch, micro_batches: usize) -> Vec<f64> {
     let k = CpuKernels::new(1);
-    let rope = Rope::<f64>::new(b.seq, m.shape.head_size, m.shape.theta);
     let params = m.all_params();
     // The engine initializes in f64 and rounds to f32: use the same values.
     let w: Vec<f64> = params
@@ -49,35 +48,11 @@ fn reference(m: &Llama, b: Batch, micro_batches: usize) -> Vec<f64> {
         .enumerate()
         .flat_map(|(p, spec)| (0..spec.numel()).map(move |e| init::init_value(SEED, p, spec, e) as f32 as f64))
         .collect();
-    let mut ranges = Vec::new();
-    let mut off = 0;
-    for &l in &m.layers {
-        ranges.push(off..off + m.layer_numel(l));
-        off += m.layer_numel(l);
-    }
     let mut g = vec![0.0; w.len()];
     let scale = 1.0 / (micro_batches * b.tokens()) as f64;
     for mb in 0..micro_batches {
-        let mut acts = m.alloc_acts::<f64>(b, 0..m.layers.len());
         let (t, y) = tokens(mb, b.tokens(), m.shape.vocab);
-        acts.tokens.copy_from_slice(&t);
-        acts.targets.copy_from_slice(&y);
-        for l in 0..m.layers.len() {
-            m.forward_layer(&k, &rope, l, &w[ranges[l].clone()], &mut acts, b, Some(scale));
-        }
-        let mut scratch = m.alloc_scratch::<f64>(b);
-        for l in (0..m.layers.len()).rev() {
-            m.backward_layer(
-                &k,
-                &rope,
-                l,
-                &w[ranges[l].clone()],
-                &mut g[ranges[l].clone()],
-                &mut acts,
-                &mut scratch,
-                b,
-            );
-        }
+        m.forward_backward_flat(&k, &w, Some(&mut g), &t, &y, b, scale);
     }
     g
 }

@@ -453,6 +453,60 @@ impl Llama {
         }
     }
 
+    /// Ranges of each layer's parameters in one whole-model flat buffer (model order, no stages).
+    pub fn flat_layer_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut off = 0;
+        self.layers
+            .iter()
+            .map(|&l| {
+                let r = off..off + self.layer_numel(l);
+                off = r.end;
+                r
+            })
+            .collect()
+    }
+
+    /// One micro-batch through the whole model held in one flat buffer `w` (no stages, shards or
+    /// communication): forward, and backward accumulating into `grads` when given, with the loss
+    /// gradient scaled by `loss_scale`. Returns the sum of the token losses. This is the reference path
+    /// the gradient tests hold the engine to; it allocates and is not meant for training.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_flat<T: Element>(
+        &self,
+        k: &dyn Kernels<T>,
+        w: &[T],
+        grads: Option<&mut [T]>,
+        tokens: &[u32],
+        targets: &[u32],
+        b: Batch,
+        loss_scale: T,
+    ) -> f64 {
+        let rope = Rope::<T>::new(b.seq, self.shape.head_size, self.shape.theta);
+        let ranges = self.flat_layer_ranges();
+        let mut acts = self.alloc_acts::<T>(b, 0..self.layers.len());
+        acts.tokens.copy_from_slice(tokens);
+        acts.targets.copy_from_slice(targets);
+        for (l, r) in ranges.iter().enumerate() {
+            self.forward_layer(k, &rope, l, &w[r.clone()], &mut acts, b, Some(loss_scale));
+        }
+        if let Some(g) = grads {
+            let mut scratch = self.alloc_scratch::<T>(b);
+            for (l, r) in ranges.iter().enumerate().rev() {
+                self.backward_layer(
+                    k,
+                    &rope,
+                    l,
+                    &w[r.clone()],
+                    &mut g[r.clone()],
+                    &mut acts,
+                    &mut scratch,
+                    b,
+                );
+            }
+        }
+        acts.loss_sum
+    }
+
     /// Forward of layer `l` for one micro-batch. `weights` is the layer's parameter range.
     /// Reads `acts.hidden[l]` (or the tokens), writes `acts.hidden[l + 1]` (or the loss sum).
     /// `loss_scale`: for the head, `Some(s)` computes the loss gradient scaled by `s` into the saved
@@ -695,39 +749,8 @@ mod tests {
 
     /// Whole-model forward (+ backward) in one flat buffer of all layers; returns the mean loss.
     fn run(m: &Llama, w: &[f64], grads: Option<&mut [f64]>, tokens: &[u32], targets: &[u32], b: Batch) -> f64 {
-        let k = CpuKernels::new(1);
-        let rope = Rope::<f64>::new(b.seq, m.shape.head_size, m.shape.theta);
-        let mut acts = m.alloc_acts::<f64>(b, 0..m.layers.len());
-        acts.tokens.copy_from_slice(tokens);
-        acts.targets.copy_from_slice(targets);
-        let mut ranges = Vec::new();
-        let mut off = 0;
-        for &l in &m.layers {
-            let n = m.layer_numel(l);
-            ranges.push(off..off + n);
-            off += n;
-        }
         let scale = 1.0 / b.tokens() as f64;
-        for l in 0..m.layers.len() {
-            m.forward_layer(&k, &rope, l, &w[ranges[l].clone()], &mut acts, b, Some(scale));
-        }
-        let loss = acts.loss_sum * scale;
-        if let Some(g) = grads {
-            let mut scratch = m.alloc_scratch::<f64>(b);
-            for l in (0..m.layers.len()).rev() {
-                m.backward_layer(
-                    &k,
-                    &rope,
-                    l,
-                    &w[ranges[l].clone()],
-                    &mut g[ranges[l].clone()],
-                    &mut acts,
-                    &mut scratch,
-                    b,
-                );
-            }
-        }
-        loss
+        m.forward_backward_flat(&CpuKernels::new(1), w, grads, tokens, targets, b, scale) * scale
     }
 
     fn setup() -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
