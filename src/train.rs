@@ -198,11 +198,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let threads = opts
         .threads_per_rank
         .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
+    let pretrained = match &cfg.pretrained {
+        Some(p) => {
+            let tensors = crate::hf::pretrained_tensors(p, &cfg.model.base_model)?;
+            say(format!("Initial weights: {} ({})", p.path.display(), p.format));
+            Some(tensors)
+        }
+        None => None,
+    };
     let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
         let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let engine = RankEngine::new(
+        let mut engine = RankEngine::new(
             comm.clone(),
             model.clone(),
             layout.clone(),
@@ -212,6 +220,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
             bf,
             cfg.model.distributed.seed,
         );
+        if let Some(t) = &pretrained {
+            engine.load_full_weights(t)?;
+        }
         rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory)
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
