@@ -54,9 +54,7 @@ fn main() -> anyhow::Result<()> {
             let mut full = vec![0f32; n];
             let ag = time_calls(&c, iters, || c.all_gather(&shard, &mut full).unwrap());
             let mut out = vec![0f32; n / D];
-            let rs = time_calls(&c, iters, || {
-                c.reduce_scatter(&full, &mut out, false).unwrap()
-            });
+            let rs = time_calls(&c, iters, || c.reduce_scatter(&full, &mut out, false).unwrap());
             let ar = time_calls(&c, iters, || c.all_reduce_sum(&mut full).unwrap());
             Ok((ag, rs, ar))
         })?;

@@ -138,11 +138,7 @@ fn bench(threads: usize) -> f64 {
     let mut probs = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
     let mut scratch = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
     let mut gqkv = vec![0.0f32; TOKENS * qkv_w];
-    let taf = time(|| {
-        k.attention_forward(
-            &mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE,
-        )
-    });
+    let taf = time(|| k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE));
     let tab = time(|| {
         k.attention_backward(
             &mut gqkv,
@@ -183,27 +179,13 @@ fn bench(threads: usize) -> f64 {
     let tsf = time(|| k.swiglu_forward(&mut so, &gu, INTER));
     let tsb = time(|| k.swiglu_backward(&mut ggu, &so, &gu, INTER));
     let half = HEAD_SIZE / 2;
-    let angle =
-        |i: usize| (i / half) as f32 / 10000f32.powf((2 * (i % half)) as f32 / HEAD_SIZE as f32);
+    let angle = |i: usize| (i / half) as f32 / 10000f32.powf((2 * (i % half)) as f32 / HEAD_SIZE as f32);
     let cos: Vec<f32> = (0..SEQ * half).map(|i| angle(i).cos()).collect();
     let sin: Vec<f32> = (0..SEQ * half).map(|i| angle(i).sin()).collect();
     let mut q = qkv.clone();
-    let tro = time(|| {
-        k.rotary(
-            &mut q,
-            qkv_w,
-            HEADS + KV_HEADS,
-            HEAD_SIZE,
-            SEQ,
-            &cos,
-            &sin,
-            false,
-        )
-    });
+    let tro = time(|| k.rotary(&mut q, qkv_w, HEADS + KV_HEADS, HEAD_SIZE, SEQ, &cos, &sin, false));
     let logits = fill(TOKENS * VOCAB, 11);
-    let targets: Vec<u32> = (0..TOKENS as u32)
-        .map(|i| (i * 7919) % VOCAB as u32)
-        .collect();
+    let targets: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919) % VOCAB as u32).collect();
     let mut lg = logits.clone();
     let tce = time(|| {
         lg.copy_from_slice(&logits);
@@ -211,8 +193,7 @@ fn bench(threads: usize) -> f64 {
     });
     let mut res = fill(TOKENS * HIDDEN, 12);
     let tadd = time(|| k.add_assign(&mut res, &xs));
-    let params = BLOCKS * (HIDDEN * (qkv_w + HEADS * HEAD_SIZE + 3 * INTER) + 2 * HIDDEN)
-        + 2 * VOCAB * HIDDEN;
+    let params = BLOCKS * (HIDDEN * (qkv_w + HEADS * HEAD_SIZE + 3 * INTER) + 2 * HIDDEN) + 2 * VOCAB * HIDDEN;
     let mut pw = fill(params, 13);
     let pg = fill(params, 14);
     let mut pm = vec![0.0f32; params];
@@ -220,9 +201,7 @@ fn bench(threads: usize) -> f64 {
     let mut step = 0;
     let tadam = time(|| {
         step += 1;
-        k.adamw(
-            &mut pw, &pg, &mut pm, &mut pv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step,
-        )
+        k.adamw(&mut pw, &pg, &mut pm, &mut pv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step)
     });
     let tsq = time(|| {
         std::hint::black_box(Kernels::<f32>::sum_squares(&k, &pg));
@@ -243,11 +222,8 @@ fn bench(threads: usize) -> f64 {
         tsq * 1e3,
         params
     );
-    let other = BLOCKS as f64 * (2.0 * (trf + trb) + tsf + tsb + 2.0 * tro + 4.0 * tadd)
-        + (trf + trb)
-        + tce
-        + tadam
-        + tsq;
+    let other =
+        BLOCKS as f64 * (2.0 * (trf + trb) + tsf + tsb + 2.0 * tro + 4.0 * tadd) + (trf + trb) + tce + tadam + tsq;
     total += other;
     println!(
         "per step of {TOKENS} tokens: matmul {:.1} ms ({:.1} GF/s avg), attention {:.1} ms, other {:.1} ms, total {:.1} ms => {:.0} tokens/s",
@@ -269,17 +245,7 @@ fn main() {
         let w = fill(2 * INTER * HIDDEN, 2);
         let mut y = vec![0.0f32; TOKENS * 2 * INTER];
         for _ in 0..200 {
-            k.matmul(
-                &mut y,
-                &x,
-                &w,
-                TOKENS,
-                2 * INTER,
-                HIDDEN,
-                false,
-                true,
-                false,
-            );
+            k.matmul(&mut y, &x, &w, TOKENS, 2 * INTER, HIDDEN, false, true, false);
         }
         return;
     }
@@ -293,9 +259,7 @@ fn main() {
         let mut scratch = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
         let mut gqkv = vec![0.0f32; TOKENS * qkv_w];
         for _ in 0..200 {
-            k.attention_forward(
-                &mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE,
-            );
+            k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE);
             k.attention_backward(
                 &mut gqkv,
                 &mut scratch,
@@ -311,15 +275,8 @@ fn main() {
         }
         return;
     }
-    let threads: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let threads = if threads.is_empty() {
-        vec![1, 2]
-    } else {
-        threads
-    };
+    let threads: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let threads = if threads.is_empty() { vec![1, 2] } else { threads };
     for t in threads {
         bench(t);
         println!();

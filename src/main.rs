@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fast-llm-rs", version, about = "Train Llama-style models with multi-stage ZeRO sharding")]
+#[command(
+    name = "fast-llm-rs",
+    version,
+    about = "Train Llama-style models with multi-stage ZeRO sharding"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,7 +112,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&config, &overrides)?;
             fast_llm_rs::train::train(&cfg, &Default::default())?;
         }
-        Command::Prepare { output, tokenizer, text_field, validation_fraction, inputs } => {
+        Command::Prepare {
+            output,
+            tokenizer,
+            text_field,
+            validation_fraction,
+            inputs,
+        } => {
             let report = fast_llm_rs::data::prepare(&fast_llm_rs::data::PrepareOptions {
                 inputs,
                 output,
@@ -118,9 +128,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("{report}");
         }
-        Command::Plan { config, device_memory, json, overrides } => {
+        Command::Plan {
+            config,
+            device_memory,
+            json,
+            overrides,
+        } => {
             let cfg = load_config(&config, &overrides)?;
-            let mem = device_memory.as_deref().map(fast_llm_rs::plan::parse_bytes).transpose()?;
+            let mem = device_memory
+                .as_deref()
+                .map(fast_llm_rs::plan::parse_bytes)
+                .transpose()?;
             let p = fast_llm_rs::plan::plan(&cfg, mem)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&fast_llm_rs::plan::to_json(&p))?);

@@ -131,7 +131,12 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
     let layout = MultiStageLayout::new(&model, ms, world, compute_bytes(cfg));
     let mut rows = vec![plan_row(cfg, &model, ms)];
     for z in 1..=3u8 {
-        let alt = MultiStageConfig { zero_stage: Some(z), num_grad_buffers: None, num_weight_buffers: None, ..ms.clone() };
+        let alt = MultiStageConfig {
+            zero_stage: Some(z),
+            num_grad_buffers: None,
+            num_weight_buffers: None,
+            ..ms.clone()
+        };
         rows.push(plan_row(cfg, &model, &alt));
     }
     if let Some(mem) = device_memory {
@@ -171,7 +176,12 @@ fn recommend(cfg: &TrainConfig, model: &Llama, mem: u64) -> String {
         }
     }
     for z in ms.zero_stage()..=3 {
-        let m = MultiStageConfig { zero_stage: Some(z), num_grad_buffers: None, num_weight_buffers: None, ..ms.clone() };
+        let m = MultiStageConfig {
+            zero_stage: Some(z),
+            num_grad_buffers: None,
+            num_weight_buffers: None,
+            ..ms.clone()
+        };
         if fits(cfg, &m) {
             return format!("set model.multi_stage.zero_stage: {z}");
         }

@@ -8,8 +8,10 @@ pub fn bar(len: u64) -> ProgressBar {
     let bar = ProgressBar::new(len);
     if std::io::stderr().is_terminal() {
         bar.set_style(
-            ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:40.cyan/blue} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
     } else {
         bar.set_draw_target(ProgressDrawTarget::hidden());

@@ -57,6 +57,9 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Kernel threads per rank (default: available cores / ranks, at least 1).
     pub threads_per_rank: Option<usize>,
+    /// Fault injection for tests: `(rank, step)` makes that rank panic while loading its first
+    /// micro-batch of that (0-based) step, i.e. in the middle of the step.
+    pub fail_rank_at_step: Option<(usize, u64)>,
 }
 
 struct Data {
@@ -157,7 +160,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let world = cfg.model.distributed.world_size as usize;
     let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
     let seq = cfg.data.sequence_length as usize;
-    let batch = Batch { batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize, seq };
+    let batch = Batch {
+        batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize,
+        seq,
+    };
     let df = cfg.schedule.depth_first_micro_batches as usize;
     let bf = cfg.schedule.breadth_first_micro_batches as usize;
     let global_tokens = global_batch_tokens(cfg);
@@ -209,9 +215,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let local = Arc::new(comm);
+        let comm: Arc<dyn Communicator> = local.clone();
         let mut engine = RankEngine::new(
-            comm.clone(),
+            comm,
             model.clone(),
             layout.clone(),
             Box::new(CpuKernels::new(threads)),
@@ -223,7 +230,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
         if let Some(t) = &pretrained {
             engine.load_full_weights(t)?;
         }
-        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory)
+        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory, &|| {
+            local.stats()
+        })
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
@@ -239,6 +248,7 @@ fn rank_main(
     dir: &Path,
     global_tokens: u64,
     memory: &Mutex<Vec<MemoryReport>>,
+    comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
 ) -> anyhow::Result<TrainSummary> {
     let rank = engine.rank();
     let world = engine.comm().world_size();
@@ -248,7 +258,10 @@ fn rank_main(
     engine.comm().barrier()?;
     if leader {
         let reports = memory.lock().unwrap().clone();
-        write_atomic(&dir.join("memory.json"), serde_json::to_string_pretty(&json!({ "ranks": reports }))?.as_bytes())?;
+        write_atomic(
+            &dir.join("memory.json"),
+            serde_json::to_string_pretty(&json!({ "ranks": reports }))?.as_bytes(),
+        )?;
         if !quiet {
             let m = reports[0];
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -284,10 +297,18 @@ fn rank_main(
         let (ds, sampler) = data.training.as_ref().expect("training dataset");
         let step_start = Instant::now();
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
+            if opts.fail_rank_at_step == Some((rank, step)) {
+                panic!("injected failure of rank {rank} at step {step}");
+            }
             let global_mb = (rank * local_mbs + mb) as u64;
             for j in 0..samples_per_mb {
                 let index = step * samples_per_batch + global_mb * samples_per_mb as u64 + j as u64;
-                sampler.fill(ds, index, &mut tokens[j * seq..(j + 1) * seq], &mut targets[j * seq..(j + 1) * seq]);
+                sampler.fill(
+                    ds,
+                    index,
+                    &mut tokens[j * seq..(j + 1) * seq],
+                    &mut targets[j * seq..(j + 1) * seq],
+                );
             }
         };
         let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
@@ -306,7 +327,10 @@ fn rank_main(
             step: step + 1,
         })?;
         if !loss.is_finite() {
-            bail!("step {}: the loss is {loss}; training diverged (lower optimizer.learning_rate.base or raise warm-up)", step + 1);
+            bail!(
+                "step {}: the loss is {loss}; training diverged (lower optimizer.learning_rate.base or raise warm-up)",
+                step + 1
+            );
         }
         let step_time = step_start.elapsed().as_secs_f64();
         summary.losses.push(loss);
@@ -335,7 +359,12 @@ fn rank_main(
                 extra.insert("tokens_per_s".into(), json!(tps));
                 extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
                 extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
-                m.write(&Metric { phase: "training".into(), step: done, loss: mean_loss, extra })?;
+                m.write(&Metric {
+                    phase: "training".into(),
+                    step: done,
+                    loss: mean_loss,
+                    extra,
+                })?;
             }
             if !quiet {
                 let line = format!(
@@ -355,7 +384,12 @@ fn rank_main(
                 if let Some(m) = metrics.as_mut() {
                     let mut extra = serde_json::Map::new();
                     extra.insert("evaluator".into(), json!(name));
-                    m.write(&Metric { phase: "validation".into(), step: done, loss: vloss, extra })?;
+                    m.write(&Metric {
+                        phase: "validation".into(),
+                        step: done,
+                        loss: vloss,
+                        extra,
+                    })?;
                 }
                 if !quiet {
                     let line = format!("step {done}/{train_iters} | validation ({name}) loss {vloss:.4}");
@@ -378,6 +412,7 @@ fn rank_main(
             );
         }
     }
+    summary.comm_stats = Some(comm_stats());
     summary.final_weights = engine.gather_weights()?;
     Ok(summary)
 }

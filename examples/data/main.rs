@@ -31,11 +31,7 @@ fn main() -> anyhow::Result<()> {
         tokenizers.push(tokenizer);
     }
     for tok in tokenizers {
-        let label = if tok.is_some() {
-            "huggingface"
-        } else {
-            "byte-level"
-        };
+        let label = if tok.is_some() { "huggingface" } else { "byte-level" };
         let out = work.path().join(label);
         let mut opts = PrepareOptions::new(vec![input.clone()], &out);
         opts.tokenizer = tok;

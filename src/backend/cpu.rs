@@ -90,9 +90,7 @@ impl CpuKernels {
         let base = n / parts;
         let rem = n % parts;
         let bounds = |p: usize| p * base + p.min(rem);
-        (0..parts)
-            .into_par_iter()
-            .for_each(|p| f(bounds(p), bounds(p + 1)));
+        (0..parts).into_par_iter().for_each(|p| f(bounds(p), bounds(p + 1)));
     }
 }
 
@@ -604,13 +602,7 @@ unsafe fn swiglu_backward_rows_plain<T: Element>(gg: &mut [T], go: &[T], gu: &[T
     {
         let (dgate, dup) = ggrow.split_at_mut(inter);
         let (gate, up) = gurow.split_at(inter);
-        for ((((dg, du), &g), &u), &d) in dgate
-            .iter_mut()
-            .zip(dup.iter_mut())
-            .zip(gate)
-            .zip(up)
-            .zip(gorow)
-        {
+        for ((((dg, du), &g), &u), &d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(gorow) {
             let sg = sigmoid(g);
             let silu = g * sg;
             *du = d * silu;
@@ -665,13 +657,7 @@ struct AdamConsts<T> {
 
 /// AdamW on one contiguous range.
 #[inline(always)]
-unsafe fn adamw_range_plain<T: Element>(
-    w: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    grad: &[T],
-    c: AdamConsts<T>,
-) {
+unsafe fn adamw_range_plain<T: Element>(w: &mut [T], m: &mut [T], v: &mut [T], grad: &[T], c: AdamConsts<T>) {
     for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
         let g = g * c.grad_scale;
         *w -= c.lr_wd * *w;
@@ -759,19 +745,9 @@ impl<T: Element> Kernels<T> for CpuKernels {
         });
     }
 
-    fn embedding_backward(
-        &self,
-        grad_table: &mut [T],
-        tokens: &[u32],
-        grad_out: &[T],
-        hidden: usize,
-    ) {
+    fn embedding_backward(&self, grad_table: &mut [T], tokens: &[u32], grad_out: &[T], hidden: usize) {
         let n = tokens.len();
-        assert_eq!(
-            grad_out.len(),
-            n * hidden,
-            "embedding_backward: grad_out shape"
-        );
+        assert_eq!(grad_out.len(), n * hidden, "embedding_backward: grad_out shape");
         if hidden == 0 {
             return;
         }
@@ -796,15 +772,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         });
     }
 
-    fn rms_norm_forward(
-        &self,
-        out: &mut [T],
-        rstd: &mut [T],
-        x: &[T],
-        weight: &[T],
-        hidden: usize,
-        eps: T,
-    ) {
+    fn rms_norm_forward(&self, out: &mut [T], rstd: &mut [T], x: &[T], weight: &[T], hidden: usize, eps: T) {
         assert!(hidden > 0);
         let n = x.len() / hidden;
         assert_eq!(x.len(), n * hidden, "rms_norm_forward: x shape");
@@ -815,14 +783,9 @@ impl<T: Element> Kernels<T> for CpuKernels {
         let (po, pr) = (SyncPtr::new(out), SyncPtr::new(rstd));
         self.par_ranges(n, hidden, |s, e| {
             // SAFETY: rows s..e are this range's only.
-            let (out, rstd) =
-                unsafe { (po.slice(s * hidden, (e - s) * hidden), pr.slice(s, e - s)) };
+            let (out, rstd) = unsafe { (po.slice(s * hidden, (e - s) * hidden), pr.slice(s, e - s)) };
             let xs = &x[s * hidden..e * hidden];
-            for ((orow, xrow), r) in out
-                .chunks_exact_mut(hidden)
-                .zip(xs.chunks_exact(hidden))
-                .zip(rstd)
-            {
+            for ((orow, xrow), r) in out.chunks_exact_mut(hidden).zip(xs.chunks_exact(hidden)).zip(rstd) {
                 let rs = T::ONE / (dot(xrow, xrow) * inv_c + eps).sqrt();
                 *r = rs;
                 for ((o, &xv), &w) in orow.iter_mut().zip(xrow).zip(weight) {
@@ -845,18 +808,10 @@ impl<T: Element> Kernels<T> for CpuKernels {
         assert!(hidden > 0);
         let n = rstd.len();
         assert_eq!(x.len(), n * hidden, "rms_norm_backward: x shape");
-        assert_eq!(
-            grad_out.len(),
-            n * hidden,
-            "rms_norm_backward: grad_out shape"
-        );
+        assert_eq!(grad_out.len(), n * hidden, "rms_norm_backward: grad_out shape");
         assert_eq!(grad_x.len(), n * hidden, "rms_norm_backward: grad_x shape");
         assert_eq!(weight.len(), hidden, "rms_norm_backward: weight shape");
-        assert_eq!(
-            grad_weight.len(),
-            hidden,
-            "rms_norm_backward: grad_weight shape"
-        );
+        assert_eq!(grad_weight.len(), hidden, "rms_norm_backward: grad_weight shape");
         let inv_c = T::from_f64(1.0 / hidden as f64);
         // grad_x = r * w * g - x * r^3 / c * sum(w * g * x), row by row.
         let px = SyncPtr::new(grad_x);
@@ -914,10 +869,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         inverse: bool,
     ) {
         assert!(row_stride > 0 && seq > 0 && head_size.is_multiple_of(2));
-        assert!(
-            num_heads * head_size <= row_stride,
-            "rotary: heads exceed the row"
-        );
+        assert!(num_heads * head_size <= row_stride, "rotary: heads exceed the row");
         let n = x.len() / row_stride;
         assert_eq!(x.len(), n * row_stride, "rotary: x shape");
         let half = head_size / 2;
@@ -936,15 +888,13 @@ impl<T: Element> Kernels<T> for CpuKernels {
                 for head in row[..num_heads * head_size].chunks_exact_mut(head_size) {
                     let (x1, x2) = head.split_at_mut(half);
                     if inverse {
-                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn)
-                        {
+                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn) {
                             let (u, v) = (*a, *b);
                             *a = u * cv + v * sv;
                             *b = v * cv - u * sv;
                         }
                     } else {
-                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn)
-                        {
+                        for (((a, b), &cv), &sv) in x1.iter_mut().zip(x2.iter_mut()).zip(c).zip(sn) {
                             let (u, v) = (*a, *b);
                             *a = u * cv - v * sv;
                             *b = v * cv + u * sv;
@@ -975,11 +925,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_forward: qkv shape");
-        assert_eq!(
-            out.len(),
-            batch * seq * s.out_stride(),
-            "attention_forward: out shape"
-        );
+        assert_eq!(out.len(), batch * seq * s.out_stride(), "attention_forward: out shape");
         assert!(
             probs.len() >= batch * heads * seq * seq,
             "attention_forward: probs too small"
@@ -1016,11 +962,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_backward: qkv shape");
-        assert_eq!(
-            grad_qkv.len(),
-            qkv.len(),
-            "attention_backward: grad_qkv shape"
-        );
+        assert_eq!(grad_qkv.len(), qkv.len(), "attention_backward: grad_qkv shape");
         assert_eq!(
             grad_out.len(),
             batch * seq * s.out_stride(),
@@ -1040,18 +982,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
             for t in t0..t1 {
                 // SAFETY: task t = (b, g) owns the columns of kv group g (its query heads, its k and v
                 // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads.
-                unsafe {
-                    attention_backward_task(
-                        s,
-                        t / kv_heads,
-                        t % kv_heads,
-                        pg,
-                        ps,
-                        grad_out,
-                        qkv,
-                        probs,
-                    )
-                };
+                unsafe { attention_backward_task(s, t / kv_heads, t % kv_heads, pg, ps, grad_out, qkv, probs) };
             }
         });
     }
@@ -1060,11 +991,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         assert!(inter > 0);
         let n = out.len() / inter;
         assert_eq!(out.len(), n * inter, "swiglu_forward: out shape");
-        assert_eq!(
-            gate_up.len(),
-            2 * n * inter,
-            "swiglu_forward: gate_up shape"
-        );
+        assert_eq!(gate_up.len(), 2 * n * inter, "swiglu_forward: gate_up shape");
         let po = SyncPtr::new(out);
         self.par_ranges(n, inter, |s, e| {
             // SAFETY: rows s..e are this range's only.
@@ -1078,16 +1005,8 @@ impl<T: Element> Kernels<T> for CpuKernels {
         assert!(inter > 0);
         let n = grad_out.len() / inter;
         assert_eq!(grad_out.len(), n * inter, "swiglu_backward: grad_out shape");
-        assert_eq!(
-            gate_up.len(),
-            2 * n * inter,
-            "swiglu_backward: gate_up shape"
-        );
-        assert_eq!(
-            grad_gate_up.len(),
-            2 * n * inter,
-            "swiglu_backward: grad_gate_up shape"
-        );
+        assert_eq!(gate_up.len(), 2 * n * inter, "swiglu_backward: gate_up shape");
+        assert_eq!(grad_gate_up.len(), 2 * n * inter, "swiglu_backward: grad_gate_up shape");
         let pg = SyncPtr::new(grad_gate_up);
         self.par_ranges(n, 2 * inter, |s, e| {
             // SAFETY: rows s..e are this range's only.
@@ -1098,13 +1017,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         });
     }
 
-    fn cross_entropy(
-        &self,
-        logits: &mut [T],
-        targets: &[u32],
-        vocab: usize,
-        grad_scale: Option<T>,
-    ) -> f64 {
+    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<T>) -> f64 {
         assert!(vocab > 0);
         let n = targets.len();
         assert_eq!(logits.len(), n * vocab, "cross_entropy: logits shape");
@@ -1119,9 +1032,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
                 // SAFETY: rows g0+s..g0+e and loss slots s..e are this range's only.
                 let rows = unsafe { pl.slice((g0 + s) * vocab, (e - s) * vocab) };
                 let ls = unsafe { pls.slice(s, e - s) };
-                unsafe {
-                    cross_entropy_rows(rows, ls, &targets[g0 + s..g0 + e], vocab, grad_scale)
-                };
+                unsafe { cross_entropy_rows(rows, ls, &targets[g0 + s..g0 + e], vocab, grad_scale) };
             });
             for &l in &losses[..g1 - g0] {
                 total += l;
@@ -1154,11 +1065,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         let bc2 = T::from_f64(1.0 - beta_2.to_f64().powf(step as f64));
         let lr_wd = lr * weight_decay;
         let (one_m_b1, one_m_b2) = (T::ONE - beta_1, T::ONE - beta_2);
-        let (pw, pm, pv) = (
-            SyncPtr::new(w),
-            SyncPtr::new(exp_avg),
-            SyncPtr::new(exp_avg_sq),
-        );
+        let (pw, pm, pv) = (SyncPtr::new(w), SyncPtr::new(exp_avg), SyncPtr::new(exp_avg_sq));
         self.par_ranges(n, 4, |s, e| {
             // SAFETY: elements s..e are this range's only.
             let (w, m, v) = unsafe { (pw.slice(s, e - s), pm.slice(s, e - s), pv.slice(s, e - s)) };

@@ -106,24 +106,10 @@ pub trait Kernels<T: Element>: Send + Sync {
     fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize);
 
     /// `grad_table[tokens[i]] += grad_out[i]` (accumulates), `grad_out (n,c)`.
-    fn embedding_backward(
-        &self,
-        grad_table: &mut [T],
-        tokens: &[u32],
-        grad_out: &[T],
-        hidden: usize,
-    );
+    fn embedding_backward(&self, grad_table: &mut [T], tokens: &[u32], grad_out: &[T], hidden: usize);
 
     /// RMSNorm: `out (n,c) = x / rms(x) * weight`, `rstd (n) = 1/sqrt(mean(x^2) + eps)` (saved for backward).
-    fn rms_norm_forward(
-        &self,
-        out: &mut [T],
-        rstd: &mut [T],
-        x: &[T],
-        weight: &[T],
-        hidden: usize,
-        eps: T,
-    );
+    fn rms_norm_forward(&self, out: &mut [T], rstd: &mut [T], x: &[T], weight: &[T], hidden: usize, eps: T);
 
     /// RMSNorm backward: writes `grad_x (n,c)`, accumulates `grad_weight (c) +=`.
     #[allow(clippy::too_many_arguments)]
@@ -199,13 +185,7 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// Returns the *sum* of the per-token losses (natural log), accumulated in f64 in row order.
     /// When `grad_scale` is `Some(s)`, overwrites `logits` with `s * (softmax - onehot)`;
     /// when `None`, `logits` may be left modified (scratch) and no gradient is produced.
-    fn cross_entropy(
-        &self,
-        logits: &mut [T],
-        targets: &[u32],
-        vocab: usize,
-        grad_scale: Option<T>,
-    ) -> f64;
+    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<T>) -> f64;
 
     /// AdamW (decoupled weight decay, PyTorch semantics) on one contiguous range:
     /// `w -= lr*wd*w; m = b1*m + (1-b1)*g*gs; v = b2*v + (1-b2)*(g*gs)^2;`

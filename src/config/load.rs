@@ -89,11 +89,7 @@ fn parse_tree(yaml: &str) -> Result<Value, ConfigError> {
     let tree: Value = serde_saphyr::from_str(yaml).map_err(|e| {
         // The parser's message starts with `error: line L column C: what`; a source snippet follows.
         let text = e.to_string();
-        let first = text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or("");
+        let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
         let first = first.strip_prefix("error: ").unwrap_or(first);
         ConfigError::new(format!(
             "config is not valid YAML: {first}; fix the YAML syntax at that line and column"
@@ -119,9 +115,7 @@ fn parse_override_value(text: &str) -> Value {
         return Value::Null;
     }
     match serde_saphyr::from_str::<Value>(text) {
-        Ok(Value::Object(_) | Value::Array(_)) if !text.starts_with(['{', '[']) => {
-            Value::String(text.to_string())
-        }
+        Ok(Value::Object(_) | Value::Array(_)) if !text.starts_with(['{', '[']) => Value::String(text.to_string()),
         Ok(v) => v,
         Err(_) => Value::String(text.to_string()),
     }
@@ -144,14 +138,10 @@ fn apply_override(tree: &mut Value, text: &str) -> Result<(), ConfigError> {
         )));
     }
     let value = parse_override_value(raw);
-    let (last, parents) = segments
-        .split_last()
-        .expect("split yields at least one segment");
+    let (last, parents) = segments.split_last().expect("split yields at least one segment");
     let mut node = tree;
     for (depth, segment) in parents.iter().enumerate() {
-        let map = node
-            .as_object_mut()
-            .expect("walk only descends into mappings");
+        let map = node.as_object_mut().expect("walk only descends into mappings");
         let child = map
             .entry(segment.to_string())
             .or_insert_with(|| Value::Object(Map::new()));
@@ -182,9 +172,7 @@ fn merge_multi_stage(tree: &mut Value) -> Result<(), ConfigError> {
         None | Some(Value::Null) => return Ok(()),
         Some(v) => v,
     };
-    let model = root
-        .entry("model")
-        .or_insert_with(|| Value::Object(Map::new()));
+    let model = root.entry("model").or_insert_with(|| Value::Object(Map::new()));
     if model.is_null() {
         *model = Value::Object(Map::new());
     }
@@ -379,11 +367,7 @@ fn show(value: &Value) -> String {
 
 /// The `backticked` words of a serde message tail (`expected one of `a`, `b``).
 fn backticked(text: &str) -> Vec<String> {
-    text.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
+    text.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
 /// The accepted name closest to `given`, when it is a near miss (edit distance <= 2).
@@ -405,9 +389,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, &cb) in b.iter().enumerate() {
             let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != cb));
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != cb));
             diagonal = above;
         }
     }
@@ -474,10 +456,7 @@ model:
     pub(crate) fn assert_mentions(message: &str, needles: &[&str]) {
         assert!(!message.contains('\n'), "not one line: {message}");
         for needle in needles {
-            assert!(
-                message.contains(needle),
-                "`{needle}` missing from: {message}"
-            );
+            assert!(message.contains(needle), "`{needle}` missing from: {message}");
         }
     }
 
@@ -504,36 +483,20 @@ model:
             cfg.data.datasets["validation"].path,
             std::path::PathBuf::from("examples/data/tinyshakespeare.txt")
         );
-        assert_eq!(
-            (cfg.data.micro_batch_size, cfg.data.sequence_length),
-            (2048, 256)
-        );
+        assert_eq!((cfg.data.micro_batch_size, cfg.data.sequence_length), (2048, 256));
         let lr = &cfg.optimizer.learning_rate;
-        assert_eq!(
-            (lr.base, lr.minimum, lr.warmup_iterations),
-            (0.002, 0.0002, 50)
-        );
+        assert_eq!((lr.base, lr.minimum, lr.warmup_iterations), (0.002, 0.0002, 50));
         assert_eq!(lr.decay_style, DecayStyle::Cosine);
         assert_eq!((cfg.optimizer.beta_1, cfg.optimizer.beta_2), (0.9, 0.95));
         assert_eq!(cfg.optimizer.weight_decay, 0.1);
-        assert_eq!(
-            cfg.optimizer.epsilon, 1e-8,
-            "absent field keeps its default"
-        );
+        assert_eq!(cfg.optimizer.epsilon, 1e-8, "absent field keeps its default");
         let base = &cfg.model.base_model;
         assert_eq!(
-            (
-                base.hidden_size,
-                base.embeddings.vocab_size,
-                base.decoder.num_blocks
-            ),
+            (base.hidden_size, base.embeddings.vocab_size, base.decoder.num_blocks),
             (256, 256, 4)
         );
         let mixer = &base.decoder.block.mixer;
-        assert_eq!(
-            (mixer.heads, mixer.head_groups, mixer.head_size),
-            (8, 8, 32)
-        );
+        assert_eq!((mixer.heads, mixer.head_groups, mixer.head_size), (8, 8, 32));
         assert_eq!(mixer.rotary.theta, 10000.0);
         assert_eq!(base.decoder.block.mlp.intermediate_size, 768);
         assert_eq!(base.decoder.block.normalization.epsilon, 1e-5);
@@ -597,10 +560,7 @@ model:
         assert_eq!(cfg.optimizer.learning_rate.base, 0.5);
         assert_eq!(cfg.optimizer.weight_decay, 1e-3);
         assert!(cfg.model.base_model.tied_embedding_weight);
-        assert_eq!(
-            cfg.run.experiment_dir,
-            std::path::PathBuf::from("experiments/other")
-        );
+        assert_eq!(cfg.run.experiment_dir, std::path::PathBuf::from("experiments/other"));
         assert_eq!(cfg.training.checkpoint.interval, None);
         assert_eq!(cfg.model.distributed.compute_dtype, ComputeDtype::Bfloat16);
     }
@@ -631,10 +591,7 @@ model:
         assert_eq!(cfg.pretrained, None);
         assert_eq!(cfg.training.logs.interval, 100, "null takes the default");
         let cfg = example(&["training.evaluators.held_out=null"]).unwrap();
-        assert_eq!(
-            cfg.training.evaluators["held_out"],
-            EvaluatorConfig::default()
-        );
+        assert_eq!(cfg.training.evaluators["held_out"], EvaluatorConfig::default());
     }
 
     #[test]
@@ -665,11 +622,7 @@ model:
         let err = example_err(&["training.train_iters.x=3"]);
         assert_mentions(
             &err,
-            &[
-                "training.train_iters = 600",
-                "not a section",
-                "training.train_iters.x",
-            ],
+            &["training.train_iters = 600", "not a section", "training.train_iters.x"],
         );
     }
 
@@ -726,10 +679,7 @@ model:
         );
         let yaml = EXAMPLE.replace("train_iters: 600", "train_iter: 600");
         let err = load_config_str(&yaml, &[]).unwrap_err().to_string();
-        assert_mentions(
-            &err,
-            &["training.train_iter = 600", "did you mean `train_iters`?"],
-        );
+        assert_mentions(&err, &["training.train_iter = 600", "did you mean `train_iters`?"]);
     }
 
     #[test]
@@ -744,15 +694,9 @@ model:
     #[test]
     fn wrong_type_names_path_value_and_expected_type() {
         let err = example_err(&["training.train_iters=many"]);
-        assert_mentions(
-            &err,
-            &["training.train_iters = many", "a non-negative integer"],
-        );
+        assert_mentions(&err, &["training.train_iters = many", "a non-negative integer"]);
         let err = example_err(&["model.multi_stage.zero_stage=300"]);
-        assert_mentions(
-            &err,
-            &["model.multi_stage.zero_stage = 300", "1 (default), 2 or 3"],
-        );
+        assert_mentions(&err, &["model.multi_stage.zero_stage = 300", "1 (default), 2 or 3"]);
         let err = example_err(&["optimizer.beta_1=high"]);
         assert_mentions(&err, &["optimizer.beta_1 = high", "a number"]);
         let err = example_err(&["model.distributed.use_cuda=3"]);
@@ -777,10 +721,7 @@ model:
     #[test]
     fn missing_required_field_names_its_path() {
         let err = example_err(&["data.datasets.extra.type=text"]);
-        assert_mentions(
-            &err,
-            &["data.datasets.extra.path: missing", "`data.datasets.extra`"],
-        );
+        assert_mentions(&err, &["data.datasets.extra.path: missing", "`data.datasets.extra`"]);
     }
 
     #[test]
@@ -788,10 +729,7 @@ model:
         let err = load_config_str("training: {train_iters: [1,\n", &[])
             .unwrap_err()
             .to_string();
-        assert_mentions(
-            &err,
-            &["not valid YAML", "line 1 column 25", "unclosed bracket"],
-        );
+        assert_mentions(&err, &["not valid YAML", "line 1 column 25", "unclosed bracket"]);
         let err = load_config_str("- 1\n- 2\n", &[]).unwrap_err().to_string();
         assert_mentions(&err, &["top level", "mapping"]);
     }

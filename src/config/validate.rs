@@ -40,19 +40,11 @@ pub fn global_batch_tokens(cfg: &TrainConfig) -> u64 {
 }
 
 /// Fails with `<path> = <value>: <accepted>; <todo>` unless `ok`.
-fn require(
-    ok: bool,
-    path: &str,
-    value: impl Display,
-    accepted: &str,
-    todo: &str,
-) -> Result<(), ConfigError> {
+fn require(ok: bool, path: &str, value: impl Display, accepted: &str, todo: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(format!(
-            "{path} = {value}: {accepted}; {todo}"
-        )))
+        Err(ConfigError::new(format!("{path} = {value}: {accepted}; {todo}")))
     }
 }
 
@@ -101,10 +93,7 @@ fn validate_training(cfg: &TrainConfig) -> Result<(), ConfigError> {
             let accepted = if names.is_empty() {
                 "must name a dataset of data.datasets (none is defined)".to_string()
             } else {
-                format!(
-                    "must name a dataset of data.datasets ({})",
-                    names.join(", ")
-                )
+                format!("must name a dataset of data.datasets ({})", names.join(", "))
             };
             require(
                 cfg.data.datasets.contains_key(dataset),
@@ -206,10 +195,7 @@ fn validate_optimizer(optimizer: &OptimizerConfig) -> Result<(), ConfigError> {
         non_negative(lr.minimum) && lr.minimum <= lr.base,
         "optimizer.learning_rate.minimum",
         num(lr.minimum),
-        &format!(
-            "must be in [0, optimizer.learning_rate.base = {}]",
-            num(lr.base)
-        ),
+        &format!("must be in [0, optimizer.learning_rate.base = {}]", num(lr.base)),
         "set it between 0 and the base rate",
     )?;
     if let Some(decay) = lr.decay_iterations {
@@ -462,11 +448,7 @@ fn validate_distributed(d: &DistributedConfig) -> Result<(), ConfigError> {
     )?;
     for (name, value, what) in [
         ("tensor_parallel", d.tensor_parallel, "tensor parallelism"),
-        (
-            "pipeline_parallel",
-            d.pipeline_parallel,
-            "pipeline parallelism",
-        ),
+        ("pipeline_parallel", d.pipeline_parallel, "pipeline parallelism"),
         (
             "sequence_data_parallel",
             d.sequence_data_parallel,
@@ -584,10 +566,7 @@ mod tests {
         // Non-finite floats do not survive the generic tree: refused as a wrong type, path named.
         assert_refused(
             &["model.multi_stage.layers_per_stage=.inf"],
-            &[
-                "model.multi_stage.layers_per_stage = .inf",
-                "expected a number",
-            ],
+            &["model.multi_stage.layers_per_stage = .inf", "expected a number"],
         );
         assert_refused(
             &["model.multi_stage.stages_per_pipeline_stage=2"],
@@ -607,11 +586,7 @@ mod tests {
 
     #[test]
     fn unsupported_parallelism_is_refused() {
-        for field in [
-            "tensor_parallel",
-            "pipeline_parallel",
-            "sequence_data_parallel",
-        ] {
+        for field in ["tensor_parallel", "pipeline_parallel", "sequence_data_parallel"] {
             let path = format!("model.distributed.{field}");
             assert_refused(
                 &[&format!("{path}=2")],
@@ -663,14 +638,8 @@ mod tests {
             &["data.micro_batch_size=0"],
             &["data.micro_batch_size = 0", "positive multiple", "e.g. 256"],
         );
-        assert_refused(
-            &["data.sequence_length=1"],
-            &["data.sequence_length = 1", ">= 2"],
-        );
-        assert_refused(
-            &["data.sequence_length=0"],
-            &["data.sequence_length = 0", ">= 2"],
-        );
+        assert_refused(&["data.sequence_length=1"], &["data.sequence_length = 1", ">= 2"]);
+        assert_refused(&["data.sequence_length=0"], &["data.sequence_length = 0", ">= 2"]);
         assert_refused(
             &["schedule.depth_first_micro_batches=0"],
             &["schedule.depth_first_micro_batches = 0", ">= 1"],
@@ -681,10 +650,7 @@ mod tests {
         );
         assert_refused(
             &["data.datasets.training.split=test"],
-            &[
-                "data.datasets.training.split = test",
-                "training, validation",
-            ],
+            &["data.datasets.training.split = test", "training, validation"],
         );
     }
 
@@ -699,10 +665,7 @@ mod tests {
             &[&format!("{m}.head_groups=0")],
             &[&format!("{m}.head_groups = 0"), "divide heads (8)"],
         );
-        assert_refused(
-            &[&format!("{m}.heads=0")],
-            &[&format!("{m}.heads = 0"), ">= 1"],
-        );
+        assert_refused(&[&format!("{m}.heads=0")], &[&format!("{m}.heads = 0"), ">= 1"]);
         assert_refused(
             &[&format!("{m}.head_size=33")],
             &[&format!("{m}.head_size = 33"), "even"],
@@ -725,10 +688,7 @@ mod tests {
         );
         assert_refused(
             &["model.base_model.decoder.block.mlp.intermediate_size=0"],
-            &[
-                "model.base_model.decoder.block.mlp.intermediate_size = 0",
-                ">= 1",
-            ],
+            &["model.base_model.decoder.block.mlp.intermediate_size = 0", ">= 1"],
         );
         assert_refused(
             &[&format!("{m}.rotary.theta=0")],
@@ -751,32 +711,19 @@ mod tests {
         );
         assert_refused(
             &[&format!("{b}.mixer.add_linear_biases=true")],
-            &[
-                &format!("{b}.mixer.add_linear_biases = true"),
-                "not supported",
-            ],
+            &[&format!("{b}.mixer.add_linear_biases = true"), "not supported"],
         );
         assert_refused(
             &[&format!("{b}.mlp.add_linear_biases=true")],
-            &[
-                &format!("{b}.mlp.add_linear_biases = true"),
-                "not supported",
-            ],
+            &[&format!("{b}.mlp.add_linear_biases = true"), "not supported"],
         );
         assert_refused(
             &[&format!("{b}.mlp.gated=false")],
-            &[
-                &format!("{b}.mlp.gated = false"),
-                "not supported",
-                "accepted: true",
-            ],
+            &[&format!("{b}.mlp.gated = false"), "not supported", "accepted: true"],
         );
         assert_refused(
             &[&format!("{b}.mlp.activation=gelu")],
-            &[
-                &format!("{b}.mlp.activation = gelu"),
-                "only silu is supported",
-            ],
+            &[&format!("{b}.mlp.activation = gelu"), "only silu is supported"],
         );
         assert_refused(
             &[&format!("{b}.normalization.type=layer_norm")],
@@ -817,18 +764,9 @@ mod tests {
 
     #[test]
     fn optimizer_ranges_are_checked() {
-        assert_refused(
-            &["optimizer.beta_1=1.0"],
-            &["optimizer.beta_1 = 1.0", "[0, 1)"],
-        );
-        assert_refused(
-            &["optimizer.beta_2=-0.1"],
-            &["optimizer.beta_2 = -0.1", "[0, 1)"],
-        );
-        assert_refused(
-            &["optimizer.epsilon=0"],
-            &["optimizer.epsilon = 0.0", "> 0"],
-        );
+        assert_refused(&["optimizer.beta_1=1.0"], &["optimizer.beta_1 = 1.0", "[0, 1)"]);
+        assert_refused(&["optimizer.beta_2=-0.1"], &["optimizer.beta_2 = -0.1", "[0, 1)"]);
+        assert_refused(&["optimizer.epsilon=0"], &["optimizer.epsilon = 0.0", "> 0"]);
         assert_refused(
             &["optimizer.learning_rate.base=0"],
             &["optimizer.learning_rate.base = 0.0", "> 0"],
@@ -861,10 +799,7 @@ mod tests {
 
     #[test]
     fn training_intervals_are_checked() {
-        assert_refused(
-            &["training.logs.interval=0"],
-            &["training.logs.interval = 0", ">= 1"],
-        );
+        assert_refused(&["training.logs.interval=0"], &["training.logs.interval = 0", ">= 1"]);
         assert_refused(
             &["training.evaluators.validation.interval=0"],
             &["training.evaluators.validation.interval = 0", ">= 1"],
@@ -905,13 +840,7 @@ mod tests {
         let mut cfg = example(&[]).unwrap();
         cfg.model.multi_stage.layers_per_stage = f64::INFINITY;
         let err = validate(&cfg).unwrap_err().to_string();
-        assert_mentions(
-            &err,
-            &[
-                "model.multi_stage.layers_per_stage = inf",
-                "finite number > 0",
-            ],
-        );
+        assert_mentions(&err, &["model.multi_stage.layers_per_stage = inf", "finite number > 0"]);
         let mut cfg = example(&[]).unwrap();
         cfg.optimizer.learning_rate.base = f64::NAN;
         let err = validate(&cfg).unwrap_err().to_string();

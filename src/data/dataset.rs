@@ -41,27 +41,15 @@ impl TokenDataset {
     /// (else: corrupt), be non-empty, and contain no id `>= vocab_size` (the first offending position
     /// and id are named). Each failure is one line naming the file. Verification is parallel for large
     /// files.
-    pub fn open(
-        dir: impl AsRef<Path>,
-        split: &str,
-        vocab_size: u64,
-    ) -> Result<TokenDataset, DataError> {
+    pub fn open(dir: impl AsRef<Path>, split: &str, vocab_size: u64) -> Result<TokenDataset, DataError> {
         let dir = dir.as_ref();
         let metadata = Metadata::read(dir)?;
         let meta_path = dir.join(format::METADATA_FILE);
-        let info = metadata
-            .splits
-            .get(split)
-            .ok_or_else(|| DataError::UnknownSplit {
-                path: meta_path.clone(),
-                split: split.to_string(),
-                available: metadata
-                    .splits
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+        let info = metadata.splits.get(split).ok_or_else(|| DataError::UnknownSplit {
+            path: meta_path.clone(),
+            split: split.to_string(),
+            available: metadata.splits.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
         let dtype = metadata.dtype;
         let path = dir.join(&info.file);
         let expected_bytes = info.num_tokens.checked_mul(dtype.size() as u64);
@@ -109,8 +97,7 @@ impl TokenDataset {
         // SAFETY: read-only map of a file that prepared datasets never modify in place (they are
         // replaced by rename). Truncation by another process after this point would fault; that is
         // the usual memory-map caveat and outside what a training run can guard against.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| DataError::io("cannot memory-map", &path, e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("cannot memory-map", &path, e))?;
         if map.len() as u64 != info.byte_length {
             return Err(DataError::Truncated {
                 path,
@@ -163,12 +150,7 @@ impl TokenDataset {
         let size = self.dtype.size();
         let bytes: &[u8] = &self.map;
         /// First `(index, id)` in `chunk` with `id >= limit`.
-        fn scan(
-            chunk: &[u8],
-            size: usize,
-            decode: impl Fn(&[u8]) -> u32,
-            limit: u64,
-        ) -> Option<(usize, u32)> {
+        fn scan(chunk: &[u8], size: usize, decode: impl Fn(&[u8]) -> u32, limit: u64) -> Option<(usize, u32)> {
             chunk
                 .chunks_exact(size)
                 .map(decode)
@@ -179,22 +161,10 @@ impl TokenDataset {
         let at = |c: usize, (i, t): (usize, u32)| ((c * SCAN_CHUNK + i) as u64, t);
         match self.dtype {
             TokenDtype::U16 => chunks.find_map_first(|(c, chunk)| {
-                scan(
-                    chunk,
-                    2,
-                    |b| u32::from(u16::from_le_bytes([b[0], b[1]])),
-                    limit,
-                )
-                .map(|hit| at(c, hit))
+                scan(chunk, 2, |b| u32::from(u16::from_le_bytes([b[0], b[1]])), limit).map(|hit| at(c, hit))
             }),
             TokenDtype::U32 => chunks.find_map_first(|(c, chunk)| {
-                scan(
-                    chunk,
-                    4,
-                    |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    limit,
-                )
-                .map(|hit| at(c, hit))
+                scan(chunk, 4, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]), limit).map(|hit| at(c, hit))
             }),
         }
     }
@@ -222,9 +192,7 @@ impl TokenDataset {
         );
         let i = index as usize;
         match self.dtype {
-            TokenDtype::U16 => {
-                u32::from(u16::from_le_bytes([self.map[2 * i], self.map[2 * i + 1]]))
-            }
+            TokenDtype::U16 => u32::from(u16::from_le_bytes([self.map[2 * i], self.map[2 * i + 1]])),
             TokenDtype::U32 => u32::from_le_bytes(self.map[4 * i..4 * i + 4].try_into().unwrap()),
         }
     }
@@ -234,9 +202,7 @@ impl TokenDataset {
     /// # Panics
     /// If the range extends past the end of the split.
     pub fn read(&self, start: u64, out: &mut [u32]) {
-        let end = start
-            .checked_add(out.len() as u64)
-            .filter(|&e| e <= self.len);
+        let end = start.checked_add(out.len() as u64).filter(|&e| e <= self.len);
         assert!(
             end.is_some(),
             "token range {start}..{start}+{} out of range for {} ({} tokens)",
@@ -327,29 +293,14 @@ mod tests {
             e.contains("nowhere") && e.contains("not found") && e.contains("prepare"),
             "{e}"
         );
-        let e = TokenDataset::open(dir.path(), "training", 256)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("metadata.json") && e.contains("not found"),
-            "{e}"
-        );
+        let e = TokenDataset::open(dir.path(), "training", 256).unwrap_err().to_string();
+        assert!(e.contains("metadata.json") && e.contains("not found"), "{e}");
         let out = prepared(dir.path(), "some text here");
-        let e = TokenDataset::open(&out, "test", 256)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("'test'") && e.contains("training, validation"),
-            "{e}"
-        );
+        let e = TokenDataset::open(&out, "test", 256).unwrap_err().to_string();
+        assert!(e.contains("'test'") && e.contains("training, validation"), "{e}");
         std::fs::remove_file(out.join("validation.bin")).unwrap();
-        let e = TokenDataset::open(&out, "validation", 256)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("validation.bin") && e.contains("not found"),
-            "{e}"
-        );
+        let e = TokenDataset::open(&out, "validation", 256).unwrap_err().to_string();
+        assert!(e.contains("validation.bin") && e.contains("not found"), "{e}");
     }
 
     #[test]
@@ -357,13 +308,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = prepared(dir.path(), "some text here");
         std::fs::write(out.join("metadata.json"), "{\"format\": ").unwrap();
-        let e = TokenDataset::open(&out, "training", 256)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("metadata.json") && e.contains("cannot parse"),
-            "{e}"
-        );
+        let e = TokenDataset::open(&out, "training", 256).unwrap_err().to_string();
+        assert!(e.contains("metadata.json") && e.contains("cannot parse"), "{e}");
         assert_eq!(e.lines().count(), 1);
     }
 
@@ -389,11 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = prepared(dir.path(), &"0123456789".repeat(100));
         let bin = out.join("training.bin");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&bin)
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&bin).unwrap();
         f.seek(SeekFrom::Start(777)).unwrap();
         f.write_all(&[0x5a]).unwrap();
         drop(f);
@@ -420,10 +362,7 @@ mod tests {
                 needed,
                 ..
             } => {
-                assert_eq!(
-                    (*position, *token, *vocab_size, *needed),
-                    (8, 122, 100, 256)
-                );
+                assert_eq!((*position, *token, *vocab_size, *needed), (8, 122, 100, 256));
             }
             other => panic!("unexpected {other}"),
         }
@@ -432,10 +371,7 @@ mod tests {
             e.contains("training.bin") && e.contains("position 8") && e.contains("token 122"),
             "{e}"
         );
-        assert!(
-            e.contains("vocab_size 100") && e.contains("at least 256"),
-            "{e}"
-        );
+        assert!(e.contains("vocab_size 100") && e.contains("at least 256"), "{e}");
         // Fine with a larger vocabulary.
         TokenDataset::open(&out, "training", 123).unwrap();
     }
@@ -464,15 +400,6 @@ mod tests {
         let val = TokenDataset::open(&out, "validation", 256).unwrap();
         assert_eq!(val.get(2_950_000 - 2_700_000), u32::from(b'{'));
         let e = TokenDataset::open(&out, "validation", 100).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                DataError::TokenOutOfRange {
-                    position: 250_000,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, DataError::TokenOutOfRange { position: 250_000, .. }), "{e}");
     }
 }

@@ -152,11 +152,7 @@ pub enum DataError {
 
 impl DataError {
     /// Shorthand for [`DataError::Io`].
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
             action,
             path: path.into(),

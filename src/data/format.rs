@@ -177,10 +177,7 @@ impl Metadata {
             message,
         };
         if meta.format != FORMAT_NAME {
-            return Err(bad(format!(
-                "format is '{}', expected '{FORMAT_NAME}'",
-                meta.format
-            )));
+            return Err(bad(format!("format is '{}', expected '{FORMAT_NAME}'", meta.format)));
         }
         if meta.version != FORMAT_VERSION {
             return Err(bad(format!(
@@ -330,10 +327,8 @@ impl Checksummer {
         self.total += bytes.len() as u64;
         while !bytes.is_empty() {
             if self.buf.is_empty() && bytes.len() >= CHECKSUM_CHUNK {
-                self.digests.push(chunk_digest(
-                    self.digests.len() as u64,
-                    &bytes[..CHECKSUM_CHUNK],
-                ));
+                self.digests
+                    .push(chunk_digest(self.digests.len() as u64, &bytes[..CHECKSUM_CHUNK]));
                 bytes = &bytes[CHECKSUM_CHUNK..];
                 continue;
             }
@@ -341,8 +336,7 @@ impl Checksummer {
             self.buf.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
             if self.buf.len() == CHECKSUM_CHUNK {
-                self.digests
-                    .push(chunk_digest(self.digests.len() as u64, &self.buf));
+                self.digests.push(chunk_digest(self.digests.len() as u64, &self.buf));
                 self.buf.clear();
             }
         }
@@ -351,8 +345,7 @@ impl Checksummer {
     /// The checksum of everything fed.
     pub fn finish(mut self) -> u64 {
         if !self.buf.is_empty() {
-            self.digests
-                .push(chunk_digest(self.digests.len() as u64, &self.buf));
+            self.digests.push(chunk_digest(self.digests.len() as u64, &self.buf));
         }
         fold_digests(self.digests, self.total)
     }
@@ -392,10 +385,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     let tmp = temp_sibling(path, "tmp");
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| DataError::io("cannot create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| DataError::io("cannot write", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| DataError::io("cannot sync", &tmp, e))?;
+        f.write_all(bytes).map_err(|e| DataError::io("cannot write", &tmp, e))?;
+        f.sync_all().map_err(|e| DataError::io("cannot sync", &tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| DataError::io("cannot rename into place", path, e))
     })();
     if result.is_err() {
@@ -440,9 +431,7 @@ mod tests {
             assert_eq!(c.finish(), one, "piece size {piece}");
         }
         // Parallel path (> 4 chunks) agrees with the streaming path.
-        let big: Vec<u8> = (0..(6 * CHECKSUM_CHUNK + 5))
-            .map(|i| (i % 253) as u8)
-            .collect();
+        let big: Vec<u8> = (0..(6 * CHECKSUM_CHUNK + 5)).map(|i| (i % 253) as u8).collect();
         let mut c = Checksummer::new();
         c.update(&big);
         assert_eq!(c.finish(), checksum(&big));
@@ -466,15 +455,9 @@ mod tests {
     /// Pinned values: the checksum is part of the on-disk format and must never change silently.
     #[test]
     fn checksum_golden_values() {
-        let pattern: Vec<u8> = (0..(3 * CHECKSUM_CHUNK + 5))
-            .map(|i| (i * 31 % 251) as u8)
-            .collect();
-        let got =
-            [checksum(b""), checksum(b"fast-llm-rs"), checksum(&pattern)].map(format_checksum);
-        assert_eq!(
-            got,
-            ["f52a15e9a9b5e89b", "8b8af8fdd255e2d9", "c08bf6d6d56ac82c"]
-        );
+        let pattern: Vec<u8> = (0..(3 * CHECKSUM_CHUNK + 5)).map(|i| (i * 31 % 251) as u8).collect();
+        let got = [checksum(b""), checksum(b"fast-llm-rs"), checksum(&pattern)].map(format_checksum);
+        assert_eq!(got, ["f52a15e9a9b5e89b", "8b8af8fdd255e2d9", "c08bf6d6d56ac82c"]);
     }
 
     proptest::proptest! {

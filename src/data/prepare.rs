@@ -1,9 +1,8 @@
 //! `prepare`: tokenize text / JSONL files into a prepared dataset directory.
 
 use super::format::{
-    self, file_stamp, format_checksum, sync_dir, temp_sibling, write_atomic, Checksummer, Metadata,
-    SourceInfo, SplitInfo, TokenDtype, CHECKSUM_ALGORITHM, FORMAT_NAME, FORMAT_VERSION,
-    METADATA_FILE,
+    self, file_stamp, format_checksum, sync_dir, temp_sibling, write_atomic, Checksummer, Metadata, SourceInfo,
+    SplitInfo, TokenDtype, CHECKSUM_ALGORITHM, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE,
 };
 use super::{DataError, Tokenizer};
 use rayon::prelude::*;
@@ -118,10 +117,7 @@ pub fn prepare(opts: &PrepareOptions) -> anyhow::Result<PrepareReport> {
 }
 
 /// [`prepare`] with an already loaded tokenizer.
-pub(crate) fn prepare_with(
-    opts: &PrepareOptions,
-    tokenizer: &Tokenizer,
-) -> Result<PrepareReport, DataError> {
+pub(crate) fn prepare_with(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
     if opts.inputs.is_empty() {
         return Err(DataError::Options("no input files given".into()));
@@ -138,8 +134,7 @@ pub(crate) fn prepare_with(
     let vocab_size = tokenizer.vocab_size();
     let dtype = TokenDtype::for_vocab(vocab_size);
     let out_dir = &opts.output;
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| DataError::io("cannot create output directory", out_dir, e))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("cannot create output directory", out_dir, e))?;
 
     let mut total_input = 0u64;
     for input in &opts.inputs {
@@ -154,8 +149,7 @@ pub(crate) fn prepare_with(
     let mut cleanup = Cleanup(vec![train_tmp.clone(), val_tmp.clone()]);
 
     // 1. Tokenize every input into one token stream (the future training file).
-    let file =
-        File::create(&train_tmp).map_err(|e| DataError::io("cannot create", &train_tmp, e))?;
+    let file = File::create(&train_tmp).map_err(|e| DataError::io("cannot create", &train_tmp, e))?;
     let mut writer = Writer {
         out: BufWriter::with_capacity(1 << 20, file),
         dtype,
@@ -189,11 +183,9 @@ pub(crate) fn prepare_with(
     let n_val = ((total as f64 * opts.validation_fraction).round() as u64).min(total);
     let n_train = total - n_val;
     let size = dtype.size() as u64;
-    let mut val_file =
-        File::create(&val_tmp).map_err(|e| DataError::io("cannot create", &val_tmp, e))?;
+    let mut val_file = File::create(&val_tmp).map_err(|e| DataError::io("cannot create", &val_tmp, e))?;
     {
-        let mut src =
-            File::open(&train_tmp).map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
+        let mut src = File::open(&train_tmp).map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
         src.seek(SeekFrom::Start(n_train * size))
             .map_err(|e| DataError::io("cannot read", &train_tmp, e))?;
         std::io::copy(&mut src.take(n_val * size), &mut val_file)
@@ -253,8 +245,7 @@ pub(crate) fn prepare_with(
     }
     for (tmp, name) in [(&train_tmp, "training.bin"), (&val_tmp, "validation.bin")] {
         let dest = out_dir.join(name);
-        std::fs::rename(tmp, &dest)
-            .map_err(|e| DataError::io("cannot rename into place", &dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| DataError::io("cannot rename into place", &dest, e))?;
     }
     cleanup.0.clear();
     sync_dir(out_dir);
@@ -330,8 +321,7 @@ pub(crate) fn checksum_file(path: &Path) -> Result<u64, DataError> {
     }
     // SAFETY: the map is read-only and dropped before returning; a concurrent writer could at worst
     // make the checksum wrong, which the caller treats as a mismatch.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| DataError::io("cannot memory-map", path, e))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("cannot memory-map", path, e))?;
     Ok(format::checksum(&map))
 }
 
@@ -410,11 +400,7 @@ fn tokenize_input(
             let pieces = if jsonl {
                 jsonl_pieces(chunk, carry_offset, carry_line)
             } else {
-                text_pieces(
-                    chunk,
-                    carry_offset,
-                    !matches!(tokenizer, Tokenizer::ByteLevel),
-                )
+                text_pieces(chunk, carry_offset, !matches!(tokenizer, Tokenizer::ByteLevel))
             };
             let results: Vec<Result<Option<Vec<u32>>, DataError>> = pieces
                 .par_iter()
@@ -464,12 +450,7 @@ fn tokenize_input(
 }
 
 /// Tokenizes raw bytes: byte-level takes them as they are; HuggingFace needs valid UTF-8.
-fn encode(
-    tokenizer: &Tokenizer,
-    bytes: &[u8],
-    path: &Path,
-    piece: &Piece<'_>,
-) -> Result<Vec<u32>, DataError> {
+fn encode(tokenizer: &Tokenizer, bytes: &[u8], path: &Path, piece: &Piece<'_>) -> Result<Vec<u32>, DataError> {
     match tokenizer {
         Tokenizer::ByteLevel => Ok(bytes.iter().map(|&b| u32::from(b)).collect()),
         Tokenizer::HuggingFace(_) => {
@@ -559,11 +540,8 @@ fn jsonl_text(piece: &Piece<'_>, path: &Path, field: &str) -> Result<Option<Stri
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
-        bad(format!(
-            "invalid JSON: {e}; each line must be one JSON object"
-        ))
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| bad(format!("invalid JSON: {e}; each line must be one JSON object")))?;
     let obj = value
         .as_object()
         .ok_or_else(|| bad("expected a JSON object on each line".into()))?;
@@ -656,15 +634,10 @@ mod tests {
         let report = prepare(&opts).unwrap();
         assert_eq!(report.documents, 3);
         let train = TokenDataset::open(&out, "training", 256).unwrap();
-        assert_eq!(
-            Tokenizer::byte_level().decode(&read_all(&train)),
-            "abcdéfxyz"
-        );
+        assert_eq!(Tokenizer::byte_level().decode(&read_all(&train)), "abcdéfxyz");
         assert_eq!(report.validation_tokens, 0);
         // An empty validation split is refused when opened, with a useful message.
-        let e = TokenDataset::open(&out, "validation", 256)
-            .unwrap_err()
-            .to_string();
+        let e = TokenDataset::open(&out, "validation", 256).unwrap_err().to_string();
         assert!(e.contains("validation.bin") && e.contains("empty"), "{e}");
 
         // Wrong field: error names file, line, and the available fields.
@@ -677,10 +650,7 @@ mod tests {
         std::fs::write(&input, "{\"text\": \"ok\"}\nnot json\n").unwrap();
         opts.text_field = "text".into();
         let e = prepare(&opts).unwrap_err().to_string();
-        assert!(
-            e.contains("docs.jsonl:2") && e.contains("invalid JSON"),
-            "{e}"
-        );
+        assert!(e.contains("docs.jsonl:2") && e.contains("invalid JSON"), "{e}");
     }
 
     #[test]
@@ -688,11 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = crate::data::tokenizer::tests::write_tiny_tokenizer(dir.path());
         let input = dir.path().join("docs.jsonl");
-        std::fs::write(
-            &input,
-            "{\"text\": \"the cat sat\"}\n{\"text\": \"on the mat .\"}\n",
-        )
-        .unwrap();
+        std::fs::write(&input, "{\"text\": \"the cat sat\"}\n{\"text\": \"on the mat .\"}\n").unwrap();
         let text = dir.path().join("plain.txt");
         std::fs::write(&text, "hello world\nhello").unwrap();
         let out = dir.path().join("prepared");
@@ -703,10 +669,7 @@ mod tests {
         assert_eq!(report.documents, 3);
         assert_eq!(report.metadata.tokenizer.eos_token_id, Some(1));
         let train = TokenDataset::open(&out, "training", 10).unwrap();
-        assert_eq!(
-            read_all(&train),
-            vec![4, 5, 6, 1, 7, 4, 8, 9, 1, 2, 3, 2, 1]
-        );
+        assert_eq!(read_all(&train), vec![4, 5, 6, 1, 7, 4, 8, 9, 1, 2, 3, 2, 1]);
     }
 
     #[test]
@@ -726,10 +689,7 @@ mod tests {
         for p in &pieces {
             assert!(std::str::from_utf8(p.bytes).is_ok());
         }
-        assert_eq!(
-            pieces.iter().map(|p| p.bytes.len()).sum::<usize>(),
-            text.len()
-        );
+        assert_eq!(pieces.iter().map(|p| p.bytes.len()).sum::<usize>(), text.len());
         assert_eq!(last_char_start("ab✓".as_bytes()), 2);
         assert_eq!(last_char_start(&"ab✓".as_bytes()[..3]), 2);
         assert_eq!(last_char_start(b""), 0);
@@ -739,17 +699,11 @@ mod tests {
     fn bad_options_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = PrepareOptions::new(vec![], dir.path().join("o"));
-        assert!(prepare(&opts)
-            .unwrap_err()
-            .to_string()
-            .contains("no input files"));
+        assert!(prepare(&opts).unwrap_err().to_string().contains("no input files"));
         opts.inputs = vec![dir.path().join("missing.txt")];
         let e = prepare(&opts).unwrap_err().to_string();
         assert!(e.contains("missing.txt"), "{e}");
         opts.validation_fraction = 1.0;
-        assert!(prepare(&opts)
-            .unwrap_err()
-            .to_string()
-            .contains("validation_fraction"));
+        assert!(prepare(&opts).unwrap_err().to_string().contains("validation_fraction"));
     }
 }

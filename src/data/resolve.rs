@@ -60,11 +60,7 @@ fn temp_cache_dir(path: &Path) -> PathBuf {
 ///
 /// Safe to call from several threads (or processes) at once: cache builds are serialized by an
 /// exclusive lock on `<cache>.lock`, write to a unique temporary directory and are renamed into place.
-pub fn resolve_dataset(
-    cfg: &DatasetConfig,
-    name: &str,
-    vocab_size: u64,
-) -> Result<TokenDataset, DataError> {
+pub fn resolve_dataset(cfg: &DatasetConfig, name: &str, vocab_size: u64) -> Result<TokenDataset, DataError> {
     let split = split_for_dataset(cfg, name);
     match cfg.kind {
         DatasetKind::Memmap => TokenDataset::open(&cfg.path, &split, vocab_size),
@@ -114,33 +110,21 @@ impl Stamp {
 
 /// Opens `split` of the cache at `dir` if it is fresh and intact. `None`: (re)build needed.
 /// Errors that rebuilding cannot fix (token ids beyond the vocabulary, an empty split) are returned.
-fn open_fresh(
-    dir: &Path,
-    stamp: &Stamp,
-    split: &str,
-    vocab_size: u64,
-) -> Option<Result<TokenDataset, DataError>> {
+fn open_fresh(dir: &Path, stamp: &Stamp, split: &str, vocab_size: u64) -> Option<Result<TokenDataset, DataError>> {
     if !stamp.matches(dir) {
         return None;
     }
     match TokenDataset::open(dir, split, vocab_size) {
         Ok(ds) => Some(Ok(ds)),
-        Err(
-            e @ (DataError::TokenOutOfRange { .. }
-            | DataError::Empty { .. }
-            | DataError::UnknownSplit { .. }),
-        ) => Some(Err(e)),
+        Err(e @ (DataError::TokenOutOfRange { .. } | DataError::Empty { .. } | DataError::UnknownSplit { .. })) => {
+            Some(Err(e))
+        }
         Err(_) => None,
     }
 }
 
 /// [`resolve_dataset`] for a `text` file, trying the cache directories in order.
-fn resolve_text(
-    path: &Path,
-    split: &str,
-    vocab_size: u64,
-    candidates: &[PathBuf],
-) -> Result<TokenDataset, DataError> {
+fn resolve_text(path: &Path, split: &str, vocab_size: u64, candidates: &[PathBuf]) -> Result<TokenDataset, DataError> {
     let stamp = Stamp::of(path)?;
     // A fresh cache is used as it is, even in a read-only place.
     for dir in candidates {
@@ -166,16 +150,11 @@ fn resolve_text(
             Ok(f) => f,
             Err(e) => {
                 // Not writable here: try the next place.
-                last_err = Some(DataError::io(
-                    "cannot create cache lock file",
-                    &lock_path,
-                    e,
-                ));
+                last_err = Some(DataError::io("cannot create cache lock file", &lock_path, e));
                 continue;
             }
         };
-        lock.lock()
-            .map_err(|e| DataError::io("cannot lock", &lock_path, e))?;
+        lock.lock().map_err(|e| DataError::io("cannot lock", &lock_path, e))?;
         // Someone may have built it while we waited for the lock.
         if let Some(result) = open_fresh(dir, &stamp, split, vocab_size) {
             return result;
@@ -202,12 +181,10 @@ fn build_cache(source: &Path, dir: &Path) -> Result<(), DataError> {
     let built = prepare_with(&opts, &Tokenizer::byte_level()).and_then(|_| {
         if dir.exists() {
             let old = temp_sibling(dir, "old");
-            std::fs::rename(dir, &old)
-                .map_err(|e| DataError::io("cannot move stale cache", dir, e))?;
+            std::fs::rename(dir, &old).map_err(|e| DataError::io("cannot move stale cache", dir, e))?;
             let _ = std::fs::remove_dir_all(&old);
         }
-        std::fs::rename(&tmp, dir)
-            .map_err(|e| DataError::io("cannot rename cache into place", dir, e))
+        std::fs::rename(&tmp, dir).map_err(|e| DataError::io("cannot rename cache into place", dir, e))
     });
     if built.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -260,10 +237,7 @@ mod tests {
         };
         assert_eq!(resolve_dataset(&cfg, "training", 256).unwrap().len(), 9);
         assert_eq!(resolve_dataset(&cfg, "validation", 256).unwrap().len(), 1);
-        assert_eq!(
-            resolve_dataset(&cfg, "other", 256).unwrap().split(),
-            "training"
-        );
+        assert_eq!(resolve_dataset(&cfg, "other", 256).unwrap().split(), "training");
     }
 
     #[test]
@@ -303,10 +277,7 @@ mod tests {
         assert_eq!(again.get(0), u32::from(b't'));
         // A damaged cache is rebuilt too.
         std::fs::write(cache.join("training.bin"), b"xx").unwrap();
-        assert_eq!(
-            resolve_dataset(&cfg, "training", 256).unwrap().len(),
-            expected_len
-        );
+        assert_eq!(resolve_dataset(&cfg, "training", 256).unwrap().len(), expected_len);
         // Only the cache and its lock file sit next to the source.
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -9,10 +9,7 @@ use super::{DataError, TokenDataset};
 /// The global index of sample `j` of global batch `batch`, with `samples_per_batch` samples per global
 /// batch (over all data-parallel ranks and micro-batches): `batch * samples_per_batch + j`.
 pub fn global_sample_index(batch: u64, samples_per_batch: u64, j: u64) -> u64 {
-    debug_assert!(
-        j < samples_per_batch,
-        "sample {j} of a batch of {samples_per_batch}"
-    );
+    debug_assert!(j < samples_per_batch, "sample {j} of a batch of {samples_per_batch}");
     batch * samples_per_batch + j
 }
 
@@ -73,9 +70,7 @@ impl SequenceSampler {
     /// window (`sequence_length + 1` tokens) or `sequence_length` is 0.
     pub fn new(seed: u64, dataset_len: u64, sequence_length: u64) -> Result<Self, DataError> {
         if sequence_length == 0 {
-            return Err(DataError::Invalid(
-                "sequence_length must be at least 1".into(),
-            ));
+            return Err(DataError::Invalid("sequence_length must be at least 1".into()));
         }
         if dataset_len <= sequence_length {
             return Err(DataError::Invalid(format!(
@@ -92,15 +87,9 @@ impl SequenceSampler {
     }
 
     /// [`SequenceSampler::new`] for `dataset`, with an error naming its file.
-    pub fn for_dataset(
-        seed: u64,
-        dataset: &TokenDataset,
-        sequence_length: u64,
-    ) -> Result<Self, DataError> {
+    pub fn for_dataset(seed: u64, dataset: &TokenDataset, sequence_length: u64) -> Result<Self, DataError> {
         Self::new(seed, dataset.len(), sequence_length).map_err(|e| match e {
-            DataError::Invalid(m) => {
-                DataError::Invalid(format!("{}: {m}", dataset.path().display()))
-            }
+            DataError::Invalid(m) => DataError::Invalid(format!("{}: {m}", dataset.path().display())),
             other => other,
         })
     }
@@ -135,13 +124,7 @@ impl SequenceSampler {
     /// # Panics
     /// If `dataset` is not the length this sampler was built for, or `inputs`/`targets` are not
     /// `sequence_length` long.
-    pub fn fill(
-        &self,
-        dataset: &TokenDataset,
-        sample_index: u64,
-        inputs: &mut [u32],
-        targets: &mut [u32],
-    ) {
+    pub fn fill(&self, dataset: &TokenDataset, sample_index: u64, inputs: &mut [u32], targets: &mut [u32]) {
         self.fill_at(dataset, self.offset(sample_index), inputs, targets);
     }
 
@@ -149,28 +132,11 @@ impl SequenceSampler {
     ///
     /// # Panics
     /// As [`fill`](Self::fill).
-    pub fn fill_sequential(
-        &self,
-        dataset: &TokenDataset,
-        sample_index: u64,
-        inputs: &mut [u32],
-        targets: &mut [u32],
-    ) {
-        self.fill_at(
-            dataset,
-            self.sequential_offset(sample_index),
-            inputs,
-            targets,
-        );
+    pub fn fill_sequential(&self, dataset: &TokenDataset, sample_index: u64, inputs: &mut [u32], targets: &mut [u32]) {
+        self.fill_at(dataset, self.sequential_offset(sample_index), inputs, targets);
     }
 
-    fn fill_at(
-        &self,
-        dataset: &TokenDataset,
-        offset: u64,
-        inputs: &mut [u32],
-        targets: &mut [u32],
-    ) {
+    fn fill_at(&self, dataset: &TokenDataset, offset: u64, inputs: &mut [u32], targets: &mut [u32]) {
         assert_eq!(
             dataset.len(),
             self.dataset_len,
@@ -197,9 +163,7 @@ mod tests {
 
     fn dataset(dir: &std::path::Path, len: usize) -> TokenDataset {
         let input = dir.join("in.txt");
-        let text: String = (0..len)
-            .map(|i| char::from(b'!' + (i * 7 % 90) as u8))
-            .collect();
+        let text: String = (0..len).map(|i| char::from(b'!' + (i * 7 % 90) as u8)).collect();
         std::fs::write(&input, text).unwrap();
         let out = dir.join("prep");
         let mut opts = PrepareOptions::new(vec![input], &out);
@@ -285,10 +249,7 @@ mod tests {
     #[test]
     fn too_short_dataset_is_refused() {
         let e = SequenceSampler::new(0, 10, 10).unwrap_err().to_string();
-        assert!(
-            e.contains("10 tokens") && e.contains("sequence_length"),
-            "{e}"
-        );
+        assert!(e.contains("10 tokens") && e.contains("sequence_length"), "{e}");
         assert!(SequenceSampler::new(0, 10, 0).is_err());
         assert_eq!(global_sample_index(3, 8, 5), 29);
     }

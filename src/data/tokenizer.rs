@@ -192,10 +192,9 @@ fn find_eos(tok: &tokenizers::Tokenizer, path: &Path) -> Option<(String, u32)> {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
             let name = match value.get("eos_token") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(obj @ serde_json::Value::Object(_)) => obj
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
+                Some(obj @ serde_json::Value::Object(_)) => {
+                    obj.get("content").and_then(|c| c.as_str()).map(str::to_string)
+                }
                 _ => None,
             };
             if let Some(name) = name {
@@ -220,9 +219,7 @@ pub(crate) mod tests {
 
     /// Writes a tiny WordLevel `tokenizer.json` (whitespace pre-tokenizer, `</s>` special) to `dir`.
     pub(crate) fn write_tiny_tokenizer(dir: &Path) -> PathBuf {
-        let words = [
-            "<unk>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", ".",
-        ];
+        let words = ["<unk>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "."];
         let vocab: serde_json::Map<String, serde_json::Value> = words
             .iter()
             .enumerate()
@@ -274,11 +271,7 @@ pub(crate) mod tests {
         assert_eq!(ids, vec![4, 5, 6, 7, 4, 8, 9]);
         assert_eq!(t.decode(&ids), "the cat sat on the mat .");
         assert_eq!(t.encode("hello dog"), vec![2, 0]);
-        assert!(
-            t.description().contains("'</s>' = 1"),
-            "{}",
-            t.description()
-        );
+        assert!(t.description().contains("'</s>' = 1"), "{}", t.description());
         assert_eq!(t.info().kind, "huggingface");
     }
 

@@ -325,12 +325,7 @@ impl Llama {
                 ]
             }
             LayerKind::Head => vec![
-                p(
-                    "model.norm.weight".into(),
-                    vec![s.hidden],
-                    Init::Ones,
-                    false,
-                ),
+                p("model.norm.weight".into(), vec![s.hidden], Init::Ones, false),
                 p(
                     "lm_head.weight".into(),
                     vec![s.vocab, s.hidden],
@@ -348,10 +343,7 @@ impl Llama {
 
     /// All parameters of the model, in model order.
     pub fn all_params(&self) -> Vec<ParamSpec> {
-        self.layers
-            .iter()
-            .flat_map(|&l| self.layer_params(l))
-            .collect()
+        self.layers.iter().flat_map(|&l| self.layer_params(l)).collect()
     }
 
     /// Total parameter count.
@@ -366,9 +358,13 @@ impl Llama {
         let n = b.tokens();
         match layer {
             LayerKind::Embedding => [0; 5],
-            LayerKind::Attention(_) => {
-                [n * s.hidden, n, n * s.qkv_width(), b.batch * s.heads * b.seq * b.seq, n * s.attn_width()]
-            }
+            LayerKind::Attention(_) => [
+                n * s.hidden,
+                n,
+                n * s.qkv_width(),
+                b.batch * s.heads * b.seq * b.seq,
+                n * s.attn_width(),
+            ],
             LayerKind::Mlp(_) => [n * s.hidden, n, n * 2 * s.inter, 0, n * s.inter],
             LayerKind::Head => [n * s.hidden, n, n * s.vocab, 0, 0],
         }
@@ -392,7 +388,13 @@ impl Llama {
                 acts.hidden[l] = z(n * self.shape.hidden);
             }
             let [normed, rstd, proj, probs, inner] = self.layer_act_sizes(self.layers[l], b);
-            acts.layers[l] = LayerActs { normed: z(normed), rstd: z(rstd), proj: z(proj), probs: z(probs), inner: z(inner) };
+            acts.layers[l] = LayerActs {
+                normed: z(normed),
+                rstd: z(rstd),
+                proj: z(proj),
+                probs: z(probs),
+                inner: z(inner),
+            };
         }
         acts
     }
@@ -415,7 +417,10 @@ impl Llama {
     pub fn scratch_elems(&self, b: Batch) -> usize {
         let s = &self.shape;
         let n = b.tokens();
-        2 * n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + b.batch * s.heads * b.seq * b.seq
+        2 * n * s.hidden
+            + n * s.qkv_width().max(2 * s.inter)
+            + n * s.attn_width().max(s.inter)
+            + b.batch * s.heads * b.seq * b.seq
     }
 
     /// Activation bytes of one rank: `breadth_first` micro-batches of saved activations plus the
@@ -441,6 +446,7 @@ impl Llama {
     /// Reads `acts.hidden[l]` (or the tokens), writes `acts.hidden[l + 1]` (or the loss sum).
     /// `loss_scale`: for the head, `Some(s)` computes the loss gradient scaled by `s` into the saved
     /// logits (training); `None` computes the loss only (evaluation).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_layer<T: Element>(
         &self,
         k: &dyn Kernels<T>,
@@ -465,25 +471,8 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let qkv_w = &rest[..s.qkv_width() * c];
                 let o_w = &rest[s.qkv_width() * c..];
-                k.rms_norm_forward(
-                    &mut la.normed,
-                    &mut la.rstd,
-                    input,
-                    norm_w,
-                    c,
-                    T::from_f64(s.norm_eps),
-                );
-                k.matmul(
-                    &mut la.proj,
-                    &la.normed,
-                    qkv_w,
-                    n,
-                    s.qkv_width(),
-                    c,
-                    false,
-                    true,
-                    false,
-                );
+                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, T::from_f64(s.norm_eps));
+                k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
                 k.rotary(
                     &mut la.proj,
                     s.qkv_width(),
@@ -512,25 +501,8 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let gu_w = &rest[..2 * s.inter * c];
                 let down_w = &rest[2 * s.inter * c..];
-                k.rms_norm_forward(
-                    &mut la.normed,
-                    &mut la.rstd,
-                    input,
-                    norm_w,
-                    c,
-                    T::from_f64(s.norm_eps),
-                );
-                k.matmul(
-                    &mut la.proj,
-                    &la.normed,
-                    gu_w,
-                    n,
-                    2 * s.inter,
-                    c,
-                    false,
-                    true,
-                    false,
-                );
+                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, T::from_f64(s.norm_eps));
+                k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
                 let out = &mut after[0];
                 out.copy_from_slice(input);
@@ -546,17 +518,7 @@ impl Llama {
                     c,
                     T::from_f64(s.head_norm_eps),
                 );
-                k.matmul(
-                    &mut la.proj,
-                    &la.normed,
-                    out_w,
-                    n,
-                    s.vocab,
-                    c,
-                    false,
-                    true,
-                    false,
-                );
+                k.matmul(&mut la.proj, &la.normed, out_w, n, s.vocab, c, false, true, false);
                 acts.loss_sum = k.cross_entropy(&mut la.proj, &acts.targets, s.vocab, loss_scale);
             }
         }
@@ -621,17 +583,7 @@ impl Llama {
                     &rope.sin,
                     true,
                 );
-                k.matmul(
-                    g_qkv,
-                    d_qkv,
-                    &la.normed,
-                    s.qkv_width(),
-                    c,
-                    n,
-                    true,
-                    false,
-                    true,
-                );
+                k.matmul(g_qkv, d_qkv, &la.normed, s.qkv_width(), c, n, true, false, true);
                 k.matmul(
                     &mut scratch.d_normed,
                     d_qkv,
@@ -643,17 +595,7 @@ impl Llama {
                     false,
                     false,
                 );
-                self.norm_backward(
-                    k,
-                    g_norm,
-                    norm_w,
-                    input,
-                    la,
-                    dh,
-                    &scratch.d_normed,
-                    &mut scratch.d_x,
-                    c,
-                );
+                self.norm_backward(k, g_norm, norm_w, input, la, dh, &scratch.d_normed, &mut scratch.d_x, c);
             }
             LayerKind::Mlp(_) => {
                 let (norm_w, rest) = weights.split_at(c);
@@ -678,25 +620,13 @@ impl Llama {
                     false,
                     false,
                 );
-                self.norm_backward(
-                    k,
-                    g_norm,
-                    norm_w,
-                    input,
-                    la,
-                    dh,
-                    &scratch.d_normed,
-                    &mut scratch.d_x,
-                    c,
-                );
+                self.norm_backward(k, g_norm, norm_w, input, la, dh, &scratch.d_normed, &mut scratch.d_x, c);
             }
             LayerKind::Head => {
                 let (norm_w, out_w) = weights.split_at(c);
                 let (g_norm, g_out) = grads.split_at_mut(c);
                 // la.proj holds the scaled loss gradient d logits (n, vocab).
-                k.matmul(
-                    g_out, &la.proj, &la.normed, s.vocab, c, n, true, false, true,
-                );
+                k.matmul(g_out, &la.proj, &la.normed, s.vocab, c, n, true, false, true);
                 k.matmul(
                     &mut scratch.d_normed,
                     &la.proj,
@@ -774,7 +704,16 @@ mod tests {
         if let Some(g) = grads {
             let mut scratch = m.alloc_scratch::<f64>(b);
             for l in (0..m.layers.len()).rev() {
-                m.backward_layer(&k, &rope, l, &w[ranges[l].clone()], &mut g[ranges[l].clone()], &mut acts, &mut scratch, b);
+                m.backward_layer(
+                    &k,
+                    &rope,
+                    l,
+                    &w[ranges[l].clone()],
+                    &mut g[ranges[l].clone()],
+                    &mut acts,
+                    &mut scratch,
+                    b,
+                );
             }
         }
         loss
@@ -795,7 +734,9 @@ mod tests {
             }
         }
         let tokens: Vec<u32> = (0..b.tokens()).map(|i| (init::mix64(i as u64) % 13) as u32).collect();
-        let targets: Vec<u32> = (0..b.tokens()).map(|i| (init::mix64(100 + i as u64) % 13) as u32).collect();
+        let targets: Vec<u32> = (0..b.tokens())
+            .map(|i| (init::mix64(100 + i as u64) % 13) as u32)
+            .collect();
         (m, w, tokens, targets, b)
     }
 

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 /// A directory with a small text corpus (the first 64 KiB of the bundled Shakespeare).
 pub fn corpus_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/tinyshakespeare.txt")).unwrap();
+    let text = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/data/tinyshakespeare.txt"
+    ))
+    .unwrap();
     std::fs::write(dir.path().join("corpus.txt"), &text[..65536]).unwrap();
     dir
 }

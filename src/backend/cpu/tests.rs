@@ -30,9 +30,7 @@ impl Rng {
         (0..n).map(|_| self.uniform() * scale).collect()
     }
     fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
-        (0..n)
-            .map(|_| (self.next_u64() % vocab as u64) as u32)
-            .collect()
+        (0..n).map(|_| (self.next_u64() % vocab as u64) as u32).collect()
     }
 }
 
@@ -51,10 +49,7 @@ fn max_abs(x: &[f64]) -> f64 {
 /// Norm-wise relative error `|a - b|_max / max(|b|_max, tiny)`.
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "rel_err: lengths differ");
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     diff / max_abs(b).max(1e-300)
 }
 
@@ -114,17 +109,7 @@ fn assert_grad(name: &str, x0: &[f64], analytic: &[f64], loss: impl FnMut(&[f64]
 // ---------------------------------------------------------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
-fn naive_matmul(
-    c: &mut [f64],
-    a: &[f64],
-    b: &[f64],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    acc: bool,
-) {
+fn naive_matmul(c: &mut [f64], a: &[f64], b: &[f64], m: usize, n: usize, k: usize, ta: bool, tb: bool, acc: bool) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0.0;
@@ -139,14 +124,7 @@ fn naive_matmul(
 }
 
 /// Attention with explicit loops: returns (out, probs).
-fn naive_attention(
-    qkv: &[f64],
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv: usize,
-    hs: usize,
-) -> (Vec<f64>, Vec<f64>) {
+fn naive_attention(qkv: &[f64], batch: usize, seq: usize, heads: usize, kv: usize, hs: usize) -> (Vec<f64>, Vec<f64>) {
     let stride = (heads + 2 * kv) * hs;
     let mut out = vec![0.0; batch * seq * heads * hs];
     let mut probs = vec![0.0; batch * heads * seq * seq];
@@ -304,12 +282,8 @@ fn matmul_gradients() {
             k.matmul(&mut c, a, b, m, n, kk, ta, tb, false);
             dot(&c, &w)
         };
-        assert_grad(&format!("matmul dA ta={ta} tb={tb}"), &a, &da, |x| {
-            fwd(x, &b)
-        });
-        assert_grad(&format!("matmul dB ta={ta} tb={tb}"), &b, &db, |x| {
-            fwd(&a, x)
-        });
+        assert_grad(&format!("matmul dA ta={ta} tb={tb}"), &a, &da, |x| fwd(x, &b));
+        assert_grad(&format!("matmul dB ta={ta} tb={tb}"), &b, &db, |x| fwd(&a, x));
     }
 }
 
@@ -468,16 +442,7 @@ fn rotary_forward_backward() {
     });
     // f32
     let mut y32 = to32(&x);
-    CpuKernels::new(1).rotary(
-        &mut y32,
-        stride,
-        heads,
-        hs,
-        seq,
-        &to32(&cos),
-        &to32(&sin),
-        false,
-    );
+    CpuKernels::new(1).rotary(&mut y32, stride, heads, hs, seq, &to32(&cos), &to32(&sin), false);
     f32_vs_f64("rotary", &y32, &y);
 }
 
@@ -501,18 +466,7 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
     let w = rng.vec(out.len(), 1.0);
     let mut grad = vec![f64::NAN; qkv.len()];
     let mut scratch = vec![f64::NAN; probs.len()];
-    k.attention_backward(
-        &mut grad,
-        &mut scratch,
-        &w,
-        &qkv,
-        &probs,
-        batch,
-        seq,
-        heads,
-        kv,
-        hs,
-    );
+    k.attention_backward(&mut grad, &mut scratch, &w, &qkv, &probs, batch, seq, heads, kv, hs);
     if check_grad {
         assert_grad(&format!("{tag} grad"), &qkv, &grad, |x| {
             let mut out = vec![0.0; batch * seq * heads * hs];
@@ -753,10 +707,7 @@ fn assert_deterministic<R: PartialEq + std::fmt::Debug>(name: &str, f: impl Fn(&
     let base = f(&CpuKernels::new(1));
     for threads in [2, 4] {
         let got = f(&CpuKernels::new(threads));
-        assert!(
-            got == base,
-            "{name}: results differ between 1 and {threads} threads"
-        );
+        assert!(got == base, "{name}: results differ between 1 and {threads} threads");
     }
 }
 
@@ -783,14 +734,11 @@ fn determinism_matmul() {
             let b = rand32(&mut rng, k * n, 1.0);
             let c0 = rand32(&mut rng, m * n, 1.0);
             for acc in [false, true] {
-                assert_deterministic(
-                    &format!("matmul {m}x{n}x{k} ta={ta} tb={tb} acc={acc}"),
-                    |kern| {
-                        let mut c = c0.clone();
-                        kern.matmul(&mut c, &a, &b, m, n, k, ta, tb, acc);
-                        bits(&c)
-                    },
-                );
+                assert_deterministic(&format!("matmul {m}x{n}x{k} ta={ta} tb={tb} acc={acc}"), |kern| {
+                    let mut c = c0.clone();
+                    kern.matmul(&mut c, &a, &b, m, n, k, ta, tb, acc);
+                    bits(&c)
+                });
             }
         }
     }
@@ -809,18 +757,7 @@ fn determinism_attention() {
         kern.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs);
         let mut grad = vec![0.0f32; qkv.len()];
         let mut scratch = vec![0.0f32; probs.len()];
-        kern.attention_backward(
-            &mut grad,
-            &mut scratch,
-            &gout,
-            &qkv,
-            &probs,
-            batch,
-            seq,
-            heads,
-            kv,
-            hs,
-        );
+        kern.attention_backward(&mut grad, &mut scratch, &gout, &qkv, &probs, batch, seq, heads, kv, hs);
         (bits(&out), bits(&probs), bits(&grad))
     });
 }
@@ -852,9 +789,7 @@ fn determinism_row_kernels() {
         (loss.to_bits(), loss2.to_bits(), bits(&l))
     });
     let big = rand32(&mut rng, 5_000_017, 1.0);
-    assert_deterministic("sum_squares", |kern| {
-        Kernels::<f32>::sum_squares(kern, &big).to_bits()
-    });
+    assert_deterministic("sum_squares", |kern| Kernels::<f32>::sum_squares(kern, &big).to_bits());
     let tokens = rng.tokens(n, 50);
     let table0 = rand32(&mut rng, 50 * c, 1.0);
     assert_deterministic("embedding bwd", |kern| {
@@ -871,15 +806,9 @@ fn determinism_row_kernels() {
     });
     let g = rand32(&mut rng, 300_001, 1.0);
     assert_deterministic("adamw", |kern| {
-        let (mut w, mut m, mut v) = (
-            x[..300_001].to_vec(),
-            vec![0.0f32; 300_001],
-            vec![0.0f32; 300_001],
-        );
+        let (mut w, mut m, mut v) = (x[..300_001].to_vec(), vec![0.0f32; 300_001], vec![0.0f32; 300_001]);
         for step in 1..=3 {
-            kern.adamw(
-                &mut w, &g, &mut m, &mut v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step,
-            );
+            kern.adamw(&mut w, &g, &mut m, &mut v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step);
         }
         (bits(&w), bits(&m), bits(&v))
     });

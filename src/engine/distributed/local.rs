@@ -274,11 +274,7 @@ impl LocalGroup {
     }
 
     /// Spins for [`SPIN`], then blocks until `check` returns `Some`, or until `deadline`.
-    fn wait<R>(
-        &self,
-        deadline: Option<Instant>,
-        mut check: impl FnMut() -> Option<R>,
-    ) -> Option<R> {
+    fn wait<R>(&self, deadline: Option<Instant>, mut check: impl FnMut() -> Option<R>) -> Option<R> {
         let start = Instant::now();
         let mut i = 0u32;
         loop {
@@ -476,11 +472,7 @@ fn chunk_start(n: usize, d: usize, i: usize) -> usize {
 /// # Safety
 /// `src(j)` must be valid for reads of `dst.len()` elements for `j < d`, not overlapping `dst`, and
 /// not written concurrently.
-unsafe fn sum_into<T: Copy + std::ops::Add<Output = T>>(
-    dst: &mut [T],
-    d: usize,
-    src: impl Fn(usize) -> *const T,
-) {
+unsafe fn sum_into<T: Copy + std::ops::Add<Output = T>>(dst: &mut [T], d: usize, src: impl Fn(usize) -> *const T) {
     let n = dst.len();
     let mut start = 0;
     while start < n {
@@ -549,7 +541,10 @@ impl LocalCommunicator {
         if st.busy.swap(true, Ordering::Acquire) {
             return Err(CommError::Invalid {
                 op: op.name().to_string(),
-                msg: format!("another collective is in progress on rank {} (calls on one rank must not overlap)", self.rank),
+                msg: format!(
+                    "another collective is in progress on rank {} (calls on one rank must not overlap)",
+                    self.rank
+                ),
             });
         }
         let busy = Busy(&st.busy);
@@ -636,10 +631,7 @@ impl LocalCommunicator {
             }
         }
         if op == Op::Broadcast && first.root >= d {
-            return invalid(format!(
-                "root {} out of range for world size {d}",
-                first.root
-            ));
+            return invalid(format!("root {} out of range for world size {d}", first.root));
         }
         Ok(())
     }
@@ -652,10 +644,7 @@ impl LocalCommunicator {
     ) -> Result<(), CommError> {
         let d = self.group.world_size;
         let n = data.len();
-        let (lo, hi) = (
-            chunk_start(n, d, self.rank),
-            chunk_start(n, d, self.rank + 1),
-        );
+        let (lo, hi) = (chunk_start(n, d, self.rank), chunk_start(n, d, self.rank + 1));
         let mut scratch = lock(scratch);
         if scratch.len() < hi - lo {
             // Grows only when a larger buffer is seen: no allocation in the steady state.
@@ -671,11 +660,7 @@ impl LocalCommunicator {
             scratch: scratch_ptr as usize,
         };
         let (seq, _busy) = self.enter(op, desc)?;
-        bump(
-            &self.stats.all_reduce_calls,
-            &self.stats.all_reduce_elements,
-            n,
-        );
+        bump(&self.stats.all_reduce_calls, &self.stats.all_reduce_elements, n);
         if d == 1 {
             return Ok(());
         }
@@ -694,8 +679,7 @@ impl LocalCommunicator {
             let (a, b) = (chunk_start(n, d, j), chunk_start(n, d, j + 1));
             // SAFETY: rank `j` wrote its chunk (length b - a) into its scratch before the first
             // completion point and keeps it unchanged until the second one.
-            let src =
-                unsafe { std::slice::from_raw_parts(self.desc(j, seq).scratch as *const T, b - a) };
+            let src = unsafe { std::slice::from_raw_parts(self.desc(j, seq).scratch as *const T, b - a) };
             data[a..b].copy_from_slice(src);
         }
         self.group.complete(self.rank);
@@ -731,20 +715,11 @@ impl Communicator for LocalCommunicator {
             out[j * s..(j + 1) * s].copy_from_slice(src);
         }
         self.group.complete(self.rank);
-        bump(
-            &self.stats.all_gather_calls,
-            &self.stats.all_gather_elements,
-            out.len(),
-        );
+        bump(&self.stats.all_gather_calls, &self.stats.all_gather_elements, out.len());
         Ok(())
     }
 
-    fn reduce_scatter(
-        &self,
-        input: &[f32],
-        out: &mut [f32],
-        accumulate: bool,
-    ) -> Result<(), CommError> {
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError> {
         let desc = Desc {
             op: Op::ReduceScatter as usize,
             ptr: input.as_ptr() as usize,
@@ -786,19 +761,11 @@ impl Communicator for LocalCommunicator {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
-        self.all_reduce_impl(
-            data,
-            Op::AllReduceF32,
-            &self.group.ranks[self.rank].scratch_f32,
-        )
+        self.all_reduce_impl(data, Op::AllReduceF32, &self.group.ranks[self.rank].scratch_f32)
     }
 
     fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<(), CommError> {
-        self.all_reduce_impl(
-            data,
-            Op::AllReduceF64,
-            &self.group.ranks[self.rank].scratch_f64,
-        )
+        self.all_reduce_impl(data, Op::AllReduceF64, &self.group.ranks[self.rank].scratch_f64)
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
@@ -814,17 +781,11 @@ impl Communicator for LocalCommunicator {
         if self.rank != root {
             // SAFETY: arrival completed; the root published `data.len()` elements (validated) and
             // does not write them before the completion point below; it is another rank's buffer.
-            let src = unsafe {
-                std::slice::from_raw_parts(self.desc(root, seq).ptr as *const f32, data.len())
-            };
+            let src = unsafe { std::slice::from_raw_parts(self.desc(root, seq).ptr as *const f32, data.len()) };
             data.copy_from_slice(src);
         }
         self.group.complete(self.rank);
-        bump(
-            &self.stats.broadcast_calls,
-            &self.stats.broadcast_elements,
-            data.len(),
-        );
+        bump(&self.stats.broadcast_calls, &self.stats.broadcast_elements, data.len());
         Ok(())
     }
 
@@ -848,7 +809,8 @@ impl Communicator for LocalCommunicator {
 
 /// Whether `e` is a consequence of another rank's failure rather than a root cause.
 fn is_secondary(e: &anyhow::Error, rank: usize) -> bool {
-    e.chain().any(|c| matches!(c.downcast_ref::<CommError>(), Some(CommError::PeerFailed { rank: r, .. }) if *r != rank))
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<CommError>(), Some(CommError::PeerFailed { rank: r, .. }) if *r != rank))
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -888,20 +850,15 @@ pub fn run_ranks<T: Send>(
                 let (f, fail) = (&f, &fail);
                 std::thread::Builder::new()
                     .name(format!("rank-{rank}"))
-                    .spawn_scoped(scope, move || {
-                        match catch_unwind(AssertUnwindSafe(|| f(comm))) {
-                            Ok(Ok(v)) => Some(v),
-                            Ok(Err(e)) => {
-                                fail(rank, e);
-                                None
-                            }
-                            Err(p) => {
-                                fail(
-                                    rank,
-                                    anyhow::anyhow!("panicked: {}", panic_message(p.as_ref())),
-                                );
-                                None
-                            }
+                    .spawn_scoped(scope, move || match catch_unwind(AssertUnwindSafe(|| f(comm))) {
+                        Ok(Ok(v)) => Some(v),
+                        Ok(Err(e)) => {
+                            fail(rank, e);
+                            None
+                        }
+                        Err(p) => {
+                            fail(rank, anyhow::anyhow!("panicked: {}", panic_message(p.as_ref())));
+                            None
                         }
                     })
                     .expect("failed to spawn rank thread")
@@ -912,10 +869,7 @@ pub fn run_ranks<T: Send>(
             .enumerate()
             .map(|(rank, h)| {
                 h.join().unwrap_or_else(|p| {
-                    fail(
-                        rank,
-                        anyhow::anyhow!("panicked: {}", panic_message(p.as_ref())),
-                    );
+                    fail(rank, anyhow::anyhow!("panicked: {}", panic_message(p.as_ref())));
                     None
                 })
             })
@@ -928,10 +882,7 @@ pub fn run_ranks<T: Send>(
             .map(|v| v.expect("rank without result or error"))
             .collect());
     }
-    let i = failures
-        .iter()
-        .position(|(_, _, secondary)| !secondary)
-        .unwrap_or(0);
+    let i = failures.iter().position(|(_, _, secondary)| !secondary).unwrap_or(0);
     let (rank, e, _) = failures.swap_remove(i);
     Err(e.context(format!("rank {rank} failed")))
 }
@@ -1007,8 +958,7 @@ mod tests {
         for d in 1..=4 {
             for &s in &SIZES {
                 for accumulate in [false, true] {
-                    let inputs: Vec<Vec<f32>> =
-                        (0..d).map(|r| data(r as u64 + 20, d * s)).collect();
+                    let inputs: Vec<Vec<f32>> = (0..d).map(|r| data(r as u64 + 20, d * s)).collect();
                     let init: Vec<Vec<f32>> = (0..d).map(|r| data(r as u64 + 90, s)).collect();
                     let outs = run_ranks(d, LONG, |c| {
                         let mut out = init[c.rank()].clone();
@@ -1023,11 +973,7 @@ mod tests {
                         } else {
                             sum
                         };
-                        assert_eq!(
-                            bits(out),
-                            bits(&expect),
-                            "d={d} s={s} acc={accumulate} rank={r}"
-                        );
+                        assert_eq!(bits(out), bits(&expect), "d={d} s={s} acc={accumulate} rank={r}");
                     }
                 }
             }
@@ -1103,9 +1049,7 @@ mod tests {
                 let mine = data(it * 7 + r as u64, s);
                 c.all_gather(&mine, &mut full)?;
                 for j in 0..d {
-                    anyhow::ensure!(
-                        bits(&full[j * s..(j + 1) * s]) == bits(&data(it * 7 + j as u64, s))
-                    );
+                    anyhow::ensure!(bits(&full[j * s..(j + 1) * s]) == bits(&data(it * 7 + j as u64, s)));
                 }
                 c.reduce_scatter(&full, &mut shard, it % 2 == 1)?;
                 let mut v = vec![r as f32 + it as f32; 5 + (it as usize % 3)];
@@ -1174,11 +1118,7 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
         let msg = format!("{err:#}");
         assert!(msg.starts_with("rank 1 failed: disk on fire"), "{msg}");
     }
@@ -1197,16 +1137,9 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
         let msg = format!("{err:#}");
-        assert!(
-            msg.starts_with("rank 2 failed: panicked: boom at step 7"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("rank 2 failed: panicked: boom at step 7"), "{msg}");
     }
 
     #[test]
@@ -1226,11 +1159,7 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
         for e in &errs {
             match e {
                 CommError::Timeout { op, missing, .. } => {
@@ -1263,11 +1192,7 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
         let msg = format!("{err:#}");
         assert!(msg.contains("timed out") && msg.contains("[1]"), "{msg}");
         assert!(matches!(
@@ -1350,23 +1275,11 @@ mod tests {
         };
         let msgs: Vec<String> = out[0].iter().map(msg).collect();
         for errs in &out {
-            assert_eq!(
-                errs.iter().map(msg).collect::<Vec<_>>(),
-                msgs,
-                "all ranks agree"
-            );
+            assert_eq!(errs.iter().map(msg).collect::<Vec<_>>(), msgs, "all ranks agree");
         }
-        assert!(
-            msgs[0].contains("rank 1: out has 8 elements"),
-            "{}",
-            msgs[0]
-        );
+        assert!(msgs[0].contains("rank 1: out has 8 elements"), "{}", msgs[0]);
         assert!(msgs[1].contains("shard lengths differ"), "{}", msgs[1]);
-        assert!(
-            msgs[2].contains("rank 2: input has 10 elements"),
-            "{}",
-            msgs[2]
-        );
+        assert!(msgs[2].contains("rank 2: input has 10 elements"), "{}", msgs[2]);
         assert!(msgs[7].contains("different collectives"), "{}", msgs[7]);
     }
 

@@ -1,7 +1,10 @@
 //! Ranks, the data-parallel group and the [`Communicator`] trait that engine code uses without knowing
 //! the backend; `local` runs the ranks as threads of one process.
 
+pub mod launch;
 pub mod local;
+pub mod nccl_lib;
+pub mod rendezvous;
 pub mod stream;
 
 use thiserror::Error;
@@ -36,12 +39,7 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), CommError>;
     /// `input (D*S)`: `s = input_0[r*S..] + input_1[r*S..] + ...` (rank order) for this rank `r`;
     /// `out (S) = s`, or `out = out + s` when `accumulate`.
-    fn reduce_scatter(
-        &self,
-        input: &[f32],
-        out: &mut [f32],
-        accumulate: bool,
-    ) -> Result<(), CommError>;
+    fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError>;
     /// Elementwise sum over ranks (rank order), result on every rank.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
     /// Elementwise f64 sum over ranks (rank order), result on every rank (losses, norms).

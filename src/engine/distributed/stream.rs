@@ -69,10 +69,7 @@ impl CommStream {
     }
 
     /// Queue a job; it runs after every job submitted before it.
-    pub fn submit(
-        &self,
-        job: impl FnOnce() -> Result<(), CommError> + Send + 'static,
-    ) -> CommHandle {
+    pub fn submit(&self, job: impl FnOnce() -> Result<(), CommError> + Send + 'static) -> CommHandle {
         let done = Arc::new(Completion::default());
         self.tx
             .as_ref()

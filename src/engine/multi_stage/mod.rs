@@ -124,11 +124,7 @@ pub struct StateBytes {
 impl StateBytes {
     /// Sum of all categories.
     pub fn total(&self) -> u64 {
-        self.weight_shard
-            + self.grad_shard
-            + self.optimizer_state
-            + self.weight_buffers
-            + self.grad_buffers
+        self.weight_shard + self.grad_shard + self.optimizer_state + self.weight_buffers + self.grad_buffers
     }
 }
 
@@ -155,12 +151,7 @@ pub struct MultiStageLayout {
 
 impl MultiStageLayout {
     /// Build the layout. `compute_bytes` is the size of one weight-buffer element.
-    pub fn new(
-        model: &Llama,
-        ms: &MultiStageConfig,
-        data_parallel: usize,
-        compute_bytes: usize,
-    ) -> Self {
+    pub fn new(model: &Llama, ms: &MultiStageConfig, data_parallel: usize, compute_bytes: usize) -> Self {
         let ranges = split_stages(&model.layers, ms.layers_per_stage);
         let unit = PAD_UNIT * data_parallel;
         let mut global_index = 0;
@@ -205,16 +196,8 @@ impl MultiStageLayout {
         let zero_stage = ms.zero_stage();
         let default_grad = if zero_stage >= 2 { 2 } else { n };
         let default_weight = if zero_stage >= 3 { 2 } else { n };
-        let nw = (ms
-            .num_weight_buffers
-            .map(|x| x as usize)
-            .unwrap_or(default_weight))
-        .clamp(1, n);
-        let ng = (ms
-            .num_grad_buffers
-            .map(|x| x as usize)
-            .unwrap_or(default_grad))
-        .clamp(1, n);
+        let nw = (ms.num_weight_buffers.map(|x| x as usize).unwrap_or(default_weight)).clamp(1, n);
+        let ng = (ms.num_grad_buffers.map(|x| x as usize).unwrap_or(default_grad)).clamp(1, n);
         let weight_buffer_of: Vec<usize> = (0..n).map(|s| s % nw).collect();
         let grad_buffer_of: Vec<usize> = (0..n).map(|s| s % ng).collect();
         let sizes = |of: &[usize], count: usize| -> Vec<usize> {
@@ -283,17 +266,8 @@ impl MultiStageLayout {
             weight_shard: 4 * shard,
             grad_shard: 4 * shard,
             optimizer_state: 8 * shard,
-            weight_buffers: self
-                .weight_buffer_sizes
-                .iter()
-                .map(|&x| x as u64)
-                .sum::<u64>()
-                * self.compute_bytes as u64,
-            grad_buffers: 4 * self
-                .grad_buffer_sizes
-                .iter()
-                .map(|&x| x as u64)
-                .sum::<u64>(),
+            weight_buffers: self.weight_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>() * self.compute_bytes as u64,
+            grad_buffers: 4 * self.grad_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>(),
         }
     }
 
@@ -377,10 +351,7 @@ mod tests {
             for s in &l.stages {
                 assert_eq!(s.padded % (PAD_UNIT * d), 0);
                 assert!(s.padded >= s.num_params && s.padded < s.num_params + PAD_UNIT * d);
-                let covered: usize = (0..d)
-                    .flat_map(|r| s.shard_segments(r))
-                    .map(|(_, r)| r.len())
-                    .sum();
+                let covered: usize = (0..d).flat_map(|r| s.shard_segments(r)).map(|(_, r)| r.len()).sum();
                 assert_eq!(covered, s.num_params);
             }
         }
@@ -394,11 +365,7 @@ mod tests {
         for (z, w, g) in [(1u8, n, n), (2, n, 2), (3, 2, 2)] {
             ms.zero_stage = Some(z);
             let l = MultiStageLayout::new(&m, &ms, 2, 4);
-            assert_eq!(
-                (l.num_weight_buffers(), l.num_grad_buffers()),
-                (w, g),
-                "zero {z}"
-            );
+            assert_eq!((l.num_weight_buffers(), l.num_grad_buffers()), (w, g), "zero {z}");
         }
         ms.zero_stage = Some(3);
         ms.num_weight_buffers = Some(3);

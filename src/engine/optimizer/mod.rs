@@ -17,17 +17,12 @@ pub fn learning_rate(cfg: &OptimizerConfig, step: u64, train_iters: u64) -> f64 
     if step < warmup {
         return lr.base * (step + 1) as f64 / warmup as f64;
     }
-    let decay = lr
-        .decay_iterations
-        .unwrap_or(train_iters.saturating_sub(warmup))
-        .max(1);
+    let decay = lr.decay_iterations.unwrap_or(train_iters.saturating_sub(warmup)).max(1);
     let t = ((step - warmup) as f64 / decay as f64).min(1.0);
     match lr.decay_style {
         DecayStyle::Constant => lr.base,
         DecayStyle::Linear => lr.base + (lr.minimum - lr.base) * t,
-        DecayStyle::Cosine => {
-            lr.minimum + (lr.base - lr.minimum) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-        }
+        DecayStyle::Cosine => lr.minimum + (lr.base - lr.minimum) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
     }
 }
 
@@ -57,21 +52,14 @@ mod tests {
             assert!((learning_rate(&c, 4, 110) - 0.5).abs() < 1e-12);
             assert!((learning_rate(&c, 10, 110) - 1.0).abs() < 1e-12);
             let end = learning_rate(&c, 110, 110);
-            let expected = if style == DecayStyle::Constant {
-                1.0
-            } else {
-                0.1
-            };
+            let expected = if style == DecayStyle::Constant { 1.0 } else { 0.1 };
             assert!((end - expected).abs() < 1e-12, "{style:?}: {end}");
         }
         // Midpoint of the decay: linear halfway, cosine halfway too (cos(pi/2) = 0).
         assert!((learning_rate(&cfg(DecayStyle::Linear), 60, 110) - 0.55).abs() < 1e-12);
         assert!((learning_rate(&cfg(DecayStyle::Cosine), 60, 110) - 0.55).abs() < 1e-12);
         // Cosine stays above linear in the first half.
-        assert!(
-            learning_rate(&cfg(DecayStyle::Cosine), 30, 110)
-                > learning_rate(&cfg(DecayStyle::Linear), 30, 110)
-        );
+        assert!(learning_rate(&cfg(DecayStyle::Cosine), 30, 110) > learning_rate(&cfg(DecayStyle::Linear), 30, 110));
     }
 
     #[test]

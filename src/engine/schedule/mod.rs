@@ -246,10 +246,7 @@ mod tests {
                 }
             }
         }
-        assert!(
-            grad_pending.iter().all(Option::is_none),
-            "unreduced grads at the end"
-        );
+        assert!(grad_pending.iter().all(Option::is_none), "unreduced grads at the end");
         assert!(backward_count.iter().all(|&c| c == df * bf));
         assert!(reduced_count.iter().all(|&c| c >= 1));
     }

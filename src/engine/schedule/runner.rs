@@ -16,6 +16,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Loads local micro-batch `m`'s data: `fill(m, tokens, targets)`.
+pub type FillFn<'a> = dyn FnMut(usize, &mut [u32], &mut [u32]) + 'a;
+
 /// Per-stage shards owned by one rank (each `shard` elements, fp32).
 pub struct StageShards {
     /// Master weights.
@@ -153,16 +156,8 @@ impl RankEngine {
                 );
             }
         }
-        let weight_buffers = layout
-            .weight_buffer_sizes
-            .iter()
-            .map(|&n| SyncBuf::zeros(n))
-            .collect();
-        let grad_buffers = layout
-            .grad_buffer_sizes
-            .iter()
-            .map(|&n| SyncBuf::zeros(n))
-            .collect();
+        let weight_buffers = layout.weight_buffer_sizes.iter().map(|&n| SyncBuf::zeros(n)).collect();
+        let grad_buffers = layout.grad_buffer_sizes.iter().map(|&n| SyncBuf::zeros(n)).collect();
         let all_layers = 0..model.layers.len();
         let acts: Vec<_> = (0..breadth_first)
             .map(|_| model.alloc_acts(batch, all_layers.clone()))
@@ -294,12 +289,7 @@ impl RankEngine {
     /// Run one batch: forward (and backward when `train`) of every local micro-batch.
     /// `fill(micro_batch, tokens, targets)` loads a local micro-batch's data.
     /// `loss_scale`: the loss-gradient scale (1 / global tokens) when training.
-    pub fn run_batch(
-        &mut self,
-        train: bool,
-        loss_scale: f32,
-        fill: &mut dyn FnMut(usize, &mut [u32], &mut [u32]),
-    ) -> anyhow::Result<BatchStats> {
+    pub fn run_batch(&mut self, train: bool, loss_scale: f32, fill: &mut FillFn) -> anyhow::Result<BatchStats> {
         let start = Instant::now();
         let ops = plan(
             &self.layout,
@@ -328,15 +318,8 @@ impl RankEngine {
                     for (j, l) in st.layers.clone().enumerate() {
                         let w = &weights[st.layer_ranges[j].clone()];
                         let scale = train.then_some(loss_scale);
-                        self.model.forward_layer(
-                            &*self.kernels,
-                            &self.rope,
-                            l,
-                            w,
-                            acts,
-                            self.batch,
-                            scale,
-                        );
+                        self.model
+                            .forward_layer(&*self.kernels, &self.rope, l, w, acts, self.batch, scale);
                         if self.model.layers[l] == LayerKind::Head {
                             losses[micro_batch] = acts.loss_sum;
                         }
@@ -350,12 +333,7 @@ impl RankEngine {
                     let acts = &mut self.acts[micro_batch % bf];
                     let st = &self.layout.stages[stage];
                     // SAFETY: as for the forward; the grad buffer's previous reduce has completed.
-                    let (weights, grads) = unsafe {
-                        (
-                            self.weight_buffers[wb].get(),
-                            self.grad_buffers[gb].get_mut(),
-                        )
-                    };
+                    let (weights, grads) = unsafe { (self.weight_buffers[wb].get(), self.grad_buffers[gb].get_mut()) };
                     for (j, l) in st.layers.clone().enumerate().rev() {
                         let r = st.layer_ranges[j].clone();
                         self.model.backward_layer(
@@ -443,8 +421,7 @@ impl RankEngine {
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
             let mut full = vec![0f32; s.padded];
             // SAFETY: no job is pending outside `run_batch`.
-            self.comm
-                .all_gather(unsafe { sh.weight.get() }, &mut full)?;
+            self.comm.all_gather(unsafe { sh.weight.get() }, &mut full)?;
             out.extend_from_slice(&full[..s.num_params]);
         }
         Ok(out)
