@@ -290,7 +290,7 @@ fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: HfDtype) -> an
         offset += bytes;
     }
     let mut head = serde_json::to_vec(&Value::Object(header))?;
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;

@@ -92,7 +92,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)])
         off += bytes.len();
     }
     let mut head = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = (head.len() as u64).to_le_bytes().to_vec();
