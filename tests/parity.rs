@@ -46,6 +46,7 @@ fn run(data: &std::path::Path, s: &Setting) -> (TrainSummary, Vec<Vec<usize>>) {
         &TrainOptions {
             quiet: true,
             threads_per_rank: Some(1),
+            ..Default::default()
         },
     )
     .unwrap();
