@@ -391,6 +391,9 @@ pub struct LoadedWeights {
 /// of ours, or an experiment directory: its newest checkpoint), or `None` to detect (a directory with
 /// a `config.json` is HuggingFace).
 pub fn load_weights(dir: &Path, format: Option<&str>) -> anyhow::Result<LoadedWeights> {
+    if !dir.is_dir() {
+        bail!("checkpoint directory {} does not exist", dir.display());
+    }
     let format = match format {
         Some(f) => f.to_string(),
         None if dir.join("config.json").exists() => "llama".into(),
