@@ -733,16 +733,12 @@ pub mod distributed {
 
     /// Every parameter of a distributed checkpoint, in model order, with the run's config.
     pub fn load_full_weights(dir: &Path) -> anyhow::Result<(TrainConfig, Vec<NamedTensor>)> {
-        anyhow::bail!(
-            "cannot read the distributed checkpoint {}: this build has no distributed checkpoint reader yet \
-             (src/engine/checkpoint); use a HuggingFace Llama directory (format llama)",
-            dir.display()
-        )
+        crate::engine::checkpoint::load_full_weights(dir)
     }
 
     /// The newest checkpoint of an experiment directory, if any.
-    pub fn latest_checkpoint(_experiment_dir: &Path) -> Option<PathBuf> {
-        None
+    pub fn latest_checkpoint(experiment_dir: &Path) -> Option<PathBuf> {
+        crate::engine::checkpoint::latest_checkpoint(experiment_dir)
     }
 
     /// A checkpoint directory, or an experiment directory resolved to its newest checkpoint.

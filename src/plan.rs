@@ -73,7 +73,8 @@ fn compute_bytes(cfg: &TrainConfig) -> usize {
     }
 }
 
-/// Figures of one multi-stage setting.
+/// Figures of one multi-stage setting. Activations: the CPU engine's workspace exactly; for a CUDA
+/// config, the same with fused (flash-style) attention, which does not store the softmax matrix.
 pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> PlanRow {
     let world = cfg.model.distributed.world_size as usize;
     let bytes = compute_bytes(cfg);
@@ -85,7 +86,7 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
     let bf = cfg.schedule.breadth_first_micro_batches as usize;
     let df = cfg.schedule.depth_first_micro_batches as usize;
     let state = layout.state_bytes();
-    let activations = model.activation_bytes(b, bf, bytes);
+    let activations = model.activation_bytes(b, bf, bytes, cfg.model.distributed.use_cuda);
     let mut w = WeightBufferState::new(layout.num_weight_buffers());
     let ops = plan_batch(&layout, df, bf, true, &mut w);
     let (mut ag, mut agc, mut rs, mut rsc) = (0u64, 0u64, 0u64, 0u64);
@@ -224,7 +225,7 @@ pub fn render(p: &Plan) -> String {
         p.stage_parameters
     ));
     out.push_str(&format!(
-        "{:<22} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
+        "{:<26} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
         "setting (per rank)",
         "weights",
         "grads",
@@ -247,7 +248,7 @@ pub fn render(p: &Plan) -> String {
             r.num_grad_buffers
         );
         out.push_str(&format!(
-            "{:<22} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
+            "{:<26} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
             label,
             gib(r.weight_shard),
             gib(r.grad_shard),

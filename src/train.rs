@@ -4,6 +4,7 @@
 use crate::backend::cpu::CpuKernels;
 use crate::config::{validate::global_batch_tokens, CommBackend, TrainConfig};
 use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
+use crate::engine::checkpoint;
 use crate::engine::distributed::local::run_ranks;
 use crate::engine::distributed::Communicator;
 use crate::engine::multi_stage::MultiStageLayout;
@@ -34,8 +35,11 @@ pub struct Metric {
 /// What a finished run returns (rank 0's view).
 #[derive(Debug, Clone, Default)]
 pub struct TrainSummary {
-    /// Every training-step loss, in order (all steps, not only logged ones).
+    /// Every training-step loss this run computed, in order (all steps, not only logged ones). A run
+    /// resumed from a checkpoint of step `k` holds the losses of steps `k + 1..=train_iters` only.
     pub losses: Vec<f64>,
+    /// Completed steps of the checkpoint this run resumed from (0 for a fresh run).
+    pub resumed_from: u64,
     /// Validation losses `(step, loss)`.
     pub validation: Vec<(u64, f64)>,
     /// Final full weights in model order (gathered).
@@ -60,6 +64,9 @@ pub struct TrainOptions {
     /// Fault injection for tests: `(rank, step)` makes that rank panic while loading its first
     /// micro-batch of that (0-based) step, i.e. in the middle of the step.
     pub fail_rank_at_step: Option<(usize, u64)>,
+    /// Tests: make checkpoint saves crash (see [`checkpoint::save`]): with `Some(n)`, ranks `>= n` fail
+    /// before writing their file (or, when `n >= world size`, rank 0 fails before the marker).
+    pub fail_checkpoint_after_files: Option<usize>,
 }
 
 struct Data {
@@ -204,13 +211,28 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let threads = opts
         .threads_per_rank
         .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
-    let pretrained = match &cfg.pretrained {
-        Some(p) => {
+    let samples_per_step = global_tokens / seq as u64;
+    let resume = checkpoint::prepare_resume(cfg, samples_per_step, &|s| {
+        if !opts.quiet {
+            eprintln!("{s}");
+        }
+    })?;
+    if let Some(c) = &resume {
+        say(format!(
+            "Resuming from checkpoint {} ({} of {} steps done)",
+            c.dir.display(),
+            c.completed_steps(),
+            cfg.training.train_iters
+        ));
+    }
+    // `pretrained:` initializes a fresh run only; a resumed run continues from its checkpoint.
+    let pretrained = match (&cfg.pretrained, &resume) {
+        (Some(p), None) => {
             let tensors = crate::hf::pretrained_tensors(p, &cfg.model.base_model)?;
             say(format!("Initial weights: {} ({})", p.path.display(), p.format));
             Some(tensors)
         }
-        None => None,
+        _ => None,
     };
     let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
@@ -227,12 +249,37 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
             bf,
             cfg.model.distributed.seed,
         );
-        if let Some(t) = &pretrained {
-            engine.load_full_weights(t)?;
-        }
-        rank_main(cfg, opts, engine, &data, &dir, global_tokens, &memory, &|| {
-            local.stats()
-        })
+        let start = match &resume {
+            Some(c) => {
+                let t = Instant::now();
+                checkpoint::load_into(&mut engine, c, checkpoint::LoadParts::All)?;
+                if engine.rank() == 0 {
+                    say(format!(
+                        "Loaded checkpoint {} ({:.2} s)",
+                        c.completed_steps(),
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
+                c.completed_steps()
+            }
+            None => {
+                if let Some(t) = &pretrained {
+                    engine.load_full_weights(t)?;
+                }
+                0
+            }
+        };
+        rank_main(
+            cfg,
+            opts,
+            engine,
+            &data,
+            &dir,
+            global_tokens,
+            &memory,
+            &|| local.stats(),
+            start,
+        )
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
@@ -249,6 +296,7 @@ fn rank_main(
     global_tokens: u64,
     memory: &Mutex<Vec<MemoryReport>>,
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
+    start_step: u64,
 ) -> anyhow::Result<TrainSummary> {
     let rank = engine.rank();
     let world = engine.comm().world_size();
@@ -283,9 +331,13 @@ fn rank_main(
     let samples_per_batch = (samples_per_mb * local_mbs * world) as u64;
     let train_iters = cfg.training.train_iters;
     let mut metrics = if leader { Some(MetricsLog::open(dir)?) } else { None };
-    let mut summary = TrainSummary::default();
+    let mut summary = TrainSummary {
+        resumed_from: start_step,
+        ..Default::default()
+    };
     let progress = (!quiet && train_iters > 0).then(|| crate::progress::bar(train_iters));
     let (mut interval_loss, mut interval_steps, mut interval_time, mut interval_wait) = (0.0, 0u64, 0.0, 0.0);
+    let mut interval_comm = comm_stats();
     let (mut total_time, mut total_wait, mut timed_steps) = (0.0, 0.0, 0u64);
     let mem_mib = {
         let m = engine.memory();
@@ -293,7 +345,10 @@ fn rank_main(
             as f64
             / (1 << 20) as f64
     };
-    for step in 0..train_iters {
+    if let Some(p) = &progress {
+        p.set_position(start_step.min(train_iters));
+    }
+    for step in start_step..train_iters {
         let (ds, sampler) = data.training.as_ref().expect("training dataset");
         let step_start = Instant::now();
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
@@ -338,7 +393,7 @@ fn rank_main(
         interval_steps += 1;
         interval_time += step_time;
         interval_wait += stats.comm_wait_s;
-        if step > 0 || train_iters == 1 {
+        if step > start_step || train_iters == start_step + 1 {
             total_time += step_time;
             total_wait += stats.comm_wait_s;
             timed_steps += 1;
@@ -359,6 +414,23 @@ fn rank_main(
                 extra.insert("tokens_per_s".into(), json!(tps));
                 extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
                 extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
+                // Bytes moved per step on this rank's collectives (fp32 elements of the full buffers),
+                // including evaluation batches that ran in the interval.
+                let now = comm_stats();
+                let per_step = |a: u64, b: u64| json!(4 * (a - b) / interval_steps);
+                extra.insert(
+                    "all_gather_bytes_per_step".into(),
+                    per_step(now.all_gather_elements, interval_comm.all_gather_elements),
+                );
+                extra.insert(
+                    "reduce_scatter_bytes_per_step".into(),
+                    per_step(now.reduce_scatter_elements, interval_comm.reduce_scatter_elements),
+                );
+                extra.insert(
+                    "all_reduce_elements_per_step".into(),
+                    json!((now.all_reduce_elements - interval_comm.all_reduce_elements) / interval_steps),
+                );
+                interval_comm = now;
                 m.write(&Metric {
                     phase: "training".into(),
                     step: done,
@@ -395,6 +467,16 @@ fn rank_main(
                     let line = format!("step {done}/{train_iters} | validation ({name}) loss {vloss:.4}");
                     emit(&progress, line);
                 }
+            }
+        }
+        if cfg.training.checkpoint.interval.is_some_and(|i| done % i == 0) {
+            let saved = checkpoint::save(&engine, cfg, done, samples_per_batch, opts.fail_checkpoint_after_files)?;
+            if let (Some(r), false) = (saved, quiet) {
+                let mib = r.bytes as f64 / (1 << 20) as f64;
+                emit(
+                    &progress,
+                    format!("Saved checkpoint {} ({mib:.2} MiB, {:.2} s)", r.step, r.seconds),
+                );
             }
         }
     }

@@ -678,3 +678,56 @@ fn top_k_one_is_greedy_and_sampling_follows_the_distribution() {
     assert!(picks.iter().all(|&t| t == 1 || t == 3));
     assert!((800..1200).contains(&ones), "{ones}");
 }
+
+#[test]
+fn distributed_checkpoints_convert_generate_and_initialize_training() {
+    let data = corpus_dir();
+    let exp = tempfile::tempdir().unwrap();
+    let quiet = fast_llm_rs::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let o = ov(&[
+        ("training.train_iters", "2".into()),
+        ("training.checkpoint.interval", "2".into()),
+        ("model.distributed.world_size", "2".into()),
+        ("model.multi_stage.zero_stage", "3".into()),
+    ]);
+    let cfg = tiny_config(data.path(), exp.path(), &o);
+    let trained = fast_llm_rs::train::train(&cfg, &quiet).unwrap();
+    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model).unwrap());
+    let expected = tensors_from_flat(&model, &trained.final_weights).unwrap();
+
+    // convert: the experiment directory resolves to its newest checkpoint.
+    let hf = tempfile::tempdir().unwrap();
+    let out = hf.path().join("llama");
+    let args: Vec<String> = vec![
+        format!("input.path={}", exp.path().display()),
+        format!("output.path={}", out.display()),
+        "output.format=llama".into(),
+    ];
+    let parsed = ConvertArgs::parse(&args).unwrap();
+    assert_eq!(parsed.input_format, "distributed");
+    convert(&parsed).unwrap();
+    let (b, w) = import_llama(&out).unwrap();
+    assert_eq!(b, cfg.model.base_model);
+    assert_bitwise(&expected, &w);
+    let hf_cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf_cfg["max_position_embeddings"], 16);
+
+    // generate reads the same weights from the checkpoint as from the export.
+    let from_ckpt = fast_llm_rs::generate::load_weights(exp.path(), None).unwrap();
+    assert_eq!(from_ckpt.format, "distributed");
+    assert_bitwise(&expected, &from_ckpt.tensors);
+
+    // pretrained: {format: distributed} starts a fresh run (another experiment) from them.
+    let exp2 = tempfile::tempdir().unwrap();
+    let o2 = ov(&[
+        ("training.train_iters", "0".into()),
+        ("pretrained.path", exp.path().display().to_string()),
+        ("pretrained.format", "distributed".into()),
+    ]);
+    let cfg2 = tiny_config(data.path(), exp2.path(), &o2);
+    let s = fast_llm_rs::train::train(&cfg2, &quiet).unwrap();
+    assert!(s.final_weights == trained.final_weights);
+}

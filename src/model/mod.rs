@@ -425,8 +425,19 @@ impl Llama {
 
     /// Activation bytes of one rank: `breadth_first` micro-batches of saved activations plus the
     /// backward scratch, at `bytes` per element.
-    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize) -> u64 {
-        ((breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b)) * bytes) as u64
+    ///
+    /// With `fused_attention` (a flash-style kernel, as a GPU backend would use), the softmax matrix
+    /// `(batch, heads, seq, seq)` and its backward scratch are replaced by one log-sum-exp per row
+    /// `(batch, heads, seq)`; the CPU engine materializes the matrix (`fused_attention = false`).
+    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize, fused_attention: bool) -> u64 {
+        let mut elems = breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b);
+        if fused_attention {
+            let probs = b.batch * self.shape.heads * b.seq * b.seq;
+            let lse = b.batch * self.shape.heads * b.seq;
+            elems = elems - (breadth_first * self.shape.num_blocks + 1) * probs
+                + breadth_first * self.shape.num_blocks * lse;
+        }
+        (elems * bytes) as u64
     }
 
     /// Allocate the backward scratch for a micro-batch geometry.

@@ -107,6 +107,33 @@ pub struct RankEngine {
     activation_bytes: u64,
 }
 
+fn vec_bytes<T>(v: &[T]) -> u64 {
+    std::mem::size_of_val(v) as u64
+}
+
+/// Bytes held by one micro-batch's activation workspace.
+fn measured_bytes(a: &MicroBatchActs<f32>) -> u64 {
+    vec_bytes(&a.tokens)
+        + vec_bytes(&a.targets)
+        + vec_bytes(&a.grad_hidden)
+        + a.hidden.iter().map(|h| vec_bytes(h)).sum::<u64>()
+        + a.layers
+            .iter()
+            .map(|l| {
+                vec_bytes(&l.normed)
+                    + vec_bytes(&l.rstd)
+                    + vec_bytes(&l.proj)
+                    + vec_bytes(&l.probs)
+                    + vec_bytes(&l.inner)
+            })
+            .sum::<u64>()
+}
+
+/// Bytes held by the backward scratch.
+fn scratch_bytes(s: &Scratch<f32>) -> u64 {
+    vec_bytes(&s.d_normed) + vec_bytes(&s.d_x) + vec_bytes(&s.d_proj) + vec_bytes(&s.d_inner) + vec_bytes(&s.d_probs)
+}
+
 fn check(r: (Result<(), CommError>, Duration), waited: &mut Duration) -> anyhow::Result<()> {
     *waited += r.1;
     r.0.map_err(anyhow::Error::from)
@@ -163,7 +190,8 @@ impl RankEngine {
             .map(|_| model.alloc_acts(batch, all_layers.clone()))
             .collect();
         let scratch = model.alloc_scratch(batch);
-        let activation_bytes = model.activation_bytes(batch, breadth_first, 4);
+        // Measured from the allocations themselves (plan.rs predicts the same figure from the shapes).
+        let activation_bytes = acts.iter().map(measured_bytes).sum::<u64>() + scratch_bytes(&scratch);
         let rope = Rope::new(batch.seq, model.shape.head_size, model.shape.theta);
         Self {
             stream: CommStream::new(format!("rank-{rank}-comm")),
@@ -412,6 +440,19 @@ impl RankEngine {
         }
         self.weight_state.invalidate();
         Ok(norm)
+    }
+
+    /// The full, unpadded reduced gradients in model order (gathered from every rank's grad shards),
+    /// as left by the last training batch. Used by tests.
+    pub fn gather_grads(&self) -> anyhow::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.layout.num_params());
+        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+            let mut full = vec![0f32; s.padded];
+            // SAFETY: no job is pending outside `run_batch`.
+            self.comm.all_gather(unsafe { sh.grad.get() }, &mut full)?;
+            out.extend_from_slice(&full[..s.num_params]);
+        }
+        Ok(out)
     }
 
     /// The full, unpadded model weights in model order (gathered from every rank's shards; every rank

@@ -1,0 +1,155 @@
+//! `plan` against the engine's measured memory, against DESIGN.md's formulas for Llama-3-8B, and the
+//! Fast-LLM Mistral config.
+
+mod common;
+
+use common::{corpus_dir, ov, tiny_config};
+use fast_llm_rs::config::load_config;
+use fast_llm_rs::plan::plan;
+use fast_llm_rs::train::{train, TrainOptions};
+use std::path::Path;
+
+#[test]
+fn plan_equals_the_engines_memory_report() {
+    let data = corpus_dir();
+    for world in [1usize, 2, 4] {
+        for zero in [1u8, 2, 3] {
+            for (df, bf) in [(1, 1), (2, 2)] {
+                let exp = tempfile::tempdir().unwrap();
+                let cfg = tiny_config(
+                    data.path(),
+                    exp.path(),
+                    &ov(&[
+                        ("model.distributed.world_size", world.to_string()),
+                        ("model.multi_stage.zero_stage", zero.to_string()),
+                        ("schedule.depth_first_micro_batches", df.to_string()),
+                        ("schedule.breadth_first_micro_batches", bf.to_string()),
+                        ("training.train_iters", "1".into()),
+                    ]),
+                );
+                train(
+                    &cfg,
+                    &TrainOptions {
+                        quiet: true,
+                        threads_per_rank: Some(1),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let mem: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(exp.path().join("memory.json")).unwrap()).unwrap();
+                let row = &plan(&cfg, None).unwrap().rows[0];
+                for rank in mem["ranks"].as_array().unwrap() {
+                    let get = |k: &str| rank[k].as_u64().unwrap();
+                    assert_eq!(get("weight_shard"), row.weight_shard);
+                    assert_eq!(get("grad_shard"), row.grad_shard);
+                    assert_eq!(get("optimizer_state"), row.optimizer_state);
+                    assert_eq!(get("weight_buffers"), row.weight_buffers, "world {world} zero {zero}");
+                    assert_eq!(get("grad_buffers"), row.grad_buffers, "world {world} zero {zero}");
+                    let measured = get("activations_peak") as f64;
+                    let rel = (row.activations_peak as f64 - measured).abs() / measured;
+                    assert!(
+                        rel < 0.10,
+                        "activations: plan {} vs measured {measured}",
+                        row.activations_peak
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_3_8b_on_8_ranks_matches_the_design_formulas() {
+    let cfg = load_config(
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/llama-3-8b.yaml")),
+        &[],
+    )
+    .unwrap();
+    let d = 8u64;
+    // Llama-3-8B parameter count, from its shape.
+    let (h, v, l, kv, inter) = (4096u64, 128256u64, 32u64, 1024u64, 14336u64);
+    let block = 2 * h + h * h + 2 * kv * h + h * h + 3 * inter * h;
+    let stages: Vec<u64> = std::iter::once(v * h)
+        .chain((0..l).map(|_| block))
+        .chain([h + v * h])
+        .collect();
+    assert_eq!(stages.iter().sum::<u64>(), 8_030_261_248);
+    let pad = |n: u64| n.div_ceil(32 * d) * 32 * d;
+    let padded: Vec<u64> = stages.iter().map(|&n| pad(n)).collect();
+    let psi: u64 = padded.iter().sum();
+    // Ring of 2: stage s uses buffer s mod 2, each as large as its largest stage.
+    let ring = |bytes: u64| {
+        (0..2)
+            .map(|b| padded.iter().skip(b).step_by(2).max().unwrap())
+            .sum::<u64>()
+            * bytes
+    };
+    let p = plan(&cfg, None).unwrap();
+    for (row, zero) in p.rows[1..].iter().zip([1u8, 2, 3]) {
+        assert_eq!(row.zero_stage, zero);
+        assert_eq!(row.parameters, 8_030_261_248);
+        // Shards: 16 Psi / D (fp32 weights, grads, two Adam moments).
+        assert_eq!(row.weight_shard + row.grad_shard + row.optimizer_state, 16 * psi / d);
+        // Weight buffers in bf16: 2 Psi (ZeRO-1/2), a ring of 2 stages (ZeRO-3).
+        assert_eq!(row.weight_buffers, if zero == 3 { ring(2) } else { 2 * psi });
+        // Grad buffers in fp32: 4 Psi (ZeRO-1), a ring of 2 stages (ZeRO-2/3).
+        assert_eq!(row.grad_buffers, if zero >= 2 { ring(4) } else { 4 * psi });
+    }
+    assert!(p.rows[3].total < p.rows[2].total && p.rows[2].total < p.rows[1].total);
+}
+
+#[test]
+fn large_configs_plan_instantly() {
+    for (file, worlds) in [("llama-3-8b.yaml", vec![8u64]), ("llama-70b.yaml", vec![8, 64, 512])] {
+        for w in worlds {
+            let cfg = load_config(
+                Path::new(&format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"))),
+                &[format!("model.distributed.world_size={w}")],
+            )
+            .unwrap();
+            let start = std::time::Instant::now();
+            let p = plan(&cfg, Some(80 << 30)).unwrap();
+            assert!(start.elapsed().as_secs_f64() < 1.0);
+            assert!(p.recommendation.is_some());
+        }
+    }
+}
+
+#[test]
+fn fast_llm_mistral_config_parses_and_names_what_is_unsupported() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mistral.yaml"));
+    let err = load_config(path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("model.base_model.decoder.block.mixer.window_size"),
+        "{err}"
+    );
+    assert!(err.contains("sliding-window"), "{err}");
+    // Without the window, the same Fast-LLM config loads and plans (Mistral-7B: 7.24B parameters).
+    let cfg = load_config(path, &["model.base_model.decoder.block.mixer.window_size=null".into()]).unwrap();
+    assert_eq!(plan(&cfg, None).unwrap().rows[0].parameters, 7_241_732_096);
+    // Other unsupported Fast-LLM features are named too.
+    for (o, field) in [
+        (
+            "model.distributed.tensor_parallel=2",
+            "model.distributed.tensor_parallel",
+        ),
+        (
+            "model.distributed.pipeline_parallel=2",
+            "model.distributed.pipeline_parallel",
+        ),
+        ("model.base_model.tied_embedding_weight=true", "tied"),
+    ] {
+        let e = load_config(
+            path,
+            &["model.base_model.decoder.block.mixer.window_size=null".into(), o.into()],
+        )
+        .map(|c| plan(&c, None).map(|_| ()).map_err(|e| e.to_string()))
+        .map_err(|e| e.to_string());
+        let msg = match e {
+            Err(m) | Ok(Err(m)) => m,
+            Ok(Ok(())) => panic!("{o} accepted"),
+        };
+        assert!(msg.contains(field), "{o}: {msg}");
+    }
+}
