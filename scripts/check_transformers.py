@@ -13,6 +13,13 @@ Not run in CI (needs torch + transformers). Setup, e.g.:
     cargo build --release
     /tmp/hfenv/bin/python scripts/check_transformers.py DIR [--prompt TEXT] [--max-new-tokens N]
 
+A model to check, trained for 50 steps and exported:
+
+    target/release/fast-llm-rs train --config examples/shakespeare.yaml training.train_iters=50 \
+        run.experiment_dir=/tmp/shk model.distributed.world_size=1 training.checkpoint.interval=50
+    target/release/fast-llm-rs convert input.path=/tmp/shk input.format=distributed \
+        output.path=/tmp/shk_hf output.format=llama
+
 The prompt is tokenized byte-level (token id = byte value) unless DIR holds a tokenizer.json, in which
 case our engine uses it and this script encodes with the `tokenizers` package (installed with
 transformers). Exit status 1 when the logits differ by more than --tolerance or the continuations
