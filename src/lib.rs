@@ -6,6 +6,8 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod generate;
+pub mod hf;
 pub mod model;
 pub mod plan;
 pub mod progress;

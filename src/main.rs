@@ -58,22 +58,51 @@ enum Command {
         /// Dotted overrides.
         overrides: Vec<String>,
     },
-    /// Convert checkpoints: `convert input.path=DIR input.format=distributed output.path=DIR output.format=llama`.
+    /// Convert checkpoints (Fast-LLM form):
+    /// `convert input.path=DIR input.format=distributed output.path=DIR output.format=llama`.
+    /// Also `llama` -> `llama` (re-save: `output.dtype=bfloat16`, `output.max_shard_size=2GB`).
     Convert {
-        /// `input.path=..`, `input.format=..`, `output.path=..`, `output.format=..`.
+        /// `input.path=..`, `input.format=llama|distributed`, `output.path=..`, `output.format=llama`,
+        /// `output.dtype=float32|bfloat16|float16`, `output.max_shard_size=5GB`.
         args: Vec<String>,
     },
-    /// Generate text from a checkpoint.
+    /// Generate text from a checkpoint (HuggingFace Llama directory, or ours) with a KV cache.
     Generate {
-        /// Checkpoint directory.
+        /// Checkpoint directory: a HuggingFace Llama directory, a distributed checkpoint, or an
+        /// experiment directory (its newest checkpoint).
         #[arg(long)]
         checkpoint: PathBuf,
+        /// `llama` or `distributed` (default: `llama` if the directory has a config.json).
+        #[arg(long, value_parser = ["llama", "distributed"])]
+        format: Option<String>,
         /// Prompt.
         #[arg(long)]
         prompt: String,
         /// Tokens to generate.
         #[arg(long, default_value_t = 100)]
         max_new_tokens: usize,
+        /// Greedy decoding (the default unless --temperature or --top-k is given).
+        #[arg(long, conflicts_with_all = ["temperature", "top_k"])]
+        greedy: bool,
+        /// Sampling temperature (> 0).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Sample among the K most likely tokens (0 = all).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// HuggingFace tokenizer.json (default: the checkpoint's tokenizer.json, else byte-level).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Debug: write the prompt's logits (prompt_len x vocab, raw little-endian f32) to FILE and
+        /// their shape and token ids to FILE.json.
+        #[arg(long, hide = true)]
+        dump_logits: Option<PathBuf>,
+        /// Debug: print the generated token ids after the text.
+        #[arg(long, hide = true)]
+        print_ids: bool,
     },
 }
 
@@ -117,11 +146,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", fast_llm_rs::plan::render(&p));
             }
         }
-        Command::Convert { .. } => {
-            anyhow::bail!("convert is not implemented yet in this build (checkpoint conversion is tracked in the checkpoints issue)")
+        Command::Convert { args } => {
+            let args = fast_llm_rs::hf::ConvertArgs::parse(&args)?;
+            println!("{}", fast_llm_rs::hf::convert(&args)?);
         }
-        Command::Generate { .. } => {
-            anyhow::bail!("generate is not implemented yet in this build (it needs checkpoints, tracked in the checkpoints issue)")
+        Command::Generate {
+            checkpoint,
+            format,
+            prompt,
+            max_new_tokens,
+            greedy: _,
+            temperature,
+            top_k,
+            seed,
+            tokenizer,
+            dump_logits,
+            print_ids,
+        } => {
+            use fast_llm_rs::generate::{run_generate, GenerateCommand, Sampling};
+            let sampling = if temperature.is_some() || top_k.is_some() {
+                let temperature = temperature.unwrap_or(1.0);
+                if !(temperature > 0.0 && temperature.is_finite()) {
+                    anyhow::bail!("--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)");
+                }
+                Sampling::TopK {
+                    temperature,
+                    top_k: top_k.unwrap_or(0),
+                    seed,
+                }
+            } else {
+                Sampling::Greedy
+            };
+            run_generate(&GenerateCommand {
+                checkpoint,
+                format,
+                prompt,
+                max_new_tokens,
+                sampling,
+                tokenizer,
+                dump_logits,
+                print_ids,
+            })?;
         }
     }
     Ok(())

@@ -225,6 +225,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
             cfg.training.train_iters
         ));
     }
+    // `pretrained:` initializes a fresh run only; a resumed run continues from its checkpoint.
+    let pretrained = match (&cfg.pretrained, &resume) {
+        (Some(p), None) => {
+            let tensors = crate::hf::pretrained_tensors(p, &cfg.model.base_model)?;
+            say(format!("Initial weights: {} ({})", p.path.display(), p.format));
+            Some(tensors)
+        }
+        _ => None,
+    };
     let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
@@ -253,7 +262,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
                 }
                 c.completed_steps()
             }
-            None => 0,
+            None => {
+                if let Some(t) = &pretrained {
+                    engine.load_full_weights(t)?;
+                }
+                0
+            }
         };
         rank_main(
             cfg,

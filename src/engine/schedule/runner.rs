@@ -244,6 +244,35 @@ impl RankEngine {
         }
     }
 
+    /// Overwrite this rank's weight shards from full model-order tensors `(name, shape, values)` (e.g.
+    /// pretrained HuggingFace weights): each rank copies the segments of its shards, then every weight
+    /// buffer is marked stale. Names and sizes are checked against the layout.
+    pub fn load_full_weights(&mut self, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> anyhow::Result<()> {
+        let rank = self.rank();
+        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+            let base = s.shard_range(rank).start;
+            // SAFETY: no job is pending outside `run_batch`.
+            let w = unsafe { sh.weight.get_mut() };
+            for (p, r) in s.shard_segments(rank) {
+                let (name, _, values) = tensors
+                    .get(p.global_index)
+                    .ok_or_else(|| anyhow::anyhow!("weights: no tensor for parameter {}", p.name))?;
+                if name != &p.name || values.len() != p.numel {
+                    anyhow::bail!(
+                        "weights: parameter {} ({} values) expected at index {}, found {name} ({} values)",
+                        p.name,
+                        p.numel,
+                        p.global_index,
+                        values.len()
+                    );
+                }
+                w[r.start - base..r.end - base].copy_from_slice(&values[r.start - p.offset..r.end - p.offset]);
+            }
+        }
+        self.invalidate_weights();
+        Ok(())
+    }
+
     /// The weights changed outside the optimizer (checkpoint load): every weight buffer is stale.
     pub fn invalidate_weights(&mut self) {
         self.weight_state.invalidate();

@@ -1,0 +1,733 @@
+//! HuggingFace Llama import/export, `convert`, pretrained initialization and generation with a KV cache.
+
+mod common;
+
+use common::{corpus_dir, ov, tiny_config};
+use fast_llm_rs::backend::cpu::CpuKernels;
+use fast_llm_rs::backend::Kernels;
+use fast_llm_rs::config::{BaseModelConfig, PretrainedConfig};
+use fast_llm_rs::generate::{argmax, GenerateOptions, InferenceModel, Sampling};
+use fast_llm_rs::hf::{
+    convert, export_llama, export_llama_with, import_llama, pretrained_tensors, tensors_from_flat, ConvertArgs,
+    ExportOptions, HfDtype, NamedTensor, INDEX_FILE, SINGLE_FILE,
+};
+use fast_llm_rs::model::{init, Batch, Init, LayerKind, Llama, ModelShape, Rope};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// A small architecture with grouped KV heads, distinct epsilons and a non-default theta.
+fn base() -> BaseModelConfig {
+    let mut b = BaseModelConfig {
+        hidden_size: 16,
+        ..Default::default()
+    };
+    b.embeddings.vocab_size = 37;
+    b.decoder.num_blocks = 2;
+    let blk = &mut b.decoder.block;
+    blk.mixer.heads = 4;
+    blk.mixer.head_groups = 2;
+    blk.mixer.head_size = 6;
+    blk.mixer.rotary.theta = 5000.0;
+    blk.mlp.intermediate_size = 20;
+    blk.normalization.epsilon = 1e-6;
+    b.head.normalization.epsilon = 1e-6;
+    b
+}
+
+/// Deterministic weights of `b` (norm weights perturbed around 1 so they matter).
+fn weights(b: &BaseModelConfig, seed: u64) -> Vec<NamedTensor> {
+    let model = Llama::new(ModelShape::from_config(b).unwrap());
+    model
+        .all_params()
+        .into_iter()
+        .enumerate()
+        .map(|(p, spec)| {
+            let v = (0..spec.numel())
+                .map(|e| {
+                    let z = init::normal(seed, p as u64, e as u64) as f32;
+                    match spec.init {
+                        Init::Ones => 1.0 + 0.2 * z,
+                        Init::Normal(_) => 0.3 * z,
+                    }
+                })
+                .collect();
+            (spec.name, spec.shape, v)
+        })
+        .collect()
+}
+
+fn assert_bitwise(a: &[NamedTensor], b: &[NamedTensor]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        assert_eq!(x.1, y.1, "{}", x.0);
+        let xb: Vec<u32> = x.2.iter().map(|v| v.to_bits()).collect();
+        let yb: Vec<u32> = y.2.iter().map(|v| v.to_bits()).collect();
+        assert!(xb == yb, "tensor {} differs", x.0);
+    }
+}
+
+fn err_text<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn assert_mentions(err: &str, words: &[&str]) {
+    for w in words {
+        assert!(err.contains(w), "error does not mention {w:?}: {err}");
+    }
+}
+
+/// Write a safetensors file by hand: `(name, dtype, shape, raw bytes)`.
+fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}),
+        );
+        off += bytes.len();
+    }
+    let mut head = serde_json::to_vec(&Value::Object(header)).unwrap();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    for t in tensors {
+        out.extend_from_slice(&t.3);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Rewrite `dir/model.safetensors` (F32) from `tensors`.
+fn rewrite_f32(dir: &Path, tensors: &[NamedTensor]) {
+    let t: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), "F32", s.clone(), f32_bytes(v)))
+        .collect();
+    write_safetensors(&dir.join(SINGLE_FILE), &t);
+}
+
+#[test]
+fn export_then_import_is_bitwise_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let (b, w) = (base(), weights(&base(), 1));
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    assert!(out.join(SINGLE_FILE).exists() && !out.join(INDEX_FILE).exists());
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], json!(["LlamaForCausalLM"]));
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["num_key_value_heads"], 2);
+    assert_eq!(cfg["head_dim"], 6);
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(cfg["torch_dtype"], "float32");
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b2, b);
+    assert_bitwise(&w, &w2);
+    // No temporary directory is left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("hf")]);
+}
+
+#[test]
+fn sharded_export_round_trips_through_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let (b, w) = (base(), weights(&base(), 2));
+    // 1000 bytes: most tensors get a shard of their own.
+    export_llama_with(
+        &out,
+        &b,
+        &w,
+        &ExportOptions {
+            max_shard_bytes: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!out.join(SINGLE_FILE).exists());
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(out.join(INDEX_FILE)).unwrap()).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), w.len());
+    let files: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    assert!(files.len() > 3, "{files:?}");
+    let n = files.len();
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        assert!(out.join(f).exists());
+    }
+    let total: usize = w.iter().map(|t| t.2.len() * 4).sum();
+    assert_eq!(index["metadata"]["total_size"], total);
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b2, b);
+    assert_bitwise(&w, &w2);
+
+    // Re-export unsharded over it: the stale shards and the index disappear, other files stay.
+    std::fs::write(out.join("tokenizer.json"), "{}").unwrap();
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors", "tokenizer.json"]);
+    assert_bitwise(&w, &import_llama(&out).unwrap().1);
+}
+
+#[test]
+fn bf16_and_f16_imports_convert_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let (b, w) = (base(), weights(&base(), 3));
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    // Hand-written BF16 file: bits of known values, plus bf16-rounded weights.
+    let known: [(u16, f32); 4] = [(0x3F80, 1.0), (0xC040, -3.0), (0x3E20, 0.15625), (0x0000, 0.0)];
+    let mut expected = Vec::new();
+    let mut tensors = Vec::new();
+    for (i, (name, shape, v)) in w.iter().enumerate() {
+        let mut bits: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        if i == 0 {
+            for (j, (k, _)) in known.iter().enumerate() {
+                bits[j] = *k;
+            }
+        }
+        let vals: Vec<f32> = bits.iter().map(|&h| half::bf16::from_bits(h).to_f32()).collect();
+        if i == 0 {
+            for (j, (_, f)) in known.iter().enumerate() {
+                assert_eq!(vals[j], *f);
+            }
+        }
+        expected.push((name.clone(), shape.clone(), vals));
+        let bytes: Vec<u8> = bits.iter().flat_map(|h| h.to_le_bytes()).collect();
+        tensors.push((name.as_str(), "BF16", shape.clone(), bytes));
+    }
+    write_safetensors(&out.join(SINGLE_FILE), &tensors);
+    let (_, got) = import_llama(&out).unwrap();
+    assert_bitwise(&expected, &got);
+
+    // Our own BF16 and F16 exports read back as the rounded values.
+    for (dtype, round) in [
+        (
+            HfDtype::Bf16,
+            (|x: f32| half::bf16::from_f32(x).to_f32()) as fn(f32) -> f32,
+        ),
+        (HfDtype::F16, |x: f32| half::f16::from_f32(x).to_f32()),
+    ] {
+        export_llama(&out, &b, &w, dtype).unwrap();
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["torch_dtype"], dtype.torch_name());
+        let rounded: Vec<NamedTensor> = w
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().map(|&x| round(x)).collect()))
+            .collect();
+        assert_bitwise(&rounded, &import_llama(&out).unwrap().1);
+    }
+}
+
+#[test]
+fn missing_tensor_is_refused_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let w = weights(&base(), 4);
+    export_llama(&out, &base(), &w, HfDtype::F32).unwrap();
+    let without: Vec<NamedTensor> = w
+        .iter()
+        .filter(|t| t.0 != "model.layers.1.mlp.up_proj.weight")
+        .cloned()
+        .collect();
+    rewrite_f32(&out, &without);
+    let err = err_text(import_llama(&out));
+    assert_mentions(
+        &err,
+        &[
+            "missing tensor",
+            "model.layers.1.mlp.up_proj.weight",
+            "model.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn wrong_shape_is_refused_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let mut w = weights(&base(), 5);
+    export_llama(&out, &base(), &w, HfDtype::F32).unwrap();
+    let t = w
+        .iter_mut()
+        .find(|t| t.0 == "model.layers.0.self_attn.k_proj.weight")
+        .unwrap();
+    t.1 = vec![t.1[1], t.1[0]];
+    rewrite_f32(&out, &w);
+    let err = err_text(import_llama(&out));
+    assert_mentions(
+        &err,
+        &[
+            "model.safetensors",
+            "model.layers.0.self_attn.k_proj.weight",
+            "[16, 12]",
+            "[12, 16]",
+        ],
+    );
+}
+
+#[test]
+fn nan_is_refused_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let mut w = weights(&base(), 6);
+    export_llama(&out, &base(), &w, HfDtype::F32).unwrap();
+    w.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap().2[3] = f32::NAN;
+    rewrite_f32(&out, &w);
+    let err = err_text(import_llama(&out));
+    assert_mentions(
+        &err,
+        &["model.safetensors", "model.norm.weight", "non-finite", "index 3"],
+    );
+    w.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap().2[3] = f32::INFINITY;
+    rewrite_f32(&out, &w);
+    assert_mentions(&err_text(import_llama(&out)), &["model.norm.weight", "inf"]);
+}
+
+#[test]
+fn truncated_file_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    export_llama_with(
+        &out,
+        &base(),
+        &weights(&base(), 7),
+        &ExportOptions {
+            max_shard_bytes: 4000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(out.join(INDEX_FILE)).unwrap()).unwrap();
+    let mut files: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() >= 3, "{files:?}");
+    let name = files[1].to_string();
+    let shard = out.join(&name);
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
+    f.set_len(len - 10).unwrap();
+    let err = err_text(import_llama(&out));
+    assert_mentions(&err, &[name.as_str(), "truncated"]);
+    // A shard listed in the index but absent.
+    std::fs::remove_file(&shard).unwrap();
+    assert_mentions(&err_text(import_llama(&out)), &[name.as_str(), INDEX_FILE]);
+}
+
+#[test]
+fn unexpected_tensors_are_refused_but_rotary_buffers_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let w = weights(&base(), 8);
+    export_llama(&out, &base(), &w, HfDtype::F32).unwrap();
+    let mut extra = w.clone();
+    extra.push((
+        "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        vec![3],
+        vec![1.0, 0.1, 0.01],
+    ));
+    rewrite_f32(&out, &extra);
+    assert_bitwise(&w, &import_llama(&out).unwrap().1);
+    extra.push(("model.layers.2.mlp.up_proj.weight".into(), vec![2], vec![0.0, 0.0]));
+    rewrite_f32(&out, &extra);
+    assert_mentions(
+        &err_text(import_llama(&out)),
+        &["unexpected tensor", "model.layers.2.mlp.up_proj.weight"],
+    );
+}
+
+#[test]
+fn unsupported_configs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    export_llama(&out, &base(), &weights(&base(), 9), HfDtype::F32).unwrap();
+    let original: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cases: [(&str, Value, &str); 5] = [
+        (
+            "tie_word_embeddings",
+            json!(true),
+            "tied embeddings are not supported yet",
+        ),
+        (
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 8.0}),
+            "rope_scaling",
+        ),
+        ("attention_bias", json!(true), "attention_bias"),
+        ("hidden_act", json!("gelu"), "hidden_act"),
+        ("model_type", json!("mistral"), "model_type"),
+    ];
+    for (key, value, words) in cases {
+        let mut cfg = original.clone();
+        cfg[key] = value;
+        std::fs::write(out.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_mentions(&err_text(import_llama(&out)), &[words, "config.json"]);
+    }
+    // Defaults of a minimal config: kv heads = heads, head_dim = hidden / heads.
+    let mut cfg = original.clone();
+    let obj = cfg.as_object_mut().unwrap();
+    for k in ["num_key_value_heads", "head_dim", "rope_scaling", "tie_word_embeddings"] {
+        obj.remove(k);
+    }
+    std::fs::write(out.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    // head_dim 16/4 = 4 and 4 kv heads: the stored shapes no longer fit, named by the shape check.
+    assert_mentions(
+        &err_text(import_llama(&out)),
+        &["model.layers.0.self_attn.q_proj.weight", "shape"],
+    );
+}
+
+#[test]
+fn pretrained_architecture_mismatch_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let w = weights(&base(), 10);
+    export_llama(&out, &base(), &w, HfDtype::F32).unwrap();
+    let p = PretrainedConfig {
+        path: out.clone(),
+        format: "llama".into(),
+    };
+    assert_bitwise(&w, &pretrained_tensors(&p, &base()).unwrap());
+    let mut other = base();
+    other.decoder.block.mlp.intermediate_size = 24;
+    let err = err_text(pretrained_tensors(&p, &other));
+    assert_mentions(
+        &err,
+        &["model.base_model.decoder.block.mlp.intermediate_size", "24", "20"],
+    );
+    let p = PretrainedConfig {
+        path: out,
+        format: "distributed".into(),
+    };
+    assert!(pretrained_tensors(&p, &base()).is_err());
+}
+
+#[test]
+fn training_starts_from_pretrained_weights_on_every_shard_layout() {
+    let data = corpus_dir();
+    let exp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(data.path(), exp.path(), &[]);
+    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model).unwrap());
+    let w = weights(&cfg.model.base_model, 11);
+    let hf = exp.path().join("hf");
+    export_llama(&hf, &cfg.model.base_model, &w, HfDtype::F32).unwrap();
+    let flat: Vec<f32> = w.iter().flat_map(|t| t.2.iter().copied()).collect();
+    let quiet = fast_llm_rs::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let settings = |iters: u64, world: usize, zero: u8, lps: &str, df: usize, pretrained: bool| {
+        let mut o = ov(&[
+            ("training.train_iters", iters.to_string()),
+            ("model.distributed.world_size", world.to_string()),
+            ("model.multi_stage.zero_stage", zero.to_string()),
+            ("model.multi_stage.layers_per_stage", lps.into()),
+            ("schedule.depth_first_micro_batches", df.to_string()),
+        ]);
+        if pretrained {
+            o.push(format!("pretrained.path={}", hf.display()));
+            o.push("pretrained.format=llama".into());
+        }
+        tiny_config(data.path(), exp.path(), &o)
+    };
+    // The shards hold exactly the pretrained weights, whatever the layout (parameters straddle shards).
+    for (world, zero, lps) in [(1, 1, "1"), (2, 3, "0.5"), (3, 2, "2")] {
+        let s = fast_llm_rs::train::train(&settings(0, world, zero, lps, 1, true), &quiet).unwrap();
+        assert!(
+            s.final_weights == flat,
+            "world {world}: weights differ from the pretrained ones"
+        );
+    }
+    // The first step's loss comes from them: equal across layouts of the same global batch (64 tokens),
+    // different from a run from the seed's initialization.
+    let mut losses = Vec::new();
+    for (world, zero, lps, df) in [(1, 1, "1", 2), (2, 3, "0.5", 1), (2, 2, "2", 1)] {
+        let s = fast_llm_rs::train::train(&settings(1, world, zero, lps, df, true), &quiet).unwrap();
+        losses.push(s.losses[0]);
+    }
+    assert!(losses.iter().all(|l| (l - losses[0]).abs() < 1e-6), "{losses:?}");
+    let scratch = fast_llm_rs::train::train(&settings(1, 1, 1, "1", 2, false), &quiet).unwrap();
+    assert!(
+        (scratch.losses[0] - losses[0]).abs() > 1e-3,
+        "{} vs {losses:?}",
+        scratch.losses[0]
+    );
+    assert_eq!(tensors_from_flat(&model, &flat).unwrap().len(), w.len());
+}
+
+#[test]
+fn convert_reshards_llama_and_explains_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let w = weights(&base(), 12);
+    export_llama(&a, &base(), &w, HfDtype::F32).unwrap();
+    std::fs::write(a.join("tokenizer.json"), "{\"x\": 1}").unwrap();
+    let args: Vec<String> = [
+        format!("input.path={}", a.display()),
+        "input.format=llama".into(),
+        format!("output.path={}", b.display()),
+        "output.format=llama".into(),
+        "output.max_shard_size=2KB".into(),
+    ]
+    .into();
+    let report = convert(&ConvertArgs::parse(&args).unwrap()).unwrap();
+    assert!(report.contains("tensors"), "{report}");
+    assert!(b.join(INDEX_FILE).exists() && b.join("tokenizer.json").exists());
+    assert_bitwise(&w, &import_llama(&b).unwrap().1);
+
+    let parse = |xs: &[&str]| ConvertArgs::parse(&xs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_mentions(
+        &err_text(parse(&["input.pth=x"])),
+        &["unknown convert key 'input.pth'", "input.path"],
+    );
+    assert_mentions(&err_text(parse(&["input.path"])), &["not key=value"]);
+    assert_mentions(
+        &err_text(parse(&[
+            "input.path=x",
+            "input.format=gguf",
+            "output.path=y",
+            "output.format=llama",
+        ])),
+        &["input.format = 'gguf'", "llama", "distributed"],
+    );
+    assert_mentions(&err_text(parse(&["input.path=x", "output.path=y"])), &["output.format"]);
+    let to_dist = parse(&[
+        &format!("input.path={}", a.display()),
+        "output.path=y",
+        "output.format=distributed",
+    ])
+    .unwrap();
+    assert_eq!(to_dist.input_format, "llama");
+    assert_mentions(&err_text(convert(&to_dist)), &["pretrained", "format: llama"]);
+}
+
+/// Logits of every position of `tokens` from the training forward (`forward_layer`, no cache):
+/// every layer but the head, then the head's norm and projection.
+fn full_forward_logits(m: &InferenceModel, tokens: &[u32]) -> Vec<f32> {
+    let model = &m.model;
+    let s = &model.shape;
+    let k = CpuKernels::new(2);
+    let b = Batch {
+        batch: 1,
+        seq: tokens.len(),
+    };
+    let rope = Rope::<f32>::new(b.seq, s.head_size, s.theta);
+    let mut acts = model.alloc_acts::<f32>(b, 0..model.layers.len());
+    acts.tokens.copy_from_slice(tokens);
+    let head = model.layers.len() - 1;
+    assert_eq!(model.layers[head], LayerKind::Head);
+    for l in 0..head {
+        model.forward_layer(&k, &rope, l, m.layer_weights(l), &mut acts, b, None);
+    }
+    let (norm_w, out_w) = m.layer_weights(head).split_at(s.hidden);
+    let n = tokens.len();
+    let (mut normed, mut rstd) = (vec![0f32; n * s.hidden], vec![0f32; n]);
+    k.rms_norm_forward(
+        &mut normed,
+        &mut rstd,
+        &acts.hidden[head],
+        norm_w,
+        s.hidden,
+        s.head_norm_eps as f32,
+    );
+    let mut logits = vec![0f32; n * s.vocab];
+    k.matmul(&mut logits, &normed, out_w, n, s.vocab, s.hidden, false, true, false);
+    logits
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn test_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| (init::mix64(1000 + i as u64) % vocab as u64) as u32)
+        .collect()
+}
+
+#[test]
+fn kv_cache_decode_matches_full_forward() {
+    let b = base();
+    let m = InferenceModel::new(&b, &weights(&b, 13), 2).unwrap();
+    let v = m.model.shape.vocab;
+    let tokens = test_tokens(19, v);
+    let full = full_forward_logits(&m, &tokens);
+    let scale = full.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(scale > 0.5, "logits too small to be a meaningful test: {scale}");
+
+    // Token by token from an empty cache: each step's logits are the full forward's at that position.
+    let mut cache = m.new_cache(tokens.len());
+    for (i, &t) in tokens.iter().enumerate() {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        let d = max_diff(&l, &full[i * v..(i + 1) * v]);
+        assert!(d < 1e-4, "position {i}: max |diff| {d:e}");
+    }
+    assert_eq!(cache.len(), tokens.len());
+    assert!(
+        m.forward(&mut cache, &[0], false).is_err(),
+        "a full cache must refuse more tokens"
+    );
+
+    // Prefill of 11 (all logits), then decode the rest.
+    let mut cache = m.new_cache(tokens.len());
+    let pre = m.forward(&mut cache, &tokens[..11], true).unwrap();
+    assert!(max_diff(&pre, &full[..11 * v]) < 1e-4);
+    for (i, &t) in tokens.iter().enumerate().skip(11) {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        assert!(max_diff(&l, &full[i * v..(i + 1) * v]) < 1e-4, "position {i}");
+    }
+
+    // Whole-sequence prefill, last position only.
+    let mut cache = m.new_cache(tokens.len());
+    let last = m.forward(&mut cache, &tokens, false).unwrap();
+    assert!(max_diff(&last, &full[(tokens.len() - 1) * v..]) < 1e-4);
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_matches_uncached_argmax() {
+    let b = base();
+    let m = InferenceModel::new(&b, &weights(&b, 14), 2).unwrap();
+    let prompt = test_tokens(5, m.model.shape.vocab);
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling::Greedy,
+        stop_token: None,
+    };
+    let mut streamed = Vec::new();
+    let a = m.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
+    let again = m.generate(&prompt, &opts, |_| {}).unwrap();
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, again);
+    assert_eq!(a, streamed);
+    // Each token is the argmax of a cache-free forward over the prefix.
+    let mut seq = prompt.clone();
+    let v = m.model.shape.vocab;
+    for &t in &a {
+        let full = full_forward_logits(&m, &seq);
+        assert_eq!(t, argmax(&full[(seq.len() - 1) * v..]), "after {} tokens", seq.len());
+        seq.push(t);
+    }
+    // Stop token: generation ends after it.
+    let stop = GenerateOptions {
+        stop_token: Some(a[3]),
+        ..opts.clone()
+    };
+    let first = a.iter().position(|&t| t == a[3]).unwrap();
+    assert_eq!(m.generate(&prompt, &stop, |_| {}).unwrap(), a[..=first].to_vec());
+    // Seeded sampling is reproducible.
+    let sampled = GenerateOptions {
+        sampling: Sampling::TopK {
+            temperature: 0.8,
+            top_k: 5,
+            seed: 42,
+        },
+        ..opts
+    };
+    assert_eq!(
+        m.generate(&prompt, &sampled, |_| {}).unwrap(),
+        m.generate(&prompt, &sampled, |_| {}).unwrap()
+    );
+    assert!(m.generate(&[], &sampled, |_| {}).is_err());
+}
+
+#[test]
+fn top_k_one_is_greedy_and_sampling_follows_the_distribution() {
+    use fast_llm_rs::generate::Sampler;
+    let logits = [0.0f32, 2.0, 1.0, 2.0, -1.0];
+    let mut s = Sampler::new(Sampling::TopK {
+        temperature: 1.0,
+        top_k: 1,
+        seed: 3,
+    });
+    assert!((0..20).all(|_| s.sample(&logits) == 1));
+    let mut s = Sampler::new(Sampling::Greedy);
+    assert_eq!(s.sample(&logits), 1);
+    // top_k 2 keeps ids 1 and 3 (equal logits): about half each, never anything else.
+    let mut s = Sampler::new(Sampling::TopK {
+        temperature: 1.0,
+        top_k: 2,
+        seed: 9,
+    });
+    let picks: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+    let ones = picks.iter().filter(|&&t| t == 1).count();
+    assert!(picks.iter().all(|&t| t == 1 || t == 3));
+    assert!((800..1200).contains(&ones), "{ones}");
+}
+
+#[test]
+fn distributed_checkpoints_convert_generate_and_initialize_training() {
+    let data = corpus_dir();
+    let exp = tempfile::tempdir().unwrap();
+    let quiet = fast_llm_rs::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let o = ov(&[
+        ("training.train_iters", "2".into()),
+        ("training.checkpoint.interval", "2".into()),
+        ("model.distributed.world_size", "2".into()),
+        ("model.multi_stage.zero_stage", "3".into()),
+    ]);
+    let cfg = tiny_config(data.path(), exp.path(), &o);
+    let trained = fast_llm_rs::train::train(&cfg, &quiet).unwrap();
+    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model).unwrap());
+    let expected = tensors_from_flat(&model, &trained.final_weights).unwrap();
+
+    // convert: the experiment directory resolves to its newest checkpoint.
+    let hf = tempfile::tempdir().unwrap();
+    let out = hf.path().join("llama");
+    let args: Vec<String> = vec![
+        format!("input.path={}", exp.path().display()),
+        format!("output.path={}", out.display()),
+        "output.format=llama".into(),
+    ];
+    let parsed = ConvertArgs::parse(&args).unwrap();
+    assert_eq!(parsed.input_format, "distributed");
+    convert(&parsed).unwrap();
+    let (b, w) = import_llama(&out).unwrap();
+    assert_eq!(b, cfg.model.base_model);
+    assert_bitwise(&expected, &w);
+    let hf_cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf_cfg["max_position_embeddings"], 16);
+
+    // generate reads the same weights from the checkpoint as from the export.
+    let from_ckpt = fast_llm_rs::generate::load_weights(exp.path(), None).unwrap();
+    assert_eq!(from_ckpt.format, "distributed");
+    assert_bitwise(&expected, &from_ckpt.tensors);
+
+    // pretrained: {format: distributed} starts a fresh run (another experiment) from them.
+    let exp2 = tempfile::tempdir().unwrap();
+    let o2 = ov(&[
+        ("training.train_iters", "0".into()),
+        ("pretrained.path", exp.path().display().to_string()),
+        ("pretrained.format", "distributed".into()),
+    ]);
+    let cfg2 = tiny_config(data.path(), exp2.path(), &o2);
+    let s = fast_llm_rs::train::train(&cfg2, &quiet).unwrap();
+    assert!(s.final_weights == trained.final_weights);
+}
