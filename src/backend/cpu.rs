@@ -366,6 +366,96 @@ impl AttnShape {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: make the calling thread's attention calls take the generic path.
+    static FORCE_GENERIC_ATTENTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the f32 AVX2+FMA attention kernels ([`attn_x86`]) handle this call (else the generic
+/// `gemm`-based path). Decided once per call, on the calling thread, from the type, the head size
+/// and the CPU: never from the thread count.
+fn attention_simd<T: Element>(s: &AttnShape) -> bool {
+    #[cfg(test)]
+    if FORCE_GENERIC_ATTENTION.with(|f| f.get()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && s.head_size.is_multiple_of(8)
+            && s.head_size <= attn_x86::MAX_HS
+            && attn_x86::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = s;
+        false
+    }
+}
+
+/// [`attn_x86::forward_head`] for (batch `b`, query head `h`).
+///
+/// # Safety
+/// As [`attention_forward_head`]; `T` is `f32` and [`attention_simd`] holds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn attention_forward_head_simd<T: Element>(
+    s: AttnShape,
+    b: usize,
+    h: usize,
+    out: SyncPtr<T>,
+    probs: SyncPtr<T>,
+    qkv: &[T],
+) {
+    let (qo, ko, vo) = s.offsets(b, h);
+    let x = qkv.as_ptr() as *const f32;
+    let p = (probs.ptr() as *mut f32).add((b * s.heads + h) * s.seq * s.seq);
+    let o = (out.ptr() as *mut f32).add(b * s.seq * s.out_stride() + h * s.head_size);
+    attn_x86::forward_head(s, x.add(qo), x.add(ko), x.add(vo), p, o);
+}
+
+/// [`attn_x86::backward_head`] for each query head of (batch `b`, kv head `g`).
+///
+/// # Safety
+/// As [`attention_backward_group`]; `T` is `f32` and [`attention_simd`] holds.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_backward_group_simd<T: Element>(
+    s: AttnShape,
+    b: usize,
+    g: usize,
+    grad_qkv: SyncPtr<T>,
+    scratch: SyncPtr<T>,
+    grad_out: &[T],
+    qkv: &[T],
+    probs: &[T],
+) {
+    let seq = s.seq;
+    let x = qkv.as_ptr() as *const f32;
+    let gx = grad_qkv.ptr() as *mut f32;
+    for hh in 0..s.group() {
+        let h = g * s.group() + hh;
+        let (qo, ko, vo) = s.offsets(b, h);
+        let bh = (b * s.heads + h) * seq * seq;
+        let p = (probs.as_ptr() as *const f32).add(bh);
+        let ds = (scratch.ptr() as *mut f32).add(bh);
+        let go = (grad_out.as_ptr() as *const f32).add(b * seq * s.out_stride() + h * s.head_size);
+        attn_x86::backward_head(
+            s,
+            x.add(qo),
+            x.add(ko),
+            x.add(vo),
+            p,
+            go,
+            gx.add(qo),
+            gx.add(ko),
+            gx.add(vo),
+            ds,
+            hh > 0,
+        );
+    }
+}
+
 /// Forward of one (batch `b`, query head `h`) pair.
 ///
 /// # Safety
@@ -577,6 +667,581 @@ unsafe fn attention_backward_group<T: Element>(
                 none,
             );
             j0 = j1;
+        }
+    }
+}
+
+/// f32 attention kernels for x86_64 with AVX2 and FMA (chosen once per call by CPU feature; f64,
+/// other CPUs and head sizes that are not a multiple of 8 take the generic `gemm` path above).
+///
+/// Every product of the attention is `C (m, width) [+]= scale * A (m, kdim) @ B (kdim, width)` with
+/// `A` read through arbitrary row/column strides (so `P^T` and `dS^T` need no copy) and `B`
+/// row-major: a register tile of [`MR`] rows by 16 columns (12 accumulators), `A` broadcast
+/// element by element, `B` loaded 8 lanes at a time. For `Q K^T` and `dO V^T`, `B` is a transposed
+/// 16-key panel of `K` (or `V`) packed on the stack. Causality is exploited per tile: score tiles
+/// entirely above the diagonal are skipped, and the products by `P` / `dS` stop at the tile's last
+/// live column (the rest of those rows is zero).
+///
+/// Rows are processed in super-blocks of at most `BLOCK_FLOATS` probabilities, so that the scores,
+/// the softmax and the product by `V` of a block run while it is in L2; the keys of each block are
+/// packed once per block.
+///
+/// Each element's sum runs over the depth in a fixed order, independent of threads; the results
+/// differ from the generic path only by rounding (FMA contraction, summation order).
+#[cfg(target_arch = "x86_64")]
+mod attn_x86 {
+    use super::AttnShape;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Rows per register tile.
+    const MR: usize = 6;
+    /// Keys per packed panel (two 8-lane vectors).
+    const NR: usize = 16;
+    /// Largest head size handled (the packed panel lives on the stack: `MAX_HS * NR` floats).
+    pub const MAX_HS: usize = 256;
+    /// Probabilities per row super-block (512 KiB of f32, well inside L2).
+    const BLOCK_FLOATS: usize = 128 * 1024;
+
+    /// Whether these kernels can run here.
+    pub fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// Rows per super-block for sequences of `seq`.
+    fn row_block(seq: usize) -> usize {
+        (BLOCK_FLOATS / seq.max(1) / 64 * 64).max(64)
+    }
+
+    /// Lanes `0..n` set (`n <= 8`).
+    #[inline(always)]
+    unsafe fn tail_mask(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// `acc[r][v] = sum_t a[r * a_rs + t * a_cs] * b[t * b_rs + 8 v .. + 8]`, `t` in `0..kdim` in order.
+    #[inline(always)]
+    unsafe fn tile<const M: usize, const NV: usize>(
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+    ) -> [[__m256; NV]; M] {
+        let mut acc = [[_mm256_setzero_ps(); NV]; M];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kdim {
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(b.add(8 * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a.add(r * a_rs));
+                for (c, y) in row.iter_mut().zip(&bv) {
+                    *c = _mm256_fmadd_ps(x, *y, *c);
+                }
+            }
+            a = a.add(a_cs);
+            b = b.add(b_rs);
+        }
+        acc
+    }
+
+    /// `c[r * c_rs + col] (+)= scale * acc[r][col]` for `col < cols` (`cols <= 8 NV`).
+    #[inline(always)]
+    unsafe fn store<const M: usize, const NV: usize>(
+        acc: [[__m256; NV]; M],
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+        cols: usize,
+    ) {
+        let s = _mm256_set1_ps(scale);
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let p = c.add(r * c_rs + 8 * v);
+                let x = _mm256_mul_ps(*x, s);
+                let n = cols.saturating_sub(8 * v).min(8);
+                if n == 8 {
+                    let x = if accumulate {
+                        _mm256_add_ps(_mm256_loadu_ps(p), x)
+                    } else {
+                        x
+                    };
+                    _mm256_storeu_ps(p, x);
+                } else if n > 0 {
+                    let m = tail_mask(n);
+                    let x = if accumulate {
+                        _mm256_add_ps(_mm256_maskload_ps(p, m), x)
+                    } else {
+                        x
+                    };
+                    _mm256_maskstore_ps(p, m, x);
+                }
+            }
+        }
+    }
+
+    /// One tile of `m <= MR` rows by `8 NV` columns (of which `cols` are stored).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_store<const NV: usize>(
+        m: usize,
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+        cols: usize,
+    ) {
+        macro_rules! go {
+            ($m:literal) => {
+                store::<$m, NV>(
+                    tile::<$m, NV>(kdim, a, a_rs, a_cs, b, b_rs),
+                    c,
+                    c_rs,
+                    scale,
+                    accumulate,
+                    cols,
+                )
+            };
+        }
+        match m {
+            6 => go!(6),
+            5 => go!(5),
+            4 => go!(4),
+            3 => go!(3),
+            2 => go!(2),
+            1 => go!(1),
+            _ => unreachable!(),
+        }
+    }
+
+    /// `C (m, width) (+)= scale * A (m, kdim) @ B (kdim, width)` for `m <= MR`, `width % 8 == 0`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn product_rows(
+        m: usize,
+        width: usize,
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let mut d0 = 0;
+        while d0 + 16 <= width {
+            tile_store::<2>(
+                m,
+                kdim,
+                a,
+                a_rs,
+                a_cs,
+                b.add(d0),
+                b_rs,
+                c.add(d0),
+                c_rs,
+                scale,
+                accumulate,
+                16,
+            );
+            d0 += 16;
+        }
+        if d0 < width {
+            tile_store::<1>(
+                m,
+                kdim,
+                a,
+                a_rs,
+                a_cs,
+                b.add(d0),
+                b_rs,
+                c.add(d0),
+                c_rs,
+                scale,
+                accumulate,
+                8,
+            );
+        }
+    }
+
+    /// Transposes the 8x8 block `src[r * src_rs + c]` into `dst[c * dst_rs + r]`.
+    #[inline(always)]
+    unsafe fn transpose8(src: *const f32, src_rs: usize, dst: *mut f32, dst_rs: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_rs)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, x) in o.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * dst_rs), *x);
+        }
+    }
+
+    /// Packs keys `0..w` (`w <= NR`, rows of `src` with stride `src_rs`, `hs` wide) transposed:
+    /// `panel[d * NR + j] = src[j * src_rs + d]`, zero for `j >= w`.
+    #[inline(always)]
+    unsafe fn pack_panel(panel: *mut f32, src: *const f32, src_rs: usize, hs: usize, w: usize) {
+        let full = w / 8 * 8;
+        for j0 in (0..full).step_by(8) {
+            for d0 in (0..hs).step_by(8) {
+                transpose8(src.add(j0 * src_rs + d0), src_rs, panel.add(d0 * NR + j0), NR);
+            }
+        }
+        if full < NR {
+            for d in 0..hs {
+                for j in full..NR {
+                    *panel.add(d * NR + j) = if j < w { *src.add(j * src_rs + d) } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// Largest lane, broadcast.
+    #[inline(always)]
+    unsafe fn hmax(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
+        let x = _mm256_max_ps(x, _mm256_permute_ps::<0x4E>(x));
+        _mm256_max_ps(x, _mm256_permute_ps::<0xB1>(x))
+    }
+
+    /// Sum of the lanes, broadcast (fixed order).
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> __m256 {
+        let x = _mm256_add_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
+        let x = _mm256_add_ps(x, _mm256_permute_ps::<0x4E>(x));
+        _mm256_add_ps(x, _mm256_permute_ps::<0xB1>(x))
+    }
+
+    /// Lane-wise [`super::exp_f32`] (same reduction and polynomial, with FMA).
+    #[inline(always)]
+    unsafe fn exp_ps(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33)), _mm256_set1_ps(88.37));
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm256_sub_ps(t, magic);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+
+    /// Softmax of the (scaled) scores `row[0..live]` in place; zeroes `row[live..len]`.
+    #[inline(always)]
+    unsafe fn softmax_row(row: *mut f32, live: usize, len: usize) {
+        let full = live / 8 * 8;
+        let tail = live - full;
+        let mask = tail_mask(tail);
+        let neg = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut mx = neg;
+        for j in (0..full).step_by(8) {
+            mx = _mm256_max_ps(mx, _mm256_loadu_ps(row.add(j)));
+        }
+        if tail > 0 {
+            let x = _mm256_maskload_ps(row.add(full), mask);
+            mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg, x, _mm256_castsi256_ps(mask)));
+        }
+        let mx = hmax(mx);
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j + 16 <= full {
+            let e0 = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(row.add(j)), mx));
+            let e1 = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(row.add(j + 8)), mx));
+            _mm256_storeu_ps(row.add(j), e0);
+            _mm256_storeu_ps(row.add(j + 8), e1);
+            s0 = _mm256_add_ps(s0, e0);
+            s1 = _mm256_add_ps(s1, e1);
+            j += 16;
+        }
+        if j < full {
+            let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(row.add(j)), mx));
+            _mm256_storeu_ps(row.add(j), e);
+            s0 = _mm256_add_ps(s0, e);
+        }
+        if tail > 0 {
+            let e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(row.add(full), mask), mx));
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+            _mm256_maskstore_ps(row.add(full), mask, e);
+            s1 = _mm256_add_ps(s1, e);
+        }
+        let inv = _mm256_div_ps(_mm256_set1_ps(1.0), hsum(_mm256_add_ps(s0, s1)));
+        for j in (0..full).step_by(8) {
+            _mm256_storeu_ps(row.add(j), _mm256_mul_ps(_mm256_loadu_ps(row.add(j)), inv));
+        }
+        if tail > 0 {
+            let x = _mm256_maskload_ps(row.add(full), mask);
+            _mm256_maskstore_ps(row.add(full), mask, _mm256_mul_ps(x, inv));
+        }
+        std::ptr::write_bytes(row.add(live), 0, len - live);
+    }
+
+    /// `ds[0..live] = p * (ds - dot(p, ds))` over `0..live` in place; zeroes `ds[live..zero_to]`.
+    #[inline(always)]
+    unsafe fn dsoftmax_row(ds: *mut f32, p: *const f32, live: usize, zero_to: usize) {
+        let full = live / 8 * 8;
+        let tail = live - full;
+        let mask = tail_mask(tail);
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut j = 0;
+        while j + 16 <= full {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(j)), _mm256_loadu_ps(ds.add(j)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(j + 8)), _mm256_loadu_ps(ds.add(j + 8)), s1);
+            j += 16;
+        }
+        if j < full {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(j)), _mm256_loadu_ps(ds.add(j)), s0);
+        }
+        if tail > 0 {
+            let x = _mm256_maskload_ps(p.add(full), mask);
+            s1 = _mm256_fmadd_ps(x, _mm256_maskload_ps(ds.add(full), mask), s1);
+        }
+        let d = hsum(_mm256_add_ps(s0, s1));
+        for j in (0..full).step_by(8) {
+            let x = _mm256_sub_ps(_mm256_loadu_ps(ds.add(j)), d);
+            _mm256_storeu_ps(ds.add(j), _mm256_mul_ps(_mm256_loadu_ps(p.add(j)), x));
+        }
+        if tail > 0 {
+            let x = _mm256_sub_ps(_mm256_maskload_ps(ds.add(full), mask), d);
+            _mm256_maskstore_ps(
+                ds.add(full),
+                mask,
+                _mm256_mul_ps(_mm256_maskload_ps(p.add(full), mask), x),
+            );
+        }
+        if zero_to > live {
+            std::ptr::write_bytes(ds.add(live), 0, zero_to - live);
+        }
+    }
+
+    /// Scores `c[i, j] = scale * a_i . x_j` for rows `i` in `r0..r1` and keys `j` in `0..r1` with
+    /// `j <= i` rounded out to whole tiles (`a`: rows of stride `a_rs`; `x`: keys of stride `x_rs`;
+    /// `c`: rows of stride `seq`), packing each 16-key panel once.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn causal_scores(
+        r0: usize,
+        r1: usize,
+        hs: usize,
+        a: *const f32,
+        a_rs: usize,
+        x: *const f32,
+        x_rs: usize,
+        c: *mut f32,
+        seq: usize,
+        scale: f32,
+        panel: *mut f32,
+    ) {
+        let mut j0 = 0;
+        while j0 < r1 {
+            let w = NR.min(r1 - j0);
+            pack_panel(panel, x.add(j0 * x_rs), x_rs, hs, w);
+            let mut i0 = r0.max(j0);
+            while i0 < r1 {
+                let m = MR.min(r1 - i0);
+                tile_store::<2>(
+                    m,
+                    hs,
+                    a.add(i0 * a_rs),
+                    a_rs,
+                    1,
+                    panel,
+                    NR,
+                    c.add(i0 * seq + j0),
+                    seq,
+                    scale,
+                    false,
+                    w,
+                );
+                i0 += m;
+            }
+            j0 += NR;
+        }
+    }
+
+    /// Forward of one head: `q`, `k`, `v` point at its first row in `qkv`, `p` at its `(seq, seq)`
+    /// probabilities, `o` at its first output row.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; pointers valid for the attention shapes `s`; `s.head_size % 8 == 0`
+    /// and `s.head_size <= MAX_HS`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_head(s: AttnShape, q: *const f32, k: *const f32, v: *const f32, p: *mut f32, o: *mut f32) {
+        let (seq, hs) = (s.seq, s.head_size);
+        let (qs, os) = (s.qkv_stride(), s.out_stride());
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let mut panel = MaybeUninit::<[f32; MAX_HS * NR]>::uninit();
+        let panel = panel.as_mut_ptr() as *mut f32;
+        let rb = row_block(seq);
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            causal_scores(r0, r1, hs, q, qs, k, qs, p, seq, scale, panel);
+            for i in r0..r1 {
+                softmax_row(p.add(i * seq), i + 1, seq);
+            }
+            // O = P V, each tile stopping at its last live key.
+            let mut i0 = r0;
+            while i0 < r1 {
+                let m = MR.min(r1 - i0);
+                product_rows(
+                    m,
+                    hs,
+                    i0 + m,
+                    p.add(i0 * seq),
+                    seq,
+                    1,
+                    v,
+                    qs,
+                    o.add(i0 * os),
+                    os,
+                    1.0,
+                    false,
+                );
+                i0 += m;
+            }
+            r0 = r1;
+        }
+    }
+
+    /// Backward of one query head (`accumulate`: add into `dk`, `dv` rather than overwrite). Pointers
+    /// as in [`forward_head`], plus `go` (its first `grad_out` row), `dq`, `dk`, `dv` (in `grad_qkv`)
+    /// and `ds` (its `(seq, seq)` scratch block).
+    ///
+    /// # Safety
+    /// As [`forward_head`]; `p` holds the forward's probabilities (zero above the diagonal).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn backward_head(
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *const f32,
+        go: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        ds: *mut f32,
+        accumulate: bool,
+    ) {
+        let (seq, hs) = (s.seq, s.head_size);
+        let (qs, os) = (s.qkv_stride(), s.out_stride());
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let mut panel = MaybeUninit::<[f32; MAX_HS * NR]>::uninit();
+        let panel = panel.as_mut_ptr() as *mut f32;
+        let rb = row_block(seq);
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            // dP = dO V^T, then dS = P (dP - rowsum(dP P)), zero above the diagonal within the block.
+            causal_scores(r0, r1, hs, go, os, v, qs, ds, seq, 1.0, panel);
+            for i in r0..r1 {
+                dsoftmax_row(ds.add(i * seq), p.add(i * seq), i + 1, r1);
+            }
+            // dQ = scale dS K.
+            let mut i0 = r0;
+            while i0 < r1 {
+                let m = MR.min(r1 - i0);
+                product_rows(
+                    m,
+                    hs,
+                    i0 + m,
+                    ds.add(i0 * seq),
+                    seq,
+                    1,
+                    k,
+                    qs,
+                    dq.add(i0 * qs),
+                    qs,
+                    scale,
+                    false,
+                );
+                i0 += m;
+            }
+            r0 = r1;
+        }
+        // dV = P^T dO and dK = scale dS^T Q; key rows j only receive from query rows i >= j. Tiles
+        // stay inside super-blocks, where dS is zero above the diagonal.
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            let mut j0 = r0;
+            while j0 < r1 {
+                let m = MR.min(r1 - j0);
+                let depth = seq - j0;
+                let pj = p.add(j0 * seq + j0);
+                product_rows(
+                    m,
+                    hs,
+                    depth,
+                    pj,
+                    1,
+                    seq,
+                    go.add(j0 * os),
+                    os,
+                    dv.add(j0 * qs),
+                    qs,
+                    1.0,
+                    accumulate,
+                );
+                let dsj = ds.add(j0 * seq + j0);
+                product_rows(
+                    m,
+                    hs,
+                    depth,
+                    dsj,
+                    1,
+                    seq,
+                    q.add(j0 * qs),
+                    qs,
+                    dk.add(j0 * qs),
+                    qs,
+                    scale,
+                    accumulate,
+                );
+                j0 += m;
+            }
+            r0 = r1;
         }
     }
 }
@@ -932,10 +1597,21 @@ impl<T: Element> Kernels<T> for CpuKernels {
         );
         let (po, pp) = (SyncPtr::new(out), SyncPtr::new(probs));
         let cost = seq * seq * head_size;
+        let simd = attention_simd::<T>(&s);
         self.par_ranges(batch * heads, cost, |t0, t1| {
             for t in t0..t1 {
-                // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block.
-                unsafe { attention_forward_task(s, t / heads, t % heads, po, pp, qkv) };
+                let (b, h) = (t / heads, t % heads);
+                // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block;
+                // the SIMD variant only runs when `attention_simd` said so (T = f32, CPU support).
+                unsafe {
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        attention_forward_head_simd(s, b, h, po, pp, qkv);
+                        continue;
+                    }
+                    let _ = simd;
+                    attention_forward_task(s, b, h, po, pp, qkv)
+                };
             }
         });
     }
@@ -978,11 +1654,22 @@ impl<T: Element> Kernels<T> for CpuKernels {
         );
         let (pg, ps) = (SyncPtr::new(grad_qkv), SyncPtr::new(scratch));
         let cost = s.group() * seq * seq * head_size;
+        let simd = attention_simd::<T>(&s);
         self.par_ranges(batch * kv_heads, cost, |t0, t1| {
             for t in t0..t1 {
+                let (b, g) = (t / kv_heads, t % kv_heads);
                 // SAFETY: task t = (b, g) owns the columns of kv group g (its query heads, its k and v
-                // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads.
-                unsafe { attention_backward_task(s, t / kv_heads, t % kv_heads, pg, ps, grad_out, qkv, probs) };
+                // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads; the SIMD
+                // variant only runs when `attention_simd` said so (T = f32, CPU support).
+                unsafe {
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        attention_backward_group_simd(s, b, g, pg, ps, grad_out, qkv, probs);
+                        continue;
+                    }
+                    let _ = simd;
+                    attention_backward_task(s, b, g, pg, ps, grad_out, qkv, probs)
+                };
             }
         });
     }
