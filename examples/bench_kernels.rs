@@ -4,8 +4,8 @@
 //! `cargo run --release --example bench_kernels [-- THREADS...]` (default: 1 2).
 //! Profiling aids: `BENCH_ONLY_MATMUL=THREADS` (200 gate_up products), `BENCH_ONLY_ATTN=1` (200
 //! attention forward+backward, 1 thread), `BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps]` (attention
-//! alone on 1 thread: minimum and median over `reps` calls, default 50 — the minimum is the figure to
-//! compare on a shared machine).
+//! alone on 1 thread: minimum and median thread CPU time over `reps` calls, default 50 — the minimum
+//! is the figure to compare on a shared machine).
 
 use fast_llm_rs::backend::cpu::CpuKernels;
 use fast_llm_rs::backend::Kernels;
@@ -239,6 +239,31 @@ fn bench(threads: usize) -> f64 {
     total
 }
 
+/// CPU time of the calling thread in seconds (Linux; wall time elsewhere), so that time spent
+/// descheduled on a shared machine does not count.
+fn thread_cpu_time() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            tv_sec: i64,
+            tv_nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut t = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `t` is a valid timespec for the call to fill.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9;
+        }
+    }
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
 /// `BENCH_ATTN`: min / median ms of attention forward and backward for one shape, 1 thread.
 fn bench_attention_shape(spec: &str) {
     let v: Vec<usize> = spec
@@ -260,9 +285,9 @@ fn bench_attention_shape(spec: &str) {
         f();
         let mut t: Vec<f64> = (0..reps)
             .map(|_| {
-                let s = Instant::now();
+                let s = thread_cpu_time();
                 f();
-                s.elapsed().as_secs_f64()
+                thread_cpu_time() - s
             })
             .collect();
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());

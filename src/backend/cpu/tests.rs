@@ -1,7 +1,7 @@
 //! Tests of the CPU kernels: forward against plain references, backward against central finite
 //! differences (f64), f32 against f64, and bitwise determinism across thread counts.
 
-use super::CpuKernels;
+use super::{AttnPath, CpuKernels};
 use crate::backend::Kernels;
 
 // ---------------------------------------------------------------------------------------------
@@ -541,11 +541,11 @@ fn attention_head_sizes_forward() {
     attention_case(1, 17, 2, 1, 264, false);
 }
 
-/// Runs f32 attention forward and backward on buffers pre-filled with NaN, through the generic path
-/// when `generic`; returns (out, probs, grad).
+/// Runs f32 attention forward and backward on buffers pre-filled with NaN, through `path`;
+/// returns (out, probs, grad).
 #[allow(clippy::type_complexity)]
 fn attention_f32(
-    generic: bool,
+    path: super::AttnPath,
     qkv: &[f32],
     gout: &[f32],
     shape: (usize, usize, usize, usize, usize),
@@ -553,14 +553,14 @@ fn attention_f32(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (batch, seq, heads, kv, hs) = shape;
     let k = CpuKernels::new(threads);
-    super::FORCE_GENERIC_ATTENTION.with(|f| f.set(generic));
+    super::ATTN_PATH.with(|f| f.set(path));
     let mut out = vec![f32::NAN; gout.len()];
     let mut probs = vec![f32::NAN; batch * heads * seq * seq];
     k.attention_forward(&mut out, &mut probs, qkv, batch, seq, heads, kv, hs);
     let mut grad = vec![f32::NAN; qkv.len()];
     let mut scratch = vec![f32::NAN; probs.len()];
     k.attention_backward(&mut grad, &mut scratch, gout, qkv, &probs, batch, seq, heads, kv, hs);
-    super::FORCE_GENERIC_ATTENTION.with(|f| f.set(false));
+    super::ATTN_PATH.with(|f| f.set(super::AttnPath::Auto));
     (out, probs, grad)
 }
 
@@ -574,6 +574,8 @@ fn attention_simd_matches_generic_f32() {
         (2, 150, 4, 4, 24),
         (1, 130, 6, 2, 64),
         (1, 65, 2, 1, 128),
+        (1, 40, 2, 2, 48),
+        (1, 33, 2, 1, 256),
         (2, 5, 2, 2, 8),
         (1, 1, 1, 1, 32),
     ]
@@ -584,29 +586,31 @@ fn attention_simd_matches_generic_f32() {
         let mut rng = Rng::new(100 + i as u64);
         let qkv = rand32(&mut rng, batch * seq * (heads + 2 * kv) * hs, 2.0);
         let gout = rand32(&mut rng, batch * seq * heads * hs, 1.0);
-        let fast = attention_f32(false, &qkv, &gout, shape, 1);
-        let slow = attention_f32(true, &qkv, &gout, shape, 1);
-        let tag = format!("attention simd vs generic {shape:?}");
-        assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
-        assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
-        assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
-        // The masked part of probs is exactly zero.
-        for bh in 0..batch * heads {
-            for r in 0..seq {
-                let row = &fast.1[(bh * seq + r) * seq..][..seq];
+        let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, 1);
+        for path in [AttnPath::Auto, AttnPath::Avx2] {
+            let fast = attention_f32(path, &qkv, &gout, shape, 1);
+            let tag = format!("attention {path:?} vs generic {shape:?}");
+            assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
+            assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
+            assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
+            // The masked part of probs is exactly zero.
+            for bh in 0..batch * heads {
+                for r in 0..seq {
+                    let row = &fast.1[(bh * seq + r) * seq..][..seq];
+                    assert!(
+                        row[r + 1..].iter().all(|&x| x == 0.0),
+                        "{tag}: probs above the diagonal"
+                    );
+                }
+            }
+            // Bitwise identical across thread counts.
+            for threads in [2, 4] {
+                let t = attention_f32(path, &qkv, &gout, shape, threads);
                 assert!(
-                    row[r + 1..].iter().all(|&x| x == 0.0),
-                    "{tag}: probs above the diagonal"
+                    bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
+                    "{tag}: results differ between 1 and {threads} threads"
                 );
             }
-        }
-        // Bitwise identical across thread counts.
-        for threads in [2, 4] {
-            let t = attention_f32(false, &qkv, &gout, shape, threads);
-            assert!(
-                bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
-                "{tag}: results differ between 1 and {threads} threads"
-            );
         }
     }
 }
