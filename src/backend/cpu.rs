@@ -15,7 +15,9 @@
 //! * Matrix products: `gemm` splits its work between threads over output tiles only; the depth (`k`)
 //!   blocking depends on the shapes, never on the thread count, so each output element is summed in
 //!   the same order whatever the parallelism (checked by the tests in `cpu/tests.rs`).
-//! * Attention runs one (batch, head) or (batch, kv head) task entirely on one thread.
+//! * Attention runs one (batch, head) or (batch, kv head) task entirely on one thread. In f32 on
+//!   x86_64 it uses hand-written AVX-512 / AVX2+FMA kernels (`attn_x86`), picked once per call from
+//!   the CPU and the head size; f64 and other cases use the generic `gemm`-based path.
 
 use super::{Element, Kernels};
 use gemm::Parallelism;
