@@ -3,7 +3,9 @@
 //!
 //! `cargo run --release --example bench_kernels [-- THREADS...]` (default: 1 2).
 //! Profiling aids: `BENCH_ONLY_MATMUL=THREADS` (200 gate_up products), `BENCH_ONLY_ATTN=1` (200
-//! attention forward+backward, 1 thread).
+//! attention forward+backward, 1 thread), `BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps]` (attention
+//! alone on 1 thread: minimum and median thread CPU time over `reps` calls, default 50 — the minimum
+//! is the figure to compare on a shared machine).
 
 use fast_llm_rs::backend::cpu::CpuKernels;
 use fast_llm_rs::backend::Kernels;
@@ -237,7 +239,85 @@ fn bench(threads: usize) -> f64 {
     total
 }
 
+/// CPU time of the calling thread in seconds (Linux; wall time elsewhere), so that time spent
+/// descheduled on a shared machine does not count.
+fn thread_cpu_time() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            tv_sec: i64,
+            tv_nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut t = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `t` is a valid timespec for the call to fill.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9;
+        }
+    }
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// `BENCH_ATTN`: min / median ms of attention forward and backward for one shape, 1 thread.
+fn bench_attention_shape(spec: &str) {
+    let v: Vec<usize> = spec
+        .split(',')
+        .map(|x| x.trim().parse().expect("BENCH_ATTN: integers"))
+        .collect();
+    assert!(v.len() >= 5, "BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps]");
+    let (batch, seq, heads, kv, hs) = (v[0], v[1], v[2], v[3], v[4]);
+    let reps = v.get(5).copied().unwrap_or(50).max(1);
+    let k = CpuKernels::new(1);
+    let tokens = batch * seq;
+    let qkv = fill(tokens * (heads + 2 * kv) * hs, 4);
+    let gout = fill(tokens * heads * hs, 5);
+    let mut out = vec![0.0f32; tokens * heads * hs];
+    let mut probs = vec![0.0f32; batch * heads * seq * seq];
+    let mut scratch = vec![0.0f32; batch * heads * seq * seq];
+    let mut gqkv = vec![0.0f32; qkv.len()];
+    let stats = |mut f: Box<dyn FnMut() + '_>| {
+        f();
+        let mut t: Vec<f64> = (0..reps)
+            .map(|_| {
+                let s = thread_cpu_time();
+                f();
+                thread_cpu_time() - s
+            })
+            .collect();
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (t[0], t[reps / 2])
+    };
+    let (fmin, fmed) = stats(Box::new(|| {
+        k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs)
+    }));
+    let (bmin, bmed) = stats(Box::new(|| {
+        k.attention_backward(&mut gqkv, &mut scratch, &gout, &qkv, &probs, batch, seq, heads, kv, hs)
+    }));
+    let causal = (batch * heads) as f64 * (seq * (seq + 1) / 2) as f64 * hs as f64 * 2.0;
+    println!(
+        "attention b{batch} s{seq} h{heads} kv{kv} d{hs}: fwd min {:.3} ms ({:.1} GF/s) median {:.3} ms | \
+         bwd min {:.3} ms ({:.1} GF/s) median {:.3} ms | fwd+bwd min {:.3} ms",
+        fmin * 1e3,
+        2.0 * causal / fmin * 1e-9,
+        fmed * 1e3,
+        bmin * 1e3,
+        4.0 * causal / bmin * 1e-9,
+        bmed * 1e3,
+        (fmin + bmin) * 1e3
+    );
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("BENCH_ATTN") {
+        bench_attention_shape(&spec);
+        return;
+    }
     if let Ok(t) = std::env::var("BENCH_ONLY_MATMUL") {
         // Profiling aid: 200 forward gate_up products with the given thread count.
         let k = CpuKernels::new(t.parse().unwrap_or(1));

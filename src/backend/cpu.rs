@@ -15,7 +15,9 @@
 //! * Matrix products: `gemm` splits its work between threads over output tiles only; the depth (`k`)
 //!   blocking depends on the shapes, never on the thread count, so each output element is summed in
 //!   the same order whatever the parallelism (checked by the tests in `cpu/tests.rs`).
-//! * Attention runs one (batch, head) or (batch, kv head) task entirely on one thread.
+//! * Attention runs one (batch, head) or (batch, kv head) task entirely on one thread. In f32 on
+//!   x86_64 it uses hand-written AVX-512 / AVX2+FMA kernels (`attn_x86`), picked once per call from
+//!   the CPU and the head size; f64 and other cases use the generic `gemm`-based path.
 
 use super::{Element, Kernels};
 use gemm::Parallelism;
@@ -366,6 +368,119 @@ impl AttnShape {
     }
 }
 
+/// The SIMD instruction set of the f32 attention kernels (none outside x86_64).
+#[cfg(target_arch = "x86_64")]
+type AttnIsa = attn_x86::Isa;
+#[cfg(not(target_arch = "x86_64"))]
+type AttnIsa = std::convert::Infallible;
+
+/// Tests: which attention path the calling thread's calls take.
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AttnPath {
+    /// As in production.
+    Auto,
+    /// The generic `gemm`-based path.
+    Generic,
+    /// The AVX2 kernels where they apply (even on an AVX-512 CPU).
+    Avx2,
+}
+
+#[cfg(test)]
+thread_local! {
+    static ATTN_PATH: std::cell::Cell<AttnPath> = const { std::cell::Cell::new(AttnPath::Auto) };
+}
+
+/// The f32 SIMD attention kernels ([`attn_x86`]) that handle this call, if any (else the generic
+/// `gemm`-based path). Decided once per call, on the calling thread, from the type, the head size
+/// and the CPU: never from the thread count.
+fn attention_simd<T: Element>(s: &AttnShape) -> Option<AttnIsa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+            return None;
+        }
+        let isa = attn_x86::isa(s.head_size);
+        #[cfg(test)]
+        match ATTN_PATH.with(|f| f.get()) {
+            AttnPath::Auto => {}
+            AttnPath::Generic => return None,
+            AttnPath::Avx2 => return isa.and(attn_x86::isa_avx2(s.head_size)),
+        }
+        isa
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = s;
+        None
+    }
+}
+
+/// [`attn_x86::forward_head`] for (batch `b`, query head `h`).
+///
+/// # Safety
+/// As [`attention_forward_head`]; `T` is `f32` and `isa` came from [`attention_simd`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn attention_forward_head_simd<T: Element>(
+    isa: AttnIsa,
+    s: AttnShape,
+    b: usize,
+    h: usize,
+    out: SyncPtr<T>,
+    probs: SyncPtr<T>,
+    qkv: &[T],
+) {
+    let (qo, ko, vo) = s.offsets(b, h);
+    let x = qkv.as_ptr() as *const f32;
+    let p = (probs.ptr() as *mut f32).add((b * s.heads + h) * s.seq * s.seq);
+    let o = (out.ptr() as *mut f32).add(b * s.seq * s.out_stride() + h * s.head_size);
+    attn_x86::forward_head(isa, s, x.add(qo), x.add(ko), x.add(vo), p, o);
+}
+
+/// [`attn_x86::backward_head`] for each query head of (batch `b`, kv head `g`).
+///
+/// # Safety
+/// As [`attention_backward_group`]; `T` is `f32` and `isa` came from [`attention_simd`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_backward_group_simd<T: Element>(
+    isa: AttnIsa,
+    s: AttnShape,
+    b: usize,
+    g: usize,
+    grad_qkv: SyncPtr<T>,
+    scratch: SyncPtr<T>,
+    grad_out: &[T],
+    qkv: &[T],
+    probs: &[T],
+) {
+    let seq = s.seq;
+    let x = qkv.as_ptr() as *const f32;
+    let gx = grad_qkv.ptr() as *mut f32;
+    for hh in 0..s.group() {
+        let h = g * s.group() + hh;
+        let (qo, ko, vo) = s.offsets(b, h);
+        let bh = (b * s.heads + h) * seq * seq;
+        let p = (probs.as_ptr() as *const f32).add(bh);
+        let ds = (scratch.ptr() as *mut f32).add(bh);
+        let go = (grad_out.as_ptr() as *const f32).add(b * seq * s.out_stride() + h * s.head_size);
+        attn_x86::backward_head(
+            isa,
+            s,
+            x.add(qo),
+            x.add(ko),
+            x.add(vo),
+            p,
+            go,
+            gx.add(qo),
+            gx.add(ko),
+            gx.add(vo),
+            ds,
+            hh > 0,
+        );
+    }
+}
+
 /// Forward of one (batch `b`, query head `h`) pair.
 ///
 /// # Safety
@@ -577,6 +692,874 @@ unsafe fn attention_backward_group<T: Element>(
                 none,
             );
             j0 = j1;
+        }
+    }
+}
+
+/// f32 attention kernels for x86_64: AVX-512 when the CPU has it and the head size is a multiple of
+/// 16, else AVX2+FMA when the head size is a multiple of 8 (chosen once per call by CPU feature and
+/// shape, never by thread count; f64, other CPUs and other head sizes take the generic `gemm` path).
+///
+/// Every product of the attention is `C (m, width) [+]= scale * A (m, kdim) @ B (kdim, width)` with
+/// `A` read through arbitrary row/column strides (so `P^T` and `dS^T` need no copy) and `B`
+/// row-major: a register tile of `MR` rows by two vectors, `A` broadcast element by element, `B`
+/// loaded a vector at a time. For `Q K^T` and `dO V^T`, `B` is a transposed panel of two vectors'
+/// worth of keys (or values) packed on the stack. Causality is exploited per tile: score tiles
+/// entirely above the diagonal are skipped, and the products by `P` / `dS` stop at the tile's last
+/// live column (the rest of those rows is zero).
+///
+/// Rows are processed in super-blocks of at most `BLOCK_FLOATS` probabilities, so that the scores,
+/// the softmax and the product by `V` of a block run while it is in L2; the keys of each block are
+/// packed once per block. The softmax (max, exp, sum, normalize) and the backward's
+/// `dS = P (dP - rowsum(dP P))` are one vectorized pass per row.
+///
+/// Each element's sum runs over the depth in a fixed order, independent of threads; the results
+/// differ from the generic path only by rounding (FMA contraction, summation order).
+#[cfg(target_arch = "x86_64")]
+mod attn_x86 {
+    use super::AttnShape;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Largest head size handled (the packed panel lives on the stack).
+    pub const MAX_HS: usize = 256;
+    /// Packed panel size in floats: `MAX_HS` rows of up to 32 keys.
+    const PANEL: usize = MAX_HS * 32;
+    /// Probabilities per row super-block (512 KiB of f32, well inside L2).
+    const BLOCK_FLOATS: usize = 128 * 1024;
+
+    /// The vector instruction set used.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Isa {
+        Avx2,
+        Avx512,
+    }
+
+    /// The instruction set for heads of `head_size` on this CPU, if any.
+    pub fn isa(head_size: usize) -> Option<Isa> {
+        if head_size == 0 || head_size > MAX_HS {
+            return None;
+        }
+        if head_size.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(Isa::Avx512);
+        }
+        if head_size.is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(Isa::Avx2);
+        }
+        None
+    }
+
+    /// The AVX2 kernels for heads of `head_size`, if this CPU has them (tests: to run them on an
+    /// AVX-512 machine too).
+    #[cfg(test)]
+    pub fn isa_avx2(head_size: usize) -> Option<Isa> {
+        let ok = head_size > 0
+            && head_size <= MAX_HS
+            && head_size.is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        ok.then_some(Isa::Avx2)
+    }
+
+    /// Rows per super-block for sequences of `seq`.
+    fn row_block(seq: usize) -> usize {
+        (BLOCK_FLOATS / seq.max(1) / 64 * 64).max(64)
+    }
+
+    /// The vector operations the kernels need (all `#[inline(always)]`, to be inlined into a
+    /// function compiled with the matching target features).
+    trait Simd {
+        type V: Copy;
+        /// Lanes.
+        const W: usize;
+        /// Rows per register tile (of two vectors per row).
+        const MR: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn splat(x: f32) -> Self::V;
+        unsafe fn bcast(p: *const f32) -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        /// Lanes `0..n` (`n < W`) from `p`, the others from `fill`.
+        unsafe fn load_part(p: *const f32, n: usize, fill: Self::V) -> Self::V;
+        /// Stores lanes `0..n` (`n < W`).
+        unsafe fn store_part(p: *mut f32, n: usize, v: Self::V);
+        /// `a * b + c`.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// `c - a * b`.
+        unsafe fn fnma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+        /// Largest lane, broadcast.
+        unsafe fn hmax(a: Self::V) -> Self::V;
+        /// Sum of the lanes (fixed order), broadcast.
+        unsafe fn hsum(a: Self::V) -> Self::V;
+        /// `2^n`, where `t = n + 1.5 * 2^23` holds the integer `n` in its low mantissa bits.
+        unsafe fn pow2n(t: Self::V) -> Self::V;
+    }
+
+    #[derive(Clone, Copy)]
+    struct Avx2;
+
+    impl Avx2 {
+        #[inline(always)]
+        unsafe fn mask(n: usize) -> __m256i {
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        }
+    }
+
+    impl Simd for Avx2 {
+        type V = __m256;
+        const W: usize = 8;
+        const MR: usize = 6;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn bcast(p: *const f32) -> __m256 {
+            _mm256_broadcast_ss(&*p)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize, fill: __m256) -> __m256 {
+            let m = Self::mask(n);
+            _mm256_blendv_ps(fill, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, n: usize, v: __m256) {
+            _mm256_maskstore_ps(p, Self::mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m256, b: __m256) -> __m256 {
+            _mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn min(a: __m256, b: __m256) -> __m256 {
+            _mm256_min_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn hmax(x: __m256) -> __m256 {
+            let x = _mm256_max_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
+            let x = _mm256_max_ps(x, _mm256_permute_ps::<0x4E>(x));
+            _mm256_max_ps(x, _mm256_permute_ps::<0xB1>(x))
+        }
+        #[inline(always)]
+        unsafe fn hsum(x: __m256) -> __m256 {
+            let x = _mm256_add_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
+            let x = _mm256_add_ps(x, _mm256_permute_ps::<0x4E>(x));
+            _mm256_add_ps(x, _mm256_permute_ps::<0xB1>(x))
+        }
+        #[inline(always)]
+        unsafe fn pow2n(t: __m256) -> __m256 {
+            let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))))
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Avx512;
+
+    impl Avx512 {
+        #[inline(always)]
+        fn mask(n: usize) -> __mmask16 {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    impl Simd for Avx512 {
+        type V = __m512;
+        const W: usize = 16;
+        const MR: usize = 12;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn bcast(p: *const f32) -> __m512 {
+            _mm512_set1_ps(*p)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize, fill: __m512) -> __m512 {
+            _mm512_mask_loadu_ps(fill, Self::mask(n), p)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, n: usize, v: __m512) {
+            _mm512_mask_storeu_ps(p, Self::mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m512, b: __m512) -> __m512 {
+            _mm512_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn min(a: __m512, b: __m512) -> __m512 {
+            _mm512_min_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn hmax(x: __m512) -> __m512 {
+            let x = _mm512_max_ps(x, _mm512_shuffle_f32x4::<0x4E>(x, x));
+            let x = _mm512_max_ps(x, _mm512_shuffle_f32x4::<0xB1>(x, x));
+            let x = _mm512_max_ps(x, _mm512_permute_ps::<0x4E>(x));
+            _mm512_max_ps(x, _mm512_permute_ps::<0xB1>(x))
+        }
+        #[inline(always)]
+        unsafe fn hsum(x: __m512) -> __m512 {
+            let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0x4E>(x, x));
+            let x = _mm512_add_ps(x, _mm512_shuffle_f32x4::<0xB1>(x, x));
+            let x = _mm512_add_ps(x, _mm512_permute_ps::<0x4E>(x));
+            _mm512_add_ps(x, _mm512_permute_ps::<0xB1>(x))
+        }
+        #[inline(always)]
+        unsafe fn pow2n(t: __m512) -> __m512 {
+            let n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127))))
+        }
+    }
+
+    /// Lane-wise [`super::exp_f32`] (same reduction and polynomial, with FMA).
+    #[inline(always)]
+    unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+        let x = S::min(S::max(x, S::splat(-87.33)), S::splat(88.37));
+        let magic = S::splat(12_582_912.0);
+        let t = S::fma(x, S::splat(std::f32::consts::LOG2_E), magic);
+        let n = S::sub(t, magic);
+        let r = S::fnma(n, S::splat(0.693_359_4), x);
+        let r = S::fnma(n, S::splat(-2.121_944_4e-4), r);
+        let mut p = S::splat(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = S::fma(p, r, S::splat(c));
+        }
+        let y = S::add(S::fma(p, S::mul(r, r), r), S::splat(1.0));
+        S::mul(y, S::pow2n(t))
+    }
+
+    /// `acc[r][v] = sum_t a[r * a_rs + t * a_cs] * b[t * b_rs + W v .. + W]`, `t` in `0..kdim` in order.
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+    ) -> [[S::V; NV]; M] {
+        let mut acc = [[S::zero(); NV]; M];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kdim {
+            let mut bv = [S::zero(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = S::load(b.add(S::W * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = S::bcast(a.add(r * a_rs));
+                for (c, y) in row.iter_mut().zip(&bv) {
+                    *c = S::fma(x, *y, *c);
+                }
+            }
+            a = a.add(a_cs);
+            b = b.add(b_rs);
+        }
+        acc
+    }
+
+    /// `c[r * c_rs + col] (+)= scale * acc[r][col]` for `col < cols` (`cols <= W NV`).
+    #[inline(always)]
+    unsafe fn store<S: Simd, const M: usize, const NV: usize>(
+        acc: [[S::V; NV]; M],
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+        cols: usize,
+    ) {
+        let s = S::splat(scale);
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let p = c.add(r * c_rs + S::W * v);
+                let x = S::mul(*x, s);
+                let n = cols.saturating_sub(S::W * v).min(S::W);
+                if n == S::W {
+                    S::store(p, if accumulate { S::add(S::load(p), x) } else { x });
+                } else if n > 0 {
+                    let x = if accumulate {
+                        S::add(S::load_part(p, n, S::zero()), x)
+                    } else {
+                        x
+                    };
+                    S::store_part(p, n, x);
+                }
+            }
+        }
+    }
+
+    /// One tile of `m <= S::MR` rows by `W NV` columns (of which `cols` are stored).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_store<S: Simd, const NV: usize>(
+        m: usize,
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+        cols: usize,
+    ) {
+        macro_rules! go {
+            ($m:literal) => {
+                store::<S, $m, NV>(
+                    tile::<S, $m, NV>(kdim, a, a_rs, a_cs, b, b_rs),
+                    c,
+                    c_rs,
+                    scale,
+                    accumulate,
+                    cols,
+                )
+            };
+        }
+        // Arms above S::MR are dead for that S and removed after inlining.
+        match m {
+            12 if S::MR >= 12 => go!(12),
+            11 if S::MR >= 11 => go!(11),
+            10 if S::MR >= 10 => go!(10),
+            9 if S::MR >= 9 => go!(9),
+            8 if S::MR >= 8 => go!(8),
+            7 if S::MR >= 7 => go!(7),
+            6 => go!(6),
+            5 => go!(5),
+            4 => go!(4),
+            3 => go!(3),
+            2 => go!(2),
+            1 => go!(1),
+            _ => unreachable!(),
+        }
+    }
+
+    /// `C (m, width) (+)= scale * A (m, kdim) @ B (kdim, width)` for `m <= S::MR`, `width % W == 0`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn product_rows<S: Simd>(
+        m: usize,
+        width: usize,
+        kdim: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        c: *mut f32,
+        c_rs: usize,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let mut d0 = 0;
+        while d0 + 2 * S::W <= width {
+            let (bd, cd) = (b.add(d0), c.add(d0));
+            tile_store::<S, 2>(m, kdim, a, a_rs, a_cs, bd, b_rs, cd, c_rs, scale, accumulate, 2 * S::W);
+            d0 += 2 * S::W;
+        }
+        if d0 < width {
+            let (bd, cd) = (b.add(d0), c.add(d0));
+            tile_store::<S, 1>(m, kdim, a, a_rs, a_cs, bd, b_rs, cd, c_rs, scale, accumulate, S::W);
+        }
+    }
+
+    /// Transposes the 8x8 block `src[r * src_rs + c]` into `dst[c * dst_rs + r]`.
+    #[inline(always)]
+    unsafe fn transpose8(src: *const f32, src_rs: usize, dst: *mut f32, dst_rs: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_rs)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, x) in o.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * dst_rs), *x);
+        }
+    }
+
+    /// Packs keys `0..w` (`w <= nr`; rows of `src` with stride `src_rs`, `hs` wide, `hs % 8 == 0`)
+    /// transposed: `panel[d * nr + j] = src[j * src_rs + d]`, zero for `j` in `w..nr`.
+    #[inline(always)]
+    unsafe fn pack_panel(panel: *mut f32, nr: usize, src: *const f32, src_rs: usize, hs: usize, w: usize) {
+        let full = w / 8 * 8;
+        for j0 in (0..full).step_by(8) {
+            for d0 in (0..hs).step_by(8) {
+                transpose8(src.add(j0 * src_rs + d0), src_rs, panel.add(d0 * nr + j0), nr);
+            }
+        }
+        if full < nr {
+            for d in 0..hs {
+                for j in full..nr {
+                    *panel.add(d * nr + j) = if j < w { *src.add(j * src_rs + d) } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// Softmax of the (scaled) scores `row[0..live]` in place; zeroes `row[live..len]`.
+    #[inline(always)]
+    unsafe fn softmax_row<S: Simd>(row: *mut f32, live: usize, len: usize) {
+        let w = S::W;
+        let full = live / w * w;
+        let tail = live - full;
+        let neg = S::splat(f32::NEG_INFINITY);
+        let (mut m0, mut m1) = (neg, neg);
+        let mut j = 0;
+        while j + 2 * w <= full {
+            m0 = S::max(m0, S::load(row.add(j)));
+            m1 = S::max(m1, S::load(row.add(j + w)));
+            j += 2 * w;
+        }
+        if j < full {
+            m0 = S::max(m0, S::load(row.add(j)));
+        }
+        if tail > 0 {
+            m1 = S::max(m1, S::load_part(row.add(full), tail, neg));
+        }
+        let mx = S::hmax(S::max(m0, m1));
+        let (mut s0, mut s1) = (S::zero(), S::zero());
+        let mut j = 0;
+        while j + 2 * w <= full {
+            let e0 = exp::<S>(S::sub(S::load(row.add(j)), mx));
+            let e1 = exp::<S>(S::sub(S::load(row.add(j + w)), mx));
+            S::store(row.add(j), e0);
+            S::store(row.add(j + w), e1);
+            s0 = S::add(s0, e0);
+            s1 = S::add(s1, e1);
+            j += 2 * w;
+        }
+        if j < full {
+            let e = exp::<S>(S::sub(S::load(row.add(j)), mx));
+            S::store(row.add(j), e);
+            s0 = S::add(s0, e);
+        }
+        // The tail's masked lanes read -inf, whose exp is (about) 1e-38: negligible, and never stored.
+        let et = if tail > 0 {
+            let e = exp::<S>(S::sub(S::load_part(row.add(full), tail, neg), mx));
+            s1 = S::add(s1, e);
+            e
+        } else {
+            S::zero()
+        };
+        let inv = S::div(S::splat(1.0), S::hsum(S::add(s0, s1)));
+        for j in (0..full).step_by(w) {
+            S::store(row.add(j), S::mul(S::load(row.add(j)), inv));
+        }
+        if tail > 0 {
+            S::store_part(row.add(full), tail, S::mul(et, inv));
+        }
+        std::ptr::write_bytes(row.add(live), 0, len - live);
+    }
+
+    /// `ds[0..live] = p * (ds - dot(p, ds))` over `0..live` in place; zeroes `ds[live..zero_to]`.
+    #[inline(always)]
+    unsafe fn dsoftmax_row<S: Simd>(ds: *mut f32, p: *const f32, live: usize, zero_to: usize) {
+        let w = S::W;
+        let full = live / w * w;
+        let tail = live - full;
+        let (mut s0, mut s1) = (S::zero(), S::zero());
+        let mut j = 0;
+        while j + 2 * w <= full {
+            s0 = S::fma(S::load(p.add(j)), S::load(ds.add(j)), s0);
+            s1 = S::fma(S::load(p.add(j + w)), S::load(ds.add(j + w)), s1);
+            j += 2 * w;
+        }
+        if j < full {
+            s0 = S::fma(S::load(p.add(j)), S::load(ds.add(j)), s0);
+        }
+        let (pt, dt) = if tail > 0 {
+            let z = S::zero();
+            let (pt, dt) = (S::load_part(p.add(full), tail, z), S::load_part(ds.add(full), tail, z));
+            s1 = S::fma(pt, dt, s1);
+            (pt, dt)
+        } else {
+            (S::zero(), S::zero())
+        };
+        let d = S::hsum(S::add(s0, s1));
+        for j in (0..full).step_by(w) {
+            let x = S::sub(S::load(ds.add(j)), d);
+            S::store(ds.add(j), S::mul(S::load(p.add(j)), x));
+        }
+        if tail > 0 {
+            S::store_part(ds.add(full), tail, S::mul(pt, S::sub(dt, d)));
+        }
+        if zero_to > live {
+            std::ptr::write_bytes(ds.add(live), 0, zero_to - live);
+        }
+    }
+
+    /// Scores `c[i, j] = scale * a_i . x_j` for rows `i` in `r0..r1` and keys `j` in `0..r1` with
+    /// `j <= i` rounded out to whole tiles (`a`: rows of stride `a_rs`; `x`: keys of stride `x_rs`;
+    /// `c`: rows of stride `seq`), packing each panel of `2 W` keys once.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn causal_scores<S: Simd>(
+        r0: usize,
+        r1: usize,
+        hs: usize,
+        a: *const f32,
+        a_rs: usize,
+        x: *const f32,
+        x_rs: usize,
+        c: *mut f32,
+        seq: usize,
+        scale: f32,
+        panel: *mut f32,
+    ) {
+        let nr = 2 * S::W;
+        let mut j0 = 0;
+        while j0 < r1 {
+            let w = nr.min(r1 - j0);
+            pack_panel(panel, nr, x.add(j0 * x_rs), x_rs, hs, w);
+            let mut i0 = r0.max(j0);
+            while i0 < r1 {
+                let m = S::MR.min(r1 - i0);
+                let (ai, ci) = (a.add(i0 * a_rs), c.add(i0 * seq + j0));
+                tile_store::<S, 2>(m, hs, ai, a_rs, 1, panel, nr, ci, seq, scale, false, w);
+                i0 += m;
+            }
+            j0 += nr;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn forward_impl<S: Simd>(
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *mut f32,
+        o: *mut f32,
+    ) {
+        let (seq, hs) = (s.seq, s.head_size);
+        let (qs, os) = (s.qkv_stride(), s.out_stride());
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let mut panel = MaybeUninit::<[f32; PANEL]>::uninit();
+        let panel = panel.as_mut_ptr() as *mut f32;
+        let rb = row_block(seq);
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            causal_scores::<S>(r0, r1, hs, q, qs, k, qs, p, seq, scale, panel);
+            for i in r0..r1 {
+                softmax_row::<S>(p.add(i * seq), i + 1, seq);
+            }
+            // O = P V, each tile stopping at its last live key.
+            let mut i0 = r0;
+            while i0 < r1 {
+                let m = S::MR.min(r1 - i0);
+                product_rows::<S>(
+                    m,
+                    hs,
+                    i0 + m,
+                    p.add(i0 * seq),
+                    seq,
+                    1,
+                    v,
+                    qs,
+                    o.add(i0 * os),
+                    os,
+                    1.0,
+                    false,
+                );
+                i0 += m;
+            }
+            r0 = r1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn backward_impl<S: Simd>(
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *const f32,
+        go: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        ds: *mut f32,
+        accumulate: bool,
+    ) {
+        let (seq, hs) = (s.seq, s.head_size);
+        let (qs, os) = (s.qkv_stride(), s.out_stride());
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let mut panel = MaybeUninit::<[f32; PANEL]>::uninit();
+        let panel = panel.as_mut_ptr() as *mut f32;
+        let rb = row_block(seq);
+        let mr = S::MR;
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            // dP = dO V^T, then dS = P (dP - rowsum(dP P)). Above the diagonal, dS is zeroed up to the
+            // end of the row's tile on the grid r0, r0 + MR, ..., which both the dQ row tiles and
+            // the dK column tiles below follow: they read no further.
+            causal_scores::<S>(r0, r1, hs, go, os, v, qs, ds, seq, 1.0, panel);
+            for i in r0..r1 {
+                let tile_end = (r0 + ((i - r0) / mr + 1) * mr).min(r1);
+                dsoftmax_row::<S>(ds.add(i * seq), p.add(i * seq), i + 1, tile_end);
+            }
+            // dQ = scale dS K.
+            let mut i0 = r0;
+            while i0 < r1 {
+                let m = mr.min(r1 - i0);
+                product_rows::<S>(
+                    m,
+                    hs,
+                    i0 + m,
+                    ds.add(i0 * seq),
+                    seq,
+                    1,
+                    k,
+                    qs,
+                    dq.add(i0 * qs),
+                    qs,
+                    scale,
+                    false,
+                );
+                i0 += m;
+            }
+            r0 = r1;
+        }
+        // dV = P^T dO and dK = scale dS^T Q; key rows j only receive from query rows i >= j.
+        let mut r0 = 0;
+        while r0 < seq {
+            let r1 = (r0 + rb).min(seq);
+            let mut j0 = r0;
+            while j0 < r1 {
+                let m = mr.min(r1 - j0);
+                let depth = seq - j0;
+                let pj = p.add(j0 * seq + j0);
+                product_rows::<S>(
+                    m,
+                    hs,
+                    depth,
+                    pj,
+                    1,
+                    seq,
+                    go.add(j0 * os),
+                    os,
+                    dv.add(j0 * qs),
+                    qs,
+                    1.0,
+                    accumulate,
+                );
+                let dsj = ds.add(j0 * seq + j0);
+                product_rows::<S>(
+                    m,
+                    hs,
+                    depth,
+                    dsj,
+                    1,
+                    seq,
+                    q.add(j0 * qs),
+                    qs,
+                    dk.add(j0 * qs),
+                    qs,
+                    scale,
+                    accumulate,
+                );
+                j0 += m;
+            }
+            r0 = r1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_avx2(s: AttnShape, q: *const f32, k: *const f32, v: *const f32, p: *mut f32, o: *mut f32) {
+        forward_impl::<Avx2>(s, q, k, v, p, o)
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn forward_avx512(s: AttnShape, q: *const f32, k: *const f32, v: *const f32, p: *mut f32, o: *mut f32) {
+        forward_impl::<Avx512>(s, q, k, v, p, o)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_avx2(
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *const f32,
+        go: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        ds: *mut f32,
+        accumulate: bool,
+    ) {
+        backward_impl::<Avx2>(s, q, k, v, p, go, dq, dk, dv, ds, accumulate)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn backward_avx512(
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *const f32,
+        go: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        ds: *mut f32,
+        accumulate: bool,
+    ) {
+        backward_impl::<Avx512>(s, q, k, v, p, go, dq, dk, dv, ds, accumulate)
+    }
+
+    /// Forward of one head: `q`, `k`, `v` point at its first row in `qkv`, `p` at its `(seq, seq)`
+    /// probabilities, `o` at its first output row.
+    ///
+    /// # Safety
+    /// `isa == isa(s.head_size)` (so the CPU supports it); pointers valid for the attention shapes.
+    pub unsafe fn forward_head(
+        isa: Isa,
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *mut f32,
+        o: *mut f32,
+    ) {
+        match isa {
+            Isa::Avx2 => forward_avx2(s, q, k, v, p, o),
+            Isa::Avx512 => forward_avx512(s, q, k, v, p, o),
+        }
+    }
+
+    /// Backward of one query head (`accumulate`: add into `dk`, `dv` rather than overwrite). Pointers
+    /// as in [`forward_head`], plus `go` (its first `grad_out` row), `dq`, `dk`, `dv` (in `grad_qkv`)
+    /// and `ds` (its `(seq, seq)` scratch block).
+    ///
+    /// # Safety
+    /// As [`forward_head`]; `p` holds the forward's probabilities (zero above the diagonal).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_head(
+        isa: Isa,
+        s: AttnShape,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        p: *const f32,
+        go: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        ds: *mut f32,
+        accumulate: bool,
+    ) {
+        match isa {
+            Isa::Avx2 => backward_avx2(s, q, k, v, p, go, dq, dk, dv, ds, accumulate),
+            Isa::Avx512 => backward_avx512(s, q, k, v, p, go, dq, dk, dv, ds, accumulate),
         }
     }
 }
@@ -932,10 +1915,19 @@ impl<T: Element> Kernels<T> for CpuKernels {
         );
         let (po, pp) = (SyncPtr::new(out), SyncPtr::new(probs));
         let cost = seq * seq * head_size;
+        let simd = attention_simd::<T>(&s);
         self.par_ranges(batch * heads, cost, |t0, t1| {
             for t in t0..t1 {
-                // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block.
-                unsafe { attention_forward_task(s, t / heads, t % heads, po, pp, qkv) };
+                let (b, h) = (t / heads, t % heads);
+                // SAFETY: task t = (b, h) owns head h's columns of `out` for batch b and its probs block;
+                // the SIMD variant only runs when `attention_simd` chose it (T = f32, CPU support).
+                unsafe {
+                    match simd {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(isa) => attention_forward_head_simd(isa, s, b, h, po, pp, qkv),
+                        _ => attention_forward_task(s, b, h, po, pp, qkv),
+                    }
+                };
             }
         });
     }
@@ -978,11 +1970,20 @@ impl<T: Element> Kernels<T> for CpuKernels {
         );
         let (pg, ps) = (SyncPtr::new(grad_qkv), SyncPtr::new(scratch));
         let cost = s.group() * seq * seq * head_size;
+        let simd = attention_simd::<T>(&s);
         self.par_ranges(batch * kv_heads, cost, |t0, t1| {
             for t in t0..t1 {
+                let (b, g) = (t / kv_heads, t % kv_heads);
                 // SAFETY: task t = (b, g) owns the columns of kv group g (its query heads, its k and v
-                // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads.
-                unsafe { attention_backward_task(s, t / kv_heads, t % kv_heads, pg, ps, grad_out, qkv, probs) };
+                // heads) of `grad_qkv` for batch b, and the scratch blocks of its query heads; the SIMD
+                // variant only runs when `attention_simd` chose it (T = f32, CPU support).
+                unsafe {
+                    match simd {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(isa) => attention_backward_group_simd(isa, s, b, g, pg, ps, grad_out, qkv, probs),
+                        _ => attention_backward_task(s, b, g, pg, ps, grad_out, qkv, probs),
+                    }
+                };
             }
         });
     }

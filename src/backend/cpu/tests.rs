@@ -1,7 +1,7 @@
 //! Tests of the CPU kernels: forward against plain references, backward against central finite
 //! differences (f64), f32 against f64, and bitwise determinism across thread counts.
 
-use super::CpuKernels;
+use super::{AttnPath, CpuKernels};
 use crate::backend::Kernels;
 
 // ---------------------------------------------------------------------------------------------
@@ -524,6 +524,95 @@ fn attention_multi_block_forward() {
 fn attention_multi_block_gradient() {
     // A gradient check over several blocks, on a subset-sized problem (grad_check is O(n^2)).
     attention_case(1, 70, 2, 1, 2, true);
+}
+
+#[test]
+fn attention_head_sizes_forward() {
+    // The f32 SIMD path (head sizes that are multiples of 8) against f64, incl. GQA, partial tiles
+    // and panels, and (seq 600) several row super-blocks.
+    attention_case(1, 600, 2, 1, 8, false);
+    attention_case(2, 37, 4, 2, 16, false);
+    attention_case(1, 100, 2, 2, 24, false);
+    attention_case(2, 77, 4, 1, 32, false);
+    attention_case(1, 45, 2, 2, 40, false);
+    attention_case(1, 129, 2, 1, 64, false);
+    attention_case(1, 23, 1, 1, 128, false);
+    attention_case(1, 9, 2, 1, 256, false);
+    attention_case(1, 17, 2, 1, 264, false);
+}
+
+/// Runs f32 attention forward and backward on buffers pre-filled with NaN, through `path`;
+/// returns (out, probs, grad).
+#[allow(clippy::type_complexity)]
+fn attention_f32(
+    path: super::AttnPath,
+    qkv: &[f32],
+    gout: &[f32],
+    shape: (usize, usize, usize, usize, usize),
+    threads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (batch, seq, heads, kv, hs) = shape;
+    let k = CpuKernels::new(threads);
+    super::ATTN_PATH.with(|f| f.set(path));
+    let mut out = vec![f32::NAN; gout.len()];
+    let mut probs = vec![f32::NAN; batch * heads * seq * seq];
+    k.attention_forward(&mut out, &mut probs, qkv, batch, seq, heads, kv, hs);
+    let mut grad = vec![f32::NAN; qkv.len()];
+    let mut scratch = vec![f32::NAN; probs.len()];
+    k.attention_backward(&mut grad, &mut scratch, gout, qkv, &probs, batch, seq, heads, kv, hs);
+    super::ATTN_PATH.with(|f| f.set(super::AttnPath::Auto));
+    (out, probs, grad)
+}
+
+#[test]
+fn attention_simd_matches_generic_f32() {
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    for (i, &shape) in [
+        (2, 256, 8, 8, 32),
+        (1, 600, 2, 1, 8),
+        (3, 70, 4, 2, 16),
+        (2, 150, 4, 4, 24),
+        (1, 130, 6, 2, 64),
+        (1, 65, 2, 1, 128),
+        (1, 40, 2, 2, 48),
+        (1, 33, 2, 1, 256),
+        (2, 5, 2, 2, 8),
+        (1, 1, 1, 1, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (batch, seq, heads, kv, hs) = shape;
+        let mut rng = Rng::new(100 + i as u64);
+        let qkv = rand32(&mut rng, batch * seq * (heads + 2 * kv) * hs, 2.0);
+        let gout = rand32(&mut rng, batch * seq * heads * hs, 1.0);
+        let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, 1);
+        for path in [AttnPath::Auto, AttnPath::Avx2] {
+            let fast = attention_f32(path, &qkv, &gout, shape, 1);
+            let tag = format!("attention {path:?} vs generic {shape:?}");
+            assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
+            assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
+            assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
+            // The masked part of probs is exactly zero.
+            for bh in 0..batch * heads {
+                for r in 0..seq {
+                    let row = &fast.1[(bh * seq + r) * seq..][..seq];
+                    assert!(
+                        row[r + 1..].iter().all(|&x| x == 0.0),
+                        "{tag}: probs above the diagonal"
+                    );
+                }
+            }
+            // Bitwise identical across thread counts.
+            for threads in [2, 4] {
+                let t = attention_f32(path, &qkv, &gout, shape, threads);
+                assert!(
+                    bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
+                    "{tag}: results differ between 1 and {threads} threads"
+                );
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
