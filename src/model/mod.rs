@@ -64,6 +64,24 @@ impl ModelShape {
         })
     }
 
+    /// A tiny shape for unit tests of the layout and the schedule (hidden 8, vocab 11, 2 heads of 4
+    /// sharing one KV head, MLP 12).
+    #[cfg(test)]
+    pub(crate) fn tiny(num_blocks: usize) -> Self {
+        Self {
+            hidden: 8,
+            vocab: 11,
+            num_blocks,
+            heads: 2,
+            kv_heads: 1,
+            head_size: 4,
+            inter: 12,
+            norm_eps: 1e-5,
+            head_norm_eps: 1e-5,
+            theta: 10000.0,
+        }
+    }
+
     /// Width of a fused q/k/v row: `(heads + 2*kv_heads) * head_size`.
     pub fn qkv_width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_size

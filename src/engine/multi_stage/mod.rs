@@ -308,18 +308,7 @@ mod tests {
     use crate::model::{Llama, ModelShape};
 
     fn tiny(blocks: usize) -> Llama {
-        Llama::new(ModelShape {
-            hidden: 8,
-            vocab: 11,
-            num_blocks: blocks,
-            heads: 2,
-            kv_heads: 1,
-            head_size: 4,
-            inter: 12,
-            norm_eps: 1e-5,
-            head_norm_eps: 1e-5,
-            theta: 10000.0,
-        })
+        Llama::new(ModelShape::tiny(blocks))
     }
 
     #[test]

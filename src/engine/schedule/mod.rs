@@ -189,18 +189,7 @@ mod tests {
     use crate::model::{Llama, ModelShape};
 
     fn layout(zero: u8, nw: Option<u64>, ng: Option<u64>) -> MultiStageLayout {
-        let m = Llama::new(ModelShape {
-            hidden: 8,
-            vocab: 11,
-            num_blocks: 3,
-            heads: 2,
-            kv_heads: 1,
-            head_size: 4,
-            inter: 12,
-            norm_eps: 1e-5,
-            head_norm_eps: 1e-5,
-            theta: 10000.0,
-        });
+        let m = Llama::new(ModelShape::tiny(3));
         let ms = MultiStageConfig {
             zero_stage: Some(zero),
             num_weight_buffers: nw,

@@ -445,24 +445,22 @@ impl RankEngine {
     /// The full, unpadded reduced gradients in model order (gathered from every rank's grad shards),
     /// as left by the last training batch. Used by tests.
     pub fn gather_grads(&self) -> anyhow::Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.layout.num_params());
-        for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
-            let mut full = vec![0f32; s.padded];
-            // SAFETY: no job is pending outside `run_batch`.
-            self.comm.all_gather(unsafe { sh.grad.get() }, &mut full)?;
-            out.extend_from_slice(&full[..s.num_params]);
-        }
-        Ok(out)
+        self.gather(|sh| &sh.grad)
     }
 
     /// The full, unpadded model weights in model order (gathered from every rank's shards; every rank
     /// gets them). Used by checkpoint export and tests.
     pub fn gather_weights(&self) -> anyhow::Result<Vec<f32>> {
+        self.gather(|sh| &sh.weight)
+    }
+
+    /// All-gather one kind of shard of every stage and concatenate the unpadded stages.
+    fn gather(&self, pick: impl Fn(&StageShards) -> &Arc<SyncBuf>) -> anyhow::Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.layout.num_params());
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
             let mut full = vec![0f32; s.padded];
             // SAFETY: no job is pending outside `run_batch`.
-            self.comm.all_gather(unsafe { sh.weight.get() }, &mut full)?;
+            self.comm.all_gather(unsafe { pick(sh).get() }, &mut full)?;
             out.extend_from_slice(&full[..s.num_params]);
         }
         Ok(out)
