@@ -2,6 +2,7 @@
 //! compute thread waited on restores/reduces) for ZeRO 1/2/3 on 1 and 2 ranks (local backend).
 //!
 //! `cargo run --release --example bench_train [steps] [world sizes, e.g. 1,2] [zero stages, e.g. 1,2,3]`
+//! (`THREADS_PER_RANK=n` overrides the kernel threads per rank: cores / ranks by default)
 //!
 //! The model costs about 24.4 MFLOP per token (6 x 3.54M parameters + attention); the fraction of the
 //! machine's f32 matrix-product peak is printed against `PEAK_GFLOPS` (default 220, this 2-core machine).
@@ -59,13 +60,8 @@ fn main() -> anyhow::Result<()> {
                     format!("run.experiment_dir={}", dir.path().display()),
                 ],
             )?;
-            let s = train(
-                &cfg,
-                &TrainOptions {
-                    quiet: true,
-                    ..Default::default()
-                },
-            )?;
+            let threads = std::env::var("THREADS_PER_RANK").ok().and_then(|t| t.parse().ok());
+            let s = train(&cfg, &TrainOptions { quiet: true, threads_per_rank: threads, ..Default::default() })?;
             let global = cfg.data.micro_batch_size * world as u64;
             println!(
                 "{:<7} {:<6} {:>12.0} {:>11.3} {:>14.1} {:>13.1}",
