@@ -61,7 +61,14 @@ fn main() -> anyhow::Result<()> {
                 ],
             )?;
             let threads = std::env::var("THREADS_PER_RANK").ok().and_then(|t| t.parse().ok());
-            let s = train(&cfg, &TrainOptions { quiet: true, threads_per_rank: threads, ..Default::default() })?;
+            let s = train(
+                &cfg,
+                &TrainOptions {
+                    quiet: true,
+                    threads_per_rank: threads,
+                    ..Default::default()
+                },
+            )?;
             let global = cfg.data.micro_batch_size * world as u64;
             println!(
                 "{:<7} {:<6} {:>12.0} {:>11.3} {:>14.1} {:>13.1}",

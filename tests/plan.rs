@@ -153,3 +153,49 @@ fn fast_llm_mistral_config_parses_and_names_what_is_unsupported() {
         assert!(msg.contains(field), "{o}: {msg}");
     }
 }
+
+#[test]
+fn plan_json_uses_the_memory_json_keys_and_values() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/shakespeare.yaml");
+    let exp = tempfile::tempdir().unwrap();
+    let overrides = [
+        "model.distributed.world_size=4".to_string(),
+        "training.train_iters=0".into(),
+        format!("run.experiment_dir={}", exp.path().display()),
+    ];
+    let cfg = load_config(Path::new(example), &overrides).unwrap();
+    train(
+        &cfg,
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let memory: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.path().join("memory.json")).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
+        .args(["plan", "--config", example, "--json"])
+        .args(&overrides)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The example runs ZeRO-2.
+    let ranks = json["zero_stages"]["zero_stage_2"]["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    for (planned, measured) in ranks.iter().zip(memory["ranks"].as_array().unwrap()) {
+        for key in [
+            "rank",
+            "weight_shard",
+            "grad_shard",
+            "optimizer_state",
+            "weight_buffers",
+            "grad_buffers",
+        ] {
+            assert_eq!(planned[key], measured[key], "{key}");
+        }
+        assert_eq!(planned["parameters"], 3_541_248);
+        assert!(planned["activations_peak"].as_u64().unwrap() > 0);
+    }
+}
