@@ -90,7 +90,7 @@ pub enum DataError {
     #[error(
         "{}: token {token} at position {position} is >= the model's vocab_size {vocab_size} \
          (dataset tokenizer: {tokenizer}); prepare the data with the model's tokenizer or raise \
-         model.vocab_size to at least {needed}",
+         model.base_model.embeddings.vocab_size to at least {needed}",
         path.display()
     )]
     TokenOutOfRange {
