@@ -445,34 +445,33 @@ pub fn flat_from_tensors(model: &Llama, tensors: &[NamedTensor]) -> anyhow::Resu
 // Import
 // ----------------------------------------------------------------------------------------------
 
-fn cfg_u64(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<u64>> {
+/// `cfg[key]` converted by `get`, `None` when absent or null; an error naming the file, key and the
+/// expected kind (`what`) otherwise.
+fn cfg_value<T>(
+    cfg: &Value,
+    key: &str,
+    path: &Path,
+    get: impl Fn(&Value) -> Option<T>,
+    what: &str,
+) -> anyhow::Result<Option<T>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
+        Some(v) => get(v)
             .map(Some)
-            .with_context(|| format!("{}: {key} = {v} is not a non-negative integer", path.display())),
+            .with_context(|| format!("{}: {key} = {v} is not {what}", path.display())),
     }
+}
+
+fn cfg_u64(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<u64>> {
+    cfg_value(cfg, key, path, Value::as_u64, "a non-negative integer")
 }
 
 fn cfg_f64(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<f64>> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .with_context(|| format!("{}: {key} = {v} is not a number", path.display())),
-    }
+    cfg_value(cfg, key, path, Value::as_f64, "a number")
 }
 
 fn cfg_bool(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<bool>> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .with_context(|| format!("{}: {key} = {v} is not a boolean", path.display())),
-    }
+    cfg_value(cfg, key, path, Value::as_bool, "a boolean")
 }
 
 /// Map a HuggingFace Llama `config.json` to our architecture config, refusing what we do not support.
