@@ -210,8 +210,13 @@ fn recommend(cfg: &TrainConfig, model: &Llama, mem: u64) -> String {
         .into()
 }
 
+/// Bytes in GiB, or MiB below 1 GiB.
 fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// Render a plan as a table.
@@ -225,7 +230,7 @@ pub fn render(p: &Plan) -> String {
         p.stage_parameters
     ));
     out.push_str(&format!(
-        "{:<26} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
+        "{:<26} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
         "setting (per rank)",
         "weights",
         "grads",
@@ -234,7 +239,6 @@ pub fn render(p: &Plan) -> String {
         "grad buf",
         "activations",
         "total",
-        "",
         "gather elems",
         "scatter elems",
         if p.device_memory.is_some() { "fits" } else { "" }
@@ -248,7 +252,7 @@ pub fn render(p: &Plan) -> String {
             r.num_grad_buffers
         );
         out.push_str(&format!(
-            "{:<26} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
+            "{:<26} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>14} {:>14} {}\n",
             label,
             gib(r.weight_shard),
             gib(r.grad_shard),
@@ -257,7 +261,6 @@ pub fn render(p: &Plan) -> String {
             gib(r.grad_buffers),
             gib(r.activations_peak),
             gib(r.total),
-            "",
             r.all_gather_elements,
             r.reduce_scatter_elements,
             match r.fits {
