@@ -751,85 +751,6 @@ pub fn load_distributed(dir: &Path) -> anyhow::Result<(TrainConfig, Vec<NamedTen
     distributed::load_full_weights(&distributed::resolve(dir))
 }
 
-/// Every architecture field that differs between two configs: `(field path, ours, theirs)`.
-pub fn architecture_differences(ours: &BaseModelConfig, theirs: &BaseModelConfig) -> Vec<(String, String, String)> {
-    let mut d = Vec::new();
-    let mut cmp = |field: &str, a: String, b: String| {
-        if a != b {
-            d.push((format!("model.base_model.{field}"), a, b));
-        }
-    };
-    let (a, b) = (ours, theirs);
-    let (ab, bb) = (&a.decoder.block, &b.decoder.block);
-    cmp("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string());
-    cmp(
-        "tied_embedding_weight",
-        a.tied_embedding_weight.to_string(),
-        b.tied_embedding_weight.to_string(),
-    );
-    cmp(
-        "embeddings.vocab_size",
-        a.embeddings.vocab_size.to_string(),
-        b.embeddings.vocab_size.to_string(),
-    );
-    cmp(
-        "decoder.num_blocks",
-        a.decoder.num_blocks.to_string(),
-        b.decoder.num_blocks.to_string(),
-    );
-    cmp(
-        "decoder.block.mixer.heads",
-        ab.mixer.heads.to_string(),
-        bb.mixer.heads.to_string(),
-    );
-    cmp(
-        "decoder.block.mixer.head_groups",
-        ab.mixer.head_groups.to_string(),
-        bb.mixer.head_groups.to_string(),
-    );
-    cmp(
-        "decoder.block.mixer.head_size",
-        ab.mixer.head_size.to_string(),
-        bb.mixer.head_size.to_string(),
-    );
-    cmp(
-        "decoder.block.mixer.rotary.type",
-        ab.mixer.rotary.kind.clone(),
-        bb.mixer.rotary.kind.clone(),
-    );
-    cmp(
-        "decoder.block.mixer.rotary.theta",
-        ab.mixer.rotary.theta.to_string(),
-        bb.mixer.rotary.theta.to_string(),
-    );
-    cmp(
-        "decoder.block.mlp.intermediate_size",
-        ab.mlp.intermediate_size.to_string(),
-        bb.mlp.intermediate_size.to_string(),
-    );
-    cmp(
-        "decoder.block.mlp.gated",
-        ab.mlp.gated.to_string(),
-        bb.mlp.gated.to_string(),
-    );
-    cmp(
-        "decoder.block.mlp.activation",
-        ab.mlp.activation.clone(),
-        bb.mlp.activation.clone(),
-    );
-    cmp(
-        "decoder.block.normalization.epsilon",
-        ab.normalization.epsilon.to_string(),
-        bb.normalization.epsilon.to_string(),
-    );
-    cmp(
-        "head.normalization.epsilon",
-        a.head.normalization.epsilon.to_string(),
-        b.head.normalization.epsilon.to_string(),
-    );
-    d
-}
-
 /// The initial weights named by a `pretrained:` section, checked against the training config's
 /// architecture (`model.base_model`): every parameter in model order.
 ///
@@ -845,7 +766,7 @@ pub fn pretrained_tensors(cfg: &PretrainedConfig, base_model: &BaseModelConfig) 
         }
         other => bail!("pretrained.format = {other}: accepted llama (HuggingFace), distributed (fast-llm-rs)"),
     };
-    let diffs = architecture_differences(base_model, &theirs);
+    let diffs = base_model.architecture_differences(&theirs);
     if !diffs.is_empty() {
         let lines: Vec<String> = diffs
             .iter()

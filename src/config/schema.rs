@@ -301,6 +301,89 @@ impl Default for BaseModelConfig {
     }
 }
 
+impl BaseModelConfig {
+    /// Every architecture field that differs between two configs: `(field path, ours, theirs)`, in
+    /// declaration order. Fields that validation pins to one value (normalization type, biases,
+    /// sliding window) are not compared. Used for checkpoints and pretrained weights.
+    pub fn architecture_differences(&self, theirs: &BaseModelConfig) -> Vec<(String, String, String)> {
+        let mut d = Vec::new();
+        let mut cmp = |field: &str, a: String, b: String| {
+            if a != b {
+                d.push((format!("model.base_model.{field}"), a, b));
+            }
+        };
+        let (a, b) = (self, theirs);
+        let (ab, bb) = (&a.decoder.block, &b.decoder.block);
+        cmp("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string());
+        cmp(
+            "tied_embedding_weight",
+            a.tied_embedding_weight.to_string(),
+            b.tied_embedding_weight.to_string(),
+        );
+        cmp(
+            "embeddings.vocab_size",
+            a.embeddings.vocab_size.to_string(),
+            b.embeddings.vocab_size.to_string(),
+        );
+        cmp(
+            "decoder.num_blocks",
+            a.decoder.num_blocks.to_string(),
+            b.decoder.num_blocks.to_string(),
+        );
+        cmp(
+            "decoder.block.mixer.heads",
+            ab.mixer.heads.to_string(),
+            bb.mixer.heads.to_string(),
+        );
+        cmp(
+            "decoder.block.mixer.head_groups",
+            ab.mixer.head_groups.to_string(),
+            bb.mixer.head_groups.to_string(),
+        );
+        cmp(
+            "decoder.block.mixer.head_size",
+            ab.mixer.head_size.to_string(),
+            bb.mixer.head_size.to_string(),
+        );
+        cmp(
+            "decoder.block.mixer.rotary.type",
+            ab.mixer.rotary.kind.clone(),
+            bb.mixer.rotary.kind.clone(),
+        );
+        cmp(
+            "decoder.block.mixer.rotary.theta",
+            ab.mixer.rotary.theta.to_string(),
+            bb.mixer.rotary.theta.to_string(),
+        );
+        cmp(
+            "decoder.block.mlp.intermediate_size",
+            ab.mlp.intermediate_size.to_string(),
+            bb.mlp.intermediate_size.to_string(),
+        );
+        cmp(
+            "decoder.block.mlp.gated",
+            ab.mlp.gated.to_string(),
+            bb.mlp.gated.to_string(),
+        );
+        cmp(
+            "decoder.block.mlp.activation",
+            ab.mlp.activation.clone(),
+            bb.mlp.activation.clone(),
+        );
+        cmp(
+            "decoder.block.normalization.epsilon",
+            ab.normalization.epsilon.to_string(),
+            bb.normalization.epsilon.to_string(),
+        );
+        cmp(
+            "head.normalization.epsilon",
+            a.head.normalization.epsilon.to_string(),
+            b.head.normalization.epsilon.to_string(),
+        );
+        d
+    }
+}
+
 /// `model.base_model.embeddings:`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -164,9 +164,12 @@ impl Checkpoint {
     /// Refuse a config whose model architecture differs from the checkpoint's (naming the first
     /// differing field). Layout, world size and everything else may differ.
     pub fn check_compatible(&self, cfg: &TrainConfig) -> anyhow::Result<()> {
-        let old = serde_json::to_value(&self.config.model.base_model)?;
-        let new = serde_json::to_value(&cfg.model.base_model)?;
-        if let Some((field, a, b)) = first_difference("model.base_model", &old, &new) {
+        let diffs = self
+            .config
+            .model
+            .base_model
+            .architecture_differences(&cfg.model.base_model);
+        if let Some((field, a, b)) = diffs.into_iter().next() {
             bail!(
                 "{field} = {b} differs from the checkpoint's {a} ({}): the model architecture must match \
                  the checkpoint; set {field}: {a}, or use another run.experiment_dir to train a new model",
@@ -316,28 +319,6 @@ fn index_tensors(map: &[u8], meta: &CheckpointMetadata, r: usize) -> Result<Hash
         }
     }
     Ok(out)
-}
-
-/// The first differing leaf between two JSON trees: `(dotted path, old, new)`.
-fn first_difference(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter().find_map(|k| {
-                let null = Value::Null;
-                first_difference(
-                    &format!("{path}.{k}"),
-                    x.get(k).unwrap_or(&null),
-                    y.get(k).unwrap_or(&null),
-                )
-            })
-        }
-        _ if a == b => None,
-        _ => Some((path.to_string(), a.to_string(), b.to_string())),
-    }
 }
 
 /// Load a checkpoint into a rank's shards, re-sharding to the rank's layout. A collective (ends with a
