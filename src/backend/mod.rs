@@ -11,6 +11,7 @@
 //! count, so that the engine's parity guarantees (DESIGN.md) hold across layouts.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
