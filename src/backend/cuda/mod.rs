@@ -11,6 +11,8 @@
 //! drop. Kernels take [`DevView`]s (address, length, element type), which is what lets the engine keep
 //! its "one flat buffer per stage, parameters are views" layout on the device.
 
+pub mod driver;
+
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -18,7 +20,7 @@ use thiserror::Error;
 pub type DevPtr = u64;
 
 /// Element type of device memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE fp32.
     F32,
