@@ -86,7 +86,7 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
     let bf = cfg.schedule.breadth_first_micro_batches as usize;
     let df = cfg.schedule.depth_first_micro_batches as usize;
     let state = layout.state_bytes();
-    let activations = model.activation_bytes(b, bf, bytes, cfg.model.distributed.use_cuda);
+    let activations = model.activation_bytes(b, bf, bytes);
     let mut w = WeightBufferState::new(layout.num_weight_buffers());
     let ops = plan_batch(&layout, df, bf, true, &mut w);
     let (mut ag, mut agc, mut rs, mut rsc) = (0u64, 0u64, 0u64, 0u64);
@@ -126,7 +126,9 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
 
 /// Plan a validated config. `device_memory` in bytes.
 pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Plan> {
-    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
+    let mut model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
+    // The CUDA kernels' attention is fused (log-sum-exp saved, not the softmax matrix).
+    model.fused_attention = cfg.model.distributed.use_cuda;
     let ms = &cfg.model.multi_stage;
     let world = cfg.model.distributed.world_size as usize;
     let layout = MultiStageLayout::new(&model, ms, world, compute_bytes(cfg));

@@ -12,13 +12,15 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod mem;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 /// A floating-point element type the kernels run on: `f32` for training, `f64` for gradient checks.
 pub trait Element:
-    Copy
+    mem::Pod
+    + Copy
     + Send
     + Sync
     + Debug
@@ -86,6 +88,25 @@ impl_element!(f64);
 pub trait Kernels<T: Element>: Send + Sync {
     /// Short name for logs ("cpu").
     fn name(&self) -> &'static str;
+
+    /// Where buffers these kernels touch must be allocated (the heap for the CPU; CUDA managed
+    /// memory for a GPU, so host and device share the addresses).
+    fn memory(&self) -> std::sync::Arc<dyn mem::Memory> {
+        mem::host()
+    }
+
+    /// True when [`Kernels::attention_forward`] is fused (flash-style): it saves one log-sum-exp per
+    /// row `(batch, heads, seq)` in `probs` instead of the softmax matrix, and
+    /// [`Kernels::attention_backward`] reads them from there and needs only `batch * heads * seq`
+    /// scratch elements. [`crate::model::Llama::fused_attention`] must agree.
+    fn fused_attention(&self) -> bool {
+        false
+    }
+
+    /// Wait until every kernel submitted so far has finished, so the host may read or write the
+    /// memory they touch. Kernels that return a value (loss, sum of squares) synchronize themselves.
+    /// A no-op for synchronous backends.
+    fn synchronize(&self) {}
 
     /// `c (m,n) = op(a) @ op(b)`, or `c += op(a) @ op(b)` when `accumulate`.
     /// `a` is stored `(m,k)` row-major, or `(k,m)` when `trans_a`; `b` is `(k,n)`, or `(n,k)` when `trans_b`.

@@ -12,8 +12,10 @@
 
 pub mod init;
 
+use crate::backend::mem::{Buf, Memory};
 use crate::backend::{Element, Kernels};
 use crate::config::BaseModelConfig;
+use std::sync::Arc;
 
 /// The shape of a Llama model, checked and in `usize`.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,22 +154,31 @@ pub struct Llama {
     pub shape: ModelShape,
     /// Layers in execution order.
     pub layers: Vec<LayerKind>,
+    /// The kernels' attention is fused (flash-style, [`Kernels::fused_attention`]): each attention
+    /// layer saves one log-sum-exp per row `(batch, heads, seq)` instead of the softmax matrix, and the
+    /// backward scratch holds `(batch, heads, seq)` instead of `(batch, heads, seq, seq)`.
+    pub fused_attention: bool,
 }
 
 /// Rotary tables `(seq, head_size/2)`.
 #[derive(Debug, Clone)]
-pub struct Rope<T> {
+pub struct Rope<T: Element> {
     /// cos of the angles.
-    pub cos: Vec<T>,
+    pub cos: Buf<T>,
     /// sin of the angles.
-    pub sin: Vec<T>,
+    pub sin: Buf<T>,
     /// Sequence length the tables cover.
     pub seq: usize,
 }
 
 impl<T: Element> Rope<T> {
-    /// Angles `pos * theta^(-2i/head_size)`, computed in f64.
+    /// Angles `pos * theta^(-2i/head_size)`, computed in f64, on the heap.
     pub fn new(seq: usize, head_size: usize, theta: f64) -> Self {
+        Self::new_in(&crate::backend::mem::host(), seq, head_size, theta)
+    }
+
+    /// As [`Rope::new`], in `mem`.
+    pub fn new_in(mem: &Arc<dyn Memory>, seq: usize, head_size: usize, theta: f64) -> Self {
         let half = head_size / 2;
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
@@ -179,55 +190,60 @@ impl<T: Element> Rope<T> {
                 sin.push(T::from_f64(angle.sin()));
             }
         }
-        Self { cos, sin, seq }
+        Self {
+            cos: Buf::from_slice_in(mem, &cos),
+            sin: Buf::from_slice_in(mem, &sin),
+            seq,
+        }
     }
 }
 
 /// Saved activations of one layer for one micro-batch.
 #[derive(Debug, Clone, Default)]
-pub struct LayerActs<T> {
+pub struct LayerActs<T: Element> {
     /// Normalized input `(n, c)`.
-    pub normed: Vec<T>,
+    pub normed: Buf<T>,
     /// 1/rms per token `(n)`.
-    pub rstd: Vec<T>,
+    pub rstd: Buf<T>,
     /// Attention: q/k/v after rotary `(n, qkv)`; MLP: gate|up `(n, 2*inter)`; head: logits `(n, vocab)`.
-    pub proj: Vec<T>,
-    /// Attention: softmax `(batch, heads, seq, seq)`.
-    pub probs: Vec<T>,
+    pub proj: Buf<T>,
+    /// Attention: softmax `(batch, heads, seq, seq)`, or the log-sum-exp `(batch, heads, seq)` with
+    /// fused attention.
+    pub probs: Buf<T>,
     /// Attention: output before o_proj `(n, heads*head_size)`; MLP: `silu(gate)*up (n, inter)`.
-    pub inner: Vec<T>,
+    pub inner: Buf<T>,
 }
 
 /// Everything one micro-batch keeps between its forward and its backward.
 #[derive(Debug, Clone)]
-pub struct MicroBatchActs<T> {
+pub struct MicroBatchActs<T: Element> {
     /// Input tokens `(n)`.
-    pub tokens: Vec<u32>,
+    pub tokens: Buf<u32>,
     /// Target tokens `(n)`.
-    pub targets: Vec<u32>,
+    pub targets: Buf<u32>,
     /// `hidden[l]` is the input of layer `l` (`(n, c)`); `hidden[0]` is unused (the embedding reads tokens).
-    pub hidden: Vec<Vec<T>>,
+    pub hidden: Vec<Buf<T>>,
     /// Per layer saved activations.
     pub layers: Vec<LayerActs<T>>,
     /// Gradient of the hidden state flowing backward `(n, c)`.
-    pub grad_hidden: Vec<T>,
+    pub grad_hidden: Buf<T>,
     /// Sum of the token losses of this micro-batch (set by the head's forward).
     pub loss_sum: f64,
 }
 
 /// Scratch shared by all micro-batches (used inside one layer's backward only).
 #[derive(Debug, Clone)]
-pub struct Scratch<T> {
+pub struct Scratch<T: Element> {
     /// `(n, c)`.
-    pub d_normed: Vec<T>,
+    pub d_normed: Buf<T>,
     /// `(n, c)`.
-    pub d_x: Vec<T>,
+    pub d_x: Buf<T>,
     /// `(n, max(qkv, 2*inter))`.
-    pub d_proj: Vec<T>,
+    pub d_proj: Buf<T>,
     /// `(n, max(attn, inter))`.
-    pub d_inner: Vec<T>,
-    /// `(batch, heads, seq, seq)`.
-    pub d_probs: Vec<T>,
+    pub d_inner: Buf<T>,
+    /// `(batch, heads, seq, seq)`, or `(batch, heads, seq)` with fused attention.
+    pub d_probs: Buf<T>,
 }
 
 /// Token-batch geometry of a micro-batch.
@@ -255,7 +271,11 @@ impl Llama {
             layers.push(LayerKind::Mlp(i));
         }
         layers.push(LayerKind::Head);
-        Self { shape, layers }
+        Self {
+            shape,
+            layers,
+            fused_attention: false,
+        }
     }
 
     /// Parameters of a layer, in buffer order.
@@ -380,7 +400,7 @@ impl Llama {
                 n * s.hidden,
                 n,
                 n * s.qkv_width(),
-                b.batch * s.heads * b.seq * b.seq,
+                self.attention_rows(b),
                 n * s.attn_width(),
             ],
             LayerKind::Mlp(_) => [n * s.hidden, n, n * 2 * s.inter, 0, n * s.inter],
@@ -391,12 +411,22 @@ impl Llama {
     /// Allocate the saved-activation workspace of one micro-batch for layers `layers` (indices into
     /// `self.layers`). Layers outside the range get empty buffers.
     pub fn alloc_acts<T: Element>(&self, b: Batch, layers: std::ops::Range<usize>) -> MicroBatchActs<T> {
+        self.alloc_acts_in(&crate::backend::mem::host(), b, layers)
+    }
+
+    /// As [`Llama::alloc_acts`], in `mem`.
+    pub fn alloc_acts_in<T: Element>(
+        &self,
+        mem: &Arc<dyn Memory>,
+        b: Batch,
+        layers: std::ops::Range<usize>,
+    ) -> MicroBatchActs<T> {
         let n = b.tokens();
-        let z = |len: usize| vec![T::ZERO; len];
+        let z = |len: usize| Buf::zeros_in(mem, len);
         let mut acts = MicroBatchActs {
-            tokens: vec![0; n],
-            targets: vec![0; n],
-            hidden: vec![Vec::new(); self.layers.len() + 1],
+            tokens: Buf::zeros_in(mem, n),
+            targets: Buf::zeros_in(mem, n),
+            hidden: (0..self.layers.len() + 1).map(|_| Buf::default()).collect(),
             layers: vec![LayerActs::default(); self.layers.len()],
             grad_hidden: z(n * self.shape.hidden),
             loss_sum: 0.0,
@@ -435,39 +465,41 @@ impl Llama {
     pub fn scratch_elems(&self, b: Batch) -> usize {
         let s = &self.shape;
         let n = b.tokens();
-        2 * n * s.hidden
-            + n * s.qkv_width().max(2 * s.inter)
-            + n * s.attn_width().max(s.inter)
-            + b.batch * s.heads * b.seq * b.seq
+        2 * n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + self.attention_rows(b)
+    }
+
+    /// Elements the attention saves per layer and micro-batch (and needs as backward scratch): the
+    /// softmax `(batch, heads, seq, seq)`, or one log-sum-exp per row `(batch, heads, seq)` when fused.
+    pub fn attention_rows(&self, b: Batch) -> usize {
+        let rows = b.batch * self.shape.heads * b.seq;
+        if self.fused_attention {
+            rows
+        } else {
+            rows * b.seq
+        }
     }
 
     /// Activation bytes of one rank: `breadth_first` micro-batches of saved activations plus the
-    /// backward scratch, at `bytes` per element.
-    ///
-    /// With `fused_attention` (a flash-style kernel, as a GPU backend would use), the softmax matrix
-    /// `(batch, heads, seq, seq)` and its backward scratch are replaced by one log-sum-exp per row
-    /// `(batch, heads, seq)`; the CPU engine materializes the matrix (`fused_attention = false`).
-    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize, fused_attention: bool) -> u64 {
-        let mut elems = breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b);
-        if fused_attention {
-            let probs = b.batch * self.shape.heads * b.seq * b.seq;
-            let lse = b.batch * self.shape.heads * b.seq;
-            elems = elems - (breadth_first * self.shape.num_blocks + 1) * probs
-                + breadth_first * self.shape.num_blocks * lse;
-        }
-        (elems * bytes) as u64
+    /// backward scratch, at `bytes` per element (see [`Llama::attention_rows`] for fused attention).
+    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize) -> u64 {
+        ((breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b)) * bytes) as u64
     }
 
     /// Allocate the backward scratch for a micro-batch geometry.
     pub fn alloc_scratch<T: Element>(&self, b: Batch) -> Scratch<T> {
+        self.alloc_scratch_in(&crate::backend::mem::host(), b)
+    }
+
+    /// As [`Llama::alloc_scratch`], in `mem`.
+    pub fn alloc_scratch_in<T: Element>(&self, mem: &Arc<dyn Memory>, b: Batch) -> Scratch<T> {
         let s = &self.shape;
         let n = b.tokens();
         Scratch {
-            d_normed: vec![T::ZERO; n * s.hidden],
-            d_x: vec![T::ZERO; n * s.hidden],
-            d_proj: vec![T::ZERO; n * s.qkv_width().max(2 * s.inter)],
-            d_inner: vec![T::ZERO; n * s.attn_width().max(s.inter)],
-            d_probs: vec![T::ZERO; b.batch * s.heads * b.seq * b.seq],
+            d_normed: Buf::zeros_in(mem, n * s.hidden),
+            d_x: Buf::zeros_in(mem, n * s.hidden),
+            d_proj: Buf::zeros_in(mem, n * s.qkv_width().max(2 * s.inter)),
+            d_inner: Buf::zeros_in(mem, n * s.attn_width().max(s.inter)),
+            d_probs: Buf::zeros_in(mem, self.attention_rows(b)),
         }
     }
 

@@ -8,6 +8,7 @@
 //! one stream, in submission order.
 
 use super::{Arg, DType, DevPtr, Gemm, Gpu, GpuError, Launch};
+use crate::backend::mem::Memory;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result as drv, sys as drv_sys};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
@@ -26,7 +27,10 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
 fn cuda_err(op: &str, e: impl std::fmt::Debug) -> GpuError {
-    GpuError::Cuda { op: op.to_string(), msg: format!("{e:?}") }
+    GpuError::Cuda {
+        op: op.to_string(),
+        msg: format!("{e:?}"),
+    }
 }
 
 /// Directories searched for `cuda_bf16.h`, in order: `FAST_LLM_RS_CUDA_INCLUDE`, `$CUDA_HOME/include`,
@@ -49,13 +53,21 @@ pub fn cuda_include_candidates(env: &dyn Fn(&str) -> Option<String>) -> Vec<Path
 /// The first candidate directory that holds `cuda_bf16.h`.
 pub fn find_cuda_include(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, GpuError> {
     let cands = cuda_include_candidates(env);
-    cands.iter().find(|d| d.join("cuda_bf16.h").is_file()).cloned().ok_or_else(|| {
-        GpuError::Unavailable(format!(
-            "cuda_bf16.h not found in {}: install the CUDA toolkit headers or set FAST_LLM_RS_CUDA_INCLUDE to the \
+    cands
+        .iter()
+        .find(|d| d.join("cuda_bf16.h").is_file())
+        .cloned()
+        .ok_or_else(|| {
+            GpuError::Unavailable(format!(
+                "cuda_bf16.h not found in {}: install the CUDA toolkit headers or set FAST_LLM_RS_CUDA_INCLUDE to the \
              directory that holds them",
-            cands.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-        ))
-    })
+                cands
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
 }
 
 /// NVRTC's version `(major, minor)`, or why it cannot be loaded.
@@ -95,7 +107,9 @@ pub fn compile_ptx(source: &str, arch: u32, include: &Path) -> Result<String, Gp
             .map(|l| c_chars_to_string(&l))
             .unwrap_or_default();
         let out = match compiled {
-            Ok(()) => nvrtc::get_ptx(prog).map(|p| c_chars_to_string(&p)).map_err(|e| cuda_err("nvrtcGetPTX", e)),
+            Ok(()) => nvrtc::get_ptx(prog)
+                .map(|p| c_chars_to_string(&p))
+                .map_err(|e| cuda_err("nvrtcGetPTX", e)),
             Err(e) => Err(GpuError::Compile(format!("{e:?} with {}:\n{log}", opts.join(" ")))),
         };
         let _ = nvrtc::destroy_program(prog);
@@ -212,8 +226,8 @@ impl RealGpu {
         let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
         // SAFETY: `ctx` was just retained.
         unsafe { drv::ctx::set_current(ctx) }.map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let stream =
+            drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("cuStreamCreate", e))?;
 
         let (nv_major, nv_minor) = nvrtc_version()?;
         let include = find_cuda_include(&|k| std::env::var(k).ok())?;
@@ -301,10 +315,21 @@ impl RealGpu {
         // our b and its "B" is our a, with M = n, N = m. A row-major (r,c) matrix is a column-major
         // (c,r) one with leading dimension c.
         let (kk, m, n) = (key.k as u64, key.m as u64, key.n as u64);
-        let (a_rows, a_cols, a_ld, op_a) = if key.trans_b { (kk, n, kk, 1i32) } else { (n, kk, n, 0i32) };
-        let (b_rows, b_cols, b_ld, op_b) = if key.trans_a { (m, kk, m, 1i32) } else { (kk, m, kk, 0i32) };
-        let desc = lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType::CUDA_R_32F)
-            .map_err(e("cublasLtMatmulDescCreate"))?;
+        let (a_rows, a_cols, a_ld, op_a) = if key.trans_b {
+            (kk, n, kk, 1i32)
+        } else {
+            (n, kk, n, 0i32)
+        };
+        let (b_rows, b_cols, b_ld, op_b) = if key.trans_a {
+            (m, kk, m, 1i32)
+        } else {
+            (kk, m, kk, 0i32)
+        };
+        let desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(e("cublasLtMatmulDescCreate"))?;
         // SAFETY: descriptors are live; attribute buffers are i32 as cuBLASLt expects for TRANSA/B.
         unsafe {
             lt::set_matmul_desc_attribute(
@@ -330,8 +355,13 @@ impl RealGpu {
         // SAFETY: live descriptors; attribute sizes match their C types (u64 workspace, u32 alignments).
         let heuristic = unsafe {
             use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
-            lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as _, 8)
-                .map_err(e("pref"))?;
+            lt::set_matmul_pref_attribute(
+                pref,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as _,
+                8,
+            )
+            .map_err(e("pref"))?;
             for attr in [
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -345,11 +375,23 @@ impl RealGpu {
             h.map_err(|err| {
                 cuda_err(
                     "cublasLtMatmulAlgoGetHeuristic",
-                    format!("{err:?} for m={} n={} k={} {:?}->{:?} align {}", key.m, key.n, key.k, key.ab, key.c, key.align),
+                    format!(
+                        "{err:?} for m={} n={} k={} {:?}->{:?} align {}",
+                        key.m, key.n, key.k, key.ab, key.c, key.align
+                    ),
                 )
             })?
         };
-        plans.insert(key, GemmPlan { desc, a_layout, b_layout, c_layout, algo: heuristic.algo });
+        plans.insert(
+            key,
+            GemmPlan {
+                desc,
+                a_layout,
+                b_layout,
+                c_layout,
+                algo: heuristic.algo,
+            },
+        );
         Ok(())
     }
 }
@@ -501,6 +543,53 @@ impl Gpu for RealGpu {
     }
 }
 
+impl RealGpu {
+    /// `bytes` of CUDA managed memory (one address on host and device), zeroed on the device so its
+    /// pages start there. Counted in [`RealGpu::memory`].
+    pub fn alloc_managed(&self, bytes: usize) -> Result<DevPtr, GpuError> {
+        self.current()?;
+        // SAFETY: the context is current; the pointer is zeroed in stream order and synchronized
+        // before it is handed out, so the host never sees uninitialised memory.
+        let ptr = unsafe {
+            let p = drv::malloc_managed(bytes, drv_sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
+                .map_err(|e| cuda_err(&format!("cuMemAllocManaged({bytes} bytes)"), e))?;
+            drv::memset_d8_async(p, 0, bytes, self.stream).map_err(|e| cuda_err("cuMemsetD8Async", e))?;
+            drv::stream::synchronize(self.stream).map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+            p
+        };
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
+        let now = self.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Ok(ptr)
+    }
+}
+
+/// CUDA managed memory of one [`RealGpu`] as a [`Memory`]: the engine's buffers keep host addresses
+/// the kernels can use directly.
+pub struct ManagedMemory(pub std::sync::Arc<RealGpu>);
+
+impl Memory for ManagedMemory {
+    fn name(&self) -> &'static str {
+        "cuda-managed"
+    }
+    fn alloc_zeroed(&self, bytes: usize) -> std::ptr::NonNull<u8> {
+        match self.0.alloc_managed(bytes) {
+            Ok(p) => std::ptr::NonNull::new(p as *mut u8).expect("CUDA returned a null pointer"),
+            Err(e) => {
+                let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
+                panic!(
+                    "out of GPU memory: {e} ({:.2} of {:.2} GiB free); run fast-llm-rs plan to see what fits, then                      lower data.micro_batch_size or raise model.multi_stage.zero_stage",
+                    free as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                )
+            }
+        }
+    }
+    unsafe fn free(&self, ptr: std::ptr::NonNull<u8>, _bytes: usize) {
+        self.0.free(ptr.as_ptr() as DevPtr);
+    }
+}
+
 impl Drop for RealGpu {
     fn drop(&mut self) {
         if self.current().is_err() {
@@ -546,8 +635,13 @@ mod tests {
         assert_eq!(c[0], PathBuf::from("/opt/x"));
         assert_eq!(c[1], PathBuf::from("/opt/cuda/include"));
         assert!(c.contains(&PathBuf::from("/usr/local/cuda/include")));
-        let err = find_cuda_include(&|_| Some("/nonexistent".into())).unwrap_err().to_string();
-        assert!(err.contains("cuda_bf16.h") && err.contains("FAST_LLM_RS_CUDA_INCLUDE"), "{err}");
+        let err = find_cuda_include(&|_| Some("/nonexistent".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cuda_bf16.h") && err.contains("FAST_LLM_RS_CUDA_INCLUDE"),
+            "{err}"
+        );
     }
 
     /// Compiles the real kernel source with NVRTC when NVRTC and the CUDA headers are present (CI
@@ -569,7 +663,10 @@ mod tests {
             let ptx = compile_ptx(KERNELS_CU, arch, &include).unwrap_or_else(|e| panic!("{e}"));
             assert!(ptx.contains(&format!(".target sm_{arch}")), "PTX for sm_{arch}");
             for name in kernel_names(KERNELS_CU) {
-                assert!(ptx.contains(&format!(".entry {name}(")), "kernel {name} missing from the PTX");
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "kernel {name} missing from the PTX"
+                );
             }
         }
         // A broken source must fail with the compiler's log.
@@ -595,6 +692,9 @@ mod tests {
             return;
         }
         let err = RealGpu::new(0).err().expect("no driver, no GPU").to_string();
-        assert!(!err.contains('\n') && err.contains("libcuda") && err.contains("use_cuda"), "{err}");
+        assert!(
+            !err.contains('\n') && err.contains("libcuda") && err.contains("use_cuda"),
+            "{err}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! FIFO order of each rank's stream matches across ranks.
 
 use super::CommError;
+use crate::backend::mem::{Buf, Memory};
 use std::cell::UnsafeCell;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -95,7 +96,7 @@ impl Drop for CommStream {
 /// accessor until its [`CommHandle`] has been waited on, and the compute thread never touches a buffer
 /// with a pending job (see `schedule::plan`). The accessors are `unsafe` to mark that contract.
 pub struct SyncBuf {
-    data: UnsafeCell<Box<[f32]>>,
+    data: UnsafeCell<Buf<f32>>,
 }
 
 // SAFETY: concurrent access is excluded by the schedule's handle discipline described above.
@@ -106,8 +107,13 @@ unsafe impl Send for SyncBuf {}
 impl SyncBuf {
     /// A zeroed buffer of `len` elements.
     pub fn zeros(len: usize) -> Arc<Self> {
+        Self::zeros_in(&crate::backend::mem::host(), len)
+    }
+
+    /// A zeroed buffer of `len` elements in `mem`.
+    pub fn zeros_in(mem: &Arc<dyn Memory>, len: usize) -> Arc<Self> {
         Arc::new(Self {
-            data: UnsafeCell::new(vec![0.0; len].into_boxed_slice()),
+            data: UnsafeCell::new(Buf::zeros_in(mem, len)),
         })
     }
 

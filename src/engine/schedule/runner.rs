@@ -153,14 +153,21 @@ impl RankEngine {
         seed: u64,
     ) -> Self {
         let rank = comm.rank();
+        assert_eq!(
+            model.fused_attention,
+            kernels.fused_attention(),
+            "the model's activation layout must match the kernels' attention (Llama::fused_attention)"
+        );
+        // Every buffer the kernels touch comes from the kernels' memory (CUDA managed memory on a GPU).
+        let mem = kernels.memory();
         let shards: Vec<StageShards> = layout
             .stages
             .iter()
             .map(|s| StageShards {
-                weight: SyncBuf::zeros(s.shard),
-                grad: SyncBuf::zeros(s.shard),
-                exp_avg: SyncBuf::zeros(s.shard),
-                exp_avg_sq: SyncBuf::zeros(s.shard),
+                weight: SyncBuf::zeros_in(&mem, s.shard),
+                grad: SyncBuf::zeros_in(&mem, s.shard),
+                exp_avg: SyncBuf::zeros_in(&mem, s.shard),
+                exp_avg_sq: SyncBuf::zeros_in(&mem, s.shard),
             })
             .collect();
         for (s, sh) in layout.stages.iter().zip(&shards) {
@@ -183,16 +190,24 @@ impl RankEngine {
                 );
             }
         }
-        let weight_buffers = layout.weight_buffer_sizes.iter().map(|&n| SyncBuf::zeros(n)).collect();
-        let grad_buffers = layout.grad_buffer_sizes.iter().map(|&n| SyncBuf::zeros(n)).collect();
+        let weight_buffers = layout
+            .weight_buffer_sizes
+            .iter()
+            .map(|&n| SyncBuf::zeros_in(&mem, n))
+            .collect();
+        let grad_buffers = layout
+            .grad_buffer_sizes
+            .iter()
+            .map(|&n| SyncBuf::zeros_in(&mem, n))
+            .collect();
         let all_layers = 0..model.layers.len();
         let acts: Vec<_> = (0..breadth_first)
-            .map(|_| model.alloc_acts(batch, all_layers.clone()))
+            .map(|_| model.alloc_acts_in(&mem, batch, all_layers.clone()))
             .collect();
-        let scratch = model.alloc_scratch(batch);
+        let scratch = model.alloc_scratch_in(&mem, batch);
         // Measured from the allocations themselves (plan.rs predicts the same figure from the shapes).
         let activation_bytes = acts.iter().map(measured_bytes).sum::<u64>() + scratch_bytes(&scratch);
-        let rope = Rope::new(batch.seq, model.shape.head_size, model.shape.theta);
+        let rope = Rope::new_in(&mem, batch.seq, model.shape.head_size, model.shape.theta);
         Self {
             stream: CommStream::new(format!("rank-{rank}-comm")),
             weight_handles: vec![CommHandle::ready(); layout.num_weight_buffers()],
@@ -279,6 +294,10 @@ impl RankEngine {
     }
 
     fn issue(&mut self, op: Op) {
+        // The communication thread reads and writes buffers on the host: kernels still running on a
+        // device may be using them (the restore's target was just released by the last compute step,
+        // the reduce's source was just written by it).
+        self.kernels.synchronize();
         match op {
             Op::Restore { stage, buffer } => {
                 let comm = self.comm.clone();
@@ -337,6 +356,8 @@ impl RankEngine {
                     check(self.weight_handles[wb].wait(), &mut waited)?;
                     let acts = &mut self.acts[micro_batch % bf];
                     if stage == 0 {
+                        // An earlier micro-batch's kernels may still read this slot's tokens.
+                        self.kernels.synchronize();
                         fill(micro_batch, &mut acts.tokens, &mut acts.targets);
                     }
                     let st = &self.layout.stages[stage];
@@ -381,6 +402,7 @@ impl RankEngine {
         for h in self.grad_handles.iter().chain(&self.weight_handles) {
             check(h.wait(), &mut waited)?;
         }
+        self.kernels.synchronize();
         Ok(BatchStats {
             loss_sum: losses.iter().sum(),
             time_s: start.elapsed().as_secs_f64(),
@@ -438,6 +460,7 @@ impl RankEngine {
                 );
             }
         }
+        self.kernels.synchronize();
         self.weight_state.invalidate();
         Ok(norm)
     }
