@@ -146,6 +146,7 @@ fn bench(threads: usize) -> f64 {
             &mut gqkv,
             &mut scratch,
             &gout,
+            &out,
             &qkv,
             &probs,
             BATCH,
@@ -203,7 +204,9 @@ fn bench(threads: usize) -> f64 {
     let mut step = 0;
     let tadam = time(|| {
         step += 1;
-        k.adamw(&mut pw, &pg, &mut pm, &mut pv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step)
+        Kernels::<f32>::adamw(
+            &k, &mut pw, &pg, &mut pm, &mut pv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step,
+        )
     });
     let tsq = time(|| {
         std::hint::black_box(Kernels::<f32>::sum_squares(&k, &pg));
@@ -297,7 +300,19 @@ fn bench_attention_shape(spec: &str) {
         k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs)
     }));
     let (bmin, bmed) = stats(Box::new(|| {
-        k.attention_backward(&mut gqkv, &mut scratch, &gout, &qkv, &probs, batch, seq, heads, kv, hs)
+        k.attention_backward(
+            &mut gqkv,
+            &mut scratch,
+            &gout,
+            &out,
+            &qkv,
+            &probs,
+            batch,
+            seq,
+            heads,
+            kv,
+            hs,
+        )
     }));
     let causal = (batch * heads) as f64 * (seq * (seq + 1) / 2) as f64 * hs as f64 * 2.0;
     println!(
@@ -344,6 +359,7 @@ fn main() {
                 &mut gqkv,
                 &mut scratch,
                 &gout,
+                &out,
                 &qkv,
                 &probs,
                 BATCH,

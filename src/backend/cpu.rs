@@ -1659,9 +1659,27 @@ avx2_variant!(cross_entropy_rows, cross_entropy_rows_avx2, cross_entropy_rows_pl
 avx2_variant!(adamw_range, adamw_range_avx2, adamw_range_plain,
     (w: &mut [T], m: &mut [T], v: &mut [T], grad: &[T], c: AdamConsts<T>));
 
-impl<T: Element> Kernels<T> for CpuKernels {
+impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn matmul_acc_master(
+        &self,
+        c: &mut [T],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) {
+        self.matmul(c, a, b, m, n, k, trans_a, trans_b, true);
+    }
+
+    fn cast_from_master(&self, out: &mut [T], x: &[T]) {
+        out.copy_from_slice(x);
     }
 
     fn matmul(
@@ -1937,6 +1955,7 @@ impl<T: Element> Kernels<T> for CpuKernels {
         grad_qkv: &mut [T],
         scratch: &mut [T],
         grad_out: &[T],
+        _out: &[T],
         qkv: &[T],
         probs: &[T],
         batch: usize,

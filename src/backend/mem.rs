@@ -61,6 +61,7 @@ impl Pod for f32 {}
 impl Pod for f64 {}
 impl Pod for u32 {}
 impl Pod for u16 {}
+impl Pod for half::bf16 {}
 
 /// An owned, zero-initialised, fixed-length buffer of `T` from a [`Memory`]; derefs to `[T]`.
 pub struct Buf<T: Pod> {

@@ -17,7 +17,9 @@ pub mod mem;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
-/// A floating-point element type the kernels run on: `f32` for training, `f64` for gradient checks.
+/// A floating-point element type the kernels run on: `f32` for training, `f64` for gradient checks,
+/// `bf16` for mixed-precision training on a GPU (weights and activations in bf16, everything else in
+/// its [`Element::Master`] type, f32).
 pub trait Element:
     mem::Pod
     + Copy
@@ -36,6 +38,10 @@ pub trait Element:
     + SubAssign
     + MulAssign
 {
+    /// The full-precision type paired with this compute type: master weights, gradients, optimizer
+    /// state and the statistics kernels save for the backward (RMSNorm `rstd`, attention log-sum-exp,
+    /// rotary tables). `f32` and `f64` are their own master type; `bf16`'s is `f32`.
+    type Master: Element<Master = Self::Master>;
     /// 0.
     const ZERO: Self;
     /// 1.
@@ -57,6 +63,7 @@ pub trait Element:
 macro_rules! impl_element {
     ($t:ty) => {
         impl Element for $t {
+            type Master = $t;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             fn from_f64(x: f64) -> Self {
@@ -82,6 +89,33 @@ macro_rules! impl_element {
 }
 impl_element!(f32);
 impl_element!(f64);
+
+/// bf16 for device buffers. Host arithmetic on it (rarely needed) goes through f32.
+pub use half::bf16;
+
+impl Element for bf16 {
+    type Master = f32;
+    const ZERO: Self = bf16::ZERO;
+    const ONE: Self = bf16::ONE;
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn exp(self) -> Self {
+        bf16::from_f32(self.to_f32().exp())
+    }
+    fn ln(self) -> Self {
+        bf16::from_f32(self.to_f32().ln())
+    }
+    fn sqrt(self) -> Self {
+        bf16::from_f32(self.to_f32().sqrt())
+    }
+    fn max(self, other: Self) -> Self {
+        bf16::max(self, other)
+    }
+}
 
 /// The kernels of a Llama decoder, forward and backward, on element type `T` (`f32` in training,
 /// `f64` in gradient checks).
@@ -127,22 +161,48 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// `out (n,c) = table[tokens]`, with `table (vocab,c)`.
     fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize);
 
+    /// `c (m,n) += op(a) @ op(b)` into a master-precision `c` (weight gradients: fp32 grad buffers
+    /// accumulate bf16 products). Operands as in [`Kernels::matmul`].
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_acc_master(
+        &self,
+        c: &mut [T::Master],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    );
+
+    /// `out = x` rounded to the compute type (the compute copy of master weights).
+    fn cast_from_master(&self, out: &mut [T], x: &[T::Master]);
+
     /// `grad_table[tokens[i]] += grad_out[i]` (accumulates), `grad_out (n,c)`.
-    fn embedding_backward(&self, grad_table: &mut [T], tokens: &[u32], grad_out: &[T], hidden: usize);
+    fn embedding_backward(&self, grad_table: &mut [T::Master], tokens: &[u32], grad_out: &[T], hidden: usize);
 
     /// RMSNorm: `out (n,c) = x / rms(x) * weight`, `rstd (n) = 1/sqrt(mean(x^2) + eps)` (saved for backward).
-    fn rms_norm_forward(&self, out: &mut [T], rstd: &mut [T], x: &[T], weight: &[T], hidden: usize, eps: T);
+    fn rms_norm_forward(
+        &self,
+        out: &mut [T],
+        rstd: &mut [T::Master],
+        x: &[T],
+        weight: &[T],
+        hidden: usize,
+        eps: T::Master,
+    );
 
     /// RMSNorm backward: writes `grad_x (n,c)`, accumulates `grad_weight (c) +=`.
     #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
         grad_x: &mut [T],
-        grad_weight: &mut [T],
+        grad_weight: &mut [T::Master],
         grad_out: &[T],
         x: &[T],
         weight: &[T],
-        rstd: &[T],
+        rstd: &[T::Master],
         hidden: usize,
     );
 
@@ -158,20 +218,21 @@ pub trait Kernels<T: Element>: Send + Sync {
         num_heads: usize,
         head_size: usize,
         seq: usize,
-        cos: &[T],
-        sin: &[T],
+        cos: &[T::Master],
+        sin: &[T::Master],
         inverse: bool,
     );
 
     /// Causal self-attention with grouped KV heads.
     /// `qkv (batch*seq, (heads + 2*kv_heads) * head_size)`: each row is `[q heads | k heads | v heads]`;
     /// query head `h` uses kv head `h / (heads / kv_heads)`. Scale `1/sqrt(head_size)`.
-    /// Writes `out (batch*seq, heads*head_size)` and saves the softmax `probs (batch, heads, seq, seq)`.
+    /// Writes `out (batch*seq, heads*head_size)` and saves the softmax `probs (batch, heads, seq, seq)`
+    /// (the log-sum-exp `(batch, heads, seq)` when [`Kernels::fused_attention`]).
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut [T],
-        probs: &mut [T],
+        probs: &mut [T::Master],
         qkv: &[T],
         batch: usize,
         seq: usize,
@@ -181,15 +242,17 @@ pub trait Kernels<T: Element>: Send + Sync {
     );
 
     /// Backward of [`Kernels::attention_forward`]: writes (overwrites) `grad_qkv` (same shape as `qkv`).
-    /// `scratch` holds at least `batch * heads * seq * seq` floats.
+    /// `out` is the forward's output; `scratch` holds at least `batch * heads * seq * seq` elements
+    /// (`batch * heads * seq` when fused).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         grad_qkv: &mut [T],
-        scratch: &mut [T],
+        scratch: &mut [T::Master],
         grad_out: &[T],
+        out: &[T],
         qkv: &[T],
-        probs: &[T],
+        probs: &[T::Master],
         batch: usize,
         seq: usize,
         heads: usize,
@@ -207,25 +270,25 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// Returns the *sum* of the per-token losses (natural log), accumulated in f64 in row order.
     /// When `grad_scale` is `Some(s)`, overwrites `logits` with `s * (softmax - onehot)`;
     /// when `None`, `logits` may be left modified (scratch) and no gradient is produced.
-    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<T>) -> f64;
+    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<T::Master>) -> f64;
 
-    /// AdamW (decoupled weight decay, PyTorch semantics) on one contiguous range:
+    /// AdamW (decoupled weight decay, PyTorch semantics) on one contiguous range of master weights:
     /// `w -= lr*wd*w; m = b1*m + (1-b1)*g*gs; v = b2*v + (1-b2)*(g*gs)^2;`
     /// `w -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)` where `gs` = `grad_scale` (clipping factor)
     /// and `t` = `step` (1-based).
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
-        w: &mut [T],
-        grad: &[T],
-        exp_avg: &mut [T],
-        exp_avg_sq: &mut [T],
-        lr: T,
-        beta_1: T,
-        beta_2: T,
-        epsilon: T,
-        weight_decay: T,
-        grad_scale: T,
+        w: &mut [T::Master],
+        grad: &[T::Master],
+        exp_avg: &mut [T::Master],
+        exp_avg_sq: &mut [T::Master],
+        lr: T::Master,
+        beta_1: T::Master,
+        beta_2: T::Master,
+        epsilon: T::Master,
+        weight_decay: T::Master,
+        grad_scale: T::Master,
         step: u64,
     );
 
@@ -233,5 +296,5 @@ pub trait Kernels<T: Element>: Send + Sync {
     fn add_assign(&self, out: &mut [T], x: &[T]);
 
     /// Sum of squares, accumulated in f64 in a fixed order (gradient norm).
-    fn sum_squares(&self, x: &[T]) -> f64;
+    fn sum_squares(&self, x: &[T::Master]) -> f64;
 }

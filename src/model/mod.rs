@@ -163,10 +163,10 @@ pub struct Llama {
 /// Rotary tables `(seq, head_size/2)`.
 #[derive(Debug, Clone)]
 pub struct Rope<T: Element> {
-    /// cos of the angles.
-    pub cos: Buf<T>,
-    /// sin of the angles.
-    pub sin: Buf<T>,
+    /// cos of the angles (master precision).
+    pub cos: Buf<T::Master>,
+    /// sin of the angles (master precision).
+    pub sin: Buf<T::Master>,
     /// Sequence length the tables cover.
     pub seq: usize,
 }
@@ -186,8 +186,8 @@ impl<T: Element> Rope<T> {
             for i in 0..half {
                 let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_size as f64);
                 let angle = pos as f64 * inv_freq;
-                cos.push(T::from_f64(angle.cos()));
-                sin.push(T::from_f64(angle.sin()));
+                cos.push(T::Master::from_f64(angle.cos()));
+                sin.push(T::Master::from_f64(angle.sin()));
             }
         }
         Self {
@@ -204,12 +204,12 @@ pub struct LayerActs<T: Element> {
     /// Normalized input `(n, c)`.
     pub normed: Buf<T>,
     /// 1/rms per token `(n)`.
-    pub rstd: Buf<T>,
+    pub rstd: Buf<T::Master>,
     /// Attention: q/k/v after rotary `(n, qkv)`; MLP: gate|up `(n, 2*inter)`; head: logits `(n, vocab)`.
     pub proj: Buf<T>,
     /// Attention: softmax `(batch, heads, seq, seq)`, or the log-sum-exp `(batch, heads, seq)` with
     /// fused attention.
-    pub probs: Buf<T>,
+    pub probs: Buf<T::Master>,
     /// Attention: output before o_proj `(n, heads*head_size)`; MLP: `silu(gate)*up (n, inter)`.
     pub inner: Buf<T>,
 }
@@ -243,7 +243,7 @@ pub struct Scratch<T: Element> {
     /// `(n, max(attn, inter))`.
     pub d_inner: Buf<T>,
     /// `(batch, heads, seq, seq)`, or `(batch, heads, seq)` with fused attention.
-    pub d_probs: Buf<T>,
+    pub d_probs: Buf<T::Master>,
 }
 
 /// Token-batch geometry of a micro-batch.
@@ -438,9 +438,9 @@ impl Llama {
             let [normed, rstd, proj, probs, inner] = self.layer_act_sizes(self.layers[l], b);
             acts.layers[l] = LayerActs {
                 normed: z(normed),
-                rstd: z(rstd),
+                rstd: Buf::zeros_in(mem, rstd),
                 proj: z(proj),
-                probs: z(probs),
+                probs: Buf::zeros_in(mem, probs),
                 inner: z(inner),
             };
         }
@@ -525,11 +525,11 @@ impl Llama {
         &self,
         k: &dyn Kernels<T>,
         w: &[T],
-        grads: Option<&mut [T]>,
+        grads: Option<&mut [T::Master]>,
         tokens: &[u32],
         targets: &[u32],
         b: Batch,
-        loss_scale: T,
+        loss_scale: T::Master,
     ) -> f64 {
         let rope = Rope::<T>::new(b.seq, self.shape.head_size, self.shape.theta);
         let ranges = self.flat_layer_ranges();
@@ -570,7 +570,7 @@ impl Llama {
         weights: &[T],
         acts: &mut MicroBatchActs<T>,
         b: Batch,
-        loss_scale: Option<T>,
+        loss_scale: Option<T::Master>,
     ) {
         let s = &self.shape;
         let c = s.hidden;
@@ -586,7 +586,14 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let qkv_w = &rest[..s.qkv_width() * c];
                 let o_w = &rest[s.qkv_width() * c..];
-                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, T::from_f64(s.norm_eps));
+                k.rms_norm_forward(
+                    &mut la.normed,
+                    &mut la.rstd,
+                    input,
+                    norm_w,
+                    c,
+                    T::Master::from_f64(s.norm_eps),
+                );
                 k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
                 k.rotary(
                     &mut la.proj,
@@ -616,7 +623,14 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let gu_w = &rest[..2 * s.inter * c];
                 let down_w = &rest[2 * s.inter * c..];
-                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, T::from_f64(s.norm_eps));
+                k.rms_norm_forward(
+                    &mut la.normed,
+                    &mut la.rstd,
+                    input,
+                    norm_w,
+                    c,
+                    T::Master::from_f64(s.norm_eps),
+                );
                 k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
                 let out = &mut after[0];
@@ -631,7 +645,7 @@ impl Llama {
                     input,
                     norm_w,
                     c,
-                    T::from_f64(s.head_norm_eps),
+                    T::Master::from_f64(s.head_norm_eps),
                 );
                 k.matmul(&mut la.proj, &la.normed, out_w, n, s.vocab, c, false, true, false);
                 acts.loss_sum = k.cross_entropy(&mut la.proj, &acts.targets, s.vocab, loss_scale);
@@ -650,7 +664,7 @@ impl Llama {
         rope: &Rope<T>,
         l: usize,
         weights: &[T],
-        grads: &mut [T],
+        grads: &mut [T::Master],
         acts: &mut MicroBatchActs<T>,
         scratch: &mut Scratch<T>,
         b: Batch,
@@ -674,12 +688,13 @@ impl Llama {
                 let d_inner = &mut scratch.d_inner[..n * s.attn_width()];
                 let d_qkv = &mut scratch.d_proj[..n * s.qkv_width()];
                 // out = x + inner @ o^T
-                k.matmul(g_o, dh, &la.inner, c, s.attn_width(), n, true, false, true);
+                k.matmul_acc_master(g_o, dh, &la.inner, c, s.attn_width(), n, true, false);
                 k.matmul(d_inner, dh, o_w, n, s.attn_width(), c, false, false, false);
                 k.attention_backward(
                     d_qkv,
                     &mut scratch.d_probs,
                     d_inner,
+                    &la.inner,
                     &la.proj,
                     &la.probs,
                     b.batch,
@@ -698,7 +713,7 @@ impl Llama {
                     &rope.sin,
                     true,
                 );
-                k.matmul(g_qkv, d_qkv, &la.normed, s.qkv_width(), c, n, true, false, true);
+                k.matmul_acc_master(g_qkv, d_qkv, &la.normed, s.qkv_width(), c, n, true, false);
                 k.matmul(
                     &mut scratch.d_normed,
                     d_qkv,
@@ -720,10 +735,10 @@ impl Llama {
                 let (g_gu, g_down) = g_rest.split_at_mut(2 * s.inter * c);
                 let d_inner = &mut scratch.d_inner[..n * s.inter];
                 let d_gu = &mut scratch.d_proj[..n * 2 * s.inter];
-                k.matmul(g_down, dh, &la.inner, c, s.inter, n, true, false, true);
+                k.matmul_acc_master(g_down, dh, &la.inner, c, s.inter, n, true, false);
                 k.matmul(d_inner, dh, down_w, n, s.inter, c, false, false, false);
                 k.swiglu_backward(d_gu, d_inner, &la.proj, s.inter);
-                k.matmul(g_gu, d_gu, &la.normed, 2 * s.inter, c, n, true, false, true);
+                k.matmul_acc_master(g_gu, d_gu, &la.normed, 2 * s.inter, c, n, true, false);
                 k.matmul(
                     &mut scratch.d_normed,
                     d_gu,
@@ -741,7 +756,7 @@ impl Llama {
                 let (norm_w, out_w) = weights.split_at(c);
                 let (g_norm, g_out) = grads.split_at_mut(c);
                 // la.proj holds the scaled loss gradient d logits (n, vocab).
-                k.matmul(g_out, &la.proj, &la.normed, s.vocab, c, n, true, false, true);
+                k.matmul_acc_master(g_out, &la.proj, &la.normed, s.vocab, c, n, true, false);
                 k.matmul(
                     &mut scratch.d_normed,
                     &la.proj,
@@ -763,7 +778,7 @@ impl Llama {
     fn norm_backward<T: Element>(
         &self,
         k: &dyn Kernels<T>,
-        g_norm: &mut [T],
+        g_norm: &mut [T::Master],
         norm_w: &[T],
         input: &[T],
         la: &LayerActs<T>,

@@ -466,7 +466,19 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
     let w = rng.vec(out.len(), 1.0);
     let mut grad = vec![f64::NAN; qkv.len()];
     let mut scratch = vec![f64::NAN; probs.len()];
-    k.attention_backward(&mut grad, &mut scratch, &w, &qkv, &probs, batch, seq, heads, kv, hs);
+    k.attention_backward(
+        &mut grad,
+        &mut scratch,
+        &w,
+        &[],
+        &qkv,
+        &probs,
+        batch,
+        seq,
+        heads,
+        kv,
+        hs,
+    );
     if check_grad {
         assert_grad(&format!("{tag} grad"), &qkv, &grad, |x| {
             let mut out = vec![0.0; batch * seq * heads * hs];
@@ -492,6 +504,7 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
         &mut grad32,
         &mut scratch32,
         &to32(&w),
+        &[],
         &qkv32,
         &probs32,
         batch,
@@ -559,7 +572,19 @@ fn attention_f32(
     k.attention_forward(&mut out, &mut probs, qkv, batch, seq, heads, kv, hs);
     let mut grad = vec![f32::NAN; qkv.len()];
     let mut scratch = vec![f32::NAN; probs.len()];
-    k.attention_backward(&mut grad, &mut scratch, gout, qkv, &probs, batch, seq, heads, kv, hs);
+    k.attention_backward(
+        &mut grad,
+        &mut scratch,
+        gout,
+        &[],
+        qkv,
+        &probs,
+        batch,
+        seq,
+        heads,
+        kv,
+        hs,
+    );
     super::ATTN_PATH.with(|f| f.set(super::AttnPath::Auto));
     (out, probs, grad)
 }
@@ -740,8 +765,9 @@ fn adamw_matches_pytorch_formulas() {
     for step in 1..=5u64 {
         let g = rng.vec(n, 1.0);
         torch_adamw(&mut wr, &g, &mut mr, &mut vr, lr, b1, b2, eps, wd, gs, step);
-        k64(2).adamw(&mut wk, &g, &mut mk, &mut vk, lr, b1, b2, eps, wd, gs, step);
-        CpuKernels::new(2).adamw(
+        Kernels::<f64>::adamw(&k64(2), &mut wk, &g, &mut mk, &mut vk, lr, b1, b2, eps, wd, gs, step);
+        Kernels::<f32>::adamw(
+            &CpuKernels::new(2),
             &mut w32,
             &to32(&g),
             &mut m32,
@@ -846,7 +872,19 @@ fn determinism_attention() {
         kern.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs);
         let mut grad = vec![0.0f32; qkv.len()];
         let mut scratch = vec![0.0f32; probs.len()];
-        kern.attention_backward(&mut grad, &mut scratch, &gout, &qkv, &probs, batch, seq, heads, kv, hs);
+        kern.attention_backward(
+            &mut grad,
+            &mut scratch,
+            &gout,
+            &[],
+            &qkv,
+            &probs,
+            batch,
+            seq,
+            heads,
+            kv,
+            hs,
+        );
         (bits(&out), bits(&probs), bits(&grad))
     });
 }
@@ -897,7 +935,7 @@ fn determinism_row_kernels() {
     assert_deterministic("adamw", |kern| {
         let (mut w, mut m, mut v) = (x[..300_001].to_vec(), vec![0.0f32; 300_001], vec![0.0f32; 300_001]);
         for step in 1..=3 {
-            kern.adamw(&mut w, &g, &mut m, &mut v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step);
+            Kernels::<f32>::adamw(kern, &mut w, &g, &mut m, &mut v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step);
         }
         (bits(&w), bits(&m), bits(&v))
     });

@@ -1,0 +1,256 @@
+//! [`DirectKernels`]: the [`Kernels<f32>`] trait run on a GPU in place, over buffers the device can
+//! address at their host addresses (CUDA managed memory on a real GPU, the heap on the emulator).
+//!
+//! This is how the multi-stage engine trains on a GPU: its shards, weight and grad buffers,
+//! activations and rotary tables come from [`Kernels::memory`], so every slice the model passes is a
+//! device pointer as is. Kernels are queued on the device's stream and return at once; the engine calls
+//! [`Kernels::synchronize`] before the host touches buffers (communication, data loading, the
+//! optimizer's end), and the kernels that return a value (loss, sum of squares) wait for it.
+//! Attention is fused ([`Kernels::fused_attention`]): the forward saves one log-sum-exp per row.
+
+use super::ops::{AdamStep, AttnDims, CudaKernels};
+use super::{DType, DevBuf, DevView, Gpu, GpuError};
+use crate::backend::mem::Memory;
+use crate::backend::Kernels;
+use std::sync::{Arc, Mutex};
+
+/// Kernels on a GPU over device-addressable host slices.
+pub struct DirectKernels {
+    kernels: CudaKernels,
+    memory: Arc<dyn Memory>,
+    /// Per-row losses of the cross-entropy (grown on demand; one per `DirectKernels`).
+    row_loss: Mutex<Option<DevBuf>>,
+}
+
+fn view(s: &[f32]) -> DevView {
+    DevView { ptr: s.as_ptr() as u64, len: s.len(), dtype: DType::F32 }
+}
+
+fn view_u32(s: &[u32]) -> DevView {
+    DevView { ptr: s.as_ptr() as u64, len: s.len(), dtype: DType::F32 }
+}
+
+fn ok<T>(r: Result<T, GpuError>, what: &str) -> T {
+    // A failed launch leaves the step undefined: stop this rank with the device's message (the engine
+    // turns a rank's panic into an error naming it).
+    r.unwrap_or_else(|e| panic!("cuda {what}: {e}"))
+}
+
+impl DirectKernels {
+    /// Kernels on `gpu`, whose buffers come from `memory` (which must be addressable by `gpu`).
+    pub fn new(gpu: Arc<dyn Gpu>, memory: Arc<dyn Memory>) -> Self {
+        Self { kernels: CudaKernels::new(gpu), memory, row_loss: Mutex::new(None) }
+    }
+
+    /// The launchers.
+    pub fn kernels(&self) -> &CudaKernels {
+        &self.kernels
+    }
+}
+
+impl Kernels<f32> for DirectKernels {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn memory(&self) -> Arc<dyn Memory> {
+        self.memory.clone()
+    }
+
+    fn fused_attention(&self) -> bool {
+        true
+    }
+
+    fn synchronize(&self) {
+        ok(self.kernels.gpu().synchronize(), "synchronize");
+    }
+
+    fn matmul(
+        &self,
+        c: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        let r = self.kernels.matmul(
+            view(&c[..m * n]),
+            view(&a[..m * k]),
+            view(&b[..k * n]),
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            accumulate,
+        );
+        ok(r, "matmul");
+    }
+
+    fn embedding_forward(&self, out: &mut [f32], tokens: &[u32], table: &[f32], hidden: usize) {
+        let vocab = table.len() / hidden.max(1);
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            panic!("embedding: token {t} out of range (vocab {vocab})");
+        }
+        ok(
+            self.kernels.embedding_forward(view(out), view_u32(tokens), view(table), hidden),
+            "embedding_forward",
+        );
+    }
+
+    fn embedding_backward(&self, grad_table: &mut [f32], tokens: &[u32], grad_out: &[f32], hidden: usize) {
+        ok(
+            self.kernels.embedding_backward(view(grad_table), tokens, view_u32(tokens), view(grad_out), hidden),
+            "embedding_backward",
+        );
+    }
+
+    fn rms_norm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], weight: &[f32], hidden: usize, eps: f32) {
+        ok(
+            self.kernels.rms_norm_forward(view(out), view(rstd), view(x), view(weight), hidden, eps),
+            "rms_norm_forward",
+        );
+    }
+
+    fn rms_norm_backward(
+        &self,
+        grad_x: &mut [f32],
+        grad_weight: &mut [f32],
+        grad_out: &[f32],
+        x: &[f32],
+        weight: &[f32],
+        rstd: &[f32],
+        hidden: usize,
+    ) {
+        ok(
+            self.kernels.rms_norm_backward(
+                view(grad_x),
+                view(grad_weight),
+                view(grad_out),
+                view(x),
+                view(weight),
+                view(rstd),
+                hidden,
+            ),
+            "rms_norm_backward",
+        );
+    }
+
+    fn rotary(
+        &self,
+        x: &mut [f32],
+        row_stride: usize,
+        num_heads: usize,
+        head_size: usize,
+        seq: usize,
+        cos: &[f32],
+        sin: &[f32],
+        inverse: bool,
+    ) {
+        ok(
+            self.kernels.rotary(view(x), row_stride, num_heads, head_size, seq, view(cos), view(sin), inverse),
+            "rotary",
+        );
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        probs: &mut [f32],
+        qkv: &[f32],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_size: usize,
+    ) {
+        let d = AttnDims { batch, seq, heads, kv_heads, head_size };
+        ok(
+            self.kernels.attention_forward(view(out), view(&probs[..d.lse_len()]), view(qkv), d),
+            "attention_forward",
+        );
+    }
+
+    fn attention_backward(
+        &self,
+        grad_qkv: &mut [f32],
+        scratch: &mut [f32],
+        grad_out: &[f32],
+        out: &[f32],
+        qkv: &[f32],
+        probs: &[f32],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_size: usize,
+    ) {
+        let d = AttnDims { batch, seq, heads, kv_heads, head_size };
+        ok(
+            self.kernels.attention_backward(
+                view(grad_qkv),
+                view(&scratch[..d.lse_len()]),
+                view(grad_out),
+                view(out),
+                view(qkv),
+                view(&probs[..d.lse_len()]),
+                d,
+            ),
+            "attention_backward",
+        );
+    }
+
+    fn swiglu_forward(&self, out: &mut [f32], gate_up: &[f32], inter: usize) {
+        ok(self.kernels.swiglu_forward(view(out), view(gate_up), inter), "swiglu_forward");
+    }
+
+    fn swiglu_backward(&self, grad_gate_up: &mut [f32], grad_out: &[f32], gate_up: &[f32], inter: usize) {
+        ok(
+            self.kernels.swiglu_backward(view(grad_gate_up), view(grad_out), view(gate_up), inter),
+            "swiglu_backward",
+        );
+    }
+
+    fn cross_entropy(&self, logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
+        let n = targets.len();
+        let mut slot = self.row_loss.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|b| b.len() < n) {
+            *slot = Some(ok(DevBuf::zeros(self.kernels.gpu(), n, DType::F32), "cross_entropy scratch"));
+        }
+        let rows = slot.as_ref().expect("allocated above").view();
+        ok(
+            self.kernels.cross_entropy(view(&logits[..n * vocab]), rows, view_u32(targets), vocab, grad_scale),
+            "cross_entropy",
+        )
+    }
+
+    fn adamw(
+        &self,
+        w: &mut [f32],
+        grad: &[f32],
+        exp_avg: &mut [f32],
+        exp_avg_sq: &mut [f32],
+        lr: f32,
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+        grad_scale: f32,
+        step: u64,
+    ) {
+        let p = AdamStep { lr, beta_1, beta_2, epsilon, weight_decay, grad_scale, step };
+        ok(self.kernels.adamw(view(w), view(grad), view(exp_avg), view(exp_avg_sq), p), "adamw");
+    }
+
+    fn add_assign(&self, out: &mut [f32], x: &[f32]) {
+        ok(self.kernels.add_assign(view(out), view(x)), "add_assign");
+    }
+
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        ok(self.kernels.sum_squares(view(x)), "sum_squares")
+    }
+}
