@@ -110,7 +110,8 @@ extern "C" __global__ void add_bf16(bf16* out, const bf16* x, long long n) { add
 // ---------------------------------------------------------------------------------------------------
 // Embedding.
 
-// out (n, hidden) = table[tokens] with table (vocab, hidden); the launcher checks tokens < vocab.
+// out (n, hidden) = table[tokens] with table (vocab, hidden). Tokens must be < vocab: the kernel does
+// not know vocab (StagedKernels checks on the host before uploading).
 template <class T>
 __device__ void embedding_fwd_impl(T* out, const unsigned* tokens, const T* table, int n, int hidden) {
     const long long total = (long long)n * hidden;
