@@ -1,4 +1,4 @@
-//! [`DirectKernels`]: the [`Kernels<f32>`] trait run on a GPU in place, over buffers the device can
+//! [`DirectKernels`]: the [`Kernels`] trait (f32, or bf16 compute with f32 master) run on a GPU in place, over buffers the device can
 //! address at their host addresses (CUDA managed memory on a real GPU, the heap on the emulator).
 //!
 //! This is how the multi-stage engine trains on a GPU: its shards, weight and grad buffers,
@@ -11,8 +11,20 @@
 use super::ops::{AdamStep, AttnDims, CudaKernels};
 use super::{DType, DevBuf, DevView, Gpu, GpuError};
 use crate::backend::mem::Memory;
-use crate::backend::Kernels;
+use crate::backend::{bf16, Element, Kernels};
 use std::sync::{Arc, Mutex};
+
+/// A compute type the device kernels take (its master type is f32).
+pub trait DevElement: Element<Master = f32> {
+    /// The device element type.
+    const DTYPE: DType;
+}
+impl DevElement for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl DevElement for bf16 {
+    const DTYPE: DType = DType::Bf16;
+}
 
 /// Kernels on a GPU over device-addressable host slices.
 pub struct DirectKernels {
@@ -22,12 +34,24 @@ pub struct DirectKernels {
     row_loss: Mutex<Option<DevBuf>>,
 }
 
-fn view(s: &[f32]) -> DevView {
-    DevView { ptr: s.as_ptr() as u64, len: s.len(), dtype: DType::F32 }
+fn view<T: DevElement>(s: &[T]) -> DevView {
+    DevView {
+        ptr: s.as_ptr() as u64,
+        len: s.len(),
+        dtype: T::DTYPE,
+    }
+}
+
+fn master(s: &[f32]) -> DevView {
+    view(s)
 }
 
 fn view_u32(s: &[u32]) -> DevView {
-    DevView { ptr: s.as_ptr() as u64, len: s.len(), dtype: DType::F32 }
+    DevView {
+        ptr: s.as_ptr() as u64,
+        len: s.len(),
+        dtype: DType::F32,
+    }
 }
 
 fn ok<T>(r: Result<T, GpuError>, what: &str) -> T {
@@ -39,7 +63,11 @@ fn ok<T>(r: Result<T, GpuError>, what: &str) -> T {
 impl DirectKernels {
     /// Kernels on `gpu`, whose buffers come from `memory` (which must be addressable by `gpu`).
     pub fn new(gpu: Arc<dyn Gpu>, memory: Arc<dyn Memory>) -> Self {
-        Self { kernels: CudaKernels::new(gpu), memory, row_loss: Mutex::new(None) }
+        Self {
+            kernels: CudaKernels::new(gpu),
+            memory,
+            row_loss: Mutex::new(None),
+        }
     }
 
     /// The launchers.
@@ -48,7 +76,7 @@ impl DirectKernels {
     }
 }
 
-impl Kernels<f32> for DirectKernels {
+impl<T: DevElement> Kernels<T> for DirectKernels {
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -67,9 +95,9 @@ impl Kernels<f32> for DirectKernels {
 
     fn matmul(
         &self,
-        c: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        c: &mut [T],
+        a: &[T],
+        b: &[T],
         m: usize,
         n: usize,
         k: usize,
@@ -91,49 +119,81 @@ impl Kernels<f32> for DirectKernels {
         ok(r, "matmul");
     }
 
-    fn embedding_forward(&self, out: &mut [f32], tokens: &[u32], table: &[f32], hidden: usize) {
+    fn matmul_acc_master(
+        &self,
+        c: &mut [f32],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) {
+        let r = self.kernels.matmul(
+            master(&c[..m * n]),
+            view(&a[..m * k]),
+            view(&b[..k * n]),
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            true,
+        );
+        ok(r, "matmul (into master gradients)");
+    }
+
+    fn cast_from_master(&self, out: &mut [T], x: &[f32]) {
+        ok(self.kernels.cast(view(out), master(x)), "cast_from_master");
+    }
+
+    fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize) {
         let vocab = table.len() / hidden.max(1);
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             panic!("embedding: token {t} out of range (vocab {vocab})");
         }
         ok(
-            self.kernels.embedding_forward(view(out), view_u32(tokens), view(table), hidden),
+            self.kernels
+                .embedding_forward(view(out), view_u32(tokens), view(table), hidden),
             "embedding_forward",
         );
     }
 
-    fn embedding_backward(&self, grad_table: &mut [f32], tokens: &[u32], grad_out: &[f32], hidden: usize) {
+    fn embedding_backward(&self, grad_table: &mut [f32], tokens: &[u32], grad_out: &[T], hidden: usize) {
         ok(
-            self.kernels.embedding_backward(view(grad_table), tokens, view_u32(tokens), view(grad_out), hidden),
+            self.kernels
+                .embedding_backward(master(grad_table), tokens, view_u32(tokens), view(grad_out), hidden),
             "embedding_backward",
         );
     }
 
-    fn rms_norm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], weight: &[f32], hidden: usize, eps: f32) {
+    fn rms_norm_forward(&self, out: &mut [T], rstd: &mut [f32], x: &[T], weight: &[T], hidden: usize, eps: f32) {
         ok(
-            self.kernels.rms_norm_forward(view(out), view(rstd), view(x), view(weight), hidden, eps),
+            self.kernels
+                .rms_norm_forward(view(out), master(rstd), view(x), view(weight), hidden, eps),
             "rms_norm_forward",
         );
     }
 
     fn rms_norm_backward(
         &self,
-        grad_x: &mut [f32],
+        grad_x: &mut [T],
         grad_weight: &mut [f32],
-        grad_out: &[f32],
-        x: &[f32],
-        weight: &[f32],
+        grad_out: &[T],
+        x: &[T],
+        weight: &[T],
         rstd: &[f32],
         hidden: usize,
     ) {
         ok(
             self.kernels.rms_norm_backward(
                 view(grad_x),
-                view(grad_weight),
+                master(grad_weight),
                 view(grad_out),
                 view(x),
                 view(weight),
-                view(rstd),
+                master(rstd),
                 hidden,
             ),
             "rms_norm_backward",
@@ -142,7 +202,7 @@ impl Kernels<f32> for DirectKernels {
 
     fn rotary(
         &self,
-        x: &mut [f32],
+        x: &mut [T],
         row_stride: usize,
         num_heads: usize,
         head_size: usize,
@@ -152,36 +212,52 @@ impl Kernels<f32> for DirectKernels {
         inverse: bool,
     ) {
         ok(
-            self.kernels.rotary(view(x), row_stride, num_heads, head_size, seq, view(cos), view(sin), inverse),
+            self.kernels.rotary(
+                view(x),
+                row_stride,
+                num_heads,
+                head_size,
+                seq,
+                master(cos),
+                master(sin),
+                inverse,
+            ),
             "rotary",
         );
     }
 
     fn attention_forward(
         &self,
-        out: &mut [f32],
+        out: &mut [T],
         probs: &mut [f32],
-        qkv: &[f32],
+        qkv: &[T],
         batch: usize,
         seq: usize,
         heads: usize,
         kv_heads: usize,
         head_size: usize,
     ) {
-        let d = AttnDims { batch, seq, heads, kv_heads, head_size };
+        let d = AttnDims {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_size,
+        };
         ok(
-            self.kernels.attention_forward(view(out), view(&probs[..d.lse_len()]), view(qkv), d),
+            self.kernels
+                .attention_forward(view(out), master(&probs[..d.lse_len()]), view(qkv), d),
             "attention_forward",
         );
     }
 
     fn attention_backward(
         &self,
-        grad_qkv: &mut [f32],
+        grad_qkv: &mut [T],
         scratch: &mut [f32],
-        grad_out: &[f32],
-        out: &[f32],
-        qkv: &[f32],
+        grad_out: &[T],
+        out: &[T],
+        qkv: &[T],
         probs: &[f32],
         batch: usize,
         seq: usize,
@@ -189,41 +265,55 @@ impl Kernels<f32> for DirectKernels {
         kv_heads: usize,
         head_size: usize,
     ) {
-        let d = AttnDims { batch, seq, heads, kv_heads, head_size };
+        let d = AttnDims {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_size,
+        };
         ok(
             self.kernels.attention_backward(
                 view(grad_qkv),
-                view(&scratch[..d.lse_len()]),
+                master(&scratch[..d.lse_len()]),
                 view(grad_out),
                 view(out),
                 view(qkv),
-                view(&probs[..d.lse_len()]),
+                master(&probs[..d.lse_len()]),
                 d,
             ),
             "attention_backward",
         );
     }
 
-    fn swiglu_forward(&self, out: &mut [f32], gate_up: &[f32], inter: usize) {
-        ok(self.kernels.swiglu_forward(view(out), view(gate_up), inter), "swiglu_forward");
+    fn swiglu_forward(&self, out: &mut [T], gate_up: &[T], inter: usize) {
+        ok(
+            self.kernels.swiglu_forward(view(out), view(gate_up), inter),
+            "swiglu_forward",
+        );
     }
 
-    fn swiglu_backward(&self, grad_gate_up: &mut [f32], grad_out: &[f32], gate_up: &[f32], inter: usize) {
+    fn swiglu_backward(&self, grad_gate_up: &mut [T], grad_out: &[T], gate_up: &[T], inter: usize) {
         ok(
-            self.kernels.swiglu_backward(view(grad_gate_up), view(grad_out), view(gate_up), inter),
+            self.kernels
+                .swiglu_backward(view(grad_gate_up), view(grad_out), view(gate_up), inter),
             "swiglu_backward",
         );
     }
 
-    fn cross_entropy(&self, logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
+    fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
         let n = targets.len();
         let mut slot = self.row_loss.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|b| b.len() < n) {
-            *slot = Some(ok(DevBuf::zeros(self.kernels.gpu(), n, DType::F32), "cross_entropy scratch"));
+            *slot = Some(ok(
+                DevBuf::zeros(self.kernels.gpu(), n, DType::F32),
+                "cross_entropy scratch",
+            ));
         }
         let rows = slot.as_ref().expect("allocated above").view();
         ok(
-            self.kernels.cross_entropy(view(&logits[..n * vocab]), rows, view_u32(targets), vocab, grad_scale),
+            self.kernels
+                .cross_entropy(view(&logits[..n * vocab]), rows, view_u32(targets), vocab, grad_scale),
             "cross_entropy",
         )
     }
@@ -242,15 +332,27 @@ impl Kernels<f32> for DirectKernels {
         grad_scale: f32,
         step: u64,
     ) {
-        let p = AdamStep { lr, beta_1, beta_2, epsilon, weight_decay, grad_scale, step };
-        ok(self.kernels.adamw(view(w), view(grad), view(exp_avg), view(exp_avg_sq), p), "adamw");
+        let p = AdamStep {
+            lr,
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+            grad_scale,
+            step,
+        };
+        ok(
+            self.kernels
+                .adamw(master(w), master(grad), master(exp_avg), master(exp_avg_sq), p),
+            "adamw",
+        );
     }
 
-    fn add_assign(&self, out: &mut [f32], x: &[f32]) {
+    fn add_assign(&self, out: &mut [T], x: &[T]) {
         ok(self.kernels.add_assign(view(out), view(x)), "add_assign");
     }
 
     fn sum_squares(&self, x: &[f32]) -> f64 {
-        ok(self.kernels.sum_squares(view(x)), "sum_squares")
+        ok(self.kernels.sum_squares(master(x)), "sum_squares")
     }
 }

@@ -1,10 +1,728 @@
-// Placeholder until the kernel set lands (wt-cuda).
+// Kernels of the CUDA backend: one source, compiled by NVRTC on a GPU machine and by g++ with `emu.h`
+// (`-DFAST_LLM_EMU -include emu.h`) for the CPU emulator of the tests.
+//
+// Conventions (see `src/backend/mod.rs` for the semantics each kernel reproduces):
+// * Every kernel is `extern "C" __global__`, with pointer, `int`, `long long` and `float` parameters only.
+//   Each family is one `template <class T>` implementation instantiated for `float` (`_f32`) and
+//   `__nv_bfloat16` (`_bf16`); loads and stores go through `ld` / `st`, and all arithmetic is fp32.
+// * Shapes are written as `(rows, cols)`, row-major; `n` is the number of rows (tokens).
+// * Only static `__shared__` arrays, no warp shuffles, no atomics: every reduction goes through shared
+//   memory in a fixed tree order, so results are deterministic for a given launch geometry.
+// * Kernels work for any power-of-two `blockDim.x` in 32..=256 (`MAX_BLOCK`), and every thread of a
+//   block reaches every `__syncthreads()` (loops that contain a barrier have block-uniform bounds).
+// * No printf, no standard library, no dynamic allocation.
+
 #ifndef FAST_LLM_EMU
 #include <cuda_bf16.h>
 #endif
-extern "C" __global__ void add_f32(float* out, const float* x, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] += x[i];
+
+typedef __nv_bfloat16 bf16;
+
+// Largest supported blockDim.x (size of the shared reduction arrays).
+#define MAX_BLOCK 256
+// Largest supported attention head size (per-thread register/local arrays).
+#define MAX_HEAD 128
+// Keys (or queries) per shared-memory tile in the attention kernels: 2 tiles of
+// ATTN_TILE x MAX_HEAD floats = 32 KiB of static shared memory.
+#define ATTN_TILE 32
+
+// ---------------------------------------------------------------------------------------------------
+// Loads, stores, reductions.
+
+__device__ __forceinline__ float ld(float x) { return x; }
+__device__ __forceinline__ float ld(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16* p, float v) { *p = __float2bfloat16(v); }
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
+
+__device__ __forceinline__ long long global_thread() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
 }
-extern "C" __global__ void add_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = __float2bfloat16(__bfloat162float(out[i]) + __bfloat162float(x[i]));
+__device__ __forceinline__ long long global_stride() {
+    return (long long)gridDim.x * blockDim.x;
 }
+
+// Sum of `v` over the block (tree order over thread indices), returned to every thread.
+// `red` is a shared array of at least blockDim.x floats.
+__device__ float block_sum(float v, float* red) {
+    const int t = threadIdx.x;
+    red[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) red[t] += red[t + s];
+        __syncthreads();
+    }
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+// Maximum of `v` over the block, returned to every thread.
+__device__ float block_max(float v, float* red) {
+    const int t = threadIdx.x;
+    red[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) red[t] = fmaxf(red[t], red[t + s]);
+        __syncthreads();
+    }
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+// Sum of `v` over the block in double, written by thread 0 only (returns 0 elsewhere).
+__device__ double block_sum_double(double v, double* red) {
+    const int t = threadIdx.x;
+    red[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) red[t] += red[t + s];
+        __syncthreads();
+    }
+    const double r = t == 0 ? red[0] : 0.0;
+    __syncthreads();
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Casts and elementwise sums (grid-stride loops).
+
+// out (n) = bf16(in), round to nearest even.
+extern "C" __global__ void cast_f32_to_bf16(bf16* out, const float* in, long long n) {
+    for (long long i = global_thread(); i < n; i += global_stride()) st(out + i, in[i]);
+}
+
+// out (n) = float(in), exact.
+extern "C" __global__ void cast_bf16_to_f32(float* out, const bf16* in, long long n) {
+    for (long long i = global_thread(); i < n; i += global_stride()) out[i] = ld(in[i]);
+}
+
+// out (n) += x (n).
+template <class T>
+__device__ void add_impl(T* out, const T* x, long long n) {
+    for (long long i = global_thread(); i < n; i += global_stride()) st(out + i, ld(out[i]) + ld(x[i]));
+}
+extern "C" __global__ void add_f32(float* out, const float* x, long long n) { add_impl(out, x, n); }
+extern "C" __global__ void add_bf16(bf16* out, const bf16* x, long long n) { add_impl(out, x, n); }
+
+// ---------------------------------------------------------------------------------------------------
+// Embedding.
+
+// out (n, hidden) = table[tokens] with table (vocab, hidden). Tokens must be < vocab: the kernel does
+// not know vocab (StagedKernels checks on the host before uploading).
+template <class T>
+__device__ void embedding_fwd_impl(T* out, const unsigned* tokens, const T* table, int n, int hidden) {
+    const long long total = (long long)n * hidden;
+    for (long long e = global_thread(); e < total; e += global_stride()) {
+        const long long i = e / hidden, j = e % hidden;
+        out[e] = table[(long long)tokens[i] * hidden + j];
+    }
+}
+extern "C" __global__ void embedding_fwd_f32(float* out, const unsigned* tokens, const float* table, int n,
+                                             int hidden) {
+    embedding_fwd_impl(out, tokens, table, n, hidden);
+}
+extern "C" __global__ void embedding_fwd_bf16(bf16* out, const unsigned* tokens, const bf16* table, int n,
+                                              int hidden) {
+    embedding_fwd_impl(out, tokens, table, n, hidden);
+}
+
+// grad_table (vocab, hidden) fp32 += grad_out rows, grouped by token, deterministically.
+// `order` (n) lists the token positions sorted stably by token id; positions
+// `order[run_start[r] .. run_start[r+1]]` (num_runs + 1 entries) all hold the same token.
+// One block per run (grid-stride over runs), threads across `hidden`: each column sums the run's rows
+// in position order, then adds the sum to the table. (The CPU backend adds each row into the table
+// in turn: with a nonzero table the rounding differs, within tolerance; from a zero table the two agree
+// exactly.)
+template <class T>
+__device__ void embedding_bwd_impl(float* grad_table, const int* order, const int* run_start, int num_runs,
+                                   const unsigned* tokens, const T* grad_out, int hidden) {
+    for (int r = blockIdx.x; r < num_runs; r += gridDim.x) {
+        const int p0 = run_start[r], p1 = run_start[r + 1];
+        const long long token = tokens[order[p0]];
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+            float acc = 0.0f;
+            for (int p = p0; p < p1; ++p) acc += ld(grad_out[(long long)order[p] * hidden + j]);
+            grad_table[token * hidden + j] += acc;
+        }
+    }
+}
+extern "C" __global__ void embedding_bwd_f32(float* grad_table, const int* order, const int* run_start,
+                                             int num_runs, const unsigned* tokens, const float* grad_out,
+                                             int hidden) {
+    embedding_bwd_impl(grad_table, order, run_start, num_runs, tokens, grad_out, hidden);
+}
+extern "C" __global__ void embedding_bwd_bf16(float* grad_table, const int* order, const int* run_start,
+                                              int num_runs, const unsigned* tokens, const bf16* grad_out,
+                                              int hidden) {
+    embedding_bwd_impl(grad_table, order, run_start, num_runs, tokens, grad_out, hidden);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RMSNorm.
+
+// out (n, hidden) = x * rstd * weight, rstd (n) = 1 / sqrt(mean(x^2) + eps). One block per row.
+template <class T>
+__device__ void rms_norm_fwd_impl(T* out, float* rstd, const T* x, const T* weight, int n, int hidden,
+                                  float eps) {
+    __shared__ float red[MAX_BLOCK];
+    const float inv_c = 1.0f / (float)hidden;
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const T* xr = x + (long long)row * hidden;
+        T* orow = out + (long long)row * hidden;
+        float ss = 0.0f;
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+            const float v = ld(xr[j]);
+            ss += v * v;
+        }
+        ss = block_sum(ss, red);
+        const float rs = 1.0f / sqrtf(ss * inv_c + eps);
+        if (threadIdx.x == 0) rstd[row] = rs;
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) st(orow + j, ld(xr[j]) * rs * ld(weight[j]));
+    }
+}
+extern "C" __global__ void rms_norm_fwd_f32(float* out, float* rstd, const float* x, const float* weight, int n,
+                                            int hidden, float eps) {
+    rms_norm_fwd_impl(out, rstd, x, weight, n, hidden, eps);
+}
+extern "C" __global__ void rms_norm_fwd_bf16(bf16* out, float* rstd, const bf16* x, const bf16* weight, int n,
+                                             int hidden, float eps) {
+    rms_norm_fwd_impl(out, rstd, x, weight, n, hidden, eps);
+}
+
+// grad_x (n, hidden) = r * w * g - x * r^3 / hidden * sum(w * g * x), one block per row.
+template <class T>
+__device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, const T* weight,
+                                     const float* rstd, int n, int hidden) {
+    __shared__ float red[MAX_BLOCK];
+    const float inv_c = 1.0f / (float)hidden;
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const long long base = (long long)row * hidden;
+        const float r = rstd[row];
+        float d = 0.0f;
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) d += ld(weight[j]) * ld(grad_out[base + j]) * ld(x[base + j]);
+        d = block_sum(d, red);
+        const float coef = d * r * r * r * inv_c;
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+            const float wg = ld(weight[j]) * ld(grad_out[base + j]);
+            st(grad_x + base + j, r * wg - ld(x[base + j]) * coef);
+        }
+    }
+}
+extern "C" __global__ void rms_norm_bwd_dx_f32(float* grad_x, const float* grad_out, const float* x,
+                                               const float* weight, const float* rstd, int n, int hidden) {
+    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden);
+}
+extern "C" __global__ void rms_norm_bwd_dx_bf16(bf16* grad_x, const bf16* grad_out, const bf16* x,
+                                                const bf16* weight, const float* rstd, int n, int hidden) {
+    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden);
+}
+
+// grad_weight (hidden) fp32 += sum over rows of g * x * rstd: one thread per column, rows in order.
+template <class T>
+__device__ void rms_norm_bwd_dw_impl(float* grad_weight, const T* grad_out, const T* x, const float* rstd, int n,
+                                     int hidden) {
+    for (long long j = global_thread(); j < hidden; j += global_stride()) {
+        float acc = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const long long e = (long long)i * hidden + j;
+            acc += ld(grad_out[e]) * ld(x[e]) * rstd[i];
+        }
+        grad_weight[j] += acc;
+    }
+}
+extern "C" __global__ void rms_norm_bwd_dw_f32(float* grad_weight, const float* grad_out, const float* x,
+                                               const float* rstd, int n, int hidden) {
+    rms_norm_bwd_dw_impl(grad_weight, grad_out, x, rstd, n, hidden);
+}
+extern "C" __global__ void rms_norm_bwd_dw_bf16(float* grad_weight, const bf16* grad_out, const bf16* x,
+                                                const float* rstd, int n, int hidden) {
+    rms_norm_bwd_dw_impl(grad_weight, grad_out, x, rstd, n, hidden);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rotary embedding (rotate-half), in place on the first num_heads * head_size values of each of the n
+// rows of x (row_stride values apart). Row i is at position i % seq; cos, sin are (seq, head_size/2)
+// fp32. With `inverse` the rotation is by -angle. One thread per (row, head, pair).
+template <class T>
+__device__ void rotary_impl(T* x, int row_stride, int num_heads, int head_size, int seq, const float* cos_t,
+                            const float* sin_t, int n, int inverse) {
+    const int half = head_size / 2;
+    const long long total = (long long)n * num_heads * half;
+    for (long long e = global_thread(); e < total; e += global_stride()) {
+        const long long i = e / ((long long)num_heads * half);
+        const int rem = (int)(e % ((long long)num_heads * half));
+        const int head = rem / half, d = rem % half;
+        const int pos = (int)(i % seq);
+        T* a = x + i * row_stride + (long long)head * head_size + d;
+        T* b = a + half;
+        const float u = ld(*a), v = ld(*b);
+        const float c = cos_t[pos * half + d], s = sin_t[pos * half + d];
+        if (inverse) {
+            st(a, u * c + v * s);
+            st(b, v * c - u * s);
+        } else {
+            st(a, u * c - v * s);
+            st(b, v * c + u * s);
+        }
+    }
+}
+extern "C" __global__ void rotary_f32(float* x, int row_stride, int num_heads, int head_size, int seq,
+                                      const float* cos_t, const float* sin_t, int n, int inverse) {
+    rotary_impl(x, row_stride, num_heads, head_size, seq, cos_t, sin_t, n, inverse);
+}
+extern "C" __global__ void rotary_bf16(bf16* x, int row_stride, int num_heads, int head_size, int seq,
+                                       const float* cos_t, const float* sin_t, int n, int inverse) {
+    rotary_impl(x, row_stride, num_heads, head_size, seq, cos_t, sin_t, n, inverse);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU: gate_up (n, 2*inter) rows are [gate | up]; out (n, inter) = silu(gate) * up.
+
+__device__ __forceinline__ float sigmoidf(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+template <class T>
+__device__ void swiglu_fwd_impl(T* out, const T* gate_up, long long n, int inter) {
+    const long long total = n * inter;
+    for (long long e = global_thread(); e < total; e += global_stride()) {
+        const long long i = e / inter, j = e % inter;
+        const float g = ld(gate_up[i * 2 * inter + j]);
+        const float u = ld(gate_up[i * 2 * inter + inter + j]);
+        st(out + e, g * sigmoidf(g) * u);
+    }
+}
+extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate_up, long long n, int inter) {
+    swiglu_fwd_impl(out, gate_up, n, inter);
+}
+extern "C" __global__ void swiglu_fwd_bf16(bf16* out, const bf16* gate_up, long long n, int inter) {
+    swiglu_fwd_impl(out, gate_up, n, inter);
+}
+
+// grad_gate_up (n, 2*inter) from grad_out (n, inter): d up = g_o * silu(gate),
+// d gate = g_o * up * sig * (1 + gate * (1 - sig)).
+template <class T>
+__device__ void swiglu_bwd_impl(T* grad_gate_up, const T* grad_out, const T* gate_up, long long n, int inter) {
+    const long long total = n * inter;
+    for (long long e = global_thread(); e < total; e += global_stride()) {
+        const long long i = e / inter, j = e % inter;
+        const long long gi = i * 2 * inter + j, ui = gi + inter;
+        const float g = ld(gate_up[gi]), u = ld(gate_up[ui]), d = ld(grad_out[e]);
+        const float sg = sigmoidf(g);
+        st(grad_gate_up + ui, d * (g * sg));
+        st(grad_gate_up + gi, d * u * (sg * (1.0f + g * (1.0f - sg))));
+    }
+}
+extern "C" __global__ void swiglu_bwd_f32(float* grad_gate_up, const float* grad_out, const float* gate_up,
+                                          long long n, int inter) {
+    swiglu_bwd_impl(grad_gate_up, grad_out, gate_up, n, inter);
+}
+extern "C" __global__ void swiglu_bwd_bf16(bf16* grad_gate_up, const bf16* grad_out, const bf16* gate_up,
+                                           long long n, int inter) {
+    swiglu_bwd_impl(grad_gate_up, grad_out, gate_up, n, inter);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Softmax cross-entropy: logits (n, vocab), targets (n), row_loss (n) = logsumexp(row) - row[target].
+// With write_grad, the row is overwritten with grad_scale * (softmax - onehot). One block per row.
+// The launcher checks targets < vocab (an out-of-range target gives a NaN loss and no onehot).
+template <class T>
+__device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* targets, int n, int vocab,
+                                   float grad_scale, int write_grad) {
+    __shared__ float red[MAX_BLOCK];
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        T* x = logits + (long long)row * vocab;
+        const unsigned t = targets[row];
+        // Every thread reads the target logit before the barriers of the reductions, hence before
+        // any thread overwrites the row.
+        const float zt = t < (unsigned)vocab ? ld(x[t]) : __int_as_float(0x7fc00000);
+        float mx = neg_inf();
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, ld(x[j]));
+        mx = block_max(mx, red);
+        float se = 0.0f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) se += expf(ld(x[j]) - mx);
+        se = block_sum(se, red);
+        if (threadIdx.x == 0) row_loss[row] = (mx + logf(se)) - zt;
+        if (write_grad) {
+            const float f = grad_scale / se;
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+                float g = expf(ld(x[j]) - mx) * f;
+                if ((unsigned)j == t) g -= grad_scale;
+                st(x + j, g);
+            }
+        }
+    }
+}
+extern "C" __global__ void cross_entropy_f32(float* logits, float* row_loss, const unsigned* targets, int n,
+                                             int vocab, float grad_scale, int write_grad) {
+    cross_entropy_impl(logits, row_loss, targets, n, vocab, grad_scale, write_grad);
+}
+extern "C" __global__ void cross_entropy_bf16(bf16* logits, float* row_loss, const unsigned* targets, int n,
+                                              int vocab, float grad_scale, int write_grad) {
+    cross_entropy_impl(logits, row_loss, targets, n, vocab, grad_scale, write_grad);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Causal self-attention with grouped KV heads, flash-style: the (seq, seq) scores are never stored;
+// the forward saves the log-sum-exp of each query row, the backward recomputes the probabilities.
+//
+// qkv (batch*seq, (heads + 2*kv_heads) * head_size), rows [q heads | k heads | v heads]; query head h
+// uses kv head h / (heads / kv_heads). out (batch*seq, heads*head_size), lse and delta
+// (batch, heads, seq) fp32. head_size <= MAX_HEAD (checked by the launcher).
+
+// Stages rows r0 .. r0+ATTN_TILE of two head slices (columns c_a and c_b of rows of `stride` values,
+// batch rows starting at `base`) into the shared tiles, as fp32; rows past `seq` are zeroed.
+// Must be called by every thread of the block.
+template <class T>
+__device__ void attn_stage(float* tile_a, float* tile_b, const T* src_a, const T* src_b, long long stride,
+                           int r0, int seq, int head_size) {
+    const int count = ATTN_TILE * head_size;
+    for (int e = threadIdx.x; e < count; e += blockDim.x) {
+        const int r = e / head_size, d = e % head_size;
+        const int row = r0 + r;
+        float a = 0.0f, b = 0.0f;
+        if (row < seq) {
+            a = ld(src_a[row * stride + d]);
+            b = ld(src_b[row * stride + d]);
+        }
+        tile_a[r * MAX_HEAD + d] = a;
+        tile_b[r * MAX_HEAD + d] = b;
+    }
+}
+
+// Forward. Grid (ceil(seq / blockDim.x), heads, batch); one thread per query row with an online
+// softmax over key tiles staged in shared memory.
+template <class T>
+__device__ void attn_fwd_impl(T* out, float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads,
+                              int head_size, float scale) {
+    __shared__ float k_tile[ATTN_TILE * MAX_HEAD];
+    __shared__ float v_tile[ATTN_TILE * MAX_HEAD];
+    (void)batch;  // the grid's z extent
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * head_size;
+    const T* base = qkv + (long long)b * seq * stride;
+    const T* kp = base + (long long)(heads + g) * head_size;
+    const T* vp = base + (long long)(heads + kv_heads + g) * head_size;
+    const int row0 = blockIdx.x * blockDim.x;
+    const int i = row0 + threadIdx.x;
+    const bool live = i < seq;
+    float q[MAX_HEAD], acc[MAX_HEAD], s[ATTN_TILE];
+    if (live) {
+        const T* qp = base + i * stride + (long long)h * head_size;
+        for (int d = 0; d < head_size; ++d) q[d] = ld(qp[d]);
+    }
+    for (int d = 0; d < head_size; ++d) acc[d] = 0.0f;
+    float m = neg_inf(), l = 0.0f;
+    // Keys 0 ..= the block's last query row (block-uniform bound).
+    int last = row0 + (int)blockDim.x - 1;
+    if (last > seq - 1) last = seq - 1;
+    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE) {
+        attn_stage(k_tile, v_tile, kp, vp, stride, t0, seq, head_size);
+        __syncthreads();
+        if (live && t0 <= i) {
+            int cnt = i - t0 + 1;
+            if (cnt > ATTN_TILE) cnt = ATTN_TILE;
+            float tile_max = neg_inf();
+            for (int jj = 0; jj < cnt; ++jj) {
+                const float* kr = k_tile + jj * MAX_HEAD;
+                float dot = 0.0f;
+                for (int d = 0; d < head_size; ++d) dot += q[d] * kr[d];
+                s[jj] = dot * scale;
+                tile_max = fmaxf(tile_max, s[jj]);
+            }
+            const float m_new = fmaxf(m, tile_max);
+            const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
+            l *= corr;
+            for (int d = 0; d < head_size; ++d) acc[d] *= corr;
+            for (int jj = 0; jj < cnt; ++jj) {
+                const float p = expf(s[jj] - m_new);
+                l += p;
+                const float* vr = v_tile + jj * MAX_HEAD;
+                for (int d = 0; d < head_size; ++d) acc[d] += p * vr[d];
+            }
+            m = m_new;
+        }
+        __syncthreads();
+    }
+    if (live) {
+        const float inv = 1.0f / l;
+        T* op = out + ((long long)b * seq + i) * heads * head_size + (long long)h * head_size;
+        for (int d = 0; d < head_size; ++d) st(op + d, acc[d] * inv);
+        lse[((long long)b * heads + h) * seq + i] = m + logf(l);
+    }
+}
+extern "C" __global__ void attn_fwd_f32(float* out, float* lse, const float* qkv, int batch, int seq, int heads,
+                                        int kv_heads, int head_size, float scale) {
+    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale);
+}
+extern "C" __global__ void attn_fwd_bf16(bf16* out, float* lse, const bf16* qkv, int batch, int seq, int heads,
+                                         int kv_heads, int head_size, float scale) {
+    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale);
+}
+
+// delta (batch, heads, seq) = rowsum(grad_out * out) per head: one thread per (b, h, i).
+template <class T>
+__device__ void attn_bwd_delta_impl(float* delta, const T* grad_out, const T* out, int batch, int seq, int heads,
+                                    int head_size) {
+    const long long total = (long long)batch * heads * seq;
+    for (long long e = global_thread(); e < total; e += global_stride()) {
+        const long long i = e % seq, bh = e / seq;
+        const long long h = bh % heads, b = bh / heads;
+        const long long off = (b * seq + i) * heads * head_size + h * head_size;
+        float acc = 0.0f;
+        for (int d = 0; d < head_size; ++d) acc += ld(grad_out[off + d]) * ld(out[off + d]);
+        delta[e] = acc;
+    }
+}
+extern "C" __global__ void attn_bwd_delta_f32(float* delta, const float* grad_out, const float* out, int batch,
+                                              int seq, int heads, int head_size) {
+    attn_bwd_delta_impl(delta, grad_out, out, batch, seq, heads, head_size);
+}
+extern "C" __global__ void attn_bwd_delta_bf16(float* delta, const bf16* grad_out, const bf16* out, int batch,
+                                               int seq, int heads, int head_size) {
+    attn_bwd_delta_impl(delta, grad_out, out, batch, seq, heads, head_size);
+}
+
+// Query gradient, written into the q part of grad_qkv. Grid (ceil(seq / blockDim.x), heads, batch),
+// one thread per query row i: over keys j <= i, p = exp(q.k * scale - lse), dp = dO.v,
+// ds = p * (dp - delta), dq += ds * k; finally dq *= scale.
+template <class T>
+__device__ void attn_bwd_dq_impl(T* grad_qkv, const T* grad_out, const T* qkv, const float* lse,
+                                 const float* delta, int batch, int seq, int heads, int kv_heads, int head_size,
+                                 float scale) {
+    __shared__ float k_tile[ATTN_TILE * MAX_HEAD];
+    __shared__ float v_tile[ATTN_TILE * MAX_HEAD];
+    (void)batch;  // the grid's z extent
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * head_size;
+    const long long base_off = (long long)b * seq * stride;
+    const T* base = qkv + base_off;
+    const T* kp = base + (long long)(heads + g) * head_size;
+    const T* vp = base + (long long)(heads + kv_heads + g) * head_size;
+    const int row0 = blockIdx.x * blockDim.x;
+    const int i = row0 + threadIdx.x;
+    const bool live = i < seq;
+    float q[MAX_HEAD], dout[MAX_HEAD], dq[MAX_HEAD];
+    float row_lse = 0.0f, row_delta = 0.0f;
+    if (live) {
+        const T* qp = base + i * stride + (long long)h * head_size;
+        const T* gp = grad_out + ((long long)b * seq + i) * heads * head_size + (long long)h * head_size;
+        for (int d = 0; d < head_size; ++d) {
+            q[d] = ld(qp[d]);
+            dout[d] = ld(gp[d]);
+        }
+        const long long li = ((long long)b * heads + h) * seq + i;
+        row_lse = lse[li];
+        row_delta = delta[li];
+    }
+    for (int d = 0; d < head_size; ++d) dq[d] = 0.0f;
+    int last = row0 + (int)blockDim.x - 1;
+    if (last > seq - 1) last = seq - 1;
+    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE) {
+        attn_stage(k_tile, v_tile, kp, vp, stride, t0, seq, head_size);
+        __syncthreads();
+        if (live && t0 <= i) {
+            int cnt = i - t0 + 1;
+            if (cnt > ATTN_TILE) cnt = ATTN_TILE;
+            for (int jj = 0; jj < cnt; ++jj) {
+                const float* kr = k_tile + jj * MAX_HEAD;
+                const float* vr = v_tile + jj * MAX_HEAD;
+                float sc = 0.0f, dp = 0.0f;
+                for (int d = 0; d < head_size; ++d) {
+                    sc += q[d] * kr[d];
+                    dp += dout[d] * vr[d];
+                }
+                const float p = expf(sc * scale - row_lse);
+                const float ds = p * (dp - row_delta);
+                for (int d = 0; d < head_size; ++d) dq[d] += ds * kr[d];
+            }
+        }
+        __syncthreads();
+    }
+    if (live) {
+        T* dqp = grad_qkv + base_off + i * stride + (long long)h * head_size;
+        for (int d = 0; d < head_size; ++d) st(dqp + d, dq[d] * scale);
+    }
+}
+extern "C" __global__ void attn_bwd_dq_f32(float* grad_qkv, const float* grad_out, const float* qkv,
+                                           const float* lse, const float* delta, int batch, int seq, int heads,
+                                           int kv_heads, int head_size, float scale) {
+    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+}
+extern "C" __global__ void attn_bwd_dq_bf16(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,
+                                            const float* lse, const float* delta, int batch, int seq, int heads,
+                                            int kv_heads, int head_size, float scale) {
+    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+}
+
+// Key and value gradients, written into the k and v parts of grad_qkv. Grid
+// (ceil(seq / blockDim.x), kv_heads, batch), one thread per key row j of kv head g: over the query
+// heads of the group in order, and for each over the query rows i >= j in order (staged in shared
+// tiles with their lse and delta): dv += p * dO_i, dk += p * (dO_i.v - delta_i) * q_i; finally
+// dk *= scale. A fixed order and one writer per element: deterministic without atomics.
+template <class T>
+__device__ void attn_bwd_dkv_impl(T* grad_qkv, const T* grad_out, const T* qkv, const float* lse,
+                                  const float* delta, int batch, int seq, int heads, int kv_heads, int head_size,
+                                  float scale) {
+    __shared__ float q_tile[ATTN_TILE * MAX_HEAD];
+    __shared__ float o_tile[ATTN_TILE * MAX_HEAD];
+    __shared__ float lse_tile[ATTN_TILE];
+    __shared__ float delta_tile[ATTN_TILE];
+    (void)batch;  // the grid's z extent
+    const int g = blockIdx.y, b = blockIdx.z;
+    const int group = heads / kv_heads;
+    const long long stride = (long long)(heads + 2 * kv_heads) * head_size;
+    const long long out_stride = (long long)heads * head_size;
+    const long long base_off = (long long)b * seq * stride;
+    const T* base = qkv + base_off;
+    const long long k_col = (long long)(heads + g) * head_size;
+    const long long v_col = (long long)(heads + kv_heads + g) * head_size;
+    const int row0 = blockIdx.x * blockDim.x;
+    const int j = row0 + threadIdx.x;
+    const bool live = j < seq;
+    float k[MAX_HEAD], v[MAX_HEAD], dk[MAX_HEAD], dv[MAX_HEAD];
+    if (live) {
+        for (int d = 0; d < head_size; ++d) {
+            k[d] = ld(base[j * stride + k_col + d]);
+            v[d] = ld(base[j * stride + v_col + d]);
+        }
+    }
+    for (int d = 0; d < head_size; ++d) {
+        dk[d] = 0.0f;
+        dv[d] = 0.0f;
+    }
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        const T* qp = base + (long long)h * head_size;
+        const T* gp = grad_out + (long long)b * seq * out_stride + (long long)h * head_size;
+        const float* lse_bh = lse + ((long long)b * heads + h) * seq;
+        const float* delta_bh = delta + ((long long)b * heads + h) * seq;
+        // Query rows from the block's first key row on (block-uniform bounds).
+        for (int t0 = row0; t0 < seq; t0 += ATTN_TILE) {
+            // Stage q and dO rows t0 .. t0+ATTN_TILE (different row strides), with their lse and delta.
+            for (int e = threadIdx.x; e < ATTN_TILE * head_size; e += blockDim.x) {
+                const int r = e / head_size, d = e % head_size;
+                const int row = t0 + r;
+                float a = 0.0f, c = 0.0f;
+                if (row < seq) {
+                    a = ld(qp[row * stride + d]);
+                    c = ld(gp[row * out_stride + d]);
+                }
+                q_tile[r * MAX_HEAD + d] = a;
+                o_tile[r * MAX_HEAD + d] = c;
+            }
+            for (int r = threadIdx.x; r < ATTN_TILE; r += blockDim.x) {
+                const int row = t0 + r;
+                lse_tile[r] = row < seq ? lse_bh[row] : 0.0f;
+                delta_tile[r] = row < seq ? delta_bh[row] : 0.0f;
+            }
+            __syncthreads();
+            if (live) {
+                int first = j - t0;
+                if (first < 0) first = 0;
+                int end = seq - t0;
+                if (end > ATTN_TILE) end = ATTN_TILE;
+                for (int ii = first; ii < end; ++ii) {
+                    const float* qr = q_tile + ii * MAX_HEAD;
+                    const float* gr = o_tile + ii * MAX_HEAD;
+                    float sc = 0.0f, dp = 0.0f;
+                    for (int d = 0; d < head_size; ++d) {
+                        sc += qr[d] * k[d];
+                        dp += gr[d] * v[d];
+                    }
+                    const float p = expf(sc * scale - lse_tile[ii]);
+                    const float ds = p * (dp - delta_tile[ii]);
+                    for (int d = 0; d < head_size; ++d) {
+                        dv[d] += p * gr[d];
+                        dk[d] += ds * qr[d];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (live) {
+        T* row = grad_qkv + base_off + j * stride;
+        for (int d = 0; d < head_size; ++d) {
+            st(row + k_col + d, dk[d] * scale);
+            st(row + v_col + d, dv[d]);
+        }
+    }
+}
+extern "C" __global__ void attn_bwd_dkv_f32(float* grad_qkv, const float* grad_out, const float* qkv,
+                                            const float* lse, const float* delta, int batch, int seq, int heads,
+                                            int kv_heads, int head_size, float scale) {
+    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+}
+extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,
+                                             const float* lse, const float* delta, int batch, int seq, int heads,
+                                             int kv_heads, int head_size, float scale) {
+    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
+// g = grad * grad_scale; w -= lr*wd*w; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
+// w -= lr * (m / bias_corr_1) / (sqrt(v / bias_corr_2) + eps), with bias_corr_k = 1 - beta_k^step
+// computed on the host in f64 and rounded to fp32.
+extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg, float* exp_avg_sq, long long n,
+                                     float lr, float beta_1, float beta_2, float eps, float weight_decay,
+                                     float grad_scale, float bias_corr_1, float bias_corr_2) {
+    const float lr_wd = lr * weight_decay;
+    const float one_m_b1 = 1.0f - beta_1, one_m_b2 = 1.0f - beta_2;
+    for (long long i = global_thread(); i < n; i += global_stride()) {
+        const float g = grad[i] * grad_scale;
+        float wi = w[i];
+        wi -= lr_wd * wi;
+        const float m = beta_1 * exp_avg[i] + one_m_b1 * g;
+        const float v = beta_2 * exp_avg_sq[i] + one_m_b2 * g * g;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        wi -= lr * (m / bias_corr_1) / (sqrtf(v / bias_corr_2) + eps);
+        w[i] = wi;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sum of squares in double: sum_squares_partial writes one fixed-order partial sum per block
+// (partial has gridDim.x entries), sum_doubles (one block) adds `count` partials into out[0].
+// Deterministic for a given grid and block size.
+template <class T>
+__device__ void sum_squares_partial_impl(double* partial, const T* x, long long n) {
+    __shared__ double red[MAX_BLOCK];
+    double acc = 0.0;
+    for (long long i = global_thread(); i < n; i += global_stride()) {
+        const double v = (double)ld(x[i]);
+        acc += v * v;
+    }
+    acc = block_sum_double(acc, red);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+extern "C" __global__ void sum_squares_partial_f32(double* partial, const float* x, long long n) {
+    sum_squares_partial_impl(partial, x, n);
+}
+extern "C" __global__ void sum_squares_partial_bf16(double* partial, const bf16* x, long long n) {
+    sum_squares_partial_impl(partial, x, n);
+}
+
+extern "C" __global__ void sum_doubles(double* out, const double* partial, int count) {
+    __shared__ double red[MAX_BLOCK];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+    acc = block_sum_double(acc, red);
+    if (threadIdx.x == 0) out[0] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Every kernel, for the emulator's name table.
+#define EMU_KERNELS(X)                                                                                        \
+    X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
+    X(embedding_bwd_f32) X(embedding_bwd_bf16) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
+    X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rotary_f32) X(rotary_bf16)      \
+    X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
+    X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
+    X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \
+    X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles)

@@ -11,10 +11,16 @@
 //! drop. Kernels take [`DevView`]s (address, length, element type), which is what lets the engine keep
 //! its "one flat buffer per stage, parameters are views" layout on the device.
 
+pub mod direct;
 pub mod driver;
 
 use std::sync::Arc;
 use thiserror::Error;
+
+pub mod emulator;
+pub mod ops;
+#[cfg(test)]
+mod tests;
 
 /// A device address (host address on the emulator).
 pub type DevPtr = u64;
@@ -320,4 +326,58 @@ pub fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
 pub fn bytes_of_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: callers use this only with plain-number types for which every bit pattern is valid.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+/// A GPU together with the memory the engine's buffers come from when its kernels run in place
+/// ([`direct::DirectKernels`]): CUDA managed memory on a real GPU, the heap on the emulator.
+#[derive(Clone)]
+pub struct Device {
+    /// The device.
+    pub gpu: Arc<dyn Gpu>,
+    /// Where the engine allocates.
+    pub memory: Arc<dyn crate::backend::mem::Memory>,
+    real: Option<Arc<driver::RealGpu>>,
+}
+
+impl Device {
+    /// GPU `ordinal` (the local rank) through the CUDA driver.
+    pub fn cuda(ordinal: usize) -> Result<Self, GpuError> {
+        let real = Arc::new(driver::RealGpu::new(ordinal)?);
+        Ok(Self {
+            gpu: real.clone(),
+            memory: Arc::new(driver::ManagedMemory(real.clone())),
+            real: Some(real),
+        })
+    }
+
+    /// The CPU emulator (the kernels compiled as C++; needs g++).
+    pub fn emulator() -> Result<Self, GpuError> {
+        Ok(Self {
+            gpu: Arc::new(emulator::EmuGpu::new()?),
+            memory: crate::backend::mem::host(),
+            real: None,
+        })
+    }
+
+    /// The device a run with `model.distributed.use_cuda: true` uses: GPU `ordinal`, or the emulator
+    /// when the environment says `FAST_LLM_RS_GPU=emulator` (tests and development without a GPU).
+    pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        match std::env::var("FAST_LLM_RS_GPU").as_deref() {
+            Ok("emulator") => Self::emulator(),
+            Ok("") | Err(_) => Self::cuda(ordinal),
+            Ok(other) => Err(GpuError::Unavailable(format!(
+                "FAST_LLM_RS_GPU = {other}: accepted values are emulator (or unset for the real GPU)"
+            ))),
+        }
+    }
+
+    /// In-place kernels on this device.
+    pub fn kernels(&self) -> direct::DirectKernels {
+        direct::DirectKernels::new(self.gpu.clone(), self.memory.clone())
+    }
+
+    /// Bytes of GPU memory held now and at most so far (real GPUs only).
+    pub fn memory_stats(&self) -> Option<(u64, u64)> {
+        self.real.as_ref().map(|r| r.memory())
+    }
 }

@@ -1,0 +1,828 @@
+//! Typed launchers of the kernels of `kernels.cu` over [`DevView`]s ([`CudaKernels`]); the
+//! [`crate::backend::Kernels`] trait on top of them is [`super::direct::DirectKernels`].
+//!
+//! Each launcher mirrors one method of [`Kernels`] (same shapes, same semantics), checks element types
+//! and sizes (a clear [`GpuError::Invalid`] otherwise), picks the `_f32` or `_bf16` kernel from the
+//! data's type, and computes the launch geometry from [`Gpu::block_size`]. Launches are stream-ordered:
+//! a launcher returns before the device has finished, except those that return a value (they download
+//! it) and `embedding_backward` (which waits before freeing its index buffers).
+//!
+//! Views are trusted as in [`super::read_f32`]: every view passed must lie in a live allocation of this
+//! launcher's device. Token and target views hold `u32` values (4-byte elements, tagged
+//! [`DType::F32`] for size only, as [`DevBuf::from_u32`] makes them).
+//!
+//! Types: activations and weights may be fp32 or bf16 (`T`); the tensors the trait keeps in full
+//! precision on a GPU (RMSNorm `rstd`, attention `lse` / `delta`, rotary tables, weight and embedding
+//! gradients accumulated by `+=`, AdamW state) are always fp32.
+
+use super::{bytes_of_mut, read_f32, Arg, DType, DevBuf, DevView, Gemm, Gpu, GpuError, Launch};
+use std::sync::Arc;
+
+/// Largest attention head size the attention kernels support (`MAX_HEAD` in `kernels.cu`).
+pub const MAX_HEAD_SIZE: usize = 128;
+/// Most blocks of a grid-stride launch.
+const MAX_GRID: usize = 65_535;
+/// Blocks (partial sums) of `sum_squares`.
+const SQ_BLOCKS: usize = 64;
+
+/// `x` rounded to the nearest bf16 (ties to even) and widened back: what a bf16 buffer stores.
+pub fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Shapes of the causal grouped-query attention (see [`Kernels::attention_forward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Values per head (at most [`MAX_HEAD_SIZE`]).
+    pub head_size: usize,
+}
+
+impl AttnDims {
+    /// Elements of `qkv` and `grad_qkv`: `(batch*seq, (heads + 2*kv_heads) * head_size)`.
+    pub fn qkv_len(&self) -> usize {
+        self.batch * self.seq * (self.heads + 2 * self.kv_heads) * self.head_size
+    }
+    /// Elements of `out` and `grad_out`: `(batch*seq, heads*head_size)`.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.seq * self.heads * self.head_size
+    }
+    /// Elements of `lse` and `delta`: `(batch, heads, seq)`.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.seq
+    }
+    /// The softmax scale `1/sqrt(head_size)`, computed in f64 and rounded (as the CPU backend).
+    pub fn scale(&self) -> f32 {
+        (1.0 / (self.head_size as f64).sqrt()) as f32
+    }
+    fn check(&self) -> Result<(), GpuError> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(GpuError::Invalid(format!(
+                "attention: heads ({}) must be a positive multiple of kv_heads ({})",
+                self.heads, self.kv_heads
+            )));
+        }
+        if self.head_size == 0 || self.head_size > MAX_HEAD_SIZE {
+            return Err(GpuError::Invalid(format!(
+                "attention: head_size {} is not supported by the CUDA kernels (1..={MAX_HEAD_SIZE})",
+                self.head_size
+            )));
+        }
+        if self.heads > MAX_GRID || self.batch > MAX_GRID {
+            return Err(GpuError::Invalid(format!(
+                "attention: at most {MAX_GRID} heads and sequences per call (got {} and {})",
+                self.heads, self.batch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// AdamW hyper-parameters of one step (see [`Kernels::adamw`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta_1: f32,
+    /// Second-moment decay.
+    pub beta_2: f32,
+    /// Denominator epsilon.
+    pub epsilon: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Factor on the gradient (clipping).
+    pub grad_scale: f32,
+    /// Step number, 1-based.
+    pub step: u64,
+}
+
+fn invalid(msg: String) -> GpuError {
+    GpuError::Invalid(msg)
+}
+
+fn expect_dtype(v: &DevView, dtype: DType, what: &str) -> Result<(), GpuError> {
+    if v.dtype != dtype {
+        return Err(invalid(format!("{what}: expected {dtype:?} data, got {:?}", v.dtype)));
+    }
+    Ok(())
+}
+
+fn expect_same_dtype(v: &DevView, like: &DevView, what: &str) -> Result<(), GpuError> {
+    if v.dtype != like.dtype {
+        return Err(invalid(format!(
+            "{what}: expected {:?} data (as the main input), got {:?}",
+            like.dtype, v.dtype
+        )));
+    }
+    Ok(())
+}
+
+fn expect_len(v: &DevView, len: usize, what: &str) -> Result<(), GpuError> {
+    if v.len != len {
+        return Err(invalid(format!("{what}: expected {len} elements, got {}", v.len)));
+    }
+    Ok(())
+}
+
+fn expect_at_least(v: &DevView, len: usize, what: &str) -> Result<(), GpuError> {
+    if v.len < len {
+        return Err(invalid(format!(
+            "{what}: expected at least {len} elements, got {}",
+            v.len
+        )));
+    }
+    Ok(())
+}
+
+fn int(x: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(x).map_err(|_| invalid(format!("{what} = {x} exceeds the kernels' int range")))
+}
+
+fn long(x: usize) -> i64 {
+    x as i64
+}
+
+/// The kernels of `kernels.cu` on one device, with typed arguments (see the module docs).
+#[derive(Clone)]
+pub struct CudaKernels {
+    gpu: Arc<dyn Gpu>,
+}
+
+impl CudaKernels {
+    /// Launchers on `gpu`.
+    pub fn new(gpu: Arc<dyn Gpu>) -> Self {
+        Self { gpu }
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<dyn Gpu> {
+        &self.gpu
+    }
+
+    fn launch(&self, name: &str, cfg: Launch, args: &[Arg]) -> Result<(), GpuError> {
+        // SAFETY: every launcher passes the kernel's C signature and views it has checked against the
+        // shapes; the views themselves are trusted (module docs).
+        unsafe { self.gpu.launch(name, cfg, args) }
+    }
+
+    fn block(&self) -> usize {
+        self.gpu.block_size() as usize
+    }
+
+    /// One-dimensional grid-stride launch over `n` items.
+    fn grid_1d(&self, n: usize) -> Launch {
+        let bs = self.block();
+        Launch {
+            grid: (n.div_ceil(bs).clamp(1, MAX_GRID) as u32, 1, 1),
+            block: (bs as u32, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// One block per item (grid-stride over more than [`MAX_GRID`] items).
+    fn grid_rows(&self, rows: usize) -> Launch {
+        Launch {
+            grid: (rows.clamp(1, MAX_GRID) as u32, 1, 1),
+            block: (self.block() as u32, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// Attention grid: (row blocks, `ys`, batch).
+    fn grid_attn(&self, d: &AttnDims, ys: usize) -> Launch {
+        let bs = self.block();
+        Launch {
+            grid: (d.seq.div_ceil(bs).max(1) as u32, ys as u32, d.batch as u32),
+            block: (bs as u32, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// `out = x` converted to `out`'s type (a copy when the types agree).
+    pub fn cast(&self, out: DevView, x: DevView) -> Result<(), GpuError> {
+        expect_len(&out, x.len, "cast: out")?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let name = match (x.dtype, out.dtype) {
+            // SAFETY: both views cover `len` elements of the same type (trusted views).
+            (a, b) if a == b => return unsafe { self.gpu.copy(out.ptr, x.ptr, x.bytes()) },
+            (DType::F32, DType::Bf16) => "cast_f32_to_bf16",
+            _ => "cast_bf16_to_f32",
+        };
+        self.launch(
+            name,
+            self.grid_1d(x.len),
+            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
+        )
+    }
+
+    /// `c (m,n) = op(a) @ op(b)`, or `c +=` when `accumulate` (see [`Kernels::matmul`]); `a` and `b`
+    /// share a type, `c` may be fp32 or bf16; fp32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        c: DevView,
+        a: DevView,
+        b: DevView,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        expect_same_dtype(&b, &a, "matmul: b")?;
+        expect_at_least(&c, m * n, "matmul: c")?;
+        expect_at_least(&a, m * k, "matmul: a")?;
+        expect_at_least(&b, k * n, "matmul: b")?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                // SAFETY: `c` covers m*n elements (checked above).
+                unsafe { self.gpu.memset_zero(c.ptr, m * n * c.dtype.size())? };
+            }
+            return Ok(());
+        }
+        let g = Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            accumulate,
+            alpha: 1.0,
+            a: a.ptr,
+            b: b.ptr,
+            c: c.ptr,
+            ab_dtype: a.dtype,
+            c_dtype: c.dtype,
+        };
+        // SAFETY: the views cover the matrices (checked above).
+        unsafe { self.gpu.gemm(&g) }
+    }
+
+    /// `out += x` elementwise.
+    pub fn add_assign(&self, out: DevView, x: DevView) -> Result<(), GpuError> {
+        expect_same_dtype(&x, &out, "add_assign: x")?;
+        expect_len(&x, out.len, "add_assign: x")?;
+        if out.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("add_{}", out.dtype.suffix()),
+            self.grid_1d(out.len),
+            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(long(out.len))],
+        )
+    }
+
+    /// `out (n, hidden) = table[tokens]`, `table (vocab, hidden)`; every token must be `< vocab`
+    /// (not checked on the device).
+    pub fn embedding_forward(
+        &self,
+        out: DevView,
+        tokens: DevView,
+        table: DevView,
+        hidden: usize,
+    ) -> Result<(), GpuError> {
+        expect_same_dtype(&table, &out, "embedding_forward: table")?;
+        expect_len(&out, tokens.len * hidden, "embedding_forward: out")?;
+        if hidden == 0 || !table.len.is_multiple_of(hidden) {
+            return Err(invalid(format!(
+                "embedding_forward: table of {} elements is not (vocab, {hidden})",
+                table.len
+            )));
+        }
+        if out.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("embedding_fwd_{}", out.dtype.suffix()),
+            self.grid_1d(out.len),
+            &[
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(tokens.ptr),
+                Arg::Ptr(table.ptr),
+                Arg::I32(int(tokens.len, "tokens")?),
+                Arg::I32(int(hidden, "hidden")?),
+            ],
+        )
+    }
+
+    /// `grad_table (vocab, hidden) += grad_out` rows by token, deterministically: `tokens_host` is a
+    /// host copy of the device `tokens` (used to sort positions by token into runs, and checked
+    /// against `vocab`). `grad_table` is fp32. Waits for the kernel before returning (it frees the run
+    /// index buffers).
+    pub fn embedding_backward(
+        &self,
+        grad_table: DevView,
+        tokens_host: &[u32],
+        tokens: DevView,
+        grad_out: DevView,
+        hidden: usize,
+    ) -> Result<(), GpuError> {
+        expect_dtype(&grad_table, DType::F32, "embedding_backward: grad_table")?;
+        expect_len(
+            &tokens,
+            tokens_host.len(),
+            "embedding_backward: device tokens (as tokens_host)",
+        )?;
+        expect_len(&grad_out, tokens_host.len() * hidden, "embedding_backward: grad_out")?;
+        if hidden == 0 || tokens_host.is_empty() {
+            return Ok(());
+        }
+        let vocab = grad_table.len / hidden;
+        if let Some(&t) = tokens_host.iter().find(|&&t| t as usize >= vocab) {
+            return Err(invalid(format!(
+                "embedding_backward: token {t} out of range (vocab {vocab})"
+            )));
+        }
+        int(tokens_host.len(), "tokens")?;
+        // Positions sorted stably by token; runs of equal tokens.
+        let mut order: Vec<u32> = (0..tokens_host.len() as u32).collect();
+        order.sort_by_key(|&p| tokens_host[p as usize]);
+        let mut run_start: Vec<u32> = Vec::new();
+        for (i, &p) in order.iter().enumerate() {
+            if i == 0 || tokens_host[p as usize] != tokens_host[order[i - 1] as usize] {
+                run_start.push(i as u32);
+            }
+        }
+        let num_runs = run_start.len();
+        run_start.push(order.len() as u32);
+        let order_buf = DevBuf::from_u32(&self.gpu, &order)?;
+        let runs_buf = DevBuf::from_u32(&self.gpu, &run_start)?;
+        self.launch(
+            &format!("embedding_bwd_{}", grad_out.dtype.suffix()),
+            self.grid_rows(num_runs),
+            &[
+                Arg::Ptr(grad_table.ptr),
+                Arg::Ptr(order_buf.ptr()),
+                Arg::Ptr(runs_buf.ptr()),
+                Arg::I32(num_runs as i32),
+                Arg::Ptr(tokens.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::I32(int(hidden, "hidden")?),
+            ],
+        )?;
+        self.gpu.synchronize()
+    }
+
+    /// RMSNorm: `out (n, hidden) = x * rstd * weight`, `rstd (n)` fp32.
+    pub fn rms_norm_forward(
+        &self,
+        out: DevView,
+        rstd: DevView,
+        x: DevView,
+        weight: DevView,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        if hidden == 0 || !x.len.is_multiple_of(hidden) {
+            return Err(invalid(format!(
+                "rms_norm_forward: x of {} elements is not (n, {hidden})",
+                x.len
+            )));
+        }
+        let n = x.len / hidden;
+        expect_same_dtype(&out, &x, "rms_norm_forward: out")?;
+        expect_same_dtype(&weight, &x, "rms_norm_forward: weight")?;
+        expect_dtype(&rstd, DType::F32, "rms_norm_forward: rstd")?;
+        expect_len(&out, x.len, "rms_norm_forward: out")?;
+        expect_len(&rstd, n, "rms_norm_forward: rstd")?;
+        expect_len(&weight, hidden, "rms_norm_forward: weight")?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("rms_norm_fwd_{}", x.dtype.suffix()),
+            self.grid_rows(n),
+            &[
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::I32(int(n, "rows")?),
+                Arg::I32(int(hidden, "hidden")?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// RMSNorm backward: writes `grad_x (n, hidden)`, accumulates `grad_weight (hidden) +=` (fp32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_backward(
+        &self,
+        grad_x: DevView,
+        grad_weight: DevView,
+        grad_out: DevView,
+        x: DevView,
+        weight: DevView,
+        rstd: DevView,
+        hidden: usize,
+    ) -> Result<(), GpuError> {
+        let n = rstd.len;
+        expect_dtype(&rstd, DType::F32, "rms_norm_backward: rstd")?;
+        expect_dtype(&grad_weight, DType::F32, "rms_norm_backward: grad_weight")?;
+        for (v, what) in [(&grad_x, "grad_x"), (&grad_out, "grad_out"), (&weight, "weight")] {
+            expect_same_dtype(v, &x, &format!("rms_norm_backward: {what}"))?;
+        }
+        for (v, what) in [(&grad_x, "grad_x"), (&grad_out, "grad_out"), (&x, "x")] {
+            expect_len(v, n * hidden, &format!("rms_norm_backward: {what}"))?;
+        }
+        expect_len(&weight, hidden, "rms_norm_backward: weight")?;
+        expect_len(&grad_weight, hidden, "rms_norm_backward: grad_weight")?;
+        if n == 0 || hidden == 0 {
+            return Ok(());
+        }
+        let (ni, hi) = (int(n, "rows")?, int(hidden, "hidden")?);
+        let t = x.dtype.suffix();
+        self.launch(
+            &format!("rms_norm_bwd_dx_{t}"),
+            self.grid_rows(n),
+            &[
+                Arg::Ptr(grad_x.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::I32(ni),
+                Arg::I32(hi),
+            ],
+        )?;
+        self.launch(
+            &format!("rms_norm_bwd_dw_{t}"),
+            self.grid_1d(hidden),
+            &[
+                Arg::Ptr(grad_weight.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::I32(ni),
+                Arg::I32(hi),
+            ],
+        )
+    }
+
+    /// Rotary embedding in place (see [`Kernels::rotary`]); `cos`, `sin` are fp32 `(seq, head_size/2)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary(
+        &self,
+        x: DevView,
+        row_stride: usize,
+        num_heads: usize,
+        head_size: usize,
+        seq: usize,
+        cos: DevView,
+        sin: DevView,
+        inverse: bool,
+    ) -> Result<(), GpuError> {
+        if row_stride == 0 || seq == 0 || !head_size.is_multiple_of(2) || num_heads * head_size > row_stride {
+            return Err(invalid(format!(
+                "rotary: unsupported shape (row_stride {row_stride}, {num_heads} heads of {head_size}, seq {seq}): \
+                 the heads must fit in a row, head_size must be even, seq > 0"
+            )));
+        }
+        if !x.len.is_multiple_of(row_stride) {
+            return Err(invalid(format!(
+                "rotary: x of {} elements is not (n, {row_stride})",
+                x.len
+            )));
+        }
+        let half = head_size / 2;
+        expect_dtype(&cos, DType::F32, "rotary: cos")?;
+        expect_dtype(&sin, DType::F32, "rotary: sin")?;
+        expect_at_least(&cos, seq * half, "rotary: cos")?;
+        expect_at_least(&sin, seq * half, "rotary: sin")?;
+        let n = x.len / row_stride;
+        if n == 0 || num_heads * half == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("rotary_{}", x.dtype.suffix()),
+            self.grid_1d(n * num_heads * half),
+            &[
+                Arg::Ptr(x.ptr),
+                Arg::I32(int(row_stride, "row_stride")?),
+                Arg::I32(int(num_heads, "num_heads")?),
+                Arg::I32(int(head_size, "head_size")?),
+                Arg::I32(int(seq, "seq")?),
+                Arg::Ptr(cos.ptr),
+                Arg::Ptr(sin.ptr),
+                Arg::I32(int(n, "rows")?),
+                Arg::I32(inverse as i32),
+            ],
+        )
+    }
+
+    /// Causal attention forward with the scale `1/sqrt(head_size)`: writes `out` and the fp32
+    /// log-sum-exp `lse (batch, heads, seq)` the backward needs.
+    pub fn attention_forward(&self, out: DevView, lse: DevView, qkv: DevView, d: AttnDims) -> Result<(), GpuError> {
+        self.attention_forward_scaled(out, lse, qkv, d, d.scale())
+    }
+
+    /// [`CudaKernels::attention_forward`] with an explicit softmax `scale`.
+    pub fn attention_forward_scaled(
+        &self,
+        out: DevView,
+        lse: DevView,
+        qkv: DevView,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        d.check()?;
+        expect_same_dtype(&out, &qkv, "attention_forward: out")?;
+        expect_dtype(&lse, DType::F32, "attention_forward: lse")?;
+        expect_len(&qkv, d.qkv_len(), "attention_forward: qkv")?;
+        expect_len(&out, d.out_len(), "attention_forward: out")?;
+        expect_at_least(&lse, d.lse_len(), "attention_forward: lse")?;
+        if d.out_len() == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("attn_fwd_{}", qkv.dtype.suffix()),
+            self.grid_attn(&d, d.heads),
+            &[
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(lse.ptr),
+                Arg::Ptr(qkv.ptr),
+                Arg::I32(int(d.batch, "batch")?),
+                Arg::I32(int(d.seq, "seq")?),
+                Arg::I32(d.heads as i32),
+                Arg::I32(d.kv_heads as i32),
+                Arg::I32(d.head_size as i32),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    /// Causal attention backward: overwrites `grad_qkv` from `grad_out`, the forward's `out` and
+    /// `lse`, and `qkv`; `delta` is fp32 scratch of at least `batch*heads*seq` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        grad_qkv: DevView,
+        delta: DevView,
+        grad_out: DevView,
+        out: DevView,
+        qkv: DevView,
+        lse: DevView,
+        d: AttnDims,
+    ) -> Result<(), GpuError> {
+        self.attention_backward_scaled(grad_qkv, delta, grad_out, out, qkv, lse, d, d.scale())
+    }
+
+    /// [`CudaKernels::attention_backward`] with an explicit softmax `scale`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward_scaled(
+        &self,
+        grad_qkv: DevView,
+        delta: DevView,
+        grad_out: DevView,
+        out: DevView,
+        qkv: DevView,
+        lse: DevView,
+        d: AttnDims,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        d.check()?;
+        for (v, what) in [(&grad_qkv, "grad_qkv"), (&grad_out, "grad_out"), (&out, "out")] {
+            expect_same_dtype(v, &qkv, &format!("attention_backward: {what}"))?;
+        }
+        expect_dtype(&lse, DType::F32, "attention_backward: lse")?;
+        expect_dtype(&delta, DType::F32, "attention_backward: delta")?;
+        expect_len(&qkv, d.qkv_len(), "attention_backward: qkv")?;
+        expect_len(&grad_qkv, d.qkv_len(), "attention_backward: grad_qkv")?;
+        expect_len(&grad_out, d.out_len(), "attention_backward: grad_out")?;
+        expect_len(&out, d.out_len(), "attention_backward: out")?;
+        expect_at_least(&lse, d.lse_len(), "attention_backward: lse")?;
+        expect_at_least(&delta, d.lse_len(), "attention_backward: delta")?;
+        if d.out_len() == 0 {
+            return Ok(());
+        }
+        let t = qkv.dtype.suffix();
+        let (b, s) = (int(d.batch, "batch")?, int(d.seq, "seq")?);
+        let (h, kvh, hs) = (d.heads as i32, d.kv_heads as i32, d.head_size as i32);
+        self.launch(
+            &format!("attn_bwd_delta_{t}"),
+            self.grid_1d(d.lse_len()),
+            &[
+                Arg::Ptr(delta.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::Ptr(out.ptr),
+                Arg::I32(b),
+                Arg::I32(s),
+                Arg::I32(h),
+                Arg::I32(hs),
+            ],
+        )?;
+        let args = [
+            Arg::Ptr(grad_qkv.ptr),
+            Arg::Ptr(grad_out.ptr),
+            Arg::Ptr(qkv.ptr),
+            Arg::Ptr(lse.ptr),
+            Arg::Ptr(delta.ptr),
+            Arg::I32(b),
+            Arg::I32(s),
+            Arg::I32(h),
+            Arg::I32(kvh),
+            Arg::I32(hs),
+            Arg::F32(scale),
+        ];
+        self.launch(&format!("attn_bwd_dq_{t}"), self.grid_attn(&d, d.heads), &args)?;
+        self.launch(&format!("attn_bwd_dkv_{t}"), self.grid_attn(&d, d.kv_heads), &args)
+    }
+
+    /// SwiGLU: `out (n, inter) = silu(gate) * up` from `gate_up (n, 2*inter)`.
+    pub fn swiglu_forward(&self, out: DevView, gate_up: DevView, inter: usize) -> Result<(), GpuError> {
+        expect_same_dtype(&out, &gate_up, "swiglu_forward: out")?;
+        if inter == 0 || !out.len.is_multiple_of(inter) {
+            return Err(invalid(format!(
+                "swiglu_forward: out of {} elements is not (n, {inter})",
+                out.len
+            )));
+        }
+        expect_len(&gate_up, 2 * out.len, "swiglu_forward: gate_up")?;
+        let n = out.len / inter;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("swiglu_fwd_{}", out.dtype.suffix()),
+            self.grid_1d(out.len),
+            &[
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(gate_up.ptr),
+                Arg::I64(long(n)),
+                Arg::I32(int(inter, "inter")?),
+            ],
+        )
+    }
+
+    /// SwiGLU backward: writes `grad_gate_up (n, 2*inter)`.
+    pub fn swiglu_backward(
+        &self,
+        grad_gate_up: DevView,
+        grad_out: DevView,
+        gate_up: DevView,
+        inter: usize,
+    ) -> Result<(), GpuError> {
+        expect_same_dtype(&grad_gate_up, &gate_up, "swiglu_backward: grad_gate_up")?;
+        expect_same_dtype(&grad_out, &gate_up, "swiglu_backward: grad_out")?;
+        if inter == 0 || !grad_out.len.is_multiple_of(inter) {
+            return Err(invalid(format!(
+                "swiglu_backward: grad_out of {} elements is not (n, {inter})",
+                grad_out.len
+            )));
+        }
+        expect_len(&gate_up, 2 * grad_out.len, "swiglu_backward: gate_up")?;
+        expect_len(&grad_gate_up, 2 * grad_out.len, "swiglu_backward: grad_gate_up")?;
+        let n = grad_out.len / inter;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("swiglu_bwd_{}", gate_up.dtype.suffix()),
+            self.grid_1d(grad_out.len),
+            &[
+                Arg::Ptr(grad_gate_up.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::Ptr(gate_up.ptr),
+                Arg::I64(long(n)),
+                Arg::I32(int(inter, "inter")?),
+            ],
+        )
+    }
+
+    /// Softmax cross-entropy of `logits (n, vocab)` against the device `targets (n)`; `row_loss` is
+    /// fp32 scratch of at least `n` elements. Returns the sum of the row losses, added in f64 in row
+    /// order (after a download). With `grad_scale = Some(s)` the logits are overwritten with
+    /// `s * (softmax - onehot)`. Targets must be `< vocab` (an out-of-range target gives NaN).
+    pub fn cross_entropy(
+        &self,
+        logits: DevView,
+        row_loss: DevView,
+        targets: DevView,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<f64, GpuError> {
+        let n = targets.len;
+        expect_len(&logits, n * vocab, "cross_entropy: logits")?;
+        expect_dtype(&row_loss, DType::F32, "cross_entropy: row_loss")?;
+        expect_at_least(&row_loss, n, "cross_entropy: row_loss")?;
+        if vocab == 0 {
+            return Err(invalid("cross_entropy: vocab must be positive".into()));
+        }
+        if n == 0 {
+            return Ok(0.0);
+        }
+        self.launch(
+            &format!("cross_entropy_{}", logits.dtype.suffix()),
+            self.grid_rows(n),
+            &[
+                Arg::Ptr(logits.ptr),
+                Arg::Ptr(row_loss.ptr),
+                Arg::Ptr(targets.ptr),
+                Arg::I32(int(n, "rows")?),
+                Arg::I32(int(vocab, "vocab")?),
+                Arg::F32(grad_scale.unwrap_or(0.0)),
+                Arg::I32(grad_scale.is_some() as i32),
+            ],
+        )?;
+        let losses = read_f32(&*self.gpu, row_loss.slice(0..n))?;
+        Ok(losses.iter().map(|&l| l as f64).sum())
+    }
+
+    /// AdamW on fp32 `w`, `grad`, `exp_avg`, `exp_avg_sq` (see [`Kernels::adamw`]); the bias
+    /// corrections are computed here in f64 and rounded to fp32, as the CPU backend does.
+    pub fn adamw(
+        &self,
+        w: DevView,
+        grad: DevView,
+        exp_avg: DevView,
+        exp_avg_sq: DevView,
+        p: AdamStep,
+    ) -> Result<(), GpuError> {
+        for (v, what) in [
+            (&w, "w"),
+            (&grad, "grad"),
+            (&exp_avg, "exp_avg"),
+            (&exp_avg_sq, "exp_avg_sq"),
+        ] {
+            expect_dtype(v, DType::F32, &format!("adamw: {what}"))?;
+            expect_len(v, w.len, &format!("adamw: {what}"))?;
+        }
+        if p.step == 0 {
+            return Err(invalid("adamw: step is 1-based".into()));
+        }
+        if w.len == 0 {
+            return Ok(());
+        }
+        let bc1 = (1.0 - (p.beta_1 as f64).powf(p.step as f64)) as f32;
+        let bc2 = (1.0 - (p.beta_2 as f64).powf(p.step as f64)) as f32;
+        self.launch(
+            "adamw_f32",
+            self.grid_1d(w.len),
+            &[
+                Arg::Ptr(w.ptr),
+                Arg::Ptr(grad.ptr),
+                Arg::Ptr(exp_avg.ptr),
+                Arg::Ptr(exp_avg_sq.ptr),
+                Arg::I64(long(w.len)),
+                Arg::F32(p.lr),
+                Arg::F32(p.beta_1),
+                Arg::F32(p.beta_2),
+                Arg::F32(p.epsilon),
+                Arg::F32(p.weight_decay),
+                Arg::F32(p.grad_scale),
+                Arg::F32(bc1),
+                Arg::F32(bc2),
+            ],
+        )
+    }
+
+    /// Sum of squares of `x` in f64: fixed per-block partial sums, then one block adds them in a
+    /// fixed tree order (deterministic for a given block size). Downloads the result.
+    pub fn sum_squares(&self, x: DevView) -> Result<f64, GpuError> {
+        if x.len == 0 {
+            return Ok(0.0);
+        }
+        let blocks = x.len.div_ceil(self.block()).clamp(1, SQ_BLOCKS);
+        // f64 scratch as pairs of 4-byte elements: `blocks` partial sums and the total.
+        let scratch = DevBuf::zeros(&self.gpu, 2 * (blocks + 1), DType::F32)?;
+        let partial = scratch.ptr();
+        let total = scratch.ptr() + 8 * blocks as u64;
+        let bs = self.block() as u32;
+        self.launch(
+            &format!("sum_squares_partial_{}", x.dtype.suffix()),
+            Launch {
+                grid: (blocks as u32, 1, 1),
+                block: (bs, 1, 1),
+                shared_bytes: 0,
+            },
+            &[Arg::Ptr(partial), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
+        )?;
+        self.launch(
+            "sum_doubles",
+            Launch {
+                grid: (1, 1, 1),
+                block: (bs, 1, 1),
+                shared_bytes: 0,
+            },
+            &[Arg::Ptr(total), Arg::Ptr(partial), Arg::I32(blocks as i32)],
+        )?;
+        let mut out = [0f64; 1];
+        // SAFETY: `total` is the last 8 bytes of `scratch`.
+        unsafe { self.gpu.download(bytes_of_mut(&mut out), total)? };
+        Ok(out[0])
+    }
+}

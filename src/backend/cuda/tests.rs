@@ -1,0 +1,887 @@
+//! The CUDA kernels against the CPU backend, on every device [`test_gpus`] finds (the emulator when
+//! `g++` works; a real GPU once its driver lands).
+//!
+//! Error measure: norm-wise relative, `max_i |got_i - want_i| / max(max_i |want_i|, 1e-30)`, with the
+//! CPU backend as `want`. Tolerances: fp32 kernels 1e-5; bf16 kernels 2e-2, against the CPU in f32 on
+//! the same bf16-rounded inputs (outputs and any bf16 intermediates are rounded on the device). Run
+//! with `--nocapture` to see each measured error.
+
+use super::emulator::EmuGpu;
+use super::ops::{bf16_round, AdamStep, AttnDims, CudaKernels};
+use super::Device;
+use super::{Arg, DType, DevBuf, Gpu, GpuError, Launch};
+use crate::backend::cpu::CpuKernels;
+use crate::backend::Kernels;
+use std::sync::{Arc, OnceLock};
+
+const TOL_F32: f64 = 1e-5;
+const TOL_BF16: f64 = 2e-2;
+const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
+
+/// The process-wide emulator (built once), or why there is none.
+fn emulator() -> Result<Arc<dyn Gpu>, String> {
+    static EMU: OnceLock<Result<Arc<EmuGpu>, String>> = OnceLock::new();
+    EMU.get_or_init(|| EmuGpu::new().map(Arc::new).map_err(|e| e.to_string()))
+        .clone()
+        .map(|g| g as Arc<dyn Gpu>)
+}
+
+/// GPU 0 when this machine has a CUDA driver (opened once per test binary).
+fn real_gpu() -> Option<Device> {
+    static REAL: OnceLock<Option<Device>> = OnceLock::new();
+    REAL.get_or_init(|| {
+        // SAFETY: probing for the library has no preconditions.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            println!("skipped: real GPU: no CUDA driver on this machine");
+            return None;
+        }
+        match Device::cuda(0) {
+            Ok(d) => {
+                println!("real GPU: {}", d.gpu.describe());
+                Some(d)
+            }
+            Err(e) => {
+                println!("skipped: real GPU: {e}");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+/// Devices with their engine memory (emulator: the heap; real GPU: managed memory).
+fn test_devices() -> Vec<Device> {
+    let mut out = Vec::new();
+    match emulator() {
+        Ok(gpu) => out.push(Device {
+            gpu,
+            memory: crate::backend::mem::host(),
+            real: None,
+        }),
+        Err(why) => println!("skipped: CUDA emulator unavailable: {why}"),
+    }
+    out.extend(real_gpu());
+    out
+}
+
+/// The devices under test. Prints `skipped: <why>` for each one that is unavailable.
+fn test_gpus() -> Vec<Arc<dyn Gpu>> {
+    let mut gpus: Vec<Arc<dyn Gpu>> = Vec::new();
+    match emulator() {
+        Ok(g) => gpus.push(g),
+        Err(why) => println!("skipped: CUDA emulator unavailable: {why}"),
+    }
+    if let Some(d) = real_gpu() {
+        gpus.push(d.gpu);
+    }
+    if gpus.is_empty() {
+        println!("skipped: no CUDA device (real or emulated) is usable");
+    }
+    gpus
+}
+
+/// A deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-scale, scale).
+    fn uniform(&mut self, scale: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (2.0 * u - 1.0) * scale
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(scale)).collect()
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next_u64() % n as u64) as u32
+    }
+}
+
+/// `v` as stored in `dtype` (bf16 rounding) and widened back.
+fn stored(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => v.to_vec(),
+        DType::Bf16 => v.iter().map(|&x| bf16_round(x)).collect(),
+    }
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => TOL_F32,
+        DType::Bf16 => TOL_BF16,
+    }
+}
+
+/// Norm-wise relative error of `got` against `want` (see the module docs).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "compared lengths");
+    let scale = want.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (&a, &b)| m.max(((a as f64) - (b as f64)).abs()));
+    if diff.is_nan() || got.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    diff / scale.max(1e-30)
+}
+
+/// Asserts `rel_err(got, want) <= tol`, printing the measured error.
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
+    let e = rel_err(got, want);
+    println!("{what}: max relative error {e:.3e} (tolerance {tol:.0e})");
+    assert!(e <= tol, "{what}: relative error {e:e} exceeds {tol:e}");
+    e
+}
+
+fn buf(gpu: &Arc<dyn Gpu>, v: &[f32], dtype: DType) -> DevBuf {
+    DevBuf::from_f32(gpu, v, dtype).unwrap()
+}
+
+fn read(b: &DevBuf) -> Vec<f32> {
+    b.to_f32().unwrap()
+}
+
+fn cpu() -> CpuKernels {
+    CpuKernels::new(1)
+}
+
+#[test]
+fn casts_round_like_half_and_add_matches() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(1);
+        let mut x = rng.vec(100, 3.0);
+        // Ties, tiny, huge, infinities and NaN.
+        x.extend([
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1e-40,
+            3.4e38,
+            f32::INFINITY,
+            -f32::INFINITY,
+            f32::NAN,
+        ]);
+        let src = buf(&gpu, &x, DType::F32);
+        let bf = DevBuf::zeros(&gpu, x.len(), DType::Bf16).unwrap();
+        k.cast(bf.view(), src.view()).unwrap();
+        let mut bits = vec![0u16; x.len()];
+        unsafe { gpu.download(super::bytes_of_mut(&mut bits), bf.ptr()).unwrap() };
+        for (i, (&b, &v)) in bits.iter().zip(&x).enumerate() {
+            assert_eq!(b, half::bf16::from_f32(v).to_bits(), "cast_f32_to_bf16 of x[{i}] = {v}");
+        }
+        let back = DevBuf::zeros(&gpu, x.len(), DType::F32).unwrap();
+        k.cast(back.view(), bf.view()).unwrap();
+        let want = stored(&x, DType::Bf16);
+        for (i, (a, b)) in read(&back).iter().zip(&want).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits(),
+                "cast_bf16_to_f32 of element {i}: {a} vs {b}"
+            );
+        }
+
+        for dtype in DTYPES {
+            let (a, b) = (stored(&rng.vec(77, 2.0), dtype), stored(&rng.vec(77, 2.0), dtype));
+            let (da, db) = (buf(&gpu, &a, dtype), buf(&gpu, &b, dtype));
+            k.add_assign(da.view(), db.view()).unwrap();
+            let mut want = a.clone();
+            cpu().add_assign(&mut want, &b);
+            let want = stored(&want, dtype);
+            // One rounding of the exact fp32 sum: bitwise equal.
+            check(&format!("add_{}", dtype.suffix()), &read(&da), &want, 0.0);
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(2);
+        let (m, n, kk) = (7, 5, 19);
+        for (ab, c_dtype) in [
+            (DType::F32, DType::F32),
+            (DType::Bf16, DType::F32),
+            (DType::Bf16, DType::Bf16),
+        ] {
+            let mut worst = 0.0f64;
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    for acc in [false, true] {
+                        let a = stored(&rng.vec(m * kk, 1.0), ab);
+                        let b = stored(&rng.vec(kk * n, 1.0), ab);
+                        let c0 = stored(&rng.vec(m * n, 1.0), c_dtype);
+                        let mut want = c0.clone();
+                        cpu().matmul(&mut want, &a, &b, m, n, kk, ta, tb, acc);
+                        let (da, db, dc) = (buf(&gpu, &a, ab), buf(&gpu, &b, ab), buf(&gpu, &c0, c_dtype));
+                        k.matmul(dc.view(), da.view(), db.view(), m, n, kk, ta, tb, acc)
+                            .unwrap();
+                        let t = if c_dtype == DType::Bf16 { TOL_BF16 } else { TOL_F32 };
+                        let e = rel_err(&read(&dc), &want);
+                        assert!(e <= t, "matmul {ab:?}->{c_dtype:?} ta {ta} tb {tb} acc {acc}: {e:e}");
+                        worst = worst.max(e);
+                    }
+                }
+            }
+            println!("matmul {ab:?} -> {c_dtype:?}: max relative error {worst:.3e}");
+        }
+    }
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(3);
+        let (vocab, hidden, n) = (11, 40, 23);
+        // Repeated tokens (runs), one token never used.
+        let tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32 - 1)).collect();
+        for dtype in DTYPES {
+            let table = stored(&rng.vec(vocab * hidden, 1.0), dtype);
+            let mut want = vec![0.0; n * hidden];
+            cpu().embedding_forward(&mut want, &tokens, &table, hidden);
+            let (dt, dtab) = (DevBuf::from_u32(&gpu, &tokens).unwrap(), buf(&gpu, &table, dtype));
+            let dout = DevBuf::zeros(&gpu, n * hidden, dtype).unwrap();
+            k.embedding_forward(dout.view(), dt.view(), dtab.view(), hidden)
+                .unwrap();
+            check(&format!("embedding_fwd_{}", dtype.suffix()), &read(&dout), &want, 0.0);
+
+            let grad_out = stored(&rng.vec(n * hidden, 1.0), dtype);
+            let grad0 = rng.vec(vocab * hidden, 1.0);
+            let mut want = grad0.clone();
+            cpu().embedding_backward(&mut want, &tokens, &grad_out, hidden);
+            let (dg, dgo) = (buf(&gpu, &grad0, DType::F32), buf(&gpu, &grad_out, dtype));
+            k.embedding_backward(dg.view(), &tokens, dt.view(), dgo.view(), hidden)
+                .unwrap();
+            // fp32 accumulation in both cases (only the order differs: sum of the run, then add).
+            check(&format!("embedding_bwd_{}", dtype.suffix()), &read(&dg), &want, TOL_F32);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(4);
+        for (n, hidden) in [(13, 40), (6, 16), (3, 100)] {
+            for dtype in DTYPES {
+                let x = stored(&rng.vec(n * hidden, 2.0), dtype);
+                let w = stored(&rng.vec(hidden, 1.5), dtype);
+                let (mut out, mut rstd) = (vec![0.0; n * hidden], vec![0.0; n]);
+                cpu().rms_norm_forward(&mut out, &mut rstd, &x, &w, hidden, 1e-5);
+                let (dx, dw) = (buf(&gpu, &x, dtype), buf(&gpu, &w, dtype));
+                let dout = DevBuf::zeros(&gpu, n * hidden, dtype).unwrap();
+                let dr = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
+                k.rms_norm_forward(dout.view(), dr.view(), dx.view(), dw.view(), hidden, 1e-5)
+                    .unwrap();
+                let t = tol(dtype);
+                let sfx = format!("{}, n {n} hidden {hidden}", dtype.suffix());
+                check(&format!("rms_norm_fwd_{sfx} out"), &read(&dout), &out, t);
+                check(&format!("rms_norm_fwd_{sfx} rstd"), &read(&dr), &rstd, TOL_F32);
+
+                let go = stored(&rng.vec(n * hidden, 1.0), dtype);
+                let gw0 = rng.vec(hidden, 1.0);
+                let (mut gx, mut gw) = (vec![0.0; n * hidden], gw0.clone());
+                // The device's rstd is what its backward reads; the CPU's is within 1e-6 of it.
+                let rstd_dev = read(&dr);
+                cpu().rms_norm_backward(&mut gx, &mut gw, &go, &x, &w, &rstd_dev, hidden);
+                let dgo = buf(&gpu, &go, dtype);
+                let dgx = DevBuf::zeros(&gpu, n * hidden, dtype).unwrap();
+                let dgw = buf(&gpu, &gw0, DType::F32);
+                k.rms_norm_backward(
+                    dgx.view(),
+                    dgw.view(),
+                    dgo.view(),
+                    dx.view(),
+                    dw.view(),
+                    dr.view(),
+                    hidden,
+                )
+                .unwrap();
+                check(&format!("rms_norm_bwd_dx_{sfx}"), &read(&dgx), &gx, t);
+                check(&format!("rms_norm_bwd_dw_{sfx}"), &read(&dgw), &gw, TOL_F32);
+            }
+        }
+    }
+}
+
+#[test]
+fn rotary_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(5);
+        let (seq, heads, kv_heads, hs) = (9, 4, 2, 8);
+        let stride = (heads + 2 * kv_heads) * hs;
+        let n = 2 * seq;
+        let half = hs / 2;
+        let angles: Vec<f32> = rng.vec(seq * half, 3.0);
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (dc, ds) = (buf(&gpu, &cos, DType::F32), buf(&gpu, &sin, DType::F32));
+        for dtype in DTYPES {
+            for inverse in [false, true] {
+                let x = stored(&rng.vec(n * stride, 1.0), dtype);
+                // Rotate the q and k heads, leave v alone (as the model does).
+                let mut want = x.clone();
+                cpu().rotary(&mut want, stride, heads + kv_heads, hs, seq, &cos, &sin, inverse);
+                let dx = buf(&gpu, &x, dtype);
+                k.rotary(
+                    dx.view(),
+                    stride,
+                    heads + kv_heads,
+                    hs,
+                    seq,
+                    dc.view(),
+                    ds.view(),
+                    inverse,
+                )
+                .unwrap();
+                let what = format!("rotary_{} inverse {inverse}", dtype.suffix());
+                check(&what, &read(&dx), &want, tol(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(6);
+        let (n, inter) = (11, 20);
+        for dtype in DTYPES {
+            let gu = stored(&rng.vec(n * 2 * inter, 4.0), dtype);
+            let mut out = vec![0.0; n * inter];
+            cpu().swiglu_forward(&mut out, &gu, inter);
+            let dgu = buf(&gpu, &gu, dtype);
+            let dout = DevBuf::zeros(&gpu, n * inter, dtype).unwrap();
+            k.swiglu_forward(dout.view(), dgu.view(), inter).unwrap();
+            check(
+                &format!("swiglu_fwd_{}", dtype.suffix()),
+                &read(&dout),
+                &out,
+                tol(dtype),
+            );
+
+            let go = stored(&rng.vec(n * inter, 1.0), dtype);
+            let mut gg = vec![0.0; n * 2 * inter];
+            cpu().swiglu_backward(&mut gg, &go, &gu, inter);
+            let dgo = buf(&gpu, &go, dtype);
+            let dgg = DevBuf::zeros(&gpu, n * 2 * inter, dtype).unwrap();
+            k.swiglu_backward(dgg.view(), dgo.view(), dgu.view(), inter).unwrap();
+            check(&format!("swiglu_bwd_{}", dtype.suffix()), &read(&dgg), &gg, tol(dtype));
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(7);
+        let (n, vocab) = (9, 70);
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
+        let dt = DevBuf::from_u32(&gpu, &targets).unwrap();
+        let dloss = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
+        for dtype in DTYPES {
+            for grad_scale in [Some(0.37f32), None] {
+                let logits = stored(&rng.vec(n * vocab, 6.0), dtype);
+                let mut want = logits.clone();
+                let loss = cpu().cross_entropy(&mut want, &targets, vocab, grad_scale);
+                let dl = buf(&gpu, &logits, dtype);
+                let got = k
+                    .cross_entropy(dl.view(), dloss.view(), dt.view(), vocab, grad_scale)
+                    .unwrap();
+                let what = format!("cross_entropy_{} grad {grad_scale:?}", dtype.suffix());
+                // The loss is computed from the same (rounded) logits: fp32 tolerance in both types.
+                check(&format!("{what} loss"), &[got as f32], &[loss as f32], TOL_F32);
+                if grad_scale.is_some() {
+                    check(&format!("{what} grad"), &read(&dl), &want, tol(dtype));
+                } else {
+                    assert_eq!(read(&dl), logits, "{what}: logits changed without a gradient");
+                }
+            }
+        }
+    }
+}
+
+/// Log-sum-exp `(batch, heads, seq)` of the causal attention scores, in f64.
+fn reference_lse(qkv: &[f32], d: AttnDims) -> Vec<f32> {
+    let stride = (d.heads + 2 * d.kv_heads) * d.head_size;
+    let scale = 1.0 / (d.head_size as f64).sqrt();
+    let mut lse = Vec::with_capacity(d.lse_len());
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            let g = h / (d.heads / d.kv_heads);
+            for i in 0..d.seq {
+                let q = &qkv[(b * d.seq + i) * stride + h * d.head_size..][..d.head_size];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let kr = &qkv[(b * d.seq + j) * stride + (d.heads + g) * d.head_size..][..d.head_size];
+                        q.iter().zip(kr).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse.push((m + scores.iter().map(|s| (s - m).exp()).sum::<f64>().ln()) as f32);
+            }
+        }
+    }
+    lse
+}
+
+/// Forward and backward on the device for `d`, checked against the CPU backend; returns the worst
+/// (forward, backward) errors. `scale_factor` multiplies the device's softmax scale (1 = correct).
+fn attention_errors(gpu: &Arc<dyn Gpu>, d: AttnDims, dtype: DType, seed: u64, scale_factor: f32) -> (f64, f64, f64) {
+    let k = CudaKernels::new(gpu.clone());
+    let mut rng = Rng(seed);
+    let qkv = stored(&rng.vec(d.qkv_len(), 1.0), dtype);
+    let go = stored(&rng.vec(d.out_len(), 1.0), dtype);
+    let probs_len = d.batch * d.heads * d.seq * d.seq;
+    let (mut out, mut probs) = (vec![0.0; d.out_len()], vec![0.0; probs_len]);
+    cpu().attention_forward(
+        &mut out,
+        &mut probs,
+        &qkv,
+        d.batch,
+        d.seq,
+        d.heads,
+        d.kv_heads,
+        d.head_size,
+    );
+    let (mut gq, mut scratch) = (vec![0.0; d.qkv_len()], vec![0.0; probs_len]);
+    cpu().attention_backward(
+        &mut gq,
+        &mut scratch,
+        &go,
+        &[],
+        &qkv,
+        &probs,
+        d.batch,
+        d.seq,
+        d.heads,
+        d.kv_heads,
+        d.head_size,
+    );
+
+    let scale = d.scale() * scale_factor;
+    let (dq, dgo) = (buf(gpu, &qkv, dtype), buf(gpu, &go, dtype));
+    let dout = DevBuf::zeros(gpu, d.out_len(), dtype).unwrap();
+    let dlse = DevBuf::zeros(gpu, d.lse_len(), DType::F32).unwrap();
+    k.attention_forward_scaled(dout.view(), dlse.view(), dq.view(), d, scale)
+        .unwrap();
+    let dgq = DevBuf::zeros(gpu, d.qkv_len(), dtype).unwrap();
+    let ddelta = DevBuf::zeros(gpu, d.lse_len(), DType::F32).unwrap();
+    k.attention_backward_scaled(
+        dgq.view(),
+        ddelta.view(),
+        dgo.view(),
+        dout.view(),
+        dq.view(),
+        dlse.view(),
+        d,
+        scale,
+    )
+    .unwrap();
+    (
+        rel_err(&read(&dout), &out),
+        rel_err(&read(&dlse), &reference_lse(&qkv, d)),
+        rel_err(&read(&dgq), &gq),
+    )
+}
+
+const ATTN_SHAPES: [AttnDims; 3] = [
+    AttnDims {
+        batch: 2,
+        seq: 17,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 8,
+    },
+    // More rows than a block of 32 threads and than a tile of 32 keys.
+    AttnDims {
+        batch: 1,
+        seq: 45,
+        heads: 2,
+        kv_heads: 1,
+        head_size: 8,
+    },
+    AttnDims {
+        batch: 1,
+        seq: 9,
+        heads: 2,
+        kv_heads: 1,
+        head_size: 128,
+    },
+];
+
+#[test]
+fn attention_matches_cpu() {
+    for gpu in test_gpus() {
+        for (s, d) in ATTN_SHAPES.iter().enumerate() {
+            for dtype in DTYPES {
+                let (fwd, lse, bwd) = attention_errors(&gpu, *d, dtype, 8 + s as u64, 1.0);
+                let what = format!("attention_{} {d:?}", dtype.suffix());
+                println!("{what}: max relative error out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
+                assert!(fwd <= tol(dtype), "{what}: forward error {fwd:e}");
+                assert!(lse <= tol(dtype), "{what}: lse error {lse:e}");
+                assert!(bwd <= tol(dtype), "{what}: backward error {bwd:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(9);
+        let n = 300;
+        let mut w = rng.vec(n, 1.0);
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let (dw, dm, dv) = (
+            buf(&gpu, &w, DType::F32),
+            buf(&gpu, &m, DType::F32),
+            buf(&gpu, &v, DType::F32),
+        );
+        for step in 1..=3u64 {
+            let g = rng.vec(n, 0.1);
+            let p = AdamStep {
+                lr: 3e-3,
+                beta_1: 0.9,
+                beta_2: 0.95,
+                epsilon: 1e-8,
+                weight_decay: 0.1,
+                grad_scale: 0.8,
+                step,
+            };
+            Kernels::<f32>::adamw(
+                &cpu(),
+                &mut w,
+                &g,
+                &mut m,
+                &mut v,
+                p.lr,
+                p.beta_1,
+                p.beta_2,
+                p.epsilon,
+                p.weight_decay,
+                p.grad_scale,
+                step,
+            );
+            let dg = buf(&gpu, &g, DType::F32);
+            k.adamw(dw.view(), dg.view(), dm.view(), dv.view(), p).unwrap();
+        }
+        check("adamw_f32 w", &read(&dw), &w, TOL_F32);
+        check("adamw_f32 exp_avg", &read(&dm), &m, TOL_F32);
+        check("adamw_f32 exp_avg_sq", &read(&dv), &v, TOL_F32);
+    }
+}
+
+#[test]
+fn sum_squares_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(10);
+        for n in [1, 100, 5000] {
+            for dtype in DTYPES {
+                let x = stored(&rng.vec(n, 3.0), dtype);
+                let want = Kernels::<f32>::sum_squares(&cpu(), &x);
+                let got = k.sum_squares(buf(&gpu, &x, dtype).view()).unwrap();
+                let e = (got - want).abs() / want;
+                println!("sum_squares_{} n {n}: relative error {e:.3e}", dtype.suffix());
+                // Both sum exact squares in f64; only the order differs.
+                assert!(e <= 1e-12, "sum_squares_{} n {n}: {got} vs {want}", dtype.suffix());
+            }
+        }
+    }
+}
+
+/// The kernels for block sizes other than the emulator's default 32 (up to the 256 of a GPU).
+#[test]
+fn kernels_work_for_other_block_sizes() {
+    let Ok(_) = emulator() else {
+        println!("skipped: CUDA emulator unavailable");
+        return;
+    };
+    for bs in [64, 256] {
+        let gpu: Arc<dyn Gpu> = Arc::new(EmuGpu::with_block_size(bs).unwrap());
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(11);
+        let (n, hidden) = (5, 300);
+        let x = rng.vec(n * hidden, 2.0);
+        let w = rng.vec(hidden, 1.0);
+        let (mut out, mut rstd) = (vec![0.0; n * hidden], vec![0.0; n]);
+        cpu().rms_norm_forward(&mut out, &mut rstd, &x, &w, hidden, 1e-5);
+        let dout = DevBuf::zeros(&gpu, n * hidden, DType::F32).unwrap();
+        let dr = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
+        let (dx, dw) = (buf(&gpu, &x, DType::F32), buf(&gpu, &w, DType::F32));
+        k.rms_norm_forward(dout.view(), dr.view(), dx.view(), dw.view(), hidden, 1e-5)
+            .unwrap();
+        check(&format!("rms_norm_fwd_f32 block {bs}"), &read(&dout), &out, TOL_F32);
+
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(hidden as u32)).collect();
+        let mut want = x.clone();
+        let loss = cpu().cross_entropy(&mut want, &targets, hidden, Some(0.5));
+        let dt = DevBuf::from_u32(&gpu, &targets).unwrap();
+        let got = k
+            .cross_entropy(dx.view(), dr.view(), dt.view(), hidden, Some(0.5))
+            .unwrap();
+        check(
+            &format!("cross_entropy_f32 block {bs} loss"),
+            &[got as f32],
+            &[loss as f32],
+            TOL_F32,
+        );
+        check(
+            &format!("cross_entropy_f32 block {bs} grad"),
+            &read(&dx),
+            &want,
+            TOL_F32,
+        );
+
+        let big = rng.vec(20_000, 1.0);
+        let want = Kernels::<f32>::sum_squares(&cpu(), &big);
+        let got = k.sum_squares(buf(&gpu, &big, DType::F32).view()).unwrap();
+        assert!(
+            (got - want).abs() / want <= 1e-12,
+            "sum_squares block {bs}: {got} vs {want}"
+        );
+
+        let d = ATTN_SHAPES[1];
+        let (fwd, lse, bwd) = attention_errors(&gpu, d, DType::F32, 12, 1.0);
+        println!("attention_f32 block {bs}: out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
+        assert!(
+            fwd <= TOL_F32 && lse <= TOL_F32 && bwd <= TOL_F32,
+            "attention block {bs}"
+        );
+    }
+}
+
+/// The comparisons fail when a kernel is wrong: a 1% error in the attention scale, and one corrupted
+/// element of an output.
+#[test]
+fn comparisons_catch_broken_kernels() {
+    for gpu in test_gpus() {
+        let (fwd, lse, bwd) = attention_errors(&gpu, ATTN_SHAPES[0], DType::F32, 13, 1.01);
+        println!("attention with a wrong scale: out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
+        assert!(
+            fwd > TOL_F32 && lse > TOL_F32 && bwd > TOL_F32,
+            "a wrong scale went unnoticed"
+        );
+
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(14);
+        let (n, inter) = (4, 16);
+        let gu = rng.vec(n * 2 * inter, 2.0);
+        let mut want = vec![0.0; n * inter];
+        cpu().swiglu_forward(&mut want, &gu, inter);
+        let dgu = buf(&gpu, &gu, DType::F32);
+        let dout = DevBuf::zeros(&gpu, n * inter, DType::F32).unwrap();
+        k.swiglu_forward(dout.view(), dgu.view(), inter).unwrap();
+        let mut got = read(&dout);
+        assert!(rel_err(&got, &want) <= TOL_F32);
+        got[17] += 1e-3 * (1.0 + got[17].abs());
+        assert!(rel_err(&got, &want) > TOL_F32, "a corrupted element went unnoticed");
+    }
+}
+
+#[test]
+fn emulator_rejects_unknown_kernels_and_mismatched_arguments() {
+    let Ok(gpu) = emulator() else {
+        println!("skipped: CUDA emulator unavailable");
+        return;
+    };
+    let cfg = Launch {
+        grid: (1, 1, 1),
+        block: (32, 1, 1),
+        shared_bytes: 0,
+    };
+    let b = DevBuf::zeros(&gpu, 4, DType::F32).unwrap();
+    let r = unsafe { gpu.launch("no_such_kernel", cfg, &[]) };
+    assert!(matches!(r, Err(GpuError::Cuda { .. })), "{r:?}");
+    // add_f32(float*, const float*, long long) given an int count.
+    let r = unsafe { gpu.launch("add_f32", cfg, &[Arg::Ptr(b.ptr()), Arg::Ptr(b.ptr()), Arg::I32(4)]) };
+    let msg = format!("{}", r.unwrap_err());
+    assert!(msg.contains("ppi") && msg.contains("ppl"), "{msg}");
+    // The launchers' own checks.
+    let k = CudaKernels::new(gpu.clone());
+    let bf = DevBuf::zeros(&gpu, 4, DType::Bf16).unwrap();
+    let e = k.add_assign(b.view(), bf.view()).unwrap_err();
+    assert!(e.to_string().contains("add_assign"), "{e}");
+    let d = AttnDims {
+        batch: 1,
+        seq: 2,
+        heads: 1,
+        kv_heads: 1,
+        head_size: 256,
+    };
+    let q = DevBuf::zeros(&gpu, d.qkv_len(), DType::F32).unwrap();
+    let o = DevBuf::zeros(&gpu, d.out_len(), DType::F32).unwrap();
+    let e = k.attention_forward(o.view(), b.view(), q.view(), d).unwrap_err();
+    assert!(e.to_string().contains("head_size 256"), "{e}");
+}
+
+/// The whole tiny model (forward and backward of every layer) through [`super::direct::DirectKernels`]
+/// against the CPU backend: loss and every gradient within 1e-5. Runs on devices that address host
+/// memory (the emulator); on a real GPU the engine test below covers the same path in managed memory.
+#[test]
+fn tiny_model_through_cuda_kernels_matches_cpu() {
+    use crate::model::{init, Batch, Init, Llama, ModelShape};
+    for dev in test_devices().into_iter().filter(|d| d.memory.name() == "host") {
+        let mut m = Llama::new(ModelShape {
+            hidden: 16,
+            vocab: 29,
+            num_blocks: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_size: 4,
+            inter: 24,
+            norm_eps: 1e-5,
+            head_norm_eps: 1e-5,
+            theta: 10000.0,
+        });
+        let b = Batch { batch: 2, seq: 7 };
+        let mut w: Vec<f32> = Vec::new();
+        let mut spans = Vec::new();
+        for (p, spec) in m.all_params().iter().enumerate() {
+            let start = w.len();
+            for e in 0..spec.numel() {
+                let v = match spec.init {
+                    Init::Ones => 1.0 + 0.3 * init::normal(5, p as u64, e as u64),
+                    Init::Normal(_) => 0.4 * init::normal(5, p as u64, e as u64),
+                };
+                w.push(v as f32);
+            }
+            spans.push((spec.name.clone(), start..w.len()));
+        }
+        let tokens: Vec<u32> = (0..b.tokens()).map(|i| (init::mix64(i as u64) % 29) as u32).collect();
+        let targets: Vec<u32> = (0..b.tokens())
+            .map(|i| (init::mix64(300 + i as u64) % 29) as u32)
+            .collect();
+        let scale = 1.0 / b.tokens() as f32;
+        let mut g_cpu = vec![0.0f32; w.len()];
+        let l_cpu = m.forward_backward_flat(&cpu(), &w, Some(&mut g_cpu), &tokens, &targets, b, scale);
+        m.fused_attention = true;
+        let staged = dev.kernels();
+        let mut g_dev = vec![0.0f32; w.len()];
+        let l_dev = m.forward_backward_flat(&staged, &w, Some(&mut g_dev), &tokens, &targets, b, scale);
+        let le = (l_dev - l_cpu).abs() / l_cpu.abs();
+        println!("tiny model loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
+        assert!(le <= TOL_F32, "loss {l_dev} vs {l_cpu}");
+        let mut worst = 0.0f64;
+        for (name, r) in &spans {
+            let e = rel_err(&g_dev[r.clone()], &g_cpu[r.clone()]);
+            assert!(e <= TOL_F32, "gradient of {name}: relative error {e:e}");
+            worst = worst.max(e);
+        }
+        println!("tiny model gradients: worst per-tensor relative error {worst:.3e}");
+        check("tiny model gradients (all)", &g_dev, &g_cpu, TOL_F32);
+    }
+}
+
+/// The NVRTC options the source is checked with.
+fn nvrtc_options(include: &str) -> Vec<String> {
+    vec![
+        "--gpu-architecture=compute_90".into(),
+        format!("-I{include}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ]
+}
+
+/// The multi-stage engine (2 ranks, ZeRO-2, two stages, two micro-batches per rank) trained for three
+/// AdamW steps through [`super::direct::DirectKernels`] against the same run on the CPU backend: the losses of every
+/// step and the final weights within 1e-5.
+#[test]
+fn engine_training_through_cuda_kernels_matches_cpu() {
+    use crate::config::MultiStageConfig;
+    use crate::engine::distributed::local::run_ranks;
+    use crate::engine::distributed::Communicator;
+    use crate::engine::multi_stage::MultiStageLayout;
+    use crate::engine::schedule::runner::{AdamStep as EngineAdam, RankEngine};
+    use crate::model::{init, Batch, Llama, ModelShape};
+    use std::time::Duration;
+
+    for dev in test_devices() {
+        let m = Arc::new(Llama::new(ModelShape {
+            hidden: 16,
+            vocab: 40,
+            num_blocks: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_size: 4,
+            inter: 24,
+            norm_eps: 1e-5,
+            head_norm_eps: 1e-5,
+            theta: 10000.0,
+        }));
+        let b = Batch { batch: 2, seq: 6 };
+        let (world, df) = (2usize, 2usize);
+        let ms = MultiStageConfig {
+            zero_stage: Some(2),
+            layers_per_stage: 2.0,
+            ..Default::default()
+        };
+        let layout = Arc::new(MultiStageLayout::new(&m, &ms, world, 4));
+        let m_fused = Arc::new(Llama {
+            fused_attention: true,
+            ..(*m).clone()
+        });
+        let train = |staged: bool| {
+            run_ranks(world, Duration::from_secs(60), |comm| {
+                let comm: Arc<dyn Communicator> = Arc::new(comm);
+                let rank = comm.rank();
+                let (kernels, model): (Box<dyn Kernels<f32>>, _) = if staged {
+                    (Box::new(dev.kernels()), m_fused.clone())
+                } else {
+                    (Box::new(cpu()), m.clone())
+                };
+                let mut e = RankEngine::new(comm, model, layout.clone(), kernels, b, df, 1, 5);
+                let mut losses = Vec::new();
+                for step in 1..=3u64 {
+                    let mut fill = |mb: usize, t: &mut [u32], y: &mut [u32]| {
+                        let g = (step as usize * world + rank) * df + mb;
+                        let s: Vec<u32> = (0..=t.len())
+                            .map(|i| (init::mix64((g * 1000 + i) as u64) % 40) as u32)
+                            .collect();
+                        t.copy_from_slice(&s[..t.len()]);
+                        y.copy_from_slice(&s[1..]);
+                    };
+                    let stats = e.run_batch(true, 1.0 / (world * df * b.tokens()) as f32, &mut fill)?;
+                    losses.push(stats.loss_sum);
+                    e.optimizer_step(EngineAdam {
+                        lr: 0.01,
+                        beta_1: 0.9,
+                        beta_2: 0.95,
+                        epsilon: 1e-8,
+                        weight_decay: 0.1,
+                        max_norm: 1.0,
+                        step,
+                    })?;
+                }
+                Ok((losses, e.gather_weights()?))
+            })
+            .unwrap()
+        };
+        let (cpu_runs, dev_runs) = (train(false), train(true));
+        for (rank, ((lc, wc), (ld, wd))) in cpu_runs.iter().zip(&dev_runs).enumerate() {
+            for (step, (a, b)) in ld.iter().zip(lc).enumerate() {
+                let e = (a - b).abs() / b.abs();
+                println!(
+                    "engine rank {rank} step {}: loss cpu {b}, cuda {a}, relative error {e:.3e}",
+                    step + 1
+                );
+                assert!(e <= TOL_F32, "rank {rank} step {}: loss {a} vs {b}", step + 1);
+            }
+            check(&format!("engine rank {rank} weights after 3 steps"), wd, wc, TOL_F32);
+        }
+    }
+}
