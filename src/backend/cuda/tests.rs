@@ -787,16 +787,6 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
     }
 }
 
-/// The NVRTC options the source is checked with.
-fn nvrtc_options(include: &str) -> Vec<String> {
-    vec![
-        "--gpu-architecture=compute_90".into(),
-        format!("-I{include}"),
-        "--std=c++17".into(),
-        "-default-device".into(),
-    ]
-}
-
 /// The multi-stage engine (2 ranks, ZeRO-2, two stages, two micro-batches per rank) trained for three
 /// AdamW steps through [`super::direct::DirectKernels`] against the same run on the CPU backend: the losses of every
 /// step and the final weights within 1e-5.
