@@ -212,7 +212,12 @@ impl DevBuf {
     /// A zeroed buffer.
     pub fn zeros(gpu: &Arc<dyn Gpu>, len: usize, dtype: DType) -> Result<Self, GpuError> {
         let ptr = gpu.alloc((len * dtype.size()).max(1))?;
-        Ok(Self { gpu: gpu.clone(), ptr, len, dtype })
+        Ok(Self {
+            gpu: gpu.clone(),
+            ptr,
+            len,
+            dtype,
+        })
     }
     /// A buffer holding `data` converted to `dtype` (round to nearest even for bf16).
     pub fn from_f32(gpu: &Arc<dyn Gpu>, data: &[f32], dtype: DType) -> Result<Self, GpuError> {
@@ -230,7 +235,11 @@ impl DevBuf {
     /// Overwrite the whole buffer from f32 values (converted to the buffer's dtype).
     pub fn write_f32(&self, data: &[f32]) -> Result<(), GpuError> {
         if data.len() != self.len {
-            return Err(GpuError::Invalid(format!("write of {} values into a buffer of {}", data.len(), self.len)));
+            return Err(GpuError::Invalid(format!(
+                "write of {} values into a buffer of {}",
+                data.len(),
+                self.len
+            )));
         }
         // SAFETY: the allocation holds `len` elements of `dtype`.
         unsafe {
@@ -249,7 +258,11 @@ impl DevBuf {
     }
     /// View of the whole buffer.
     pub fn view(&self) -> DevView {
-        DevView { ptr: self.ptr, len: self.len, dtype: self.dtype }
+        DevView {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+        }
     }
     /// Number of elements.
     pub fn len(&self) -> usize {
