@@ -6,12 +6,13 @@ use crate::config::{validate::global_batch_tokens, CommBackend, TrainConfig};
 use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
 use crate::engine::checkpoint;
 use crate::engine::distributed::local::run_ranks;
-use crate::engine::distributed::Communicator;
+use crate::engine::distributed::nccl::{self, NcclLibrary};
+use crate::engine::distributed::{launch, nccl_lib, Communicator};
 use crate::engine::multi_stage::MultiStageLayout;
 use crate::engine::optimizer::learning_rate;
 use crate::engine::schedule::runner::{AdamStep, MemoryReport, RankEngine};
 use crate::model::{Batch, Llama, ModelShape};
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,9 @@ impl MetricsLog {
 
 /// Train a model as configured. Writes `config.yaml`, `metrics.jsonl` and `memory.json` into
 /// `run.experiment_dir`.
+///
+/// `model.distributed.backend: local` runs `world_size` ranks as threads of this process;
+/// `nccl` makes this process one rank of a group started by a launcher (see [`train_nccl`]).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
     if cfg.model.distributed.use_cuda {
         bail!(
@@ -156,15 +160,29 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
              compiled in); set model.distributed.use_cuda: false to train on the CPU"
         );
     }
-    if cfg.model.distributed.backend == CommBackend::Nccl {
-        bail!(
-            "model.distributed.backend = nccl: NCCL needs CUDA, which this build cannot use yet; \
-             use backend: local (ranks as threads of one process)"
-        );
+    match cfg.model.distributed.backend {
+        CommBackend::Local => train_local(cfg, opts),
+        CommBackend::Nccl => train_nccl(cfg, opts),
     }
+}
+
+/// What every rank shares: the model, its layout, the batch geometry and the data.
+struct Setup {
+    model: Arc<Llama>,
+    layout: Arc<MultiStageLayout>,
+    batch: Batch,
+    depth_first: usize,
+    breadth_first: usize,
+    global_tokens: u64,
+    dir: PathBuf,
+    data: Data,
+}
+
+/// Builds the [`Setup`] for `world` ranks; only the `leader` (rank 0) writes `config.yaml` and
+/// prints the setup.
+fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool) -> anyhow::Result<Setup> {
     let shape = ModelShape::from_config(&cfg.model.base_model)?;
     let model = Arc::new(Llama::new(shape));
-    let world = cfg.model.distributed.world_size as usize;
     let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
     let seq = cfg.data.sequence_length as usize;
     let batch = Batch {
@@ -176,11 +194,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
     let global_tokens = global_batch_tokens(cfg);
     let dir = cfg.run.experiment_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create run.experiment_dir {}", dir.display()))?;
-    std::fs::write(dir.join("config.yaml"), crate::config::to_yaml(cfg))
-        .with_context(|| format!("cannot write {}", dir.join("config.yaml").display()))?;
+    if leader {
+        std::fs::write(dir.join("config.yaml"), crate::config::to_yaml(cfg))
+            .with_context(|| format!("cannot write {}", dir.join("config.yaml").display()))?;
+    }
     let data = open_data(cfg)?;
     let say = |s: String| {
-        if !opts.quiet {
+        if leader && !opts.quiet {
             println!("{s}");
         }
     };
@@ -195,8 +215,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
         model.shape.inter,
         model.shape.vocab
     ));
+    let backend = match cfg.model.distributed.backend {
+        CommBackend::Local => "local",
+        CommBackend::Nccl => "nccl",
+    };
     say(format!(
-        "Distributed: {world} data-parallel rank(s), backend local, ZeRO stage {}, {} stages",
+        "Distributed: {world} data-parallel rank(s), backend {backend}, ZeRO stage {}, {} stages",
         layout.zero_stage,
         layout.num_stages()
     ));
@@ -208,82 +232,301 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSumm
         cfg.data.micro_batch_size,
         global_tokens / seq as u64
     ));
-    let threads = opts
-        .threads_per_rank
-        .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
-    let samples_per_step = global_tokens / seq as u64;
+    Ok(Setup {
+        model,
+        layout,
+        batch,
+        depth_first: df,
+        breadth_first: bf,
+        global_tokens,
+        dir,
+        data,
+    })
+}
+
+/// The checkpoint to resume from, if any (removes incomplete checkpoints: on the NCCL backend only
+/// rank 0 may be the first to call this).
+fn find_resume(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    setup: &Setup,
+    leader: bool,
+) -> anyhow::Result<Option<Arc<checkpoint::Checkpoint>>> {
+    let samples_per_step = setup.global_tokens / setup.batch.seq as u64;
     let resume = checkpoint::prepare_resume(cfg, samples_per_step, &|s| {
-        if !opts.quiet {
+        if leader && !opts.quiet {
             eprintln!("{s}");
         }
     })?;
-    if let Some(c) = &resume {
-        say(format!(
+    if let (Some(c), true, false) = (&resume, leader, opts.quiet) {
+        println!(
             "Resuming from checkpoint {} ({} of {} steps done)",
             c.dir.display(),
             c.completed_steps(),
             cfg.training.train_iters
-        ));
+        );
     }
-    // `pretrained:` initializes a fresh run only; a resumed run continues from its checkpoint.
-    let pretrained = match (&cfg.pretrained, &resume) {
+    Ok(resume)
+}
+
+/// `pretrained:` weights for a fresh run (a resumed run continues from its checkpoint).
+fn load_pretrained(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    resume: &Option<Arc<checkpoint::Checkpoint>>,
+    leader: bool,
+) -> anyhow::Result<Option<Vec<crate::hf::NamedTensor>>> {
+    match (&cfg.pretrained, resume) {
         (Some(p), None) => {
             let tensors = crate::hf::pretrained_tensors(p, &cfg.model.base_model)?;
-            say(format!("Initial weights: {} ({})", p.path.display(), p.format));
-            Some(tensors)
+            if leader && !opts.quiet {
+                println!("Initial weights: {} ({})", p.path.display(), p.format);
+            }
+            Ok(Some(tensors))
         }
-        _ => None,
+        _ => Ok(None),
+    }
+}
+
+/// Where the ranks' memory reports meet for `memory.json`.
+enum MemorySink<'a> {
+    /// Ranks are threads of this process and write their slot (local backend).
+    Shared(&'a Mutex<Vec<MemoryReport>>),
+    /// This process is one rank: its slot is set and the others come by an all-reduce (NCCL).
+    Gathered(&'a Mutex<Vec<MemoryReport>>),
+}
+
+/// One rank, whatever the backend: the engine over `comm`, the checkpoint or pretrained weights,
+/// then the training loop.
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    setup: &Setup,
+    comm: Arc<dyn Communicator>,
+    threads: usize,
+    resume: &Option<Arc<checkpoint::Checkpoint>>,
+    pretrained: &Option<Vec<crate::hf::NamedTensor>>,
+    memory: MemorySink<'_>,
+    comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
+) -> anyhow::Result<TrainSummary> {
+    let mut engine = RankEngine::new(
+        comm,
+        setup.model.clone(),
+        setup.layout.clone(),
+        Box::new(CpuKernels::new(threads)),
+        setup.batch,
+        setup.depth_first,
+        setup.breadth_first,
+        cfg.model.distributed.seed,
+    );
+    let start = match resume {
+        Some(c) => {
+            let t = Instant::now();
+            checkpoint::load_into(&mut engine, c, checkpoint::LoadParts::All)?;
+            if engine.rank() == 0 && !opts.quiet {
+                println!(
+                    "Loaded checkpoint {} ({:.2} s)",
+                    c.completed_steps(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            c.completed_steps()
+        }
+        None => {
+            if let Some(t) = pretrained {
+                engine.load_full_weights(t)?;
+            }
+            0
+        }
     };
-    let memory = Arc::new(Mutex::new(vec![MemoryReport::default(); world]));
+    rank_main(
+        cfg,
+        opts,
+        engine,
+        &setup.data,
+        &setup.dir,
+        setup.global_tokens,
+        memory,
+        comm_stats,
+        start,
+    )
+}
+
+/// The local backend: `world_size` rank threads over a [`crate::engine::distributed::local::LocalGroup`].
+fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
+    let world = cfg.model.distributed.world_size as usize;
+    let setup = setup(cfg, opts, world, true)?;
+    let threads = opts
+        .threads_per_rank
+        .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
+    let resume = find_resume(cfg, opts, &setup, true)?;
+    let pretrained = load_pretrained(cfg, opts, &resume, true)?;
+    let memory = Mutex::new(vec![MemoryReport::default(); world]);
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
         let local = Arc::new(comm);
         let comm: Arc<dyn Communicator> = local.clone();
-        let mut engine = RankEngine::new(
-            comm,
-            model.clone(),
-            layout.clone(),
-            Box::new(CpuKernels::new(threads)),
-            batch,
-            df,
-            bf,
-            cfg.model.distributed.seed,
-        );
-        let start = match &resume {
-            Some(c) => {
-                let t = Instant::now();
-                checkpoint::load_into(&mut engine, c, checkpoint::LoadParts::All)?;
-                if engine.rank() == 0 {
-                    say(format!(
-                        "Loaded checkpoint {} ({:.2} s)",
-                        c.completed_steps(),
-                        t.elapsed().as_secs_f64()
-                    ));
-                }
-                c.completed_steps()
-            }
-            None => {
-                if let Some(t) = &pretrained {
-                    engine.load_full_weights(t)?;
-                }
-                0
-            }
-        };
-        rank_main(
+        run_rank(
             cfg,
             opts,
-            engine,
-            &data,
-            &dir,
-            global_tokens,
-            &memory,
+            &setup,
+            comm,
+            threads,
+            &resume,
+            &pretrained,
+            MemorySink::Shared(&memory),
             &|| local.stats(),
-            start,
         )
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
     Ok(summary)
+}
+
+/// Processes of this job on this node, as the launcher says (`LOCAL_WORLD_SIZE`,
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, `SLURM_NTASKS_PER_NODE`), else 1: the CPU threads are shared by them.
+fn local_processes() -> usize {
+    [
+        "LOCAL_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .filter_map(|v| std::env::var(v).ok())
+    .find_map(|v| {
+        // Slurm may write `4(x2)` (4 tasks on each of 2 nodes).
+        let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse::<usize>().ok().filter(|&n| n > 0)
+    })
+    .unwrap_or(1)
+}
+
+/// The NCCL backend: this process is one rank of a group started by torchrun, Slurm or OpenMPI
+/// (rank, world size and local rank from their environment; the GPU is the local rank).
+///
+/// Order, each step failing with one line before any training: launcher environment, world size
+/// (`model.distributed.world_size` left at 1 takes the launcher's; another value must equal it),
+/// NCCL library (found by [`nccl_lib::find_nccl`], version printed), GPU, NCCL id through the TCP
+/// rendezvous, communicator. Compute stays on the CPU (`use_cuda` is separate): the collectives
+/// stage the host buffers through the GPU. Only rank 0 prints and writes `metrics.jsonl`,
+/// `memory.json` and checkpoint metadata; every rank writes its own checkpoint shards.
+fn train_nccl(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
+    let env = launch::detect_process_env()?.ok_or_else(|| {
+        anyhow!(
+            "model.distributed.backend = nccl runs one process per GPU started by a launcher, but none of \
+             RANK/WORLD_SIZE (torchrun), SLURM_PROCID (srun) or OMPI_COMM_WORLD_RANK (mpirun) is set: run \
+             `torchrun --nproc-per-node N --no-python fast-llm-rs train --config ...` or `srun fast-llm-rs \
+             train ...`, or use model.distributed.backend: local"
+        )
+    })?;
+    launch::check_world_size(&env, cfg.model.distributed.world_size)?;
+    // From here on the config says the launcher's world size (in config.yaml and checkpoints too).
+    let mut resolved = cfg.clone();
+    resolved.model.distributed.world_size = env.world_size as u64;
+    let cfg = &resolved;
+    let leader = env.rank == 0;
+    let say = |s: String| {
+        if leader && !opts.quiet {
+            println!("{s}");
+        }
+    };
+    let path = nccl_lib::find_nccl().map_err(anyhow::Error::msg)?;
+    let lib = NcclLibrary::open(&path).map_err(anyhow::Error::msg)?;
+    say(format!("NCCL {} ({})", lib.version_string(), path.display()));
+    let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
+    let nccl = Arc::new(nccl::connect(&env, lib, timeout).map_err(anyhow::Error::msg)?);
+    say(format!(
+        "Rank 0 of {} ({} launch): GPU {} ({}), master {}:{}",
+        env.world_size,
+        env.source,
+        nccl.device().ordinal(),
+        nccl.device().name(),
+        env.master_addr,
+        env.master_port
+    ));
+    let run = || -> anyhow::Result<TrainSummary> {
+        let world = env.world_size;
+        let setup = setup(cfg, opts, world, leader)?;
+        let threads = opts.threads_per_rank.unwrap_or_else(|| {
+            (std::thread::available_parallelism().map_or(1, |n| n.get()) / local_processes()).max(1)
+        });
+        // Rank 0 removes incomplete checkpoints before the others look for the newest complete one.
+        let resume = if leader {
+            let r = find_resume(cfg, opts, &setup, leader)?;
+            nccl.barrier()?;
+            r
+        } else {
+            nccl.barrier()?;
+            find_resume(cfg, opts, &setup, leader)?
+        };
+        let pretrained = load_pretrained(cfg, opts, &resume, leader)?;
+        let memory = Mutex::new(vec![MemoryReport::default(); world]);
+        let comm: Arc<dyn Communicator> = nccl.clone();
+        let mut summary = run_rank(
+            cfg,
+            opts,
+            &setup,
+            comm,
+            threads,
+            &resume,
+            &pretrained,
+            MemorySink::Gathered(&memory),
+            &|| nccl.stats(),
+        )?;
+        summary.memory = memory.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(summary)
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(summary)) => Ok(summary),
+        Ok(Err(e)) => {
+            // Tell the group (NCCL tears down the connections, so peers fail fast rather than at the
+            // timeout), then report.
+            nccl.abort(&format!("{e:#}"));
+            Err(e.context(format!("rank {} failed", env.rank)))
+        }
+        Err(panic) => {
+            nccl.abort("panicked");
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Fills every rank's slot of `memory` from this rank's: a sum over ranks in f64 of vectors that are
+/// zero except in the caller's slot (exact: byte counts are far below 2^53). Also a barrier.
+fn gather_memory(comm: &dyn Communicator, memory: &Mutex<Vec<MemoryReport>>) -> anyhow::Result<()> {
+    const FIELDS: usize = 6;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut values = vec![0f64; FIELDS * world];
+    {
+        let m = memory.lock().unwrap()[rank];
+        let mine = [
+            m.weight_shard,
+            m.grad_shard,
+            m.optimizer_state,
+            m.weight_buffers,
+            m.grad_buffers,
+            m.activations_peak,
+        ];
+        for (slot, v) in values[FIELDS * rank..FIELDS * (rank + 1)].iter_mut().zip(mine) {
+            *slot = v as f64;
+        }
+    }
+    comm.all_reduce_sum_f64(&mut values)?;
+    let mut reports = memory.lock().unwrap();
+    for (r, report) in reports.iter_mut().enumerate() {
+        let v = &values[FIELDS * r..FIELDS * (r + 1)];
+        *report = MemoryReport {
+            rank: r,
+            weight_shard: v[0] as u64,
+            grad_shard: v[1] as u64,
+            optimizer_state: v[2] as u64,
+            weight_buffers: v[3] as u64,
+            grad_buffers: v[4] as u64,
+            activations_peak: v[5] as u64,
+        };
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -294,7 +537,7 @@ fn rank_main(
     data: &Data,
     dir: &Path,
     global_tokens: u64,
-    memory: &Mutex<Vec<MemoryReport>>,
+    memory: MemorySink<'_>,
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
     start_step: u64,
 ) -> anyhow::Result<TrainSummary> {
@@ -302,8 +545,18 @@ fn rank_main(
     let world = engine.comm().world_size();
     let leader = rank == 0;
     let quiet = opts.quiet || !leader;
-    memory.lock().unwrap()[rank] = engine.memory();
-    engine.comm().barrier()?;
+    let memory = match memory {
+        MemorySink::Shared(m) => {
+            m.lock().unwrap()[rank] = engine.memory();
+            engine.comm().barrier()?;
+            m
+        }
+        MemorySink::Gathered(m) => {
+            m.lock().unwrap()[rank] = engine.memory();
+            gather_memory(engine.comm().as_ref(), m)?;
+            m
+        }
+    };
     if leader {
         let reports = memory.lock().unwrap().clone();
         write_atomic(

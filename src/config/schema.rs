@@ -581,10 +581,12 @@ impl MultiStageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistributedConfig {
-    /// Number of ranks (all data-parallel). Default 1, >= 1. For `nccl`, taken from the launcher's
-    /// environment when set there.
+    /// Number of ranks (all data-parallel). Default 1, >= 1. For `nccl` the launcher's world size
+    /// (`WORLD_SIZE`, `SLURM_NTASKS`, `OMPI_COMM_WORLD_SIZE`) is used: leave this at 1, or set it to the
+    /// same value (another value is refused at start).
     pub world_size: u64,
-    /// `local`: ranks are threads of one process; `nccl`: one process per GPU.
+    /// `local`: ranks are threads of one process; `nccl`: one process per GPU, started by torchrun,
+    /// `srun` or `mpirun` (compute may stay on the CPU: `use_cuda` is independent).
     pub backend: CommBackend,
     /// Seed of initialization and data sampling. Default 1234.
     pub seed: u64,

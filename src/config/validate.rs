@@ -463,19 +463,14 @@ fn validate_distributed(d: &DistributedConfig) -> Result<(), ConfigError> {
             "set it to 1 or remove it; scale with world_size (data parallel) and zero_stage instead",
         )?;
     }
+    // `backend: nccl` does not need `use_cuda`: with CPU compute the NCCL communicator stages the
+    // host buffers through its GPU (one process per GPU all the same).
     require(
         d.compute_dtype != ComputeDtype::Bfloat16 || d.use_cuda,
         &format!("{P}.compute_dtype"),
         "bfloat16",
         "bfloat16 compute needs model.distributed.use_cuda: true",
         "on CPU use float32",
-    )?;
-    require(
-        d.backend != CommBackend::Nccl || d.use_cuda,
-        &format!("{P}.backend"),
-        "nccl",
-        "the nccl backend needs model.distributed.use_cuda: true",
-        "on CPU use backend: local",
     )
 }
 
@@ -612,10 +607,9 @@ mod tests {
                 "bfloat16 compute needs model.distributed.use_cuda: true; on CPU use float32",
             ],
         );
-        assert_refused(
-            &["model.distributed.backend=nccl"],
-            &["model.distributed.backend = nccl", "use_cuda: true"],
-        );
+        // NCCL with CPU compute is accepted (the communicator stages host buffers through the GPU).
+        let cfg = example(&["model.distributed.backend=nccl"]).unwrap();
+        assert_eq!(cfg.model.distributed.backend, CommBackend::Nccl);
         let cfg = example(&[
             "model.distributed.compute_dtype=bfloat16",
             "model.distributed.use_cuda=true",

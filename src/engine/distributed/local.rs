@@ -420,8 +420,9 @@ pub struct CommStats {
     pub broadcast_elements: u64,
 }
 
+/// Counters behind [`CommStats`] (shared with the NCCL backend).
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     all_gather_calls: AtomicU64,
     all_gather_elements: AtomicU64,
     reduce_scatter_calls: AtomicU64,
@@ -430,6 +431,43 @@ struct Counters {
     all_reduce_elements: AtomicU64,
     broadcast_calls: AtomicU64,
     broadcast_elements: AtomicU64,
+}
+
+impl Counters {
+    /// The current values.
+    pub(super) fn snapshot(&self) -> CommStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CommStats {
+            all_gather_calls: l(&self.all_gather_calls),
+            all_gather_elements: l(&self.all_gather_elements),
+            reduce_scatter_calls: l(&self.reduce_scatter_calls),
+            reduce_scatter_elements: l(&self.reduce_scatter_elements),
+            all_reduce_calls: l(&self.all_reduce_calls),
+            all_reduce_elements: l(&self.all_reduce_elements),
+            broadcast_calls: l(&self.broadcast_calls),
+            broadcast_elements: l(&self.broadcast_elements),
+        }
+    }
+
+    /// One all-gather of `n` elements (the full output).
+    pub(super) fn all_gather(&self, n: usize) {
+        bump(&self.all_gather_calls, &self.all_gather_elements, n);
+    }
+
+    /// One reduce-scatter of `n` elements (the full input).
+    pub(super) fn reduce_scatter(&self, n: usize) {
+        bump(&self.reduce_scatter_calls, &self.reduce_scatter_elements, n);
+    }
+
+    /// One all-reduce of `n` elements.
+    pub(super) fn all_reduce(&self, n: usize) {
+        bump(&self.all_reduce_calls, &self.all_reduce_elements, n);
+    }
+
+    /// One broadcast of `n` elements.
+    pub(super) fn broadcast(&self, n: usize) {
+        bump(&self.broadcast_calls, &self.broadcast_elements, n);
+    }
 }
 
 fn bump(calls: &AtomicU64, elements: &AtomicU64, n: usize) {
@@ -494,18 +532,7 @@ unsafe fn sum_into<T: Copy + std::ops::Add<Output = T>>(dst: &mut [T], d: usize,
 impl LocalCommunicator {
     /// Counters of this communicator.
     pub fn stats(&self) -> CommStats {
-        let c = &self.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        CommStats {
-            all_gather_calls: l(&c.all_gather_calls),
-            all_gather_elements: l(&c.all_gather_elements),
-            reduce_scatter_calls: l(&c.reduce_scatter_calls),
-            reduce_scatter_elements: l(&c.reduce_scatter_elements),
-            all_reduce_calls: l(&c.all_reduce_calls),
-            all_reduce_elements: l(&c.all_reduce_elements),
-            broadcast_calls: l(&c.broadcast_calls),
-            broadcast_elements: l(&c.broadcast_elements),
-        }
+        self.stats.snapshot()
     }
 
     /// Zeroes the counters.

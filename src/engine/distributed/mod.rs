@@ -1,8 +1,9 @@
 //! Ranks, the data-parallel group and the [`Communicator`] trait that engine code uses without knowing
-//! the backend; `local` runs the ranks as threads of one process.
+//! the backend; `local` runs the ranks as threads of one process, `nccl` one process per GPU.
 
 pub mod launch;
 pub mod local;
+pub mod nccl;
 pub mod nccl_lib;
 pub mod rendezvous;
 pub mod stream;
@@ -15,21 +16,35 @@ pub enum CommError {
     /// Another rank failed (error or panic) and told the group.
     #[error("rank {rank} failed: {reason}")]
     PeerFailed { rank: usize, reason: String },
-    /// The collective did not complete within `model.distributed.timeout`.
-    #[error("collective '{op}' timed out after {timeout_s:.1} s waiting for rank(s) {missing:?} (model.distributed.timeout)")]
+    /// The collective did not complete within `model.distributed.timeout`. `missing` is empty when
+    /// the backend cannot tell which rank is late (NCCL).
+    #[error("collective '{op}' timed out after {timeout_s:.1} s waiting for {} (model.distributed.timeout)", waiting_for(.missing))]
     Timeout {
         op: String,
         timeout_s: f64,
         missing: Vec<usize>,
     },
+    /// The backend library reported an error (NCCL or CUDA); the communicator is unusable afterwards.
+    #[error("collective '{op}' failed: {msg}")]
+    Backend { op: String, msg: String },
     /// Arguments do not fit the collective (lengths).
     #[error("collective '{op}': {msg}")]
     Invalid { op: String, msg: String },
 }
 
+fn waiting_for(missing: &[usize]) -> String {
+    if missing.is_empty() {
+        "another rank (the backend cannot tell which: one that crashed, hung or has not reached this collective)"
+            .to_string()
+    } else {
+        format!("rank(s) {missing:?}")
+    }
+}
+
 /// Collectives over the data-parallel group. Every rank must call the same collectives in the same
-/// order. Reductions sum in rank order 0, 1, ..., D-1 (fixed, so results are deterministic), and
-/// every rank receives bitwise the same reduced values.
+/// order. In the local backend, reductions sum in rank order 0, 1, ..., D-1 (fixed, so results are
+/// deterministic), and every rank receives bitwise the same reduced values; NCCL's sums are not in rank
+/// order (see [`nccl`]), and are exact only with one rank.
 pub trait Communicator: Send + Sync {
     /// This rank, in `0..world_size`.
     fn rank(&self) -> usize;
