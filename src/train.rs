@@ -2,7 +2,8 @@
 //! schedule, the optimizer on the shards, logging, evaluation and checkpoints.
 
 use crate::backend::cpu::CpuKernels;
-use crate::config::{validate::global_batch_tokens, CommBackend, TrainConfig};
+use crate::backend::cuda::Device;
+use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, TrainConfig};
 use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
 use crate::engine::checkpoint;
 use crate::engine::distributed::local::run_ranks;
@@ -154,10 +155,10 @@ impl MetricsLog {
 /// `model.distributed.backend: local` runs `world_size` ranks as threads of this process;
 /// `nccl` makes this process one rank of a group started by a launcher (see [`train_nccl`]).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
-    if cfg.model.distributed.use_cuda {
+    if cfg.model.distributed.use_cuda && cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16 {
         bail!(
-            "model.distributed.use_cuda = true: this build has no usable CUDA backend yet (no GPU support \
-             compiled in); set model.distributed.use_cuda: false to train on the CPU"
+            "model.distributed.compute_dtype = bfloat16: the engine trains in float32 on the GPU for now (the \
+             bf16 kernels exist, the bf16 weight buffers do not yet); set compute_dtype: float32"
         );
     }
     match cfg.model.distributed.backend {
@@ -176,13 +177,27 @@ struct Setup {
     global_tokens: u64,
     dir: PathBuf,
     data: Data,
+    /// The GPU and the memory the engine allocates from (`use_cuda: true`); `None` on the CPU.
+    device: Option<Device>,
 }
 
 /// Builds the [`Setup`] for `world` ranks; only the `leader` (rank 0) writes `config.yaml` and
 /// prints the setup.
-fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool) -> anyhow::Result<Setup> {
+fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu: usize) -> anyhow::Result<Setup> {
     let shape = ModelShape::from_config(&cfg.model.base_model)?;
-    let model = Arc::new(Llama::new(shape));
+    let device = if cfg.model.distributed.use_cuda {
+        let d = Device::open(gpu).map_err(|e| anyhow!("model.distributed.use_cuda = true: {e}"))?;
+        if leader && !opts.quiet {
+            println!("GPU {gpu}: {}", d.gpu.describe());
+        }
+        Some(d)
+    } else {
+        None
+    };
+    let mut model = Llama::new(shape);
+    // The CUDA kernels' attention is fused: the model saves log-sum-exps, not softmax matrices.
+    model.fused_attention = device.is_some();
+    let model = Arc::new(model);
     let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
     let seq = cfg.data.sequence_length as usize;
     let batch = Batch {
@@ -241,7 +256,31 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool) -> 
         global_tokens,
         dir,
         data,
+        device,
     })
+}
+
+/// With a GPU, adds its peak memory to `memory.json` (`"gpu"`: device, bytes held at the end and at
+/// most) and prints it.
+fn report_gpu_memory(setup: &Setup, quiet: bool) -> anyhow::Result<()> {
+    let Some((in_use, peak)) = setup.device.as_ref().and_then(|d| d.memory_stats()) else {
+        return Ok(());
+    };
+    let path = setup.dir.join("memory.json");
+    let mut report: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    report["gpu"] = json!({
+        "device": setup.device.as_ref().map(|d| d.gpu.describe()),
+        "peak_bytes": peak,
+        "in_use_bytes": in_use,
+    });
+    write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    if !quiet {
+        println!(
+            "Peak GPU memory: {:.2} GiB (all ranks of this process)",
+            peak as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
 }
 
 /// The checkpoint to resume from, if any (removes incomplete checkpoints: on the NCCL backend only
@@ -314,7 +353,10 @@ fn run_rank(
         comm,
         setup.model.clone(),
         setup.layout.clone(),
-        Box::new(CpuKernels::new(threads)),
+        match &setup.device {
+            Some(d) => Box::new(d.kernels()),
+            None => Box::new(CpuKernels::new(threads)),
+        },
         setup.batch,
         setup.depth_first,
         setup.breadth_first,
@@ -356,7 +398,8 @@ fn run_rank(
 /// The local backend: `world_size` rank threads over a [`crate::engine::distributed::local::LocalGroup`].
 fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
     let world = cfg.model.distributed.world_size as usize;
-    let setup = setup(cfg, opts, world, true)?;
+    // All local ranks share GPU 0.
+    let setup = setup(cfg, opts, world, true, 0)?;
     let threads = opts
         .threads_per_rank
         .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1));
@@ -381,6 +424,7 @@ fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSu
     })?;
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
+    report_gpu_memory(&setup, opts.quiet)?;
     Ok(summary)
 }
 
@@ -447,7 +491,7 @@ fn train_nccl(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSum
     ));
     let run = || -> anyhow::Result<TrainSummary> {
         let world = env.world_size;
-        let setup = setup(cfg, opts, world, leader)?;
+        let setup = setup(cfg, opts, world, leader, env.local_rank)?;
         let threads = opts.threads_per_rank.unwrap_or_else(|| {
             (std::thread::available_parallelism().map_or(1, |n| n.get()) / local_processes()).max(1)
         });
@@ -475,6 +519,9 @@ fn train_nccl(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSum
             &|| nccl.stats(),
         )?;
         summary.memory = memory.into_inner().unwrap_or_else(|e| e.into_inner());
+        if leader {
+            report_gpu_memory(&setup, opts.quiet)?;
+        }
         Ok(summary)
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
