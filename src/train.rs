@@ -3,6 +3,7 @@
 
 use crate::backend::cpu::CpuKernels;
 use crate::backend::cuda::Device;
+use crate::backend::{bf16, Element, Kernels};
 use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, TrainConfig};
 use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
 use crate::engine::checkpoint;
@@ -155,12 +156,6 @@ impl MetricsLog {
 /// `model.distributed.backend: local` runs `world_size` ranks as threads of this process;
 /// `nccl` makes this process one rank of a group started by a launcher (see [`train_nccl`]).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSummary> {
-    if cfg.model.distributed.use_cuda && cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16 {
-        bail!(
-            "model.distributed.compute_dtype = bfloat16: the engine trains in float32 on the GPU for now (the \
-             bf16 kernels exist, the bf16 weight buffers do not yet); set compute_dtype: float32"
-        );
-    }
     match cfg.model.distributed.backend {
         CommBackend::Local => train_local(cfg, opts),
         CommBackend::Nccl => train_nccl(cfg, opts),
@@ -198,7 +193,17 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu
     // The CUDA kernels' attention is fused: the model saves log-sum-exps, not softmax matrices.
     model.fused_attention = device.is_some();
     let model = Arc::new(model);
-    let layout = Arc::new(MultiStageLayout::new(&model, &cfg.model.multi_stage, world, 4));
+    // Weight buffers hold the compute type (bf16 only on a GPU: validation refuses it on the CPU).
+    let compute_bytes = match cfg.model.distributed.compute_dtype {
+        ComputeDtype::Bfloat16 => 2,
+        _ => 4,
+    };
+    let layout = Arc::new(MultiStageLayout::new(
+        &model,
+        &cfg.model.multi_stage,
+        world,
+        compute_bytes,
+    ));
     let seq = cfg.data.sequence_length as usize;
     let batch = Batch {
         batch: (cfg.data.micro_batch_size / cfg.data.sequence_length) as usize,
@@ -349,14 +354,62 @@ fn run_rank(
     memory: MemorySink<'_>,
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
 ) -> anyhow::Result<TrainSummary> {
+    let bf16_compute = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
+    match &setup.device {
+        Some(d) if bf16_compute => run_engine::<bf16>(
+            cfg,
+            opts,
+            setup,
+            comm,
+            Box::new(d.kernels()),
+            resume,
+            pretrained,
+            memory,
+            comm_stats,
+        ),
+        Some(d) => run_engine::<f32>(
+            cfg,
+            opts,
+            setup,
+            comm,
+            Box::new(d.kernels()),
+            resume,
+            pretrained,
+            memory,
+            comm_stats,
+        ),
+        None => run_engine::<f32>(
+            cfg,
+            opts,
+            setup,
+            comm,
+            Box::new(CpuKernels::new(threads)),
+            resume,
+            pretrained,
+            memory,
+            comm_stats,
+        ),
+    }
+}
+
+/// [`run_rank`] with the compute type chosen.
+#[allow(clippy::too_many_arguments)]
+fn run_engine<T: Element<Master = f32>>(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    setup: &Setup,
+    comm: Arc<dyn Communicator>,
+    kernels: Box<dyn Kernels<T>>,
+    resume: &Option<Arc<checkpoint::Checkpoint>>,
+    pretrained: &Option<Vec<crate::hf::NamedTensor>>,
+    memory: MemorySink<'_>,
+    comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
+) -> anyhow::Result<TrainSummary> {
     let mut engine = RankEngine::new(
         comm,
         setup.model.clone(),
         setup.layout.clone(),
-        match &setup.device {
-            Some(d) => Box::new(d.kernels()),
-            None => Box::new(CpuKernels::new(threads)),
-        },
+        kernels,
         setup.batch,
         setup.depth_first,
         setup.breadth_first,
@@ -577,10 +630,10 @@ fn gather_memory(comm: &dyn Communicator, memory: &Mutex<Vec<MemoryReport>>) -> 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rank_main(
+fn rank_main<T: Element<Master = f32>>(
     cfg: &TrainConfig,
     opts: &TrainOptions,
-    mut engine: RankEngine,
+    mut engine: RankEngine<T>,
     data: &Data,
     dir: &Path,
     global_tokens: u64,
@@ -816,7 +869,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn of(engine: &RankEngine, samples_per_batch: u64) -> Self {
+    fn of<T: Element<Master = f32>>(engine: &RankEngine<T>, samples_per_batch: u64) -> Self {
         Self {
             rank: engine.rank(),
             local_mbs: engine.micro_batches(),
@@ -845,8 +898,8 @@ impl Geometry {
 }
 
 /// Mean validation loss over `iterations` global batches of consecutive windows.
-fn evaluate(
-    engine: &mut RankEngine,
+fn evaluate<T: Element<Master = f32>>(
+    engine: &mut RankEngine<T>,
     sampler: &SequenceSampler,
     ds: &TokenDataset,
     iterations: u64,

@@ -124,3 +124,69 @@ fn an_unknown_gpu_selector_is_refused() {
         "{err}"
     );
 }
+
+/// Mixed precision on the emulated GPU: bf16 weight buffers and activations, f32 master weights,
+/// gradients and optimizer state. The losses follow the f32 CPU run within bf16 rounding (2e-2
+/// relative), and two ranks (ZeRO-3: weights restored by casting each shard into its slot and
+/// all-gathering the bf16 buffer in place) follow one rank with the same global batch.
+#[test]
+fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
+    if !emulator_available() {
+        return;
+    }
+    let data = common::corpus_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, world: &str, df: &str, gpu: bool| {
+        let mut o = common::ov(&[
+            ("training.train_iters", "3".into()),
+            ("model.distributed.world_size", world.into()),
+            ("model.multi_stage.zero_stage", "3".into()),
+            ("schedule.depth_first_micro_batches", df.into()),
+        ]);
+        if gpu {
+            o.push("model.distributed.use_cuda=true".into());
+            o.push("model.distributed.compute_dtype=bfloat16".into());
+        }
+        let (code, err, losses) = train(&tmp.path().join(name), data.path(), &o, gpu.then_some("emulator"));
+        assert_eq!(code, 0, "{name}: {err}");
+        assert_eq!(losses.len(), 3, "{name}: {losses:?}");
+        losses
+    };
+    let f32_cpu = run("cpu", "2", "1", false);
+    let bf16_two = run("bf16-2", "2", "1", true);
+    let bf16_one = run("bf16-1", "1", "2", true);
+    for step in 0..3 {
+        let rel = (bf16_two[step] - f32_cpu[step]).abs() / f32_cpu[step];
+        println!(
+            "step {}: f32 cpu {} bf16 2 ranks {} bf16 1 rank {} (bf16 vs f32 {rel:.2e})",
+            step + 1,
+            f32_cpu[step],
+            bf16_two[step],
+            bf16_one[step]
+        );
+        assert!(
+            rel < 2e-2,
+            "step {}: bf16 {} vs f32 {}",
+            step + 1,
+            bf16_two[step],
+            f32_cpu[step]
+        );
+        let ranks = (bf16_two[step] - bf16_one[step]).abs() / bf16_one[step];
+        assert!(
+            ranks < 2e-3,
+            "step {}: 2 ranks {} vs 1 rank {}",
+            step + 1,
+            bf16_two[step],
+            bf16_one[step]
+        );
+    }
+    // The bf16 weight buffers take half the bytes of the f32 ones.
+    let mem = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(name).join("memory.json")).unwrap()).unwrap()
+    };
+    let (f, b) = (mem("cpu"), mem("bf16-2"));
+    assert_eq!(
+        2 * b["ranks"][0]["weight_buffers"].as_u64().unwrap(),
+        f["ranks"][0]["weight_buffers"].as_u64().unwrap()
+    );
+}

@@ -4,6 +4,7 @@ use super::{
     checkpoints_root, fast_hash, rank_file_name, remove_incomplete, scan_checkpoints, tensor_name, CheckpointMetadata,
     FORMAT_VERSION, KINDS, METADATA,
 };
+use crate::backend::Element;
 use crate::config::{load_config_str, TrainConfig};
 use crate::engine::schedule::runner::RankEngine;
 use crate::model::{Llama, ModelShape};
@@ -324,7 +325,11 @@ fn index_tensors(map: &[u8], meta: &CheckpointMetadata, r: usize) -> Result<Hash
 /// Load a checkpoint into a rank's shards, re-sharding to the rank's layout. A collective (ends with a
 /// barrier). Everything is read and checked into temporaries first; the shards are only overwritten
 /// once every rank has loaded without error. Invalidates the weight buffers.
-pub fn load_into(engine: &mut RankEngine, ckpt: &Checkpoint, parts: LoadParts) -> anyhow::Result<()> {
+pub fn load_into<T: Element<Master = f32>>(
+    engine: &mut RankEngine<T>,
+    ckpt: &Checkpoint,
+    parts: LoadParts,
+) -> anyhow::Result<()> {
     let rank = engine.rank();
     let kinds: &[&str] = match parts {
         LoadParts::All => &KINDS,

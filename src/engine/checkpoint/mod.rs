@@ -29,6 +29,7 @@ mod load;
 
 pub use load::{load_full_weights, load_into, prepare_resume, Checkpoint, LoadParts};
 
+use crate::backend::Element;
 use crate::config::TrainConfig;
 use crate::engine::schedule::runner::RankEngine;
 use anyhow::{bail, Context};
@@ -263,7 +264,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The layout of `engine` as stored in the metadata.
-fn layout_meta(engine: &RankEngine, cfg: &TrainConfig) -> LayoutMeta {
+fn layout_meta<T: Element<Master = f32>>(engine: &RankEngine<T>, cfg: &TrainConfig) -> LayoutMeta {
     let l = &engine.layout;
     LayoutMeta {
         world_size: l.data_parallel,
@@ -295,7 +296,7 @@ fn layout_meta(engine: &RankEngine, cfg: &TrainConfig) -> LayoutMeta {
 }
 
 /// Write this rank's shards as one safetensors file, fsync it; returns `(size, hash)`.
-fn write_rank_file(engine: &RankEngine, path: &Path) -> anyhow::Result<(u64, u64)> {
+fn write_rank_file<T: Element<Master = f32>>(engine: &RankEngine<T>, path: &Path) -> anyhow::Result<(u64, u64)> {
     let mut tensors = Vec::new();
     for (s, sh) in engine.layout.stages.iter().zip(&engine.shards) {
         for (kind, buf) in KINDS.iter().zip([&sh.weight, &sh.exp_avg, &sh.exp_avg_sq]) {
@@ -325,8 +326,8 @@ fn write_rank_file(engine: &RankEngine, path: &Path) -> anyhow::Result<(u64, u64
 /// `fail_after_files` simulates a crash (tests): with `Some(n)`, `n < world size`, the ranks `>= n`
 /// fail before writing their file; with `n >= world size`, rank 0 fails after the rename, before the
 /// completion marker.
-pub fn save(
-    engine: &RankEngine,
+pub fn save<T: Element<Master = f32>>(
+    engine: &RankEngine<T>,
     cfg: &TrainConfig,
     completed_steps: u64,
     samples_per_step: u64,

@@ -52,6 +52,14 @@ pub trait Communicator: Send + Sync {
     fn world_size(&self) -> usize;
     /// `out (D*S)` receives every rank's `shard (S)`, in rank order.
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), CommError>;
+    /// All-gather in place: `buf (D*S)` holds this rank's part at `[r*S, (r+1)*S)` and receives every
+    /// rank's part in rank order (how bf16 weight buffers are restored: the shard is cast into its own
+    /// slot first). The default copies the own slot aside (`S` elements of host memory for the call).
+    fn all_gather_in_place(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let s = buf.len() / self.world_size().max(1);
+        let own = buf[self.rank() * s..(self.rank() + 1) * s].to_vec();
+        self.all_gather(&own, buf)
+    }
     /// `input (D*S)`: `s = input_0[r*S..] + input_1[r*S..] + ...` (rank order) for this rank `r`;
     /// `out (S) = s`, or `out = out + s` when `accumulate`.
     fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError>;

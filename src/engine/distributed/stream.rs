@@ -5,7 +5,7 @@
 //! FIFO order of each rank's stream matches across ranks.
 
 use super::CommError;
-use crate::backend::mem::{Buf, Memory};
+use crate::backend::mem::{Buf, Memory, Pod};
 use std::cell::UnsafeCell;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -95,16 +95,16 @@ impl Drop for CommStream {
 /// Access is coordinated by the schedule, not by the type: a job that writes the buffer is the only
 /// accessor until its [`CommHandle`] has been waited on, and the compute thread never touches a buffer
 /// with a pending job (see `schedule::plan`). The accessors are `unsafe` to mark that contract.
-pub struct SyncBuf {
-    data: UnsafeCell<Buf<f32>>,
+pub struct SyncBuf<T: Pod = f32> {
+    data: UnsafeCell<Buf<T>>,
 }
 
 // SAFETY: concurrent access is excluded by the schedule's handle discipline described above.
-unsafe impl Sync for SyncBuf {}
+unsafe impl<T: Pod> Sync for SyncBuf<T> {}
 // SAFETY: the buffer owns plain `f32` data.
-unsafe impl Send for SyncBuf {}
+unsafe impl<T: Pod> Send for SyncBuf<T> {}
 
-impl SyncBuf {
+impl<T: Pod> SyncBuf<T> {
     /// A zeroed buffer of `len` elements.
     pub fn zeros(len: usize) -> Arc<Self> {
         Self::zeros_in(&crate::backend::mem::host(), len)
@@ -133,7 +133,7 @@ impl SyncBuf {
     /// # Safety
     /// No job that writes this buffer may be pending, and no `&mut` view may be alive.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn get(&self) -> &[f32] {
+    pub unsafe fn get(&self) -> &[T] {
         &*self.data.get()
     }
 
@@ -142,7 +142,7 @@ impl SyncBuf {
     /// # Safety
     /// No other view of this buffer may be alive and no job touching it may be pending.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn get_mut(&self) -> &mut [f32] {
+    pub unsafe fn get_mut(&self) -> &mut [T] {
         &mut *self.data.get()
     }
 }

@@ -6,7 +6,8 @@
 //! waits is the *exposed* communication reported per batch.
 
 use super::{plan, Op, WeightBufferState};
-use crate::backend::Kernels;
+use crate::backend::mem::{as_words_mut, Pod};
+use crate::backend::{Element, Kernels};
 use crate::engine::distributed::stream::{CommHandle, CommStream, SyncBuf};
 use crate::engine::distributed::{CommError, Communicator};
 use crate::engine::multi_stage::{MultiStageLayout, StateBytes};
@@ -80,8 +81,9 @@ pub struct MemoryReport {
     pub activations_peak: u64,
 }
 
-/// One rank of the multi-stage engine.
-pub struct RankEngine {
+/// One rank of the multi-stage engine, computing in `T`: `f32`, or `bf16` (mixed precision: weight
+/// buffers and activations in bf16; master weights, gradients and optimizer state in f32).
+pub struct RankEngine<T: Element<Master = f32> = f32> {
     // Declared first so it is dropped (joined) first: no job outlives the buffers it points to.
     stream: CommStream,
     comm: Arc<dyn Communicator>,
@@ -89,30 +91,30 @@ pub struct RankEngine {
     pub model: Arc<Llama>,
     /// The layout.
     pub layout: Arc<MultiStageLayout>,
-    kernels: Box<dyn Kernels<f32>>,
-    rope: Rope<f32>,
+    kernels: Arc<dyn Kernels<T>>,
+    rope: Rope<T>,
     /// Micro-batch geometry.
     pub batch: Batch,
     depth_first: usize,
     breadth_first: usize,
     /// Per-stage shards.
     pub shards: Vec<StageShards>,
-    weight_buffers: Vec<Arc<SyncBuf>>,
+    weight_buffers: Vec<Arc<SyncBuf<T>>>,
     grad_buffers: Vec<Arc<SyncBuf>>,
     weight_handles: Vec<CommHandle>,
     grad_handles: Vec<CommHandle>,
     weight_state: WeightBufferState,
-    acts: Vec<MicroBatchActs<f32>>,
-    scratch: Scratch<f32>,
+    acts: Vec<MicroBatchActs<T>>,
+    scratch: Scratch<T>,
     activation_bytes: u64,
 }
 
-fn vec_bytes<T>(v: &[T]) -> u64 {
+fn vec_bytes<E: Pod>(v: &[E]) -> u64 {
     std::mem::size_of_val(v) as u64
 }
 
 /// Bytes held by one micro-batch's activation workspace.
-fn measured_bytes(a: &MicroBatchActs<f32>) -> u64 {
+fn measured_bytes<T: Element>(a: &MicroBatchActs<T>) -> u64 {
     vec_bytes(&a.tokens)
         + vec_bytes(&a.targets)
         + vec_bytes(&a.grad_hidden)
@@ -130,7 +132,7 @@ fn measured_bytes(a: &MicroBatchActs<f32>) -> u64 {
 }
 
 /// Bytes held by the backward scratch.
-fn scratch_bytes(s: &Scratch<f32>) -> u64 {
+fn scratch_bytes<T: Element>(s: &Scratch<T>) -> u64 {
     vec_bytes(&s.d_normed) + vec_bytes(&s.d_x) + vec_bytes(&s.d_proj) + vec_bytes(&s.d_inner) + vec_bytes(&s.d_probs)
 }
 
@@ -139,14 +141,14 @@ fn check(r: (Result<(), CommError>, Duration), waited: &mut Duration) -> anyhow:
     r.0.map_err(anyhow::Error::from)
 }
 
-impl RankEngine {
+impl<T: Element<Master = f32>> RankEngine<T> {
     /// Allocate a rank's state and initialize its weight shards from `seed` (layout-independent).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         comm: Arc<dyn Communicator>,
         model: Arc<Llama>,
         layout: Arc<MultiStageLayout>,
-        kernels: Box<dyn Kernels<f32>>,
+        kernels: Box<dyn Kernels<T>>,
         batch: Batch,
         depth_first: usize,
         breadth_first: usize,
@@ -216,7 +218,7 @@ impl RankEngine {
             comm,
             model,
             layout,
-            kernels,
+            kernels: Arc::from(kernels),
             rope,
             batch,
             depth_first,
@@ -304,11 +306,23 @@ impl RankEngine {
                 let shard = self.shards[stage].weight.clone();
                 let buf = self.weight_buffers[buffer].clone();
                 let padded = self.layout.stages[stage].padded;
+                let own = self.layout.stages[stage].shard_range(self.rank());
+                let kernels = self.kernels.clone();
                 self.weight_handles[buffer] = self.stream.submit(move || {
                     // SAFETY: the schedule issues a restore only once every compute step using this
                     // buffer is done, and the shard is only written by the optimizer after all waits.
                     let (src, dst) = unsafe { (shard.get(), &mut buf.get_mut()[..padded]) };
-                    comm.all_gather(src, dst)
+                    if std::mem::size_of::<T>() == std::mem::size_of::<f32>() {
+                        // f32 compute: the master shard is the compute shard.
+                        comm.all_gather(src, as_words_mut(dst))
+                    } else {
+                        // Mixed precision (Fast-LLM's way): cast the master shard into this rank's slot
+                        // of the buffer, then all-gather the buffer in place as 4-byte words (a stage is
+                        // padded to 32·D elements, so every slot is a whole number of words).
+                        kernels.cast_from_master(&mut dst[own], src);
+                        kernels.synchronize();
+                        comm.all_gather_in_place(as_words_mut(dst))
+                    }
                 });
             }
             Op::Reduce {
