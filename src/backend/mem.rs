@@ -69,7 +69,7 @@ impl Pod for half::bf16 {}
 pub fn as_words<T: Pod>(s: &[T]) -> &[f32] {
     let bytes = std::mem::size_of_val(s);
     assert!(
-        bytes % 4 == 0 && s.as_ptr() as usize % 4 == 0,
+        bytes.is_multiple_of(4) && (s.as_ptr() as usize).is_multiple_of(4),
         "as_words: {bytes} bytes at {:p}",
         s.as_ptr()
     );
@@ -81,7 +81,7 @@ pub fn as_words<T: Pod>(s: &[T]) -> &[f32] {
 pub fn as_words_mut<T: Pod>(s: &mut [T]) -> &mut [f32] {
     let bytes = std::mem::size_of_val(s);
     assert!(
-        bytes % 4 == 0 && s.as_ptr() as usize % 4 == 0,
+        bytes.is_multiple_of(4) && (s.as_ptr() as usize).is_multiple_of(4),
         "as_words: {bytes} bytes at {:p}",
         s.as_ptr()
     );
