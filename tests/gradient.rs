@@ -76,7 +76,7 @@ fn engine_gradient_equals_the_single_buffer_reference() {
                 let grads = run_ranks(world, Duration::from_secs(20), |comm| {
                     let comm: Arc<dyn Communicator> = Arc::new(comm);
                     let rank = comm.rank();
-                    let mut e = RankEngine::new(
+                    let mut e = RankEngine::<f32>::new(
                         comm,
                         m.clone(),
                         layout.clone(),
