@@ -461,6 +461,11 @@ fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSu
     let memory = Mutex::new(vec![MemoryReport::default(); world]);
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
+        // On a GPU the collectives move data with device copies and kernels (buffers are managed memory).
+        let comm = match &setup.device {
+            Some(d) => comm.with_mover(d.mover()),
+            None => comm,
+        };
         let local = Arc::new(comm);
         let comm: Arc<dyn Communicator> = local.clone();
         run_rank(

@@ -292,6 +292,11 @@ pub trait Kernels<T: Element>: Send + Sync {
         step: u64,
     );
 
+    /// `x = 0` on master-precision data (a grad buffer after its reduce).
+    fn zero_master(&self, x: &mut [T::Master]) {
+        x.fill(T::Master::ZERO);
+    }
+
     /// `out += x` elementwise (residual connections).
     fn add_assign(&self, out: &mut [T], x: &[T]);
 

@@ -148,6 +148,15 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         ok(self.kernels.cast(view(out), master(x)), "cast_from_master");
     }
 
+    fn zero_master(&self, x: &mut [f32]) {
+        // SAFETY: `x` is device-addressable memory of `len` f32 (the engine allocates it from
+        // `Kernels::memory`).
+        ok(
+            unsafe { self.kernels.gpu().memset_zero(x.as_ptr() as u64, x.len() * 4) },
+            "zero",
+        );
+    }
+
     fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize) {
         let vocab = table.len() / hidden.max(1);
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {

@@ -458,7 +458,11 @@ impl Gpu for RealGpu {
 
     unsafe fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
         self.current()?;
-        drv::memcpy_dtod_async(dst, src, bytes, self.stream).map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+        // cuMemcpyAsync infers the direction from unified addressing: device, managed and host
+        // memory alike (the local communicator copies between managed buffers and host vectors).
+        drv_sys::cuMemcpyAsync(dst, src, bytes, self.stream)
+            .result()
+            .map_err(|e| cuda_err("cuMemcpyAsync", e))
     }
 
     unsafe fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<(), GpuError> {

@@ -376,8 +376,40 @@ impl Device {
         direct::DirectKernels::new(self.gpu.clone(), self.memory.clone())
     }
 
+    /// The local communicator's data mover on this device (collective copies and sums as device
+    /// copies and kernels, so buffers in managed memory stay on the GPU).
+    pub fn mover(&self) -> Arc<dyn crate::engine::distributed::local::DataMover> {
+        Arc::new(GpuMover(ops::CudaKernels::new(self.gpu.clone())))
+    }
+
     /// Bytes of GPU memory held now and at most so far (real GPUs only).
     pub fn memory_stats(&self) -> Option<(u64, u64)> {
         self.real.as_ref().map(|r| r.memory())
+    }
+}
+
+/// [`crate::engine::distributed::local::DataMover`] over a [`Gpu`].
+struct GpuMover(ops::CudaKernels);
+
+impl crate::engine::distributed::local::DataMover for GpuMover {
+    unsafe fn copy(&self, dst: *mut f32, src: *const f32, n: usize) {
+        if let Err(e) = self.0.gpu().copy(dst as DevPtr, src as DevPtr, n * 4) {
+            panic!("collective copy on the GPU: {e}");
+        }
+    }
+    unsafe fn add(&self, dst: *mut f32, src: *const f32, n: usize) {
+        let v = |p: u64| DevView {
+            ptr: p,
+            len: n,
+            dtype: DType::F32,
+        };
+        if let Err(e) = self.0.add_assign(v(dst as DevPtr), v(src as DevPtr)) {
+            panic!("collective sum on the GPU: {e}");
+        }
+    }
+    fn fence(&self) {
+        if let Err(e) = self.0.gpu().synchronize() {
+            panic!("collective on the GPU: {e}");
+        }
     }
 }

@@ -225,6 +225,7 @@ impl LocalGroup {
             group: Arc::clone(self),
             rank,
             stats: Counters::default(),
+            mover: None,
         }
     }
 
@@ -480,6 +481,25 @@ pub struct LocalCommunicator {
     group: Arc<LocalGroup>,
     rank: usize,
     stats: Counters,
+    mover: Option<Arc<dyn DataMover>>,
+}
+
+/// Moves collective data on a device instead of the host: when the ranks' buffers live in GPU
+/// (managed) memory, the all-gather and reduce-scatter copies and sums run as device copies and
+/// kernels, so the data never migrates to the host. Sums keep the rank order.
+pub trait DataMover: Send + Sync {
+    /// `dst[..n] = src[..n]` (stream-ordered).
+    ///
+    /// # Safety
+    /// Both ranges are valid for the device and do not overlap.
+    unsafe fn copy(&self, dst: *mut f32, src: *const f32, n: usize);
+    /// `dst[..n] += src[..n]` (stream-ordered).
+    ///
+    /// # Safety
+    /// As for `copy`.
+    unsafe fn add(&self, dst: *mut f32, src: *const f32, n: usize);
+    /// Wait until everything submitted has finished.
+    fn fence(&self);
 }
 
 impl std::fmt::Debug for LocalCommunicator {
@@ -530,6 +550,13 @@ unsafe fn sum_into<T: Copy + std::ops::Add<Output = T>>(dst: &mut [T], d: usize,
 }
 
 impl LocalCommunicator {
+    /// Run this rank's all-gather, reduce-scatter and broadcast data movement through `mover` (for
+    /// buffers in GPU memory). Every buffer passed to those collectives must then be device-addressable.
+    pub fn with_mover(mut self, mover: Arc<dyn DataMover>) -> Self {
+        self.mover = Some(mover);
+        self
+    }
+
     /// Counters of this communicator.
     pub fn stats(&self) -> CommStats {
         self.stats.snapshot()
@@ -737,12 +764,54 @@ impl Communicator for LocalCommunicator {
         let s = shard.len();
         for j in 0..self.group.world_size {
             // SAFETY: arrival completed; rank `j` published a shard of `s` elements (validated) and
-            // neither frees nor writes it before the completion point below; it cannot alias `out`.
-            let src = unsafe { std::slice::from_raw_parts(self.desc(j, seq).ptr as *const f32, s) };
-            out[j * s..(j + 1) * s].copy_from_slice(src);
+            // neither frees nor writes it before the completion point below (the mover is fenced
+            // first); it cannot alias `out`.
+            let src = self.desc(j, seq).ptr as *const f32;
+            match &self.mover {
+                Some(m) => unsafe { m.copy(out[j * s..].as_mut_ptr(), src, s) },
+                None => out[j * s..(j + 1) * s].copy_from_slice(unsafe { std::slice::from_raw_parts(src, s) }),
+            }
+        }
+        if let Some(m) = &self.mover {
+            m.fence();
         }
         self.group.complete(self.rank);
         bump(&self.stats.all_gather_calls, &self.stats.all_gather_elements, out.len());
+        Ok(())
+    }
+
+    fn all_gather_in_place(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let d = self.group.world_size;
+        let s = buf.len() / d.max(1);
+        // Raw pointers only from here: other ranks read this rank's slot while it writes the others.
+        let base = buf.as_mut_ptr();
+        let desc = Desc {
+            op: Op::AllGather as usize,
+            ptr: base.wrapping_add(self.rank * s) as usize,
+            len_in: s,
+            len_out: buf.len(),
+            root: 0,
+            scratch: 0,
+        };
+        let (seq, _busy) = self.enter(Op::AllGather, desc)?;
+        for j in (0..d).filter(|&j| j != self.rank) {
+            let src = self.desc(j, seq).ptr as *const f32;
+            // SAFETY: arrival completed; rank `j` published its slot of `s` elements (validated), in
+            // its own buffer, unchanged until the completion point (the mover is fenced first); the
+            // destination slot `j` of this buffer is disjoint from the slot this rank published.
+            unsafe {
+                let dst = base.add(j * s);
+                match &self.mover {
+                    Some(m) => m.copy(dst, src, s),
+                    None => std::ptr::copy_nonoverlapping(src, dst, s),
+                }
+            }
+        }
+        if let Some(m) = &self.mover {
+            m.fence();
+        }
+        self.group.complete(self.rank);
+        bump(&self.stats.all_gather_calls, &self.stats.all_gather_elements, buf.len());
         Ok(())
     }
 
@@ -763,7 +832,20 @@ impl Communicator for LocalCommunicator {
         // SAFETY (both branches): arrival completed; every rank published an input of `d * s`
         // elements (validated), so `[offset, offset + s)` is in bounds; inputs are neither freed
         // nor written before the completion point below, and cannot alias `out`.
-        if accumulate {
+        if let Some(m) = &self.mover {
+            // Same rank order; with `accumulate` the terms are added to `out` one by one
+            // (`((out + in_0) + in_1) + ...`), deterministic but not bitwise the host's order.
+            // SAFETY: as below; the mover is fenced before the completion point.
+            unsafe {
+                if !accumulate {
+                    m.copy(out.as_mut_ptr(), src(0), s);
+                }
+                for j in usize::from(!accumulate)..d {
+                    m.add(out.as_mut_ptr(), src(j), s);
+                }
+            }
+            m.fence();
+        } else if accumulate {
             let mut tmp = [0f32; BLOCK];
             let mut start = 0;
             while start < s {
@@ -971,6 +1053,26 @@ mod tests {
                     let mut out = vec![f32::NAN; d * s];
                     c.all_gather(&shards[c.rank()], &mut out)?;
                     Ok(out)
+                })
+                .unwrap();
+                for out in outs {
+                    assert_eq!(bits(&out), bits(&expect), "d={d} s={s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_in_place_matches_reference() {
+        for d in 1..=4 {
+            for &s in &SIZES {
+                let shards: Vec<Vec<f32>> = (0..d).map(|r| data(r as u64 + 20, s)).collect();
+                let expect: Vec<f32> = shards.concat();
+                let outs = run_ranks(d, LONG, |c| {
+                    let mut buf = vec![f32::NAN; d * s];
+                    buf[c.rank() * s..(c.rank() + 1) * s].copy_from_slice(&shards[c.rank()]);
+                    c.all_gather_in_place(&mut buf)?;
+                    Ok(buf)
                 })
                 .unwrap();
                 for out in outs {

@@ -334,12 +334,14 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 let shard = self.shards[stage].grad.clone();
                 let buf = self.grad_buffers[buffer].clone();
                 let padded = self.layout.stages[stage].padded;
+                let kernels = self.kernels.clone();
                 self.grad_handles[buffer] = self.stream.submit(move || {
                     // SAFETY: the reduce is issued after the last backward accumulating into the
                     // buffer; the next backward using it waits for this handle.
                     let (src, dst) = unsafe { (&mut buf.get_mut()[..padded], shard.get_mut()) };
                     let r = comm.reduce_scatter(src, dst, accumulate);
-                    src.iter_mut().for_each(|x| *x = 0.0);
+                    kernels.zero_master(src);
+                    kernels.synchronize();
                     r
                 });
             }
