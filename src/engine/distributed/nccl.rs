@@ -767,6 +767,9 @@ pub struct NcclCommunicator {
     stats: Counters,
     stop: Arc<AtomicBool>,
     watchdog: Option<JoinHandle<()>>,
+    /// The host slices passed to the [`Communicator`] methods are device-addressable (the CUDA
+    /// engine's managed memory): collectives run on them directly, without staging copies.
+    direct: AtomicBool,
     /// Dropped last (releases the context); `None` after a failed drop that leaked it on purpose.
     device: Option<CudaDevice>,
 }
@@ -889,8 +892,29 @@ impl NcclCommunicator {
             stats: Counters::default(),
             stop,
             watchdog: Some(watchdog),
+            direct: AtomicBool::new(false),
             device: Some(device),
         })
+    }
+
+    /// Declare that every slice later passed to the [`Communicator`] methods is CUDA managed (or
+    /// device) memory of this GPU, written by work that has completed (the CUDA engine synchronizes
+    /// before it issues a collective): all-gathers and reduce-scatters then run on the buffers in place.
+    pub fn use_device_buffers(&self) {
+        self.direct.store(true, Ordering::SeqCst);
+    }
+
+    fn direct(&self) -> bool {
+        self.direct.load(Ordering::SeqCst)
+    }
+
+    /// A device collective enqueued by `f` (no event to wait for: the caller's work is complete),
+    /// waited for here within the timeout.
+    fn run_direct(&self, f: impl FnOnce() -> Result<CommEvent, CommError>) -> Result<(), CommError> {
+        let ev = f()?;
+        let r = self.synchronize();
+        drop(ev);
+        r
     }
 
     /// The GPU.
@@ -1214,6 +1238,19 @@ impl Communicator for NcclCommunicator {
         self.rank
     }
 
+    fn all_gather_in_place(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let d = self.world_size.max(1);
+        let s = buf.len() / d;
+        if !self.direct() || s == 0 {
+            let own = buf[self.rank * s..(self.rank + 1) * s].to_vec();
+            return self.all_gather(&own, buf);
+        }
+        let recv = buf.as_mut_ptr() as u64;
+        let send = recv + (self.rank * s * 4) as u64;
+        // SAFETY: in place (send = recv + rank*s) in a device-addressable buffer of d*s floats.
+        self.run_direct(|| unsafe { self.all_gather_device(send, recv, s, Elem::F32, std::ptr::null_mut()) })
+    }
+
     fn world_size(&self) -> usize {
         self.world_size
     }
@@ -1228,6 +1265,13 @@ impl Communicator for NcclCommunicator {
         }
         if s == 0 {
             return self.watch.check();
+        }
+        if self.direct() {
+            let (send, recv) = (shard.as_ptr() as u64, out.as_mut_ptr() as u64);
+            // SAFETY: `use_device_buffers` promised device-addressable slices of the checked sizes,
+            // kept alive and untouched until the synchronize in `run_direct`.
+            return self
+                .run_direct(|| unsafe { self.all_gather_device(send, recv, s, Elem::F32, std::ptr::null_mut()) });
         }
         let (comm, stream, rank) = (self.comm(), self.stream() as cudaStream_t, self.rank);
         let all_gather = self.library().all_gather;
@@ -1266,6 +1310,12 @@ impl Communicator for NcclCommunicator {
         }
         if s == 0 {
             return self.watch.check();
+        }
+        if self.direct() && !accumulate {
+            let (send, recv) = (input.as_ptr() as u64, out.as_mut_ptr() as u64);
+            // SAFETY: as in `all_gather`.
+            return self
+                .run_direct(|| unsafe { self.reduce_scatter_device(send, recv, s, Elem::F32, std::ptr::null_mut()) });
         }
         let (comm, stream, rank) = (self.comm(), self.stream() as cudaStream_t, self.rank);
         let reduce_scatter = self.library().reduce_scatter;
