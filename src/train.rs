@@ -538,6 +538,10 @@ fn train_nccl(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSum
     say(format!("NCCL {} ({})", lib.version_string(), path.display()));
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let nccl = Arc::new(nccl::connect(&env, lib, timeout).map_err(anyhow::Error::msg)?);
+    if cfg.model.distributed.use_cuda {
+        // The CUDA engine's buffers are managed memory: NCCL reads and writes them in place.
+        nccl.use_device_buffers();
+    }
     say(format!(
         "Rank 0 of {} ({} launch): GPU {} ({}), master {}:{}",
         env.world_size,
