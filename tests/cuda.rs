@@ -189,4 +189,26 @@ fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
         2 * b["ranks"][0]["weight_buffers"].as_u64().unwrap(),
         f["ranks"][0]["weight_buffers"].as_u64().unwrap()
     );
+    // `plan` predicts the mixed-precision engine's allocations exactly (bf16 buffers and activations,
+    // f32 statistics, log-sum-exps instead of softmax matrices).
+    let cfg = tmp.path().join("bf16-2").join("input.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
+        .args(["plan", "--config", cfg.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let planned = plan["zero_stages"]["zero_stage_3"]["ranks"].as_array().unwrap();
+    for (p, m) in planned.iter().zip(b["ranks"].as_array().unwrap()) {
+        for key in [
+            "weight_shard",
+            "grad_shard",
+            "optimizer_state",
+            "weight_buffers",
+            "grad_buffers",
+            "activations_peak",
+        ] {
+            assert_eq!(p[key], m[key], "{key}: plan {} vs engine {}", p[key], m[key]);
+        }
+    }
 }

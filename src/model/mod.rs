@@ -479,10 +479,26 @@ impl Llama {
         }
     }
 
-    /// Activation bytes of one rank: `breadth_first` micro-batches of saved activations plus the
-    /// backward scratch, at `bytes` per element (see [`Llama::attention_rows`] for fused attention).
-    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, bytes: usize) -> u64 {
-        ((breadth_first * self.acts_elems(b, 0..self.layers.len()) + self.scratch_elems(b)) * bytes) as u64
+    /// Activation bytes of one rank, as [`Llama::alloc_acts_in`] and [`Llama::alloc_scratch_in`]
+    /// allocate them: `breadth_first` micro-batches of saved activations plus the backward scratch, with
+    /// activations at `compute_bytes` per element and the master-precision ones (RMSNorm `rstd`,
+    /// softmax or log-sum-exp, their scratch) and the token ids at 4 bytes.
+    pub fn activation_bytes(&self, b: Batch, breadth_first: usize, compute_bytes: usize) -> u64 {
+        let n = b.tokens();
+        let c = self.shape.hidden;
+        let (mut compute, mut four) = (n * c, 2 * n); // grad_hidden; tokens and targets
+        for (l, &layer) in self.layers.iter().enumerate() {
+            if l > 0 {
+                compute += n * c;
+            }
+            let [normed, rstd, proj, probs, inner] = self.layer_act_sizes(layer, b);
+            compute += normed + proj + inner;
+            four += rstd + probs;
+        }
+        let scratch_master = self.attention_rows(b);
+        let scratch_compute = self.scratch_elems(b) - scratch_master;
+        let per_mb = compute * compute_bytes + four * 4;
+        (breadth_first * per_mb + scratch_compute * compute_bytes + scratch_master * 4) as u64
     }
 
     /// Allocate the backward scratch for a micro-batch geometry.
