@@ -220,26 +220,40 @@ extern "C" __global__ void rms_norm_bwd_dx_bf16(bf16* grad_x, const bf16* grad_o
     rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden);
 }
 
-// grad_weight (hidden) fp32 += sum over rows of g * x * rstd: one thread per column, rows in order.
+// grad_weight (hidden) fp32 += sum over rows of g * x * rstd, in two deterministic passes so the whole
+// GPU works on it: pass 1 (grid: column blocks x row chunks) writes partial[chunk][col], the sum of the
+// chunk's rows in order; pass 2 (one thread per column) adds the chunks in order into grad_weight.
 template <class T>
-__device__ void rms_norm_bwd_dw_impl(float* grad_weight, const T* grad_out, const T* x, const float* rstd, int n,
-                                     int hidden) {
-    for (long long j = global_thread(); j < hidden; j += global_stride()) {
-        float acc = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            const long long e = (long long)i * hidden + j;
-            acc += ld(grad_out[e]) * ld(x[e]) * rstd[i];
-        }
-        grad_weight[j] += acc;
+__device__ void rms_norm_bwd_dw_impl(float* partial, const T* grad_out, const T* x, const float* rstd, int n,
+                                     int hidden, int rows_per_chunk) {
+    const long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int chunk = blockIdx.y;
+    if (j >= hidden) return;
+    const int i0 = chunk * rows_per_chunk;
+    int i1 = i0 + rows_per_chunk;
+    if (i1 > n) i1 = n;
+    float acc = 0.0f;
+    for (int i = i0; i < i1; ++i) {
+        const long long e = (long long)i * hidden + j;
+        acc += ld(grad_out[e]) * ld(x[e]) * rstd[i];
     }
+    partial[(long long)chunk * hidden + j] = acc;
 }
-extern "C" __global__ void rms_norm_bwd_dw_f32(float* grad_weight, const float* grad_out, const float* x,
-                                               const float* rstd, int n, int hidden) {
-    rms_norm_bwd_dw_impl(grad_weight, grad_out, x, rstd, n, hidden);
+extern "C" __global__ void rms_norm_bwd_dw_f32(float* partial, const float* grad_out, const float* x,
+                                               const float* rstd, int n, int hidden, int rows_per_chunk) {
+    rms_norm_bwd_dw_impl(partial, grad_out, x, rstd, n, hidden, rows_per_chunk);
 }
-extern "C" __global__ void rms_norm_bwd_dw_bf16(float* grad_weight, const bf16* grad_out, const bf16* x,
-                                                const float* rstd, int n, int hidden) {
-    rms_norm_bwd_dw_impl(grad_weight, grad_out, x, rstd, n, hidden);
+extern "C" __global__ void rms_norm_bwd_dw_bf16(float* partial, const bf16* grad_out, const bf16* x,
+                                                const float* rstd, int n, int hidden, int rows_per_chunk) {
+    rms_norm_bwd_dw_impl(partial, grad_out, x, rstd, n, hidden, rows_per_chunk);
+}
+// out[j] += sum over chunks c (in order) of partial[c][j].
+extern "C" __global__ void sum_chunks_f32(float* out, const float* partial, int chunks, int cols) {
+    for (long long j = global_thread(); j < cols; j += global_stride()) {
+        float acc = 0.0f;
+        for (int c = 0; c < chunks; ++c) acc += partial[(long long)c * cols + j];
+        out[j] += acc;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -721,7 +735,7 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
 #define EMU_KERNELS(X)                                                                                        \
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
     X(embedding_bwd_f32) X(embedding_bwd_bf16) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
-    X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rotary_f32) X(rotary_bf16)      \
+    X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \

@@ -151,15 +151,32 @@ fn long(x: usize) -> i64 {
 }
 
 /// The kernels of `kernels.cu` on one device, with typed arguments (see the module docs).
-#[derive(Clone)]
 pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
+    /// fp32 scratch for two-pass column sums (grown on demand; stream order makes reuse safe).
+    scratch: std::sync::Mutex<Option<DevBuf>>,
 }
+
+/// Rows per chunk of the two-pass column sums (RMSNorm weight gradient).
+const ROWS_PER_CHUNK: usize = 64;
 
 impl CudaKernels {
     /// Launchers on `gpu`.
     pub fn new(gpu: Arc<dyn Gpu>) -> Self {
-        Self { gpu }
+        Self {
+            gpu,
+            scratch: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A scratch view of at least `len` fp32 elements (the lock is held while it is used).
+    fn with_scratch<R>(&self, len: usize, f: impl FnOnce(DevView) -> Result<R, GpuError>) -> Result<R, GpuError> {
+        let mut slot = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = None; // free the old one first (it synchronizes)
+            *slot = Some(DevBuf::zeros(&self.gpu, len, DType::F32)?);
+        }
+        f(slot.as_ref().expect("allocated above").view().slice(0..len))
     }
 
     /// The device.
@@ -459,18 +476,42 @@ impl CudaKernels {
                 Arg::I32(hi),
             ],
         )?;
-        self.launch(
-            &format!("rms_norm_bwd_dw_{t}"),
-            self.grid_1d(hidden),
-            &[
-                Arg::Ptr(grad_weight.ptr),
-                Arg::Ptr(grad_out.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(rstd.ptr),
-                Arg::I32(ni),
-                Arg::I32(hi),
-            ],
-        )
+        let chunks = n.div_ceil(ROWS_PER_CHUNK);
+        if chunks > MAX_GRID {
+            return Err(invalid(format!(
+                "rms_norm_backward: {n} rows is more than {MAX_GRID} chunks of {ROWS_PER_CHUNK}"
+            )));
+        }
+        let bs = self.block();
+        self.with_scratch(chunks * hidden, |partial| {
+            self.launch(
+                &format!("rms_norm_bwd_dw_{t}"),
+                Launch {
+                    grid: (hidden.div_ceil(bs) as u32, chunks as u32, 1),
+                    block: (bs as u32, 1, 1),
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(partial.ptr),
+                    Arg::Ptr(grad_out.ptr),
+                    Arg::Ptr(x.ptr),
+                    Arg::Ptr(rstd.ptr),
+                    Arg::I32(ni),
+                    Arg::I32(hi),
+                    Arg::I32(ROWS_PER_CHUNK as i32),
+                ],
+            )?;
+            self.launch(
+                "sum_chunks_f32",
+                self.grid_1d(hidden),
+                &[
+                    Arg::Ptr(grad_weight.ptr),
+                    Arg::Ptr(partial.ptr),
+                    Arg::I32(chunks as i32),
+                    Arg::I32(hi),
+                ],
+            )
+        })
     }
 
     /// Rotary embedding in place (see [`Kernels::rotary`]); `cos`, `sin` are fp32 `(seq, head_size/2)`.
