@@ -88,33 +88,72 @@ pub fn nvrtc_version() -> Result<(i32, i32), GpuError> {
     Ok((major, minor))
 }
 
-/// Compile `source` with NVRTC to PTX for `compute_<arch>` (for example 90). Needs no GPU.
-pub fn compile_ptx(source: &str, arch: u32, include: &Path) -> Result<String, GpuError> {
+/// What NVRTC produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// PTX for `compute_<arch>`, JIT-compiled by the driver at load (needs a driver at least as new
+    /// as NVRTC).
+    Ptx,
+    /// A CUBIN for `sm_<arch>`, loaded as is (works with an older driver of the same major version).
+    Cubin,
+}
+
+/// Compile `source` with NVRTC for architecture `arch` (for example 90). Needs no GPU. PTX images
+/// end with a NUL byte (what `cuModuleLoadData` expects of text).
+pub fn compile(source: &str, arch: u32, include: &Path, image: Image) -> Result<Vec<u8>, GpuError> {
     nvrtc_version()?;
     let src = CString::new(source).map_err(|e| GpuError::Compile(e.to_string()))?;
     let name = CString::new("kernels.cu").expect("no NUL");
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| cuda_err("nvrtcCreateProgram", e))?;
+    let target = match image {
+        Image::Ptx => format!("--gpu-architecture=compute_{arch}"),
+        Image::Cubin => format!("--gpu-architecture=sm_{arch}"),
+    };
     let opts = [
-        format!("--gpu-architecture=compute_{arch}"),
+        target,
         format!("-I{}", include.display()),
         "--std=c++17".to_string(),
         "-default-device".to_string(),
     ];
-    // SAFETY: `prog` is a live program until destroyed below.
+    // SAFETY: `prog` is a live program until destroyed below; size queries precede the copies.
     unsafe {
         let compiled = nvrtc::compile_program(prog, &opts);
         let log = nvrtc::get_program_log(prog)
             .map(|l| c_chars_to_string(&l))
             .unwrap_or_default();
-        let out = match compiled {
-            Ok(()) => nvrtc::get_ptx(prog)
-                .map(|p| c_chars_to_string(&p))
+        let out = match (compiled, image) {
+            (Ok(()), Image::Ptx) => nvrtc::get_ptx(prog)
+                .map(|p| {
+                    let mut text = c_chars_to_string(&p).into_bytes();
+                    text.push(0);
+                    text
+                })
                 .map_err(|e| cuda_err("nvrtcGetPTX", e)),
-            Err(e) => Err(GpuError::Compile(format!("{e:?} with {}:\n{log}", opts.join(" ")))),
+            (Ok(()), Image::Cubin) => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| cuda_err("nvrtcGetCUBINSize", e))
+                    .and_then(|()| {
+                        let mut bin = vec![0u8; size];
+                        nvrtc_sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char)
+                            .result()
+                            .map(|()| bin)
+                            .map_err(|e| cuda_err("nvrtcGetCUBIN", e))
+                    })
+            }
+            (Err(e), _) => Err(GpuError::Compile(format!("{e:?} with {}:\n{log}", opts.join(" ")))),
         };
         let _ = nvrtc::destroy_program(prog);
         out
     }
+}
+
+/// [`compile`] to PTX text.
+pub fn compile_ptx(source: &str, arch: u32, include: &Path) -> Result<String, GpuError> {
+    let mut bytes = compile(source, arch, include, Image::Ptx)?;
+    bytes.pop();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
@@ -231,10 +270,13 @@ impl RealGpu {
 
         let (nv_major, nv_minor) = nvrtc_version()?;
         let include = find_cuda_include(&|k| std::env::var(k).ok())?;
-        let ptx = compile_ptx(KERNELS_CU, (major * 10 + minor) as u32, &include)?;
-        let ptx_c = CString::new(ptx).map_err(|e| GpuError::Compile(e.to_string()))?;
-        // SAFETY: a NUL-terminated PTX image; the context is current.
-        let module = unsafe { drv::module::load_data(ptx_c.as_ptr() as *const c_void) }.map_err(|e| {
+        // A CUBIN for the device's own architecture loads under any driver of this major version; PTX
+        // (JIT-compiled by the driver) is the fallback for an architecture this NVRTC cannot target.
+        let arch = (major * 10 + minor) as u32;
+        let image = compile(KERNELS_CU, arch, &include, Image::Cubin)
+            .or_else(|_| compile(KERNELS_CU, arch, &include, Image::Ptx))?;
+        // SAFETY: a complete CUBIN or NUL-terminated PTX image; the context is current.
+        let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
             GpuError::Unavailable(format!(
                 "loading the kernels compiled by NVRTC {nv_major}.{nv_minor} failed ({e:?}); an NVRTC newer than \
                  the driver (CUDA {}.{}) produces PTX the driver cannot load: use the toolkit matching the driver",
@@ -675,6 +717,9 @@ mod tests {
                 );
             }
         }
+        // The CUBIN a GPU loads: an ELF image for sm_90.
+        let cubin = compile(KERNELS_CU, 90, &include, Image::Cubin).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "CUBIN is an ELF image");
         // A broken source must fail with the compiler's log.
         let err = compile_ptx("extern \"C\" __global__ void k() { undefined_thing(); }", 90, &include).unwrap_err();
         assert!(err.to_string().contains("undefined_thing"), "{err}");
