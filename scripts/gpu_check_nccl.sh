@@ -5,7 +5,10 @@
 #       metrics.jsonl files: with one rank every NCCL collective is a copy, so they must be identical;
 #   (b) prints the NCCL version found (FAST_LLM_NCCL_LIB overrides the search);
 #   (c) starts rank 0 of a 2-rank launch whose rank 1 never comes: it must stop with an error within
-#       model.distributed.timeout (5 s here), not hang.
+#       model.distributed.timeout (5 s here), not hang;
+#   (d) overlap, with the CUDA engine: 1-rank NCCL runs with use_cuda, ZeRO-3, 2 weight buffers vs 1
+#       (prefetch vs none): prints the mean step time and share of the step waiting on communication of
+#       each (figures, no pass/fail; the collectives run on NCCL's own stream).
 # Usage: cargo build --release && scripts/gpu_check_nccl.sh   (STEPS=6 by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,5 +54,21 @@ rc=$?; took=$(( $(date +%s) - start ))
 tail -1 "$WORK/fault.log"
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $took -lt 30 ]; then echo "PASS (c): exit $rc after ${took}s"
 else echo "FAIL (c): exit $rc after ${took}s"; C=1; fi
+echo "== (d) overlap: use_cuda, ZeRO-3, 2 weight buffers vs 1 (mean over steps after the first)"
+for wb in 2 1; do
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(port) timeout 120 \
+    "$BIN" train "${ARGS[@]}" "run.experiment_dir=$WORK/overlap$wb" model.distributed.backend=nccl \
+    model.distributed.use_cuda=true model.multi_stage.zero_stage=3 model.multi_stage.num_weight_buffers=$wb \
+    >"$WORK/overlap$wb.log" 2>&1 || { tail -3 "$WORK/overlap$wb.log"; echo "(d) weight buffers $wb: run failed"; continue; }
+  python3 - "$WORK/overlap$wb/metrics.jsonl" "$wb" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"training"' in l][1:]
+if rows:
+    t = sum(r["step_time_s"] for r in rows) / len(rows)
+    w = sum(r["comm_wait_s"] for r in rows) / len(rows)
+    print(f"(d) weight buffers {sys.argv[2]}: mean step {t:.4f} s, waiting on communication {w:.4f} s "
+          f"({100 * w / t:.1f}%) over {len(rows)} steps")
+PY
+done
 echo "logs in $WORK"
 [ -z "${A:-}${B:-}${C:-}" ]
