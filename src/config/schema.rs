@@ -590,12 +590,15 @@ pub struct DistributedConfig {
     pub backend: CommBackend,
     /// Seed of initialization and data sampling. Default 1234.
     pub seed: u64,
-    /// `float32` (CPU) or `bfloat16` (CUDA). Default `float32`.
+    /// `float32` (CPU or GPU) or `bfloat16` (GPU only: Fast-LLM's mixed precision, bf16 weight buffers
+    /// and activations with fp32 master weights, gradients and optimizer state). Default `float32`.
     pub compute_dtype: ComputeDtype,
     /// Seconds any collective may wait before the run stops with an error naming the missing rank.
     /// Default 60, > 0.
     pub timeout: f64,
-    /// Run on an NVIDIA GPU. Default false.
+    /// Run on an NVIDIA GPU (the local rank's; local-backend ranks share GPU 0): kernels compiled with
+    /// NVRTC at start, cuBLASLt, buffers in CUDA managed memory. `FAST_LLM_RS_GPU=emulator` runs the
+    /// same kernels on the CPU emulator instead (tests). Default false.
     pub use_cuda: bool,
     /// Tensor parallelism: only 1 is supported.
     pub tensor_parallel: u64,
