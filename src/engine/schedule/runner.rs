@@ -497,7 +497,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     fn gather(&self, pick: impl Fn(&StageShards) -> &Arc<SyncBuf>) -> anyhow::Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.layout.num_params());
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
-            let mut full = vec![0f32; s.padded];
+            // From the kernels' memory: on a GPU the collective may run on the buffer in place (NCCL
+            // cannot write host memory).
+            let mut full = crate::backend::mem::Buf::<f32>::zeros_in(&self.kernels.memory(), s.padded);
             // SAFETY: no job is pending outside `run_batch`.
             self.comm.all_gather(unsafe { pick(sh).get() }, &mut full)?;
             out.extend_from_slice(&full[..s.num_params]);
