@@ -355,41 +355,15 @@ fn run_rank(
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
 ) -> anyhow::Result<TrainSummary> {
     let bf16_compute = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
-    match &setup.device {
-        Some(d) if bf16_compute => run_engine::<bf16>(
-            cfg,
-            opts,
-            setup,
-            comm,
-            Box::new(d.kernels()),
-            resume,
-            pretrained,
-            memory,
-            comm_stats,
-        ),
-        Some(d) => run_engine::<f32>(
-            cfg,
-            opts,
-            setup,
-            comm,
-            Box::new(d.kernels()),
-            resume,
-            pretrained,
-            memory,
-            comm_stats,
-        ),
-        None => run_engine::<f32>(
-            cfg,
-            opts,
-            setup,
-            comm,
-            Box::new(CpuKernels::new(threads)),
-            resume,
-            pretrained,
-            memory,
-            comm_stats,
-        ),
+    if let (Some(d), true) = (&setup.device, bf16_compute) {
+        let kernels: Box<dyn Kernels<bf16>> = Box::new(d.kernels());
+        return run_engine(cfg, opts, setup, comm, kernels, resume, pretrained, memory, comm_stats);
     }
+    let kernels: Box<dyn Kernels<f32>> = match &setup.device {
+        Some(d) => Box::new(d.kernels()),
+        None => Box::new(CpuKernels::new(threads)),
+    };
+    run_engine(cfg, opts, setup, comm, kernels, resume, pretrained, memory, comm_stats)
 }
 
 /// [`run_rank`] with the compute type chosen.

@@ -63,29 +63,18 @@ impl Pod for u32 {}
 impl Pod for u16 {}
 impl Pod for half::bf16 {}
 
-/// A slice of 2- or 4-byte elements seen as 4-byte words (f32), for collectives that only move data
-/// (all-gather of bf16 buffers). Panics unless the start is 4-byte aligned and the length is a whole
-/// number of words.
-pub fn as_words<T: Pod>(s: &[T]) -> &[f32] {
-    let bytes = std::mem::size_of_val(s);
-    assert!(
-        bytes.is_multiple_of(4) && (s.as_ptr() as usize).is_multiple_of(4),
-        "as_words: {bytes} bytes at {:p}",
-        s.as_ptr()
-    );
-    // SAFETY: aligned, in bounds, and every bit pattern is a valid f32 (only moved, never computed on).
-    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, bytes / 4) }
-}
-
-/// Mutable [`as_words`].
+/// A mutable slice of 2- or 4-byte elements seen as 4-byte words (f32), for collectives that only move
+/// data (the in-place all-gather of bf16 weight buffers). Panics unless the start is 4-byte aligned and
+/// the length is a whole number of words.
 pub fn as_words_mut<T: Pod>(s: &mut [T]) -> &mut [f32] {
     let bytes = std::mem::size_of_val(s);
     assert!(
         bytes.is_multiple_of(4) && (s.as_ptr() as usize).is_multiple_of(4),
-        "as_words: {bytes} bytes at {:p}",
+        "as_words_mut: {bytes} bytes at {:p}",
         s.as_ptr()
     );
-    // SAFETY: as above; the borrow is exclusive.
+    // SAFETY: aligned, in bounds, exclusive, and every bit pattern is a valid f32 (only moved, never
+    // computed on).
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, bytes / 4) }
 }
 

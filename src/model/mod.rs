@@ -591,6 +591,7 @@ impl Llama {
         let s = &self.shape;
         let c = s.hidden;
         let n = b.tokens();
+        let eps = T::Master::from_f64(s.norm_eps);
         let (before, after) = acts.hidden.split_at_mut(l + 1);
         let input = &before[l];
         let la = &mut acts.layers[l];
@@ -602,14 +603,7 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let qkv_w = &rest[..s.qkv_width() * c];
                 let o_w = &rest[s.qkv_width() * c..];
-                k.rms_norm_forward(
-                    &mut la.normed,
-                    &mut la.rstd,
-                    input,
-                    norm_w,
-                    c,
-                    T::Master::from_f64(s.norm_eps),
-                );
+                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
                 k.rotary(
                     &mut la.proj,
@@ -639,14 +633,7 @@ impl Llama {
                 let (norm_w, rest) = weights.split_at(c);
                 let gu_w = &rest[..2 * s.inter * c];
                 let down_w = &rest[2 * s.inter * c..];
-                k.rms_norm_forward(
-                    &mut la.normed,
-                    &mut la.rstd,
-                    input,
-                    norm_w,
-                    c,
-                    T::Master::from_f64(s.norm_eps),
-                );
+                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
                 let out = &mut after[0];

@@ -9,10 +9,10 @@
 //! Attention is fused ([`Kernels::fused_attention`]): the forward saves one log-sum-exp per row.
 
 use super::ops::{AdamStep, AttnDims, CudaKernels};
-use super::{DType, DevBuf, DevView, Gpu, GpuError};
+use super::{DType, DevView, Gpu, GpuError};
 use crate::backend::mem::Memory;
 use crate::backend::{bf16, Element, Kernels};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A compute type the device kernels take (its master type is f32).
 pub trait DevElement: Element<Master = f32> {
@@ -30,8 +30,6 @@ impl DevElement for bf16 {
 pub struct DirectKernels {
     kernels: CudaKernels,
     memory: Arc<dyn Memory>,
-    /// Per-row losses of the cross-entropy (grown on demand; one per `DirectKernels`).
-    row_loss: Mutex<Option<DevBuf>>,
 }
 
 fn view<T: DevElement>(s: &[T]) -> DevView {
@@ -66,13 +64,40 @@ impl DirectKernels {
         Self {
             kernels: CudaKernels::new(gpu),
             memory,
-            row_loss: Mutex::new(None),
         }
     }
 
     /// The launchers.
     pub fn kernels(&self) -> &CudaKernels {
         &self.kernels
+    }
+
+    /// `c (m,n) (+)= op(a) @ op(b)`, `c` of any element type (activations or master gradients).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<T: DevElement>(
+        &self,
+        c: DevView,
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        let r = self.kernels.matmul(
+            c.slice(0..m * n),
+            view(&a[..m * k]),
+            view(&b[..k * n]),
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            accumulate,
+        );
+        ok(r, "matmul");
     }
 }
 
@@ -105,18 +130,7 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         trans_b: bool,
         accumulate: bool,
     ) {
-        let r = self.kernels.matmul(
-            view(&c[..m * n]),
-            view(&a[..m * k]),
-            view(&b[..k * n]),
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            accumulate,
-        );
-        ok(r, "matmul");
+        self.gemm(view(c), a, b, m, n, k, trans_a, trans_b, accumulate);
     }
 
     fn matmul_acc_master(
@@ -130,18 +144,7 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         trans_a: bool,
         trans_b: bool,
     ) {
-        let r = self.kernels.matmul(
-            master(&c[..m * n]),
-            view(&a[..m * k]),
-            view(&b[..k * n]),
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            true,
-        );
-        ok(r, "matmul (into master gradients)");
+        self.gemm(master(c), a, b, m, n, k, trans_a, trans_b, true);
     }
 
     fn cast_from_master(&self, out: &mut [T], x: &[f32]) {
@@ -312,19 +315,12 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
 
     fn cross_entropy(&self, logits: &mut [T], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
         let n = targets.len();
-        let mut slot = self.row_loss.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_none_or(|b| b.len() < n) {
-            *slot = Some(ok(
-                DevBuf::zeros(self.kernels.gpu(), n, DType::F32),
-                "cross_entropy scratch",
-            ));
-        }
-        let rows = slot.as_ref().expect("allocated above").view();
-        ok(
+        // The per-row losses go to the launchers' scratch.
+        let r = self.kernels.with_scratch(n, |rows| {
             self.kernels
-                .cross_entropy(view(&logits[..n * vocab]), rows, view_u32(targets), vocab, grad_scale),
-            "cross_entropy",
-        )
+                .cross_entropy(view(&logits[..n * vocab]), rows, view_u32(targets), vocab, grad_scale)
+        });
+        ok(r, "cross_entropy")
     }
 
     fn adamw(

@@ -325,6 +325,13 @@ impl RealGpu {
         (self.in_use.load(Ordering::Relaxed), self.peak.load(Ordering::Relaxed))
     }
 
+    /// Count a new allocation in [`RealGpu::memory`].
+    fn track(&self, ptr: DevPtr, bytes: usize) {
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
+        let now = self.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
     fn current(&self) -> Result<(), GpuError> {
         // SAFETY: `ctx` is retained for the life of `self`.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(|e| cuda_err("cuCtxSetCurrent", e))
@@ -467,9 +474,7 @@ impl Gpu for RealGpu {
         })?;
         // SAFETY: `ptr` covers `bytes`.
         unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream) }.map_err(|e| cuda_err("cuMemsetD8Async", e))?;
-        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
-        let now = self.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
-        self.peak.fetch_max(now, Ordering::Relaxed);
+        self.track(ptr, bytes);
         Ok(ptr)
     }
 
@@ -603,9 +608,7 @@ impl RealGpu {
             drv::stream::synchronize(self.stream).map_err(|e| cuda_err("cuStreamSynchronize", e))?;
             p
         };
-        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
-        let now = self.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
-        self.peak.fetch_max(now, Ordering::Relaxed);
+        self.track(ptr, bytes);
         Ok(ptr)
     }
 }

@@ -43,48 +43,32 @@ __device__ __forceinline__ long long global_stride() {
     return (long long)gridDim.x * blockDim.x;
 }
 
-// Sum of `v` over the block (tree order over thread indices), returned to every thread.
-// `red` is a shared array of at least blockDim.x floats.
-__device__ float block_sum(float v, float* red) {
-    const int t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) red[t] += red[t + s];
-        __syncthreads();
-    }
-    const float r = red[0];
-    __syncthreads();
-    return r;
-}
+struct SumOp {
+    template <class V>
+    __device__ V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
-// Maximum of `v` over the block, returned to every thread.
-__device__ float block_max(float v, float* red) {
+// `op` over the block's `v` (tree order over thread indices), returned to every thread.
+// `red` is a shared array of at least blockDim.x elements.
+template <class V, class Op>
+__device__ V block_reduce(V v, V* red, Op op) {
     const int t = threadIdx.x;
     red[t] = v;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) red[t] = fmaxf(red[t], red[t + s]);
+        if (t < s) red[t] = op(red[t], red[t + s]);
         __syncthreads();
     }
-    const float r = red[0];
+    const V r = red[0];
     __syncthreads();
     return r;
 }
-
-// Sum of `v` over the block in double, written by thread 0 only (returns 0 elsewhere).
-__device__ double block_sum_double(double v, double* red) {
-    const int t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) red[t] += red[t + s];
-        __syncthreads();
-    }
-    const double r = t == 0 ? red[0] : 0.0;
-    __syncthreads();
-    return r;
-}
+__device__ float block_sum(float v, float* red) { return block_reduce(v, red, SumOp()); }
+__device__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp()); }
+__device__ double block_sum_double(double v, double* red) { return block_reduce(v, red, SumOp()); }
 
 // ---------------------------------------------------------------------------------------------------
 // Casts and elementwise sums (grid-stride loops).

@@ -153,7 +153,7 @@ fn long(x: usize) -> i64 {
 /// The kernels of `kernels.cu` on one device, with typed arguments (see the module docs).
 pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
-    /// fp32 scratch for two-pass column sums (grown on demand; stream order makes reuse safe).
+    /// fp32 scratch (column-sum partials, per-row losses; grown on demand, stream order makes reuse safe).
     scratch: std::sync::Mutex<Option<DevBuf>>,
 }
 
@@ -170,7 +170,11 @@ impl CudaKernels {
     }
 
     /// A scratch view of at least `len` fp32 elements (the lock is held while it is used).
-    fn with_scratch<R>(&self, len: usize, f: impl FnOnce(DevView) -> Result<R, GpuError>) -> Result<R, GpuError> {
+    pub(super) fn with_scratch<R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(DevView) -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
         let mut slot = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|b| b.len() < len) {
             *slot = None; // free the old one first (it synchronizes)

@@ -730,25 +730,30 @@ fn emulator_rejects_unknown_kernels_and_mismatched_arguments() {
     assert!(e.to_string().contains("head_size 256"), "{e}");
 }
 
+/// The small model of the end-to-end tests: 2 blocks, hidden 16, 4 heads of 4 sharing 2 KV heads.
+fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
+    crate::model::ModelShape {
+        hidden: 16,
+        vocab,
+        num_blocks: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 4,
+        inter: 24,
+        norm_eps: 1e-5,
+        head_norm_eps: 1e-5,
+        theta: 10000.0,
+    }
+}
+
 /// The whole tiny model (forward and backward of every layer) through [`super::direct::DirectKernels`]
 /// against the CPU backend: loss and every gradient within 1e-5. Runs on devices that address host
 /// memory (the emulator); on a real GPU the engine test below covers the same path in managed memory.
 #[test]
 fn tiny_model_through_cuda_kernels_matches_cpu() {
-    use crate::model::{init, Batch, Init, Llama, ModelShape};
+    use crate::model::{init, Batch, Init, Llama};
     for dev in test_devices().into_iter().filter(|d| d.memory.name() == "host") {
-        let mut m = Llama::new(ModelShape {
-            hidden: 16,
-            vocab: 29,
-            num_blocks: 2,
-            heads: 4,
-            kv_heads: 2,
-            head_size: 4,
-            inter: 24,
-            norm_eps: 1e-5,
-            head_norm_eps: 1e-5,
-            theta: 10000.0,
-        });
+        let mut m = Llama::new(tiny_shape(29));
         let b = Batch { batch: 2, seq: 7 };
         let mut w: Vec<f32> = Vec::new();
         let mut spans = Vec::new();
@@ -798,22 +803,11 @@ fn engine_training_through_cuda_kernels_matches_cpu() {
     use crate::engine::distributed::Communicator;
     use crate::engine::multi_stage::MultiStageLayout;
     use crate::engine::schedule::runner::{AdamStep as EngineAdam, RankEngine};
-    use crate::model::{init, Batch, Llama, ModelShape};
+    use crate::model::{init, Batch, Llama};
     use std::time::Duration;
 
     for dev in test_devices() {
-        let m = Arc::new(Llama::new(ModelShape {
-            hidden: 16,
-            vocab: 40,
-            num_blocks: 2,
-            heads: 4,
-            kv_heads: 2,
-            head_size: 4,
-            inter: 24,
-            norm_eps: 1e-5,
-            head_norm_eps: 1e-5,
-            theta: 10000.0,
-        }));
+        let m = Arc::new(Llama::new(tiny_shape(40)));
         let b = Batch { batch: 2, seq: 6 };
         let (world, df) = (2usize, 2usize);
         let ms = MultiStageConfig {

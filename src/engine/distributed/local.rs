@@ -714,7 +714,7 @@ impl LocalCommunicator {
             scratch: scratch_ptr as usize,
         };
         let (seq, _busy) = self.enter(op, desc)?;
-        bump(&self.stats.all_reduce_calls, &self.stats.all_reduce_elements, n);
+        self.stats.all_reduce(n);
         if d == 1 {
             return Ok(());
         }
@@ -742,6 +742,51 @@ impl LocalCommunicator {
     }
 }
 
+impl LocalCommunicator {
+    /// The all-gather: publishes `shard` (`s` elements) and copies every rank's shard into slot `j`
+    /// of `out` (`out_len` = D·s, validated), except this rank's own when `in_place` (it is already
+    /// there). Copies go through the mover when there is one, fenced before the completion point.
+    ///
+    /// # Safety
+    /// `shard` is valid for `s` reads and `out` for `out_len` writes until return; they overlap only
+    /// when `in_place`, and then exactly at this rank's slot.
+    unsafe fn gather(
+        &self,
+        shard: *const f32,
+        s: usize,
+        out: *mut f32,
+        out_len: usize,
+        in_place: bool,
+    ) -> Result<(), CommError> {
+        let desc = Desc {
+            op: Op::AllGather as usize,
+            ptr: shard as usize,
+            len_in: s,
+            len_out: out_len,
+            root: 0,
+            scratch: 0,
+        };
+        let (seq, _busy) = self.enter(Op::AllGather, desc)?;
+        for j in (0..self.group.world_size).filter(|&j| !(in_place && j == self.rank)) {
+            // SAFETY: arrival completed; rank `j` published a shard of `s` elements (validated) and
+            // neither frees nor writes it before the completion point below (the mover is fenced
+            // first); slot `j` of `out` is in bounds (`out_len` = D·s, validated) and disjoint from
+            // every published shard.
+            let (src, dst) = (self.desc(j, seq).ptr as *const f32, out.add(j * s));
+            match &self.mover {
+                Some(m) => m.copy(dst, src, s),
+                None => std::ptr::copy_nonoverlapping(src, dst, s),
+            }
+        }
+        if let Some(m) = &self.mover {
+            m.fence();
+        }
+        self.group.complete(self.rank);
+        self.stats.all_gather(out_len);
+        Ok(())
+    }
+}
+
 impl Communicator for LocalCommunicator {
     fn rank(&self) -> usize {
         self.rank
@@ -752,67 +797,18 @@ impl Communicator for LocalCommunicator {
     }
 
     fn all_gather(&self, shard: &[f32], out: &mut [f32]) -> Result<(), CommError> {
-        let desc = Desc {
-            op: Op::AllGather as usize,
-            ptr: shard.as_ptr() as usize,
-            len_in: shard.len(),
-            len_out: out.len(),
-            root: 0,
-            scratch: 0,
-        };
-        let (seq, _busy) = self.enter(Op::AllGather, desc)?;
-        let s = shard.len();
-        for j in 0..self.group.world_size {
-            // SAFETY: arrival completed; rank `j` published a shard of `s` elements (validated) and
-            // neither frees nor writes it before the completion point below (the mover is fenced
-            // first); it cannot alias `out`.
-            let src = self.desc(j, seq).ptr as *const f32;
-            match &self.mover {
-                Some(m) => unsafe { m.copy(out[j * s..].as_mut_ptr(), src, s) },
-                None => out[j * s..(j + 1) * s].copy_from_slice(unsafe { std::slice::from_raw_parts(src, s) }),
-            }
-        }
-        if let Some(m) = &self.mover {
-            m.fence();
-        }
-        self.group.complete(self.rank);
-        bump(&self.stats.all_gather_calls, &self.stats.all_gather_elements, out.len());
-        Ok(())
+        // SAFETY: `shard` and `out` are live slices of their lengths (validated against each other)
+        // and cannot overlap (one is shared, the other exclusive).
+        unsafe { self.gather(shard.as_ptr(), shard.len(), out.as_mut_ptr(), out.len(), false) }
     }
 
     fn all_gather_in_place(&self, buf: &mut [f32]) -> Result<(), CommError> {
-        let d = self.group.world_size;
-        let s = buf.len() / d.max(1);
+        let s = buf.len() / self.group.world_size.max(1);
         // Raw pointers only from here: other ranks read this rank's slot while it writes the others.
         let base = buf.as_mut_ptr();
-        let desc = Desc {
-            op: Op::AllGather as usize,
-            ptr: base.wrapping_add(self.rank * s) as usize,
-            len_in: s,
-            len_out: buf.len(),
-            root: 0,
-            scratch: 0,
-        };
-        let (seq, _busy) = self.enter(Op::AllGather, desc)?;
-        for j in (0..d).filter(|&j| j != self.rank) {
-            let src = self.desc(j, seq).ptr as *const f32;
-            // SAFETY: arrival completed; rank `j` published its slot of `s` elements (validated), in
-            // its own buffer, unchanged until the completion point (the mover is fenced first); the
-            // destination slot `j` of this buffer is disjoint from the slot this rank published.
-            unsafe {
-                let dst = base.add(j * s);
-                match &self.mover {
-                    Some(m) => m.copy(dst, src, s),
-                    None => std::ptr::copy_nonoverlapping(src, dst, s),
-                }
-            }
-        }
-        if let Some(m) = &self.mover {
-            m.fence();
-        }
-        self.group.complete(self.rank);
-        bump(&self.stats.all_gather_calls, &self.stats.all_gather_elements, buf.len());
-        Ok(())
+        // SAFETY: `buf` is exclusive for the call; the published shard is this rank's slot of it,
+        // which `gather` does not write in place.
+        unsafe { self.gather(base.wrapping_add(self.rank * s), s, base, buf.len(), true) }
     }
 
     fn reduce_scatter(&self, input: &[f32], out: &mut [f32], accumulate: bool) -> Result<(), CommError> {
@@ -861,11 +857,7 @@ impl Communicator for LocalCommunicator {
             unsafe { sum_into(out, d, src) };
         }
         self.group.complete(self.rank);
-        bump(
-            &self.stats.reduce_scatter_calls,
-            &self.stats.reduce_scatter_elements,
-            input.len(),
-        );
+        self.stats.reduce_scatter(input.len());
         Ok(())
     }
 
@@ -894,7 +886,7 @@ impl Communicator for LocalCommunicator {
             data.copy_from_slice(src);
         }
         self.group.complete(self.rank);
-        bump(&self.stats.broadcast_calls, &self.stats.broadcast_elements, data.len());
+        self.stats.broadcast(data.len());
         Ok(())
     }
 
