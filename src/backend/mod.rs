@@ -300,6 +300,12 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// `out += x` elementwise (residual connections).
     fn add_assign(&self, out: &mut [T], x: &[T]);
 
+    /// `out = x` (the residual stream's copy), in stream order on a device: a host copy there would
+    /// race with the kernels still writing `x`.
+    fn copy(&self, out: &mut [T], x: &[T]) {
+        out.copy_from_slice(x);
+    }
+
     /// Sum of squares, accumulated in f64 in a fixed order (gradient norm).
     fn sum_squares(&self, x: &[T::Master]) -> f64;
 }

@@ -570,6 +570,8 @@ impl Llama {
                 );
             }
         }
+        // The gradients are read by the caller on the host.
+        k.synchronize();
         acts.loss_sum
     }
 
@@ -626,7 +628,7 @@ impl Llama {
                     s.head_size,
                 );
                 let out = &mut after[0];
-                out.copy_from_slice(input);
+                k.copy(out, input);
                 k.matmul(out, &la.inner, o_w, n, c, s.attn_width(), false, true, true);
             }
             LayerKind::Mlp(_) => {
@@ -637,7 +639,7 @@ impl Llama {
                 k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
                 let out = &mut after[0];
-                out.copy_from_slice(input);
+                k.copy(out, input);
                 k.matmul(out, &la.inner, down_w, n, c, s.inter, false, true, true);
             }
             LayerKind::Head => {

@@ -353,6 +353,11 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         );
     }
 
+    fn copy(&self, out: &mut [T], x: &[T]) {
+        assert_eq!(out.len(), x.len(), "copy: shapes");
+        ok(self.kernels.cast(view(out), view(x)), "copy");
+    }
+
     fn add_assign(&self, out: &mut [T], x: &[T]) {
         ok(self.kernels.add_assign(view(out), view(x)), "add_assign");
     }

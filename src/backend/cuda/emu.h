@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -43,8 +45,33 @@ struct EmuBlock {
     unsigned long long generation = 0;
     unsigned finished = 0;   // threads done with the current block
     unsigned long long block_generation = 0;
+    // Per warp (32 consecutive threads): threads still inside the kernel, waiting at __syncwarp, and
+    // the barrier's generation.
+    std::vector<unsigned> warp_active, warp_arrived;
+    std::vector<unsigned long long> warp_generation;
 
-    explicit EmuBlock(unsigned n) : size(n), active(n) {}
+    explicit EmuBlock(unsigned n)
+        : size(n), active(n), warp_active(warp_sizes(n)), warp_arrived((n + 31) / 32, 0),
+          warp_generation((n + 31) / 32, 0) {}
+
+    static std::vector<unsigned> warp_sizes(unsigned n) {
+        std::vector<unsigned> w((n + 31) / 32, 32);
+        if (n % 32) w.back() = n % 32;
+        return w;
+    }
+
+    // __syncwarp: wait until every thread of the caller's warp still in the kernel has arrived.
+    void sync_warp(unsigned warp) {
+        std::unique_lock<std::mutex> lock(m);
+        const unsigned long long gen = warp_generation[warp];
+        if (++warp_arrived[warp] == warp_active[warp]) {
+            warp_arrived[warp] = 0;
+            ++warp_generation[warp];
+            cv.notify_all();
+        } else {
+            cv.wait(lock, [&] { return warp_generation[warp] != gen; });
+        }
+    }
 
     // __syncthreads: wait until every thread still in the kernel has arrived.
     void sync() {
@@ -62,17 +89,24 @@ struct EmuBlock {
     // The calling thread has returned from the kernel for this block: it leaves the barrier (releasing
     // the others if they were only waiting for it), then waits until every thread has finished the
     // block, so that the next block starts with the full set of threads.
-    void finish() {
+    void finish(unsigned warp) {
         std::unique_lock<std::mutex> lock(m);
         --active;
         if (arrived > 0 && arrived == active) {
             arrived = 0;
             ++generation;
         }
+        --warp_active[warp];
+        if (warp_arrived[warp] > 0 && warp_arrived[warp] == warp_active[warp]) {
+            warp_arrived[warp] = 0;
+            ++warp_generation[warp];
+        }
         if (++finished == size) {
             finished = 0;
             active = size;
             arrived = 0;
+            warp_active = warp_sizes(size);
+            for (unsigned& a : warp_arrived) a = 0;
             ++block_generation;
             cv.notify_all();
         } else {
@@ -86,6 +120,8 @@ struct EmuBlock {
 inline thread_local EmuBlock* emu_block = nullptr;
 
 inline void __syncthreads() { emu_block->sync(); }
+// Warps are 32 consecutive threads of a one-dimensional block.
+inline void __syncwarp() { emu_block->sync_warp(threadIdx.x / 32); }
 
 struct __nv_bfloat16 {
     unsigned short x;
@@ -116,3 +152,70 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+
+// `nvcuda::wmma` (16x16x16 tiles): every thread of a warp holds the whole tile, element (r, c) at
+// x[r * 16 + c], as float (bf16 values are exact in float). Loads are done by every thread; stores by
+// lane 0 only, so a kernel must `__syncwarp()` before other lanes read what a store wrote (as CUDA
+// requires too). Products accumulate in fp32 in k order.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 tiles only");
+    static constexpr int num_elements = 256;
+    float x[256];
+};
+
+inline float emu_value(float v) { return v; }
+inline float emu_value(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class Use, class T, class L, class S>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const S* p, unsigned ldm) {
+    static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value, "layout");
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            f.x[r * 16 + c] = emu_value(std::is_same<L, row_major>::value ? p[(long long)r * ldm + c]
+                                                                          : p[(long long)c * ldm + r]);
+}
+
+template <class T>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t l) {
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            f.x[r * 16 + c] = l == mem_row_major ? p[(long long)r * ldm + c] : p[(long long)c * ldm + r];
+}
+
+template <class T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t l) {
+    if (threadIdx.x % 32 != 0) return;
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            (l == mem_row_major ? p[(long long)r * ldm + c] : p[(long long)c * ldm + r]) = f.x[r * 16 + c];
+}
+
+template <class Use, class T, class L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+    for (float& e : f.x) e = v;
+}
+
+template <class TA, class LA, class TB, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+    float t[256];
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 16; ++n) {
+            float acc = c.x[r * 16 + n];
+            for (int k = 0; k < 16; ++k) acc += a.x[r * 16 + k] * b.x[k * 16 + n];
+            t[r * 16 + n] = acc;
+        }
+    for (int e = 0; e < 256; ++e) d.x[e] = t[e];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -103,7 +103,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
                     for (unsigned x = 0; x < gx; ++x) {
                         blockIdx = EmuDim3{x, y, z};
                         e->run(params);
-                        block.finish();
+                        block.finish(t / 32);
                     }
                 }
             }

@@ -4,9 +4,13 @@
 //!
 //! The shared library is cached under `std::env::temp_dir()/fast-llm-rs-emu/<hash of the sources and
 //! flags>/`; each build happens in a private directory and is renamed into place, so concurrent test
-//! binaries never see a half-written library. Everything is synchronous: every method has finished
-//! when it returns. Launches are serialized behind a global mutex (the emulated `__shared__` arrays are
-//! function statics). Matrix products run a reference loop with cuBLAS's rounding model: inputs as
+//! binaries never see a half-written library. Like a CUDA stream, launches, products, copies and
+//! memsets are queued and run in order on a worker thread, so they may still be running when the call
+//! returns: [`Gpu::synchronize`], `upload`, `download` and `free` wait for the queue to drain, and an
+//! error of queued work is reported by the next of those. Host code that touches a buffer before
+//! synchronizing races with the queue here as it would on a real GPU (`FAST_LLM_RS_EMU_DELAY_US`
+//! delays each queued item, to widen such windows). Launches are serialized behind a global mutex (the
+//! emulated `__shared__` arrays are function statics). Matrix products run a reference loop with cuBLAS's rounding model: inputs as
 //! stored (bf16 or fp32), fp32 accumulation in `k` order, `alpha`, then `+ c` and one rounding to
 //! `c`'s type.
 
@@ -16,7 +20,8 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const EMU_H: &str = include_str!("emu.h");
@@ -44,6 +49,8 @@ type SignatureFn = unsafe extern "C" fn(*const c_char) -> *const c_char;
 
 /// The CPU emulator of a CUDA device (see the module docs).
 pub struct EmuGpu {
+    /// The emulated stream (declared first: dropped, so drained, before the library is unloaded).
+    stream: Stream,
     launch_fn: LaunchFn,
     signature_fn: SignatureFn,
     /// Keeps the library loaded while the function pointers above are used.
@@ -51,6 +58,79 @@ pub struct EmuGpu {
     /// Live allocations: address -> layout.
     allocs: Mutex<HashMap<DevPtr, Layout>>,
     block_size: u32,
+}
+
+/// Queued work of the emulated stream.
+type Job = Box<dyn FnOnce() -> Result<(), GpuError> + Send>;
+
+/// An in-order queue run by one worker thread (the emulated CUDA stream).
+struct Stream {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Items queued and not yet finished; the first error of queued work since the last drain.
+    state: Arc<(Mutex<(u64, Option<GpuError>)>, Condvar)>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let state: Arc<(Mutex<(u64, Option<GpuError>)>, Condvar)> = Arc::default();
+        let delay = std::env::var("FAST_LLM_RS_EMU_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_micros);
+        let st = state.clone();
+        let worker = std::thread::Builder::new()
+            .name("emu-stream".into())
+            .spawn(move || {
+                for job in rx {
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                    let r = job();
+                    let mut g = st.0.lock().unwrap_or_else(|p| p.into_inner());
+                    g.0 -= 1;
+                    if let Err(e) = r {
+                        g.1.get_or_insert(e);
+                    }
+                    st.1.notify_all();
+                }
+            })
+            .expect("spawning the emulator's stream thread");
+        Self {
+            tx: Mutex::new(Some(tx)),
+            state,
+            worker: Some(worker),
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.as_ref()
+            .expect("stream open")
+            .send(job)
+            .expect("emulator stream thread alive");
+    }
+
+    /// Waits until every queued item has run; returns (and clears) the first error among them.
+    fn drain(&self) -> Result<(), GpuError> {
+        let mut g = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0 > 0 {
+            g = self.state.1.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.1.take().map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.drain();
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 impl EmuGpu {
@@ -88,6 +168,7 @@ impl EmuGpu {
             _lib: lib,
             allocs: Mutex::new(HashMap::new()),
             block_size,
+            stream: Stream::new(),
         })
     }
 
@@ -215,6 +296,16 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn free(&self, ptr: DevPtr) {
+        // Queued work may still use the allocation (cuMemFree waits too); its errors surface later.
+        if let Err(e) = self.stream.drain() {
+            self.stream
+                .state
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .get_or_insert(e);
+        }
         let layout = self.allocs.lock().unwrap().remove(&ptr);
         match layout {
             Some(l) => std::alloc::dealloc(ptr as *mut u8, l),
@@ -223,22 +314,33 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        // In stream order, and finished on return (as the real device's upload).
+        self.stream.drain()?;
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
         Ok(())
     }
 
     unsafe fn download(&self, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        self.stream.drain()?;
         std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
         Ok(())
     }
 
     unsafe fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
-        std::ptr::copy(src as *const u8, dst as *mut u8, bytes);
+        self.stream.submit(Box::new(move || {
+            // SAFETY: the caller guarantees both ranges stay live until the work has run.
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+            Ok(())
+        }));
         Ok(())
     }
 
     unsafe fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<(), GpuError> {
-        std::ptr::write_bytes(dst as *mut u8, 0, bytes);
+        self.stream.submit(Box::new(move || {
+            // SAFETY: as for `copy`.
+            unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+            Ok(())
+        }));
         Ok(())
     }
 
@@ -280,24 +382,61 @@ impl Gpu for EmuGpu {
                 Arg::F32(v) => (p as *mut f32).write(v),
             }
         }
-        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        let cname = CString::new(name).map_err(|_| err("kernel name contains NUL".into()))?;
+        let cname = CString::new(name).map_err(|_| err("kernels.cu has no such kernel".into()))?;
         let (g, b) = (cfg.grid, cfg.block);
-        let rc = {
-            let _guard = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            (self.launch_fn)(cname.as_ptr(), g.0, g.1, g.2, b.0, b.1, b.2, params.as_mut_ptr())
-        };
-        match rc {
-            0 => Ok(()),
-            1 => Err(err("kernels.cu has no such kernel".into())),
-            _ => Err(err(format!(
-                "invalid geometry: grid {:?}, block {:?} (each extent >= 1, at most 1024 threads per block)",
-                g, b
-            ))),
-        }
+        let launch_fn = self.launch_fn;
+        let name = name.to_string();
+        self.stream.submit(Box::new(move || {
+            let mut slots = slots;
+            let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+            let rc = {
+                let _guard = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: the signature was checked above; the caller keeps the buffers live until the
+                // work has run; the library stays loaded until the stream is drained (drop order).
+                unsafe { launch_fn(cname.as_ptr(), g.0, g.1, g.2, b.0, b.1, b.2, params.as_mut_ptr()) }
+            };
+            match rc {
+                0 => Ok(()),
+                1 => Err(GpuError::Cuda {
+                    op: format!("launch {name}"),
+                    msg: "kernels.cu has no such kernel".into(),
+                }),
+                _ => Err(GpuError::Cuda {
+                    op: format!("launch {name}"),
+                    msg: format!(
+                        "invalid geometry: grid {g:?}, block {b:?} (each extent >= 1, at most 1024 threads per block)"
+                    ),
+                }),
+            }
+        }));
+        Ok(())
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        let g = g.clone();
+        self.stream.submit(Box::new(move || {
+            // SAFETY: the caller keeps the matrices live until the work has run.
+            unsafe { reference_gemm(&g) };
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.drain()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+}
+
+/// `c (+)= alpha op(a) op(b)` with fp32 accumulation in `k` order and one rounding to `c`'s type.
+///
+/// # Safety
+/// The pointers of `g` cover the matrices its shape names.
+unsafe fn reference_gemm(g: &Gemm) {
+    {
         let (m, n, k) = (g.m, g.n, g.k);
         let a_at = |i: usize, t: usize| if g.trans_a { t * m + i } else { i * k + t };
         let b_at = |t: usize, j: usize| if g.trans_b { j * k + t } else { t * n + j };
@@ -314,20 +453,12 @@ impl Gpu for EmuGpu {
                 write_elem(g.c, i * n + j, g.c_dtype, v);
             }
         }
-        Ok(())
-    }
-
-    fn synchronize(&self) -> Result<(), GpuError> {
-        Ok(())
-    }
-
-    fn block_size(&self) -> u32 {
-        self.block_size
     }
 }
 
 impl Drop for EmuGpu {
     fn drop(&mut self) {
+        let _ = self.stream.drain();
         // Buffers outliving the device (a leak in the caller) are freed with it.
         for (p, l) in self.allocs.lock().unwrap().drain() {
             // SAFETY: every entry is a live allocation made by `alloc` with this layout.

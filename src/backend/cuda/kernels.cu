@@ -7,13 +7,15 @@
 //   `__nv_bfloat16` (`_bf16`); loads and stores go through `ld` / `st`, and all arithmetic is fp32.
 // * Shapes are written as `(rows, cols)`, row-major; `n` is the number of rows (tokens).
 // * Only static `__shared__` arrays, no warp shuffles, no atomics: every reduction goes through shared
-//   memory in a fixed tree order, so results are deterministic for a given launch geometry.
+//   memory in a fixed tree order, so results are deterministic for a given launch geometry. The
+//   tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (the emulator has both).
 // * Kernels work for any power-of-two `blockDim.x` in 32..=256 (`MAX_BLOCK`), and every thread of a
 //   block reaches every `__syncthreads()` (loops that contain a barrier have block-uniform bounds).
 // * No printf, no standard library, no dynamic allocation.
 
 #ifndef FAST_LLM_EMU
 #include <cuda_bf16.h>
+#include <mma.h>
 #endif
 
 typedef __nv_bfloat16 bf16;
@@ -662,6 +664,333 @@ extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_ou
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Tensor-core causal attention (bf16 in, fp32 accumulation), through `nvcuda::wmma` 16x16x16 tiles,
+// for head sizes D in {32, 64, 128} and sequences that are a multiple of TC_ROWS (the launcher picks
+// these kernels then, the kernels above otherwise). Same layouts and results as the kernels above
+// (the probabilities are rounded to bf16 before the products with V, as FlashAttention does).
+//
+// A block is 4 warps (128 threads) over TC_ROWS consecutive rows (queries; keys for dK/dV), 16 rows
+// per warp. Products go through shared memory tiles of the warp (`store_matrix_sync`, `__syncwarp`,
+// then the lanes work on them); lane `lane` owns row `lane / 2` of a 16-row tile and half of its
+// columns, visited in an order skewed by the lane so that the 32 lanes hit 32 different banks.
+// Every thread runs to the end and loop bounds are block-uniform (the emulator's barriers need it).
+#define TC_ROWS 64
+// Keys per tile in the forward.
+#define TC_KEYS 64
+// Rows (queries or keys) per tile in the backward kernels.
+#define TC_BWD 32
+// Lazy rescaling: a row's running max moves only when a tile's max exceeds it by more than this (in
+// natural-log units), so the output accumulator is rarely rescaled. Exact either way: the output is
+// divided by a sum taken against the same max.
+#define TC_RESCALE 8.0f
+
+namespace wmma = nvcuda::wmma;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> TcA;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> TcBRow;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> TcBCol;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> TcC;
+
+// Writes the warp's D/16 accumulator tiles (16 rows x D) times `scale(row)` as bf16 to `dst` (row
+// stride `ld`), staged through the warp's fp32 tile `stage` (16 x 64). Called by the whole warp.
+template <int D, class Scale>
+__device__ void tc_write_rows(bf16* dst, long long ld, TcC* acc, float* stage, Scale scale) {
+    const int lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
+    for (int c0 = 0; c0 < D / 16; c0 += 4) {
+        const int cnt = D / 16 - c0 < 4 ? D / 16 - c0 : 4;
+        for (int f = 0; f < cnt; ++f) wmma::store_matrix_sync(stage + f * 16, acc[c0 + f], 64, wmma::mem_row_major);
+        __syncwarp();
+        const float sc = scale(r);
+        for (int c = 0; c < 32; ++c) {
+            const int col = half * 32 + ((c + lane) & 31);
+            if (col < cnt * 16) dst[r * ld + c0 * 16 + col] = __float2bfloat16(stage[r * 64 + col] * sc);
+        }
+        __syncwarp();
+    }
+}
+
+// The other lane of the caller's row: its value of `v` (through the warp's 32-float exchange area).
+__device__ __forceinline__ float tc_partner(float v, float* xch) {
+    const int lane = threadIdx.x % 32;
+    xch[lane] = v;
+    __syncwarp();
+    const float o = xch[lane ^ 1];
+    __syncwarp();
+    return o;
+}
+
+// Forward. Grid (seq / TC_ROWS, heads, batch), block 128.
+template <int D>
+__device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
+                                 float scale) {
+    __shared__ float s_sm[4][16 * TC_KEYS];
+    __shared__ bf16 p_sm[4][16 * TC_KEYS];
+    __shared__ float alpha_sm[4][16];
+    __shared__ float xch_sm[4][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const bf16* kbase = base + (long long)(heads + g) * D;
+    const bf16* vbase = base + (long long)(heads + kv_heads + g) * D;
+    const int q0 = blockIdx.x * TC_ROWS + warp * 16, i = q0 + r;
+    float* S = s_sm[warp];
+    bf16* P = p_sm[warp];
+    TcA qf[D / 16];
+    for (int kk = 0; kk < D / 16; ++kk)
+        wmma::load_matrix_sync(qf[kk], base + (long long)q0 * stride + (long long)h * D + kk * 16, stride);
+    TcC of[D / 16];
+    for (int dd = 0; dd < D / 16; ++dd) wmma::fill_fragment(of[dd], 0.0f);
+    float m = neg_inf(), l = 0.0f;  // of row r (both of its lanes hold them)
+    for (int kb = 0; kb <= (int)blockIdx.x; ++kb) {
+        const int k0 = kb * TC_KEYS;
+        for (int nn = 0; nn < TC_KEYS / 16; ++nn) {
+            TcC sf;
+            wmma::fill_fragment(sf, 0.0f);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                TcBCol kf;
+                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::mma_sync(sf, qf[kk], kf, sf);
+            }
+            wmma::store_matrix_sync(S + nn * 16, sf, TC_KEYS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        float tmax = neg_inf();
+        for (int c = 0; c < 32; ++c) {
+            const int col = half * 32 + ((c + lane) & 31);
+            if (k0 + col <= i) tmax = fmaxf(tmax, S[r * TC_KEYS + col] * scale);
+        }
+        tmax = fmaxf(tmax, tc_partner(tmax, xch_sm[warp]));
+        // Every tile up to the diagonal holds key k0 <= i, so tmax is finite.
+        const float m_new = (m == neg_inf() || tmax > m + TC_RESCALE) ? fmaxf(m, tmax) : m;
+        const float alpha = __expf(m - m_new);  // 1 when unchanged, 0 on the first tile
+        float psum = 0.0f;
+        for (int c = 0; c < 32; ++c) {
+            const int col = half * 32 + ((c + lane) & 31);
+            const float p = k0 + col <= i ? __expf(S[r * TC_KEYS + col] * scale - m_new) : 0.0f;
+            psum += p;
+            P[r * TC_KEYS + col] = __float2bfloat16(p);
+        }
+        psum += tc_partner(psum, xch_sm[warp]);
+        l = l * alpha + psum;
+        m = m_new;
+        if (half == 0) alpha_sm[warp][r] = alpha;
+        __syncwarp();
+        bool rescale = false;
+        for (int rr = 0; rr < 16; ++rr) rescale = rescale || alpha_sm[warp][rr] != 1.0f;
+        if (rescale) {
+            // O *= alpha per row, through the (now free) score tile, 4 accumulator tiles at a time.
+            for (int c0 = 0; c0 < D / 16; c0 += 4) {
+                const int cnt = D / 16 - c0 < 4 ? D / 16 - c0 : 4;
+                for (int f = 0; f < cnt; ++f)
+                    wmma::store_matrix_sync(S + f * 16, of[c0 + f], TC_KEYS, wmma::mem_row_major);
+                __syncwarp();
+                for (int c = 0; c < 32; ++c) {
+                    const int col = half * 32 + ((c + lane) & 31);
+                    S[r * TC_KEYS + col] *= alpha;
+                }
+                __syncwarp();
+                for (int f = 0; f < cnt; ++f)
+                    wmma::load_matrix_sync(of[c0 + f], S + f * 16, TC_KEYS, wmma::mem_row_major);
+                __syncwarp();
+            }
+        }
+        for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
+            TcA pf;
+            wmma::load_matrix_sync(pf, P + kk * 16, TC_KEYS);
+            for (int dd = 0; dd < D / 16; ++dd) {
+                TcBRow vf;
+                wmma::load_matrix_sync(vf, vbase + (long long)(k0 + kk * 16) * stride + dd * 16, stride);
+                wmma::mma_sync(of[dd], pf, vf, of[dd]);
+            }
+        }
+        __syncwarp();
+    }
+    __syncwarp();
+    const float inv = 1.0f / l;
+    tc_write_rows<D>(out + ((long long)b * seq + q0) * heads * D + (long long)h * D, (long long)heads * D, of, S,
+                     [&](int) { return inv; });
+    if (half == 0) lse[((long long)b * heads + h) * seq + i] = m + logf(l);
+}
+
+// Query gradient (the q part of grad_qkv). Grid (seq / TC_ROWS, heads, batch), block 128: per tile
+// of TC_BWD keys, s = q.k, dp = dO.v, ds = exp(s * scale - lse) * (dp - delta), dq += ds k.
+template <int D>
+__device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
+                                    const float* delta, int seq, int heads, int kv_heads, float scale) {
+    __shared__ float s_sm[4][16 * 64];
+    __shared__ float dp_sm[4][16 * TC_BWD];
+    __shared__ bf16 ds_sm[4][16 * TC_BWD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const bf16* kbase = base + (long long)(heads + g) * D;
+    const bf16* vbase = base + (long long)(heads + kv_heads + g) * D;
+    const int q0 = blockIdx.x * TC_ROWS + warp * 16, i = q0 + r;
+    const bf16* go = grad_out + ((long long)b * seq + q0) * ostride + (long long)h * D;
+    float *S = s_sm[warp], *DP = dp_sm[warp];
+    bf16* DS = ds_sm[warp];
+    TcA qf[D / 16], gf[D / 16];
+    for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::load_matrix_sync(qf[kk], base + (long long)q0 * stride + (long long)h * D + kk * 16, stride);
+        wmma::load_matrix_sync(gf[kk], go + kk * 16, ostride);
+    }
+    TcC dq[D / 16];
+    for (int dd = 0; dd < D / 16; ++dd) wmma::fill_fragment(dq[dd], 0.0f);
+    const long long li = ((long long)b * heads + h) * seq + i;
+    const float row_lse = lse[li], row_delta = delta[li];
+    // Key tiles up to the block's last row (block-uniform).
+    const int tiles = (blockIdx.x + 1) * TC_ROWS / TC_BWD;
+    for (int kb = 0; kb < tiles; ++kb) {
+        const int k0 = kb * TC_BWD;
+        for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+            TcC sf, pf;
+            wmma::fill_fragment(sf, 0.0f);
+            wmma::fill_fragment(pf, 0.0f);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                TcBCol kf, vf;
+                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::mma_sync(sf, qf[kk], kf, sf);
+                wmma::load_matrix_sync(vf, vbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::mma_sync(pf, gf[kk], vf, pf);
+            }
+            wmma::store_matrix_sync(S + nn * 16, sf, TC_BWD, wmma::mem_row_major);
+            wmma::store_matrix_sync(DP + nn * 16, pf, TC_BWD, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int c = 0; c < TC_BWD / 2; ++c) {
+            const int col = half * (TC_BWD / 2) + ((c + lane) & (TC_BWD / 2 - 1));
+            const int e = r * TC_BWD + col;
+            float ds = 0.0f;
+            if (k0 + col <= i) ds = __expf(S[e] * scale - row_lse) * (DP[e] - row_delta);
+            DS[e] = __float2bfloat16(ds);
+        }
+        __syncwarp();
+        for (int kk = 0; kk < TC_BWD / 16; ++kk) {
+            TcA af;
+            wmma::load_matrix_sync(af, DS + kk * 16, TC_BWD);
+            for (int dd = 0; dd < D / 16; ++dd) {
+                TcBRow kf;
+                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + kk * 16) * stride + dd * 16, stride);
+                wmma::mma_sync(dq[dd], af, kf, dq[dd]);
+            }
+        }
+        __syncwarp();
+    }
+    tc_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
+                     [&](int) { return scale; });
+}
+
+// Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv
+// head in head order. Grid (seq / TC_ROWS, kv_heads, batch), block 128: per query head and tile of
+// TC_BWD queries (from the block's first key on), p^T = exp(k.q * scale - lse), dp^T = v.dO,
+// ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q.
+template <int D>
+__device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
+                                     const float* delta, int seq, int heads, int kv_heads, float scale) {
+    __shared__ float s_sm[4][16 * 64];
+    __shared__ float dp_sm[4][16 * TC_BWD];
+    __shared__ bf16 p_sm[4][16 * TC_BWD];
+    __shared__ bf16 ds_sm[4][16 * TC_BWD];
+    __shared__ float q_lse[TC_BWD], q_delta[TC_BWD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
+    const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const int key0 = blockIdx.x * TC_ROWS + warp * 16, j = key0 + r;
+    const bf16* krows = base + (long long)key0 * stride + (long long)(heads + gk) * D;
+    const bf16* vrows = base + (long long)key0 * stride + (long long)(heads + kv_heads + gk) * D;
+    float *S = s_sm[warp], *DP = dp_sm[warp];
+    bf16 *PT = p_sm[warp], *DST = ds_sm[warp];
+    TcC dk[D / 16], dv[D / 16];
+    for (int dd = 0; dd < D / 16; ++dd) {
+        wmma::fill_fragment(dk[dd], 0.0f);
+        wmma::fill_fragment(dv[dd], 0.0f);
+    }
+    for (int hq = gk * group; hq < (gk + 1) * group; ++hq) {
+        const bf16* qbase = base + (long long)hq * D;
+        const bf16* gbase = grad_out + (long long)b * seq * ostride + (long long)hq * D;
+        const float* lse_h = lse + ((long long)b * heads + hq) * seq;
+        const float* delta_h = delta + ((long long)b * heads + hq) * seq;
+        for (int q0 = blockIdx.x * TC_ROWS; q0 < seq; q0 += TC_BWD) {
+            __syncthreads();
+            if (threadIdx.x < TC_BWD) {
+                q_lse[threadIdx.x] = lse_h[q0 + threadIdx.x];
+                q_delta[threadIdx.x] = delta_h[q0 + threadIdx.x];
+            }
+            __syncthreads();
+            for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+                TcC sf, pf;
+                wmma::fill_fragment(sf, 0.0f);
+                wmma::fill_fragment(pf, 0.0f);
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    TcA kf, vf;
+                    TcBCol qf, gf;
+                    wmma::load_matrix_sync(kf, krows + kk * 16, stride);
+                    wmma::load_matrix_sync(qf, qbase + (long long)(q0 + nn * 16) * stride + kk * 16, stride);
+                    wmma::mma_sync(sf, kf, qf, sf);
+                    wmma::load_matrix_sync(vf, vrows + kk * 16, stride);
+                    wmma::load_matrix_sync(gf, gbase + (long long)(q0 + nn * 16) * ostride + kk * 16, ostride);
+                    wmma::mma_sync(pf, vf, gf, pf);
+                }
+                wmma::store_matrix_sync(S + nn * 16, sf, TC_BWD, wmma::mem_row_major);
+                wmma::store_matrix_sync(DP + nn * 16, pf, TC_BWD, wmma::mem_row_major);
+            }
+            __syncwarp();
+            for (int c = 0; c < TC_BWD / 2; ++c) {
+                const int col = half * (TC_BWD / 2) + ((c + lane) & (TC_BWD / 2 - 1));
+                const int e = r * TC_BWD + col;
+                float p = 0.0f, ds = 0.0f;
+                if (j <= q0 + col) {
+                    p = __expf(S[e] * scale - q_lse[col]);
+                    ds = p * (DP[e] - q_delta[col]);
+                }
+                PT[e] = __float2bfloat16(p);
+                DST[e] = __float2bfloat16(ds);
+            }
+            __syncwarp();
+            for (int kk = 0; kk < TC_BWD / 16; ++kk) {
+                TcA pa, da;
+                wmma::load_matrix_sync(pa, PT + kk * 16, TC_BWD);
+                wmma::load_matrix_sync(da, DST + kk * 16, TC_BWD);
+                for (int dd = 0; dd < D / 16; ++dd) {
+                    TcBRow gb, qb;
+                    wmma::load_matrix_sync(gb, gbase + (long long)(q0 + kk * 16) * ostride + dd * 16, ostride);
+                    wmma::mma_sync(dv[dd], pa, gb, dv[dd]);
+                    wmma::load_matrix_sync(qb, qbase + (long long)(q0 + kk * 16) * stride + dd * 16, stride);
+                    wmma::mma_sync(dk[dd], da, qb, dk[dd]);
+                }
+            }
+            __syncwarp();
+        }
+    }
+    tc_write_rows<D>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride + (long long)(heads + gk) * D,
+                     stride, dk, S, [&](int) { return scale; });
+    tc_write_rows<D>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride +
+                         (long long)(heads + kv_heads + gk) * D,
+                     stride, dv, S, [&](int) { return 1.0f; });
+}
+
+#define TC_ATTN_KERNELS(D)                                                                                       \
+    extern "C" __global__ void attn_fwd_tc_d##D(bf16* out, float* lse, const bf16* qkv, int seq, int heads,       \
+                                                int kv_heads, float scale) {                                       \
+        attn_fwd_tc_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                         \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dq_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,        \
+                                                   const float* lse, const float* delta, int seq, int heads,      \
+                                                   int kv_heads, float scale) {                                   \
+        attn_bwd_dq_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);                \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dkv_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,       \
+                                                    const float* lse, const float* delta, int seq, int heads,     \
+                                                    int kv_heads, float scale) {                                  \
+        attn_bwd_dkv_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);               \
+    }
+TC_ATTN_KERNELS(32)
+TC_ATTN_KERNELS(64)
+TC_ATTN_KERNELS(128)
+
+// ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
 // g = grad * grad_scale; w -= lr*wd*w; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
 // w -= lr * (m / bias_corr_1) / (sqrt(v / bias_corr_2) + eps), with bias_corr_k = 1 - beta_k^step
@@ -723,4 +1052,6 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \
-    X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles)
+    X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles) X(attn_fwd_tc_d32) X(attn_fwd_tc_d64)  \
+    X(attn_fwd_tc_d128) X(attn_bwd_dq_tc_d32) X(attn_bwd_dq_tc_d64) X(attn_bwd_dq_tc_d128) X(attn_bwd_dkv_tc_d32)  \
+    X(attn_bwd_dkv_tc_d64) X(attn_bwd_dkv_tc_d128)

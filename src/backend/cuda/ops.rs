@@ -150,6 +150,28 @@ fn long(x: usize) -> i64 {
     x as i64
 }
 
+/// Rows per block of the tensor-core attention kernels (`TC_ROWS` in `kernels.cu`).
+const TC_ROWS: usize = 64;
+
+/// The head size when the tensor-core attention kernels apply: bf16, head size 32, 64 or 128, and a
+/// sequence that is a multiple of [`TC_ROWS`]. `FAST_LLM_RS_SIMPLE_ATTENTION=1` turns them off (the
+/// one-thread-per-row kernels then run, as for every other shape).
+fn tensor_core_attention(qkv: &DevView, d: &AttnDims) -> Option<usize> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0"));
+    (!off && qkv.dtype == DType::Bf16 && matches!(d.head_size, 32 | 64 | 128) && d.seq.is_multiple_of(TC_ROWS))
+        .then_some(d.head_size)
+}
+
+/// Grid of the tensor-core attention kernels: (row blocks, `ys` heads, batch), 4 warps per block.
+fn tc_grid(d: &AttnDims, ys: usize) -> Launch {
+    Launch {
+        grid: ((d.seq / TC_ROWS) as u32, ys as u32, d.batch as u32),
+        block: (128, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// The kernels of `kernels.cu` on one device, with typed arguments (see the module docs).
 pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
@@ -593,6 +615,21 @@ impl CudaKernels {
         if d.out_len() == 0 {
             return Ok(());
         }
+        if let Some(hs) = tensor_core_attention(&qkv, &d) {
+            return self.launch(
+                &format!("attn_fwd_tc_d{hs}"),
+                tc_grid(&d, d.heads),
+                &[
+                    Arg::Ptr(out.ptr),
+                    Arg::Ptr(lse.ptr),
+                    Arg::Ptr(qkv.ptr),
+                    Arg::I32(int(d.seq, "seq")?),
+                    Arg::I32(d.heads as i32),
+                    Arg::I32(d.kv_heads as i32),
+                    Arg::F32(scale),
+                ],
+            );
+        }
         self.launch(
             &format!("attn_fwd_{}", qkv.dtype.suffix()),
             self.grid_attn(&d, d.heads),
@@ -670,6 +707,21 @@ impl CudaKernels {
                 Arg::I32(hs),
             ],
         )?;
+        if let Some(hs) = tensor_core_attention(&qkv, &d) {
+            let args = [
+                Arg::Ptr(grad_qkv.ptr),
+                Arg::Ptr(grad_out.ptr),
+                Arg::Ptr(qkv.ptr),
+                Arg::Ptr(lse.ptr),
+                Arg::Ptr(delta.ptr),
+                Arg::I32(s),
+                Arg::I32(h),
+                Arg::I32(kvh),
+                Arg::F32(scale),
+            ];
+            self.launch(&format!("attn_bwd_dq_tc_d{hs}"), tc_grid(&d, d.heads), &args)?;
+            return self.launch(&format!("attn_bwd_dkv_tc_d{hs}"), tc_grid(&d, d.kv_heads), &args);
+        }
         let args = [
             Arg::Ptr(grad_qkv.ptr),
             Arg::Ptr(grad_out.ptr),
