@@ -22,7 +22,7 @@
 //! working directory, else from the source tree.
 
 use fast_llm_rs::backend::cuda::ops::{AdamStep, AttnDims, CudaKernels};
-use fast_llm_rs::backend::cuda::{DType, DevBuf, Device, GpuError};
+use fast_llm_rs::backend::cuda::{read_f32, DType, DevBuf, Device, GpuError};
 use fast_llm_rs::config::{load_config_str, ComputeDtype, TrainConfig};
 use fast_llm_rs::model::{Llama, ModelShape};
 use fast_llm_rs::train::{train, TrainOptions, TrainSummary};
@@ -332,6 +332,22 @@ fn gemm(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Largest `|a - b|` over the largest `|b|` (a relative difference robust to values near zero).
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(f64::MIN_POSITIVE);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    diff / scale
+}
+
 /// `v` per second with an SI prefix: "12.3 TFLOP/s", "456.7 GB/s", "8.9 MFLOP/s".
 fn rate(v: f64, unit: &str) -> String {
     let (div, p) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
@@ -469,25 +485,65 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             let out = DevBuf::zeros(g, d.out_len(), dt)?;
             let lse = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
             let fwd_flops = 2.0 * (b * s.seq * s.seq * s.heads * s.head_size) as f64;
-            let r = time_calls(ctx, bud, || {
-                ctx.k.attention_forward(out.view(), lse.view(), qkv.view(), d)
-            });
-            row("attention fwd", dt, r, 0.0, fwd_flops);
             let gout = buf(ctx, d.out_len(), dt, 11, 1.0)?;
             let gqkv = DevBuf::zeros(g, d.qkv_len(), dt)?;
             let delta = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
-            let r = time_calls(ctx, bud, || {
-                ctx.k.attention_backward(
-                    gqkv.view(),
-                    delta.view(),
-                    gout.view(),
-                    out.view(),
-                    qkv.view(),
-                    lse.view(),
-                    d,
-                )
-            });
-            row("attention bwd", dt, r, 0.0, 2.5 * fwd_flops);
+            // bf16 runs the tensor-core kernels where they apply; the one-thread-per-row kernels
+            // (what f32 and other shapes run) are timed beside them for comparison.
+            let simple = CudaKernels::new(g.clone()).with_simple_attention(true);
+            let variants: Vec<(&str, &CudaKernels)> = if dt == DType::Bf16 {
+                vec![("attention", &ctx.k), ("attention (simple)", &simple)]
+            } else {
+                vec![("attention", &ctx.k)]
+            };
+            for (name, k) in variants {
+                let r = time_calls(ctx, bud, || k.attention_forward(out.view(), lse.view(), qkv.view(), d));
+                row(&format!("{name} fwd"), dt, r, 0.0, fwd_flops);
+                let r = time_calls(ctx, bud, || {
+                    k.attention_backward(
+                        gqkv.view(),
+                        delta.view(),
+                        gout.view(),
+                        out.view(),
+                        qkv.view(),
+                        lse.view(),
+                        d,
+                    )
+                });
+                row(&format!("{name} bwd"), dt, r, 0.0, 2.5 * fwd_flops);
+            }
+            if dt == DType::Bf16 {
+                // The two bf16 paths on the same inputs: output, log-sum-exp and gradient agreement.
+                let agree = || -> Result<[f64; 3], GpuError> {
+                    let mut got = Vec::new();
+                    for k in [&ctx.k, &simple] {
+                        k.attention_forward(out.view(), lse.view(), qkv.view(), d)?;
+                        k.attention_backward(
+                            gqkv.view(),
+                            delta.view(),
+                            gout.view(),
+                            out.view(),
+                            qkv.view(),
+                            lse.view(),
+                            d,
+                        )?;
+                        let gpu = &*ctx.dev.gpu;
+                        got.push([
+                            read_f32(gpu, out.view())?,
+                            read_f32(gpu, lse.view())?,
+                            read_f32(gpu, gqkv.view())?,
+                        ]);
+                    }
+                    Ok([0, 1, 2].map(|i| max_rel_diff(&got[0][i], &got[1][i])))
+                };
+                match agree() {
+                    Ok([o, l, gq]) => println!(
+                        "attention bf16 tensor-core vs simple: max relative difference out {o:.2e}, lse {l:.2e}, \
+                         grad_qkv {gq:.2e}"
+                    ),
+                    Err(e) => println!("attention bf16 tensor-core vs simple: error: {e}"),
+                }
+            }
         }
     }
     // AdamW and the gradient norm (fp32 master state).

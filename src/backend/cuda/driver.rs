@@ -599,6 +599,22 @@ impl RealGpu {
     /// pages start there. Counted in [`RealGpu::memory`].
     pub fn alloc_managed(&self, bytes: usize) -> Result<DevPtr, GpuError> {
         self.current()?;
+        // Managed memory may be oversubscribed (pages then move between host and device, or the GPU
+        // stalls): refuse what does not fit in the free device memory, keeping room for the kernels'
+        // scratch, cuBLASLt's workspace and the driver.
+        let (free, total) = drv::mem_get_info().map_err(|e| cuda_err("cuMemGetInfo", e))?;
+        if bytes.saturating_add(MANAGED_HEADROOM) > free {
+            return Err(GpuError::Cuda {
+                op: "cuMemAllocManaged".into(),
+                msg: format!(
+                    "{:.2} GiB do not fit in the {:.2} GiB free of {:.2} GiB (keeping {} MiB for scratch)",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    free as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64,
+                    MANAGED_HEADROOM >> 20
+                ),
+            });
+        }
         // SAFETY: the context is current; the pointer is zeroed in stream order and synchronized
         // before it is handed out, so the host never sees uninitialised memory.
         let ptr = unsafe {
@@ -613,6 +629,9 @@ impl RealGpu {
     }
 }
 
+/// Device memory left free by [`RealGpu::alloc_managed`].
+const MANAGED_HEADROOM: usize = 512 << 20;
+
 /// CUDA managed memory of one [`RealGpu`] as a [`Memory`]: the engine's buffers keep host addresses
 /// the kernels can use directly.
 pub struct ManagedMemory(pub std::sync::Arc<RealGpu>);
@@ -624,14 +643,10 @@ impl Memory for ManagedMemory {
     fn alloc_zeroed(&self, bytes: usize) -> std::ptr::NonNull<u8> {
         match self.0.alloc_managed(bytes) {
             Ok(p) => std::ptr::NonNull::new(p as *mut u8).expect("CUDA returned a null pointer"),
-            Err(e) => {
-                let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
-                panic!(
-                    "out of GPU memory: {e} ({:.2} of {:.2} GiB free); run fast-llm-rs plan to see what fits, then                      lower data.micro_batch_size or raise model.multi_stage.zero_stage",
-                    free as f64 / (1u64 << 30) as f64,
-                    total as f64 / (1u64 << 30) as f64
-                )
-            }
+            Err(e) => panic!(
+                "out of GPU memory: {e}; run fast-llm-rs plan --config CONFIG --device-memory SIZE to see what fits, \
+                 then lower data.micro_batch_size or raise model.multi_stage.zero_stage"
+            ),
         }
     }
     unsafe fn free(&self, ptr: std::ptr::NonNull<u8>, _bytes: usize) {

@@ -63,18 +63,21 @@ pub struct EmuGpu {
 /// Queued work of the emulated stream.
 type Job = Box<dyn FnOnce() -> Result<(), GpuError> + Send>;
 
+/// Items queued and not yet finished, and the first error of queued work since the last drain, with
+/// the condition variable that signals progress.
+type StreamState = Arc<(Mutex<(u64, Option<GpuError>)>, Condvar)>;
+
 /// An in-order queue run by one worker thread (the emulated CUDA stream).
 struct Stream {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
-    /// Items queued and not yet finished; the first error of queued work since the last drain.
-    state: Arc<(Mutex<(u64, Option<GpuError>)>, Condvar)>,
+    state: StreamState,
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Stream {
     fn new() -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
-        let state: Arc<(Mutex<(u64, Option<GpuError>)>, Condvar)> = Arc::default();
+        let state: StreamState = Arc::default();
         let delay = std::env::var("FAST_LLM_RS_EMU_DELAY_US")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -413,7 +416,7 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
-        let g = g.clone();
+        let g = *g;
         self.stream.submit(Box::new(move || {
             // SAFETY: the caller keeps the matrices live until the work has run.
             unsafe { reference_gemm(&g) };

@@ -154,12 +154,10 @@ fn long(x: usize) -> i64 {
 const TC_ROWS: usize = 64;
 
 /// The head size when the tensor-core attention kernels apply: bf16, head size 32, 64 or 128, and a
-/// sequence that is a multiple of [`TC_ROWS`]. `FAST_LLM_RS_SIMPLE_ATTENTION=1` turns them off (the
-/// one-thread-per-row kernels then run, as for every other shape).
-fn tensor_core_attention(qkv: &DevView, d: &AttnDims) -> Option<usize> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0"));
-    (!off && qkv.dtype == DType::Bf16 && matches!(d.head_size, 32 | 64 | 128) && d.seq.is_multiple_of(TC_ROWS))
+/// sequence that is a multiple of [`TC_ROWS`] (the one-thread-per-row kernels run for every other
+/// shape, and when `simple` is set).
+fn tensor_core_attention(qkv: &DevView, d: &AttnDims, simple: bool) -> Option<usize> {
+    (!simple && qkv.dtype == DType::Bf16 && matches!(d.head_size, 32 | 64 | 128) && d.seq.is_multiple_of(TC_ROWS))
         .then_some(d.head_size)
 }
 
@@ -177,6 +175,9 @@ pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
     /// fp32 scratch (column-sum partials, per-row losses; grown on demand, stream order makes reuse safe).
     scratch: std::sync::Mutex<Option<DevBuf>>,
+    /// Attention through the one-thread-per-row kernels even where the tensor-core ones apply
+    /// (`FAST_LLM_RS_SIMPLE_ATTENTION=1`, or [`CudaKernels::with_simple_attention`]).
+    simple_attention: bool,
 }
 
 /// Rows per chunk of the two-pass column sums (RMSNorm weight gradient).
@@ -188,7 +189,15 @@ impl CudaKernels {
         Self {
             gpu,
             scratch: std::sync::Mutex::new(None),
+            simple_attention: std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0"),
         }
+    }
+
+    /// These launchers with the tensor-core attention kernels turned off (`simple`) or on where they
+    /// apply (benchmarks compare the two).
+    pub fn with_simple_attention(mut self, simple: bool) -> Self {
+        self.simple_attention = simple;
+        self
     }
 
     /// A scratch view of at least `len` fp32 elements (the lock is held while it is used).
@@ -615,7 +624,7 @@ impl CudaKernels {
         if d.out_len() == 0 {
             return Ok(());
         }
-        if let Some(hs) = tensor_core_attention(&qkv, &d) {
+        if let Some(hs) = tensor_core_attention(&qkv, &d, self.simple_attention) {
             return self.launch(
                 &format!("attn_fwd_tc_d{hs}"),
                 tc_grid(&d, d.heads),
@@ -707,7 +716,7 @@ impl CudaKernels {
                 Arg::I32(hs),
             ],
         )?;
-        if let Some(hs) = tensor_core_attention(&qkv, &d) {
+        if let Some(hs) = tensor_core_attention(&qkv, &d, self.simple_attention) {
             let args = [
                 Arg::Ptr(grad_qkv.ptr),
                 Arg::Ptr(grad_out.ptr),
@@ -894,32 +903,34 @@ impl CudaKernels {
             return Ok(0.0);
         }
         let blocks = x.len.div_ceil(self.block()).clamp(1, SQ_BLOCKS);
-        // f64 scratch as pairs of 4-byte elements: `blocks` partial sums and the total.
-        let scratch = DevBuf::zeros(&self.gpu, 2 * (blocks + 1), DType::F32)?;
-        let partial = scratch.ptr();
-        let total = scratch.ptr() + 8 * blocks as u64;
-        let bs = self.block() as u32;
-        self.launch(
-            &format!("sum_squares_partial_{}", x.dtype.suffix()),
-            Launch {
-                grid: (blocks as u32, 1, 1),
-                block: (bs, 1, 1),
-                shared_bytes: 0,
-            },
-            &[Arg::Ptr(partial), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
-        )?;
-        self.launch(
-            "sum_doubles",
-            Launch {
-                grid: (1, 1, 1),
-                block: (bs, 1, 1),
-                shared_bytes: 0,
-            },
-            &[Arg::Ptr(total), Arg::Ptr(partial), Arg::I32(blocks as i32)],
-        )?;
-        let mut out = [0f64; 1];
-        // SAFETY: `total` is the last 8 bytes of `scratch`.
-        unsafe { self.gpu.download(bytes_of_mut(&mut out), total)? };
-        Ok(out[0])
+        // f64 scratch as pairs of 4-byte elements (the launchers' scratch, 256-byte aligned): `blocks`
+        // partial sums and the total.
+        self.with_scratch(2 * (blocks + 1), |scratch| {
+            let partial = scratch.ptr;
+            let total = scratch.ptr + 8 * blocks as u64;
+            let bs = self.block() as u32;
+            self.launch(
+                &format!("sum_squares_partial_{}", x.dtype.suffix()),
+                Launch {
+                    grid: (blocks as u32, 1, 1),
+                    block: (bs, 1, 1),
+                    shared_bytes: 0,
+                },
+                &[Arg::Ptr(partial), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
+            )?;
+            self.launch(
+                "sum_doubles",
+                Launch {
+                    grid: (1, 1, 1),
+                    block: (bs, 1, 1),
+                    shared_bytes: 0,
+                },
+                &[Arg::Ptr(total), Arg::Ptr(partial), Arg::I32(blocks as i32)],
+            )?;
+            let mut out = [0f64; 1];
+            // SAFETY: `total` is the last 8 bytes of the scratch view.
+            unsafe { self.gpu.download(bytes_of_mut(&mut out), total)? };
+            Ok(out[0])
+        })
     }
 }
