@@ -919,22 +919,30 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                 q_delta[threadIdx.x] = delta_h[q0 + threadIdx.x];
             }
             __syncthreads();
-            for (int nn = 0; nn < TC_BWD / 16; ++nn) {
-                TcC sf, pf;
-                wmma::fill_fragment(sf, 0.0f);
-                wmma::fill_fragment(pf, 0.0f);
+            {
+                // Each k and v tile of the warp is loaded once per query tile (outer loop over the
+                // head dimension).
+                TcC sf[TC_BWD / 16], pf[TC_BWD / 16];
+                for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+                    wmma::fill_fragment(sf[nn], 0.0f);
+                    wmma::fill_fragment(pf[nn], 0.0f);
+                }
                 for (int kk = 0; kk < D / 16; ++kk) {
                     TcA kf, vf;
-                    TcBCol qf, gf;
                     wmma::load_matrix_sync(kf, krows + kk * 16, stride);
-                    wmma::load_matrix_sync(qf, qbase + (long long)(q0 + nn * 16) * stride + kk * 16, stride);
-                    wmma::mma_sync(sf, kf, qf, sf);
                     wmma::load_matrix_sync(vf, vrows + kk * 16, stride);
-                    wmma::load_matrix_sync(gf, gbase + (long long)(q0 + nn * 16) * ostride + kk * 16, ostride);
-                    wmma::mma_sync(pf, vf, gf, pf);
+                    for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+                        TcBCol qf, gf;
+                        wmma::load_matrix_sync(qf, qbase + (long long)(q0 + nn * 16) * stride + kk * 16, stride);
+                        wmma::mma_sync(sf[nn], kf, qf, sf[nn]);
+                        wmma::load_matrix_sync(gf, gbase + (long long)(q0 + nn * 16) * ostride + kk * 16, ostride);
+                        wmma::mma_sync(pf[nn], vf, gf, pf[nn]);
+                    }
                 }
-                wmma::store_matrix_sync(S + nn * 16, sf, TC_BWD, wmma::mem_row_major);
-                wmma::store_matrix_sync(DP + nn * 16, pf, TC_BWD, wmma::mem_row_major);
+                for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+                    wmma::store_matrix_sync(S + nn * 16, sf[nn], TC_BWD, wmma::mem_row_major);
+                    wmma::store_matrix_sync(DP + nn * 16, pf[nn], TC_BWD, wmma::mem_row_major);
+                }
             }
             __syncwarp();
             for (int c = 0; c < TC_BWD / 2; ++c) {
