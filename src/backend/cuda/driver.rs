@@ -101,6 +101,18 @@ pub enum Image {
 /// Compile `source` with NVRTC for architecture `arch` (for example 90). Needs no GPU. PTX images
 /// end with a NUL byte (what `cuModuleLoadData` expects of text).
 pub fn compile(source: &str, arch: u32, include: &Path, image: Image) -> Result<Vec<u8>, GpuError> {
+    compile_with_log(source, arch, include, image, &[]).map(|(image, _)| image)
+}
+
+/// [`compile`] with `extra` NVRTC options, returning the compiler's log too (for example ptxas's
+/// per-kernel registers and spills with `--ptxas-options=-v`).
+pub fn compile_with_log(
+    source: &str,
+    arch: u32,
+    include: &Path,
+    image: Image,
+    extra: &[&str],
+) -> Result<(Vec<u8>, String), GpuError> {
     nvrtc_version()?;
     let src = CString::new(source).map_err(|e| GpuError::Compile(e.to_string()))?;
     let name = CString::new("kernels.cu").expect("no NUL");
@@ -109,12 +121,13 @@ pub fn compile(source: &str, arch: u32, include: &Path, image: Image) -> Result<
         Image::Ptx => format!("--gpu-architecture=compute_{arch}"),
         Image::Cubin => format!("--gpu-architecture=sm_{arch}"),
     };
-    let opts = [
+    let mut opts = vec![
         target,
         format!("-I{}", include.display()),
         "--std=c++17".to_string(),
         "-default-device".to_string(),
     ];
+    opts.extend(extra.iter().map(|o| o.to_string()));
     // SAFETY: `prog` is a live program until destroyed below; size queries precede the copies.
     unsafe {
         let compiled = nvrtc::compile_program(prog, &opts);
@@ -145,7 +158,7 @@ pub fn compile(source: &str, arch: u32, include: &Path, image: Image) -> Result<
             (Err(e), _) => Err(GpuError::Compile(format!("{e:?} with {}:\n{log}", opts.join(" ")))),
         };
         let _ = nvrtc::destroy_program(prog);
-        out
+        out.map(|image| (image, log))
     }
 }
 
@@ -740,9 +753,29 @@ mod tests {
                 );
             }
         }
-        // The CUBIN a GPU loads: an ELF image for sm_90.
-        let cubin = compile(KERNELS_CU, 90, &include, Image::Cubin).unwrap_or_else(|e| panic!("{e}"));
+        // The CUBIN a GPU loads: an ELF image for sm_90, where no kernel spills registers to local
+        // memory (ptxas's report; the tensor-core attention kernels are the ones close to the limit).
+        let (cubin, log) = compile_with_log(KERNELS_CU, 90, &include, Image::Cubin, &["--ptxas-options=-v"])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&cubin[..4], b"\x7fELF", "CUBIN is an ELF image");
+        let mut kernel = "";
+        let mut reported = 0;
+        for line in log.lines() {
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                kernel = rest.split('\'').next().unwrap_or("");
+            }
+            if line.contains("spill stores") {
+                reported += 1;
+                assert!(
+                    line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+                    "{kernel} spills registers: {line}"
+                );
+            }
+        }
+        assert!(
+            reported >= kernel_names(KERNELS_CU).len(),
+            "ptxas reported {reported} kernels:\n{log}"
+        );
         // A broken source must fail with the compiler's log.
         let err = compile_ptx("extern \"C\" __global__ void k() { undefined_thing(); }", 90, &include).unwrap_err();
         assert!(err.to_string().contains("undefined_thing"), "{err}");
