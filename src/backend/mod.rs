@@ -308,4 +308,9 @@ pub trait Kernels<T: Element>: Send + Sync {
 
     /// Sum of squares, accumulated in f64 in a fixed order (gradient norm).
     fn sum_squares(&self, x: &[T::Master]) -> f64;
+
+    /// [`Kernels::sum_squares`] of each slice (a device waits once for all of them).
+    fn sum_squares_many(&self, xs: &[&[T::Master]]) -> Vec<f64> {
+        xs.iter().map(|x| self.sum_squares(x)).collect()
+    }
 }

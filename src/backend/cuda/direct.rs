@@ -365,4 +365,9 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
     fn sum_squares(&self, x: &[f32]) -> f64 {
         ok(self.kernels.sum_squares(master(x)), "sum_squares")
     }
+
+    fn sum_squares_many(&self, xs: &[&[f32]]) -> Vec<f64> {
+        let views: Vec<DevView> = xs.iter().map(|x| master(x)).collect();
+        ok(self.kernels.sum_squares_many(&views), "sum_squares")
+    }
 }

@@ -150,6 +150,12 @@ fn long(x: usize) -> i64 {
     x as i64
 }
 
+/// The bytes of a `u32` slice.
+fn bytes_of_u32(v: &[u32]) -> &[u8] {
+    // SAFETY: any u32 is 4 plain bytes; the slice covers `4 * len` bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, 4 * v.len()) }
+}
+
 /// Rows per block of the tensor-core attention kernels (`TC_ROWS` in `kernels.cu`).
 const TC_ROWS: usize = 64;
 
@@ -411,22 +417,29 @@ impl CudaKernels {
         }
         let num_runs = run_start.len();
         run_start.push(order.len() as u32);
-        let order_buf = DevBuf::from_u32(&self.gpu, &order)?;
-        let runs_buf = DevBuf::from_u32(&self.gpu, &run_start)?;
-        self.launch(
-            &format!("embedding_bwd_{}", grad_out.dtype.suffix()),
-            self.grid_rows(num_runs),
-            &[
-                Arg::Ptr(grad_table.ptr),
-                Arg::Ptr(order_buf.ptr()),
-                Arg::Ptr(runs_buf.ptr()),
-                Arg::I32(num_runs as i32),
-                Arg::Ptr(tokens.ptr),
-                Arg::Ptr(grad_out.ptr),
-                Arg::I32(int(hidden, "hidden")?),
-            ],
-        )?;
-        self.gpu.synchronize()
+        // The order and run starts go to the launchers' scratch (4-byte elements; the uploads are in
+        // stream order, after any earlier kernel reading the scratch).
+        self.with_scratch(order.len() + run_start.len(), |scratch| {
+            let runs = scratch.ptr + 4 * order.len() as u64;
+            // SAFETY: both arrays fit the scratch view (its length is their sum).
+            unsafe {
+                self.gpu.upload(scratch.ptr, bytes_of_u32(&order))?;
+                self.gpu.upload(runs, bytes_of_u32(&run_start))?;
+            }
+            self.launch(
+                &format!("embedding_bwd_{}", grad_out.dtype.suffix()),
+                self.grid_rows(num_runs),
+                &[
+                    Arg::Ptr(grad_table.ptr),
+                    Arg::Ptr(scratch.ptr),
+                    Arg::Ptr(runs),
+                    Arg::I32(num_runs as i32),
+                    Arg::Ptr(tokens.ptr),
+                    Arg::Ptr(grad_out.ptr),
+                    Arg::I32(int(hidden, "hidden")?),
+                ],
+            )
+        })
     }
 
     /// RMSNorm: `out (n, hidden) = x * rstd * weight`, `rstd (n)` fp32.
@@ -899,38 +912,55 @@ impl CudaKernels {
     /// Sum of squares of `x` in f64: fixed per-block partial sums, then one block adds them in a
     /// fixed tree order (deterministic for a given block size). Downloads the result.
     pub fn sum_squares(&self, x: DevView) -> Result<f64, GpuError> {
-        if x.len == 0 {
-            return Ok(0.0);
+        Ok(self.sum_squares_many(&[x])?[0])
+    }
+
+    /// [`CudaKernels::sum_squares`] of each view, with one wait for all: each view's block partials
+    /// and total go to the launchers' scratch (f64 as pairs of 4-byte elements, 256-byte aligned),
+    /// and the totals come back in one download.
+    pub fn sum_squares_many(&self, xs: &[DevView]) -> Result<Vec<f64>, GpuError> {
+        let blocks: Vec<usize> = xs
+            .iter()
+            .map(|x| x.len.div_ceil(self.block()).clamp(1, SQ_BLOCKS))
+            .collect();
+        let partials: usize = blocks.iter().sum();
+        let mut out = vec![0f64; xs.len()];
+        if xs.is_empty() {
+            return Ok(out);
         }
-        let blocks = x.len.div_ceil(self.block()).clamp(1, SQ_BLOCKS);
-        // f64 scratch as pairs of 4-byte elements (the launchers' scratch, 256-byte aligned): `blocks`
-        // partial sums and the total.
-        self.with_scratch(2 * (blocks + 1), |scratch| {
-            let partial = scratch.ptr;
-            let total = scratch.ptr + 8 * blocks as u64;
+        self.with_scratch(2 * (xs.len() + partials), |scratch| {
+            let totals = scratch.ptr;
+            let mut partial = scratch.ptr + 8 * xs.len() as u64;
             let bs = self.block() as u32;
-            self.launch(
-                &format!("sum_squares_partial_{}", x.dtype.suffix()),
-                Launch {
-                    grid: (blocks as u32, 1, 1),
-                    block: (bs, 1, 1),
-                    shared_bytes: 0,
-                },
-                &[Arg::Ptr(partial), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
-            )?;
-            self.launch(
-                "sum_doubles",
-                Launch {
-                    grid: (1, 1, 1),
-                    block: (bs, 1, 1),
-                    shared_bytes: 0,
-                },
-                &[Arg::Ptr(total), Arg::Ptr(partial), Arg::I32(blocks as i32)],
-            )?;
-            let mut out = [0f64; 1];
-            // SAFETY: `total` is the last 8 bytes of the scratch view.
-            unsafe { self.gpu.download(bytes_of_mut(&mut out), total)? };
-            Ok(out[0])
+            for (i, (x, &nb)) in xs.iter().zip(&blocks).enumerate() {
+                if x.len == 0 {
+                    // SAFETY: slot `i` of the totals lies in the scratch view.
+                    unsafe { self.gpu.memset_zero(totals + 8 * i as u64, 8)? };
+                    continue;
+                }
+                self.launch(
+                    &format!("sum_squares_partial_{}", x.dtype.suffix()),
+                    Launch {
+                        grid: (nb as u32, 1, 1),
+                        block: (bs, 1, 1),
+                        shared_bytes: 0,
+                    },
+                    &[Arg::Ptr(partial), Arg::Ptr(x.ptr), Arg::I64(long(x.len))],
+                )?;
+                self.launch(
+                    "sum_doubles",
+                    Launch {
+                        grid: (1, 1, 1),
+                        block: (bs, 1, 1),
+                        shared_bytes: 0,
+                    },
+                    &[Arg::Ptr(totals + 8 * i as u64), Arg::Ptr(partial), Arg::I32(nb as i32)],
+                )?;
+                partial += 8 * nb as u64;
+            }
+            // SAFETY: the totals are the first `xs.len()` f64 of the scratch view.
+            unsafe { self.gpu.download(bytes_of_mut(&mut out), totals)? };
+            Ok(out)
         })
     }
 }

@@ -633,6 +633,34 @@ fn sum_squares_matches_cpu() {
                 assert!(e <= 1e-12, "sum_squares_{} n {n}: {got} vs {want}", dtype.suffix());
             }
         }
+        // Several views at once (one wait), an empty one among them: each its own sum.
+        let xs: Vec<Vec<f32>> = [3000, 0, 1, 700].iter().map(|&n| rng.vec(n, 2.0)).collect();
+        let bufs: Vec<DevBuf> = xs
+            .iter()
+            .filter(|x| !x.is_empty())
+            .map(|x| buf(&gpu, x, DType::F32))
+            .collect();
+        let mut views = Vec::new();
+        let mut it = bufs.iter();
+        for x in &xs {
+            views.push(if x.is_empty() {
+                super::DevView {
+                    ptr: bufs[0].ptr(),
+                    len: 0,
+                    dtype: DType::F32,
+                }
+            } else {
+                it.next().unwrap().view()
+            });
+        }
+        let got = k.sum_squares_many(&views).unwrap();
+        for (x, g) in xs.iter().zip(&got) {
+            let want = Kernels::<f32>::sum_squares(&cpu(), x);
+            assert!(
+                (g - want).abs() <= 1e-12 * want.max(1e-300),
+                "sum_squares_many: {g} vs {want}"
+            );
+        }
     }
 }
 

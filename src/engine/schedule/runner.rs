@@ -429,15 +429,17 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     /// Global gradient norm from the grad shards (padding excluded), all-reduced over the group.
     pub fn grad_norm(&self) -> anyhow::Result<f64> {
         let rank = self.rank();
-        let mut sq = [0f64];
+        let mut segments: Vec<&[f32]> = Vec::new();
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
             let base = s.shard_range(rank).start;
             // SAFETY: called after `run_batch` waited on every handle.
             let g = unsafe { sh.grad.get() };
             for (_, r) in s.shard_segments(rank) {
-                sq[0] += self.kernels.sum_squares(&g[r.start - base..r.end - base]);
+                segments.push(&g[r.start - base..r.end - base]);
             }
         }
+        // Per-segment sums, added in segment order (as one at a time would).
+        let mut sq = [self.kernels.sum_squares_many(&segments).iter().sum::<f64>()];
         self.comm.all_reduce_sum_f64(&mut sq)?;
         Ok(sq[0].sqrt())
     }
