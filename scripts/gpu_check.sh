@@ -27,7 +27,9 @@
 #       loss within 1e-4 relative;
 #   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times), train llama-125m 20 steps, train llama-1b 10
 #       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank;
-#   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present.
+#   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present;
+#   (f) (run before (e)) 3 steps of examples/llama-1b.yaml with FAST_LLM_RS_PROFILE=1: the device time
+#       by operation (kernel, matrix product shape).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-check
@@ -205,6 +207,23 @@ if bench 60 ranks ranks 4; then
   else fail "(d) 2 ranks vs 1 rank: max rel ${rel:-missing}"; fi
 fi
 train_model llama-125m 20 90
+
+# ---------------------------------------------------------------- (f) where llama-1b's step time goes
+header "(f) FAST_LLM_RS_PROFILE=1 fast-llm-rs train examples/llama-1b.yaml, 3 steps"
+T=$(limit 75)
+if [ "$T" -eq 0 ]; then fail "(f) skipped: out of time"; else
+  P_EXTRA=()
+  [ "${GPU_CHECK_EMULATOR:-0}" = 1 ] && P_EXTRA=(data.micro_batch_size=128 data.sequence_length=64 model.base_model.hidden_size=64
+    model.base_model.decoder.num_blocks=2 model.base_model.decoder.block.mixer.heads=2
+    model.base_model.decoder.block.mixer.head_groups=2 model.base_model.decoder.block.mixer.head_size=32
+    model.base_model.decoder.block.mlp.intermediate_size=96 model.base_model.embeddings.vocab_size=320)
+  guarded "$T" "$LOGS/profile.log" env FAST_LLM_RS_PROFILE=1 "$CARRY/fast-llm-rs" train --config examples/llama-1b.yaml \
+    training.train_iters=3 training.logs.interval=1 "training.evaluators={}" training.checkpoint.interval=null \
+    "run.experiment_dir=$WORK/profile" "${P_EXTRA[@]}" | tail -26
+  rc=${PIPESTATUS[0]}
+  sed -n '/^Device time by operation/,$p' "$LOGS/profile.log" | head -24 >>"$SUMMARY"
+  if [ "$rc" -eq 0 ]; then pass "(f) profiled llama-1b"; else fail "(f) profiled llama-1b: exit $rc"; fi
+fi
 
 # ---------------------------------------------------------------- (e) NCCL backend
 header "(e) scripts/gpu_check_nccl.sh"

@@ -288,6 +288,34 @@ fn report_gpu_memory(setup: &Setup, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With `FAST_LLM_RS_PROFILE=1` on a GPU: prints where the device time went (see
+/// [`crate::backend::profile`]) and writes it to `profile.json` in the experiment directory.
+fn report_profile(setup: &Setup, quiet: bool) -> anyhow::Result<()> {
+    use crate::backend::profile;
+    if setup.device.is_none() || !profile::enabled() {
+        return Ok(());
+    }
+    let rows = profile::take();
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    let report = json!({
+        "note": "device time per operation, all ranks of this process, each call timed between two waits for the device (FAST_LLM_RS_PROFILE=1 serializes host and device: use it to rank operations, not to time the run)",
+        "total_seconds": total,
+        "ops": rows,
+    });
+    write_atomic(
+        &setup.dir.join("profile.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if !quiet {
+        println!(
+            "Device time by operation ({:.2} s in all; profile.json has every row):\n{}",
+            total,
+            profile::format(&rows, 20)
+        );
+    }
+    Ok(())
+}
+
 /// The checkpoint to resume from, if any (removes incomplete checkpoints: on the NCCL backend only
 /// rank 0 may be the first to call this).
 fn find_resume(
@@ -457,6 +485,7 @@ fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSu
     let mut summary = results.into_iter().next().expect("rank 0");
     summary.memory = memory.lock().unwrap().clone();
     report_gpu_memory(&setup, opts.quiet)?;
+    report_profile(&setup, opts.quiet)?;
     Ok(summary)
 }
 
@@ -557,6 +586,7 @@ fn train_nccl(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSum
         summary.memory = memory.into_inner().unwrap_or_else(|e| e.into_inner());
         if leader {
             report_gpu_memory(&setup, opts.quiet)?;
+            report_profile(&setup, opts.quiet)?;
         }
         Ok(summary)
     };

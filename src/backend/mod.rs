@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod mem;
+pub mod profile;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};

@@ -228,7 +228,25 @@ impl CudaKernels {
     fn launch(&self, name: &str, cfg: Launch, args: &[Arg]) -> Result<(), GpuError> {
         // SAFETY: every launcher passes the kernel's C signature and views it has checked against the
         // shapes; the views themselves are trusted (module docs).
-        unsafe { self.gpu.launch(name, cfg, args) }
+        self.profiled(|| name.to_string(), || unsafe { self.gpu.launch(name, cfg, args) })
+    }
+
+    /// `f` (device work), timed into [`crate::backend::profile`] as `what` when profiling is on:
+    /// the device is drained before and after it.
+    fn profiled<R>(
+        &self,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        if !crate::backend::profile::enabled() {
+            return f();
+        }
+        self.gpu.synchronize()?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        self.gpu.synchronize()?;
+        crate::backend::profile::record(&what(), t.elapsed().as_secs_f64());
+        Ok(r)
     }
 
     fn block(&self) -> usize {
@@ -272,7 +290,12 @@ impl CudaKernels {
         }
         let name = match (x.dtype, out.dtype) {
             // SAFETY: both views cover `len` elements of the same type (trusted views).
-            (a, b) if a == b => return unsafe { self.gpu.copy(out.ptr, x.ptr, x.bytes()) },
+            (a, b) if a == b => {
+                return self.profiled(
+                    || format!("copy {}", a.suffix()),
+                    || unsafe { self.gpu.copy(out.ptr, x.ptr, x.bytes()) },
+                )
+            }
             (DType::F32, DType::Bf16) => "cast_f32_to_bf16",
             _ => "cast_bf16_to_f32",
         };
@@ -327,7 +350,19 @@ impl CudaKernels {
             c_dtype: c.dtype,
         };
         // SAFETY: the views cover the matrices (checked above).
-        unsafe { self.gpu.gemm(&g) }
+        self.profiled(
+            || {
+                format!(
+                    "matmul {m}x{n}x{k}{}{} {}->{}{}",
+                    if trans_a { " a^T" } else { "" },
+                    if trans_b { " b^T" } else { "" },
+                    a.dtype.suffix(),
+                    c.dtype.suffix(),
+                    if accumulate { " (+=)" } else { "" }
+                )
+            },
+            || unsafe { self.gpu.gemm(&g) },
+        )
     }
 
     /// `out += x` elementwise.
