@@ -16,6 +16,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -26,6 +28,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct EmuDim3 {
     unsigned x, y, z;
@@ -173,12 +176,24 @@ struct fragment {
     float x[256];
 };
 
+// CUDA's requirements on every wmma load and store: a 256-bit aligned pointer and a leading dimension of
+// a multiple of 16 bytes. A kernel that breaks them stops the emulator loudly.
+template <class S>
+inline void emu_wmma_check(const S* p, unsigned ldm) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(S)) % 16 != 0) {
+        std::fprintf(stderr, "wmma: pointer %p must be 32-byte aligned and ldm %u a multiple of 16 bytes\n",
+                     (const void*)p, ldm);
+        std::abort();
+    }
+}
+
 inline float emu_value(float v) { return v; }
 inline float emu_value(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <class Use, class T, class L, class S>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const S* p, unsigned ldm) {
     static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value, "layout");
+    emu_wmma_check(p, ldm);
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = emu_value(std::is_same<L, row_major>::value ? p[(long long)r * ldm + c]
@@ -187,6 +202,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const S* p, uns
 
 template <class T>
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t l) {
+    emu_wmma_check(p, ldm);
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = l == mem_row_major ? p[(long long)r * ldm + c] : p[(long long)c * ldm + r];
@@ -194,6 +210,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p
 
 template <class T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t l) {
+    emu_wmma_check(p, ldm);
     if (threadIdx.x % 32 != 0) return;
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)

@@ -674,6 +674,8 @@ extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_ou
 // then the lanes work on them); lane `lane` owns row `lane / 2` of a 16-row tile and half of its
 // columns, visited in an order skewed by the lane so that the 32 lanes hit 32 different banks.
 // Every thread runs to the end and loop bounds are block-uniform (the emulator's barriers need it).
+// `wmma` loads and stores need 32-byte aligned addresses: the shared tiles are declared
+// `__align__(128)`, and every offset into them and into the activations is a multiple of 16 elements.
 #define TC_ROWS 64
 // Keys per tile in the forward.
 #define TC_KEYS 64
@@ -722,8 +724,8 @@ __device__ __forceinline__ float tc_partner(float v, float* xch) {
 template <int D>
 __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
                                  float scale) {
-    __shared__ float s_sm[4][16 * TC_KEYS];
-    __shared__ bf16 p_sm[4][16 * TC_KEYS];
+    __shared__ __align__(128) float s_sm[4][16 * TC_KEYS];
+    __shared__ __align__(128) bf16 p_sm[4][16 * TC_KEYS];
     __shared__ float alpha_sm[4][16];
     __shared__ float xch_sm[4][32];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
@@ -817,9 +819,9 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
 template <int D>
 __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                     const float* delta, int seq, int heads, int kv_heads, float scale) {
-    __shared__ float s_sm[4][16 * 64];
-    __shared__ float dp_sm[4][16 * TC_BWD];
-    __shared__ bf16 ds_sm[4][16 * TC_BWD];
+    __shared__ __align__(128) float s_sm[4][16 * 64];
+    __shared__ __align__(128) float dp_sm[4][16 * TC_BWD];
+    __shared__ __align__(128) bf16 ds_sm[4][16 * TC_BWD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
     const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
@@ -888,10 +890,10 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
 template <int D>
 __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
-    __shared__ float s_sm[4][16 * 64];
-    __shared__ float dp_sm[4][16 * TC_BWD];
-    __shared__ bf16 p_sm[4][16 * TC_BWD];
-    __shared__ bf16 ds_sm[4][16 * TC_BWD];
+    __shared__ __align__(128) float s_sm[4][16 * 64];
+    __shared__ __align__(128) float dp_sm[4][16 * TC_BWD];
+    __shared__ __align__(128) bf16 p_sm[4][16 * TC_BWD];
+    __shared__ __align__(128) bf16 ds_sm[4][16 * TC_BWD];
     __shared__ float q_lse[TC_BWD], q_delta[TC_BWD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
     const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
