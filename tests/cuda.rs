@@ -128,7 +128,8 @@ fn an_unknown_gpu_selector_is_refused() {
 /// Mixed precision on the emulated GPU: bf16 weight buffers and activations, f32 master weights,
 /// gradients and optimizer state. The losses follow the f32 CPU run within bf16 rounding (2e-2
 /// relative), and two ranks (ZeRO-3: weights restored by casting each shard into its slot and
-/// all-gathering the bf16 buffer in place) follow one rank with the same global batch.
+/// all-gathering the bf16 buffer in place) follow one rank with the same global batch. Heads of 32
+/// and sequences of 64: the bf16 runs go through the tensor-core attention kernels.
 #[test]
 fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
     if !emulator_available() {
@@ -142,6 +143,9 @@ fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
             ("model.distributed.world_size", world.into()),
             ("model.multi_stage.zero_stage", "3".into()),
             ("schedule.depth_first_micro_batches", df.into()),
+            ("data.sequence_length", "64".into()),
+            ("data.micro_batch_size", "64".into()),
+            ("model.base_model.decoder.block.mixer.head_size", "32".into()),
         ]);
         if gpu {
             o.push("model.distributed.use_cuda=true".into());
