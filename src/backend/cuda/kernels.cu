@@ -245,27 +245,31 @@ extern "C" __global__ void sum_chunks_f32(float* out, const float* partial, int 
 // ---------------------------------------------------------------------------------------------------
 // Rotary embedding (rotate-half), in place on the first num_heads * head_size values of each of the n
 // rows of x (row_stride values apart). Row i is at position i % seq; cos, sin are (seq, head_size/2)
-// fp32. With `inverse` the rotation is by -angle. One thread per (row, head, pair).
+// fp32. With `inverse` the rotation is by -angle. Rows are spread over blocks, (head, pair) over the
+// block's threads (no 64-bit division per element).
 template <class T>
 __device__ void rotary_impl(T* x, int row_stride, int num_heads, int head_size, int seq, const float* cos_t,
                             const float* sin_t, int n, int inverse) {
     const int half = head_size / 2;
-    const long long total = (long long)n * num_heads * half;
-    for (long long e = global_thread(); e < total; e += global_stride()) {
-        const long long i = e / ((long long)num_heads * half);
-        const int rem = (int)(e % ((long long)num_heads * half));
-        const int head = rem / half, d = rem % half;
-        const int pos = (int)(i % seq);
-        T* a = x + i * row_stride + (long long)head * head_size + d;
-        T* b = a + half;
-        const float u = ld(*a), v = ld(*b);
-        const float c = cos_t[pos * half + d], s = sin_t[pos * half + d];
-        if (inverse) {
-            st(a, u * c + v * s);
-            st(b, v * c - u * s);
-        } else {
-            st(a, u * c - v * s);
-            st(b, v * c + u * s);
+    const int pairs = num_heads * half;
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+        const int pos = i % seq;
+        T* row = x + (long long)i * row_stride;
+        const float* cr = cos_t + (long long)pos * half;
+        const float* sr = sin_t + (long long)pos * half;
+        for (int k = threadIdx.x; k < pairs; k += blockDim.x) {
+            const int head = k / half, d = k - head * half;
+            T* a = row + head * head_size + d;
+            T* b = a + half;
+            const float u = ld(*a), v = ld(*b);
+            const float c = cr[d], s = sr[d];
+            if (inverse) {
+                st(a, u * c + v * s);
+                st(b, v * c - u * s);
+            } else {
+                st(a, u * c - v * s);
+                st(b, v * c + u * s);
+            }
         }
     }
 }
@@ -283,14 +287,16 @@ extern "C" __global__ void rotary_bf16(bf16* x, int row_stride, int num_heads, i
 
 __device__ __forceinline__ float sigmoidf(float g) { return 1.0f / (1.0f + expf(-g)); }
 
+// Rows over blocks, columns over the block's threads.
 template <class T>
 __device__ void swiglu_fwd_impl(T* out, const T* gate_up, long long n, int inter) {
-    const long long total = n * inter;
-    for (long long e = global_thread(); e < total; e += global_stride()) {
-        const long long i = e / inter, j = e % inter;
-        const float g = ld(gate_up[i * 2 * inter + j]);
-        const float u = ld(gate_up[i * 2 * inter + inter + j]);
-        st(out + e, g * sigmoidf(g) * u);
+    for (long long i = blockIdx.x; i < n; i += gridDim.x) {
+        const T* gr = gate_up + i * 2 * inter;
+        T* orow = out + i * inter;
+        for (int j = threadIdx.x; j < inter; j += blockDim.x) {
+            const float g = ld(gr[j]), u = ld(gr[inter + j]);
+            st(orow + j, g * sigmoidf(g) * u);
+        }
     }
 }
 extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate_up, long long n, int inter) {
@@ -304,14 +310,16 @@ extern "C" __global__ void swiglu_fwd_bf16(bf16* out, const bf16* gate_up, long 
 // d gate = g_o * up * sig * (1 + gate * (1 - sig)).
 template <class T>
 __device__ void swiglu_bwd_impl(T* grad_gate_up, const T* grad_out, const T* gate_up, long long n, int inter) {
-    const long long total = n * inter;
-    for (long long e = global_thread(); e < total; e += global_stride()) {
-        const long long i = e / inter, j = e % inter;
-        const long long gi = i * 2 * inter + j, ui = gi + inter;
-        const float g = ld(gate_up[gi]), u = ld(gate_up[ui]), d = ld(grad_out[e]);
-        const float sg = sigmoidf(g);
-        st(grad_gate_up + ui, d * (g * sg));
-        st(grad_gate_up + gi, d * u * (sg * (1.0f + g * (1.0f - sg))));
+    for (long long i = blockIdx.x; i < n; i += gridDim.x) {
+        const T* gr = gate_up + i * 2 * inter;
+        const T* dr = grad_out + i * inter;
+        T* gg = grad_gate_up + i * 2 * inter;
+        for (int j = threadIdx.x; j < inter; j += blockDim.x) {
+            const float g = ld(gr[j]), u = ld(gr[inter + j]), d = ld(dr[j]);
+            const float sg = sigmoidf(g);
+            st(gg + inter + j, d * (g * sg));
+            st(gg + j, d * u * (sg * (1.0f + g * (1.0f - sg))));
+        }
     }
 }
 extern "C" __global__ void swiglu_bwd_f32(float* grad_gate_up, const float* grad_out, const float* gate_up,

@@ -633,7 +633,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("rotary_{}", x.dtype.suffix()),
-            self.grid_1d(n * num_heads * half),
+            self.grid_rows(n),
             &[
                 Arg::Ptr(x.ptr),
                 Arg::I32(int(row_stride, "row_stride")?),
@@ -812,7 +812,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("swiglu_fwd_{}", out.dtype.suffix()),
-            self.grid_1d(out.len),
+            self.grid_rows(n),
             &[
                 Arg::Ptr(out.ptr),
                 Arg::Ptr(gate_up.ptr),
@@ -846,7 +846,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("swiglu_bwd_{}", gate_up.dtype.suffix()),
-            self.grid_1d(grad_out.len),
+            self.grid_rows(n),
             &[
                 Arg::Ptr(grad_gate_up.ptr),
                 Arg::Ptr(grad_out.ptr),
