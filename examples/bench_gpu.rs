@@ -496,20 +496,22 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             } else {
                 vec![("attention", &ctx.k)]
             };
+            let fwd = |k: &CudaKernels| k.attention_forward(out.view(), lse.view(), qkv.view(), d);
+            let bwd = |k: &CudaKernels| {
+                k.attention_backward(
+                    gqkv.view(),
+                    delta.view(),
+                    gout.view(),
+                    out.view(),
+                    qkv.view(),
+                    lse.view(),
+                    d,
+                )
+            };
             for (name, k) in variants {
-                let r = time_calls(ctx, bud, || k.attention_forward(out.view(), lse.view(), qkv.view(), d));
+                let r = time_calls(ctx, bud, || fwd(k));
                 row(&format!("{name} fwd"), dt, r, 0.0, fwd_flops);
-                let r = time_calls(ctx, bud, || {
-                    k.attention_backward(
-                        gqkv.view(),
-                        delta.view(),
-                        gout.view(),
-                        out.view(),
-                        qkv.view(),
-                        lse.view(),
-                        d,
-                    )
-                });
+                let r = time_calls(ctx, bud, || bwd(k));
                 row(&format!("{name} bwd"), dt, r, 0.0, 2.5 * fwd_flops);
             }
             if dt == DType::Bf16 {
@@ -517,16 +519,8 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 let agree = || -> Result<[f64; 3], GpuError> {
                     let mut got = Vec::new();
                     for k in [&ctx.k, &simple] {
-                        k.attention_forward(out.view(), lse.view(), qkv.view(), d)?;
-                        k.attention_backward(
-                            gqkv.view(),
-                            delta.view(),
-                            gout.view(),
-                            out.view(),
-                            qkv.view(),
-                            lse.view(),
-                            d,
-                        )?;
+                        fwd(k)?;
+                        bwd(k)?;
                         let gpu = &*ctx.dev.gpu;
                         got.push([
                             read_f32(gpu, out.view())?,

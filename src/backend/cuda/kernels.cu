@@ -989,19 +989,20 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                      stride, dv, S, [&](int) { return 1.0f; });
 }
 
+// Same parameters as the one-thread-per-row kernels (batch is the grid's z extent, head_size is D).
 #define TC_ATTN_KERNELS(D)                                                                                       \
-    extern "C" __global__ void attn_fwd_tc_d##D(bf16* out, float* lse, const bf16* qkv, int seq, int heads,       \
-                                                int kv_heads, float scale) {                                       \
+    extern "C" __global__ void attn_fwd_tc_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,       \
+                                                int heads, int kv_heads, int head_size, float scale) {             \
         attn_fwd_tc_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                         \
     }                                                                                                            \
     extern "C" __global__ void attn_bwd_dq_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,        \
-                                                   const float* lse, const float* delta, int seq, int heads,      \
-                                                   int kv_heads, float scale) {                                   \
+                                                   const float* lse, const float* delta, int batch, int seq,      \
+                                                   int heads, int kv_heads, int head_size, float scale) {         \
         attn_bwd_dq_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);                \
     }                                                                                                            \
     extern "C" __global__ void attn_bwd_dkv_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,       \
-                                                    const float* lse, const float* delta, int seq, int heads,     \
-                                                    int kv_heads, float scale) {                                  \
+                                                    const float* lse, const float* delta, int batch, int seq,     \
+                                                    int heads, int kv_heads, int head_size, float scale) {        \
         attn_bwd_dkv_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);               \
     }
 TC_ATTN_KERNELS(32)

@@ -672,24 +672,13 @@ impl CudaKernels {
         if d.out_len() == 0 {
             return Ok(());
         }
-        if let Some(hs) = tensor_core_attention(&qkv, &d, self.simple_attention) {
-            return self.launch(
-                &format!("attn_fwd_tc_d{hs}"),
-                tc_grid(&d, d.heads),
-                &[
-                    Arg::Ptr(out.ptr),
-                    Arg::Ptr(lse.ptr),
-                    Arg::Ptr(qkv.ptr),
-                    Arg::I32(int(d.seq, "seq")?),
-                    Arg::I32(d.heads as i32),
-                    Arg::I32(d.kv_heads as i32),
-                    Arg::F32(scale),
-                ],
-            );
-        }
+        let (name, grid) = match tensor_core_attention(&qkv, &d, self.simple_attention) {
+            Some(hs) => (format!("attn_fwd_tc_d{hs}"), tc_grid(&d, d.heads)),
+            None => (format!("attn_fwd_{}", qkv.dtype.suffix()), self.grid_attn(&d, d.heads)),
+        };
         self.launch(
-            &format!("attn_fwd_{}", qkv.dtype.suffix()),
-            self.grid_attn(&d, d.heads),
+            &name,
+            grid,
             &[
                 Arg::Ptr(out.ptr),
                 Arg::Ptr(lse.ptr),
@@ -764,21 +753,6 @@ impl CudaKernels {
                 Arg::I32(hs),
             ],
         )?;
-        if let Some(hs) = tensor_core_attention(&qkv, &d, self.simple_attention) {
-            let args = [
-                Arg::Ptr(grad_qkv.ptr),
-                Arg::Ptr(grad_out.ptr),
-                Arg::Ptr(qkv.ptr),
-                Arg::Ptr(lse.ptr),
-                Arg::Ptr(delta.ptr),
-                Arg::I32(s),
-                Arg::I32(h),
-                Arg::I32(kvh),
-                Arg::F32(scale),
-            ];
-            self.launch(&format!("attn_bwd_dq_tc_d{hs}"), tc_grid(&d, d.heads), &args)?;
-            return self.launch(&format!("attn_bwd_dkv_tc_d{hs}"), tc_grid(&d, d.kv_heads), &args);
-        }
         let args = [
             Arg::Ptr(grad_qkv.ptr),
             Arg::Ptr(grad_out.ptr),
@@ -792,8 +766,22 @@ impl CudaKernels {
             Arg::I32(hs),
             Arg::F32(scale),
         ];
-        self.launch(&format!("attn_bwd_dq_{t}"), self.grid_attn(&d, d.heads), &args)?;
-        self.launch(&format!("attn_bwd_dkv_{t}"), self.grid_attn(&d, d.kv_heads), &args)
+        let (dq, dkv, dq_grid, dkv_grid) = match tensor_core_attention(&qkv, &d, self.simple_attention) {
+            Some(hs) => (
+                format!("attn_bwd_dq_tc_d{hs}"),
+                format!("attn_bwd_dkv_tc_d{hs}"),
+                tc_grid(&d, d.heads),
+                tc_grid(&d, d.kv_heads),
+            ),
+            None => (
+                format!("attn_bwd_dq_{t}"),
+                format!("attn_bwd_dkv_{t}"),
+                self.grid_attn(&d, d.heads),
+                self.grid_attn(&d, d.kv_heads),
+            ),
+        };
+        self.launch(&dq, dq_grid, &args)?;
+        self.launch(&dkv, dkv_grid, &args)
     }
 
     /// SwiGLU: `out (n, inter) = silu(gate) * up` from `gate_up (n, 2*inter)`.
