@@ -718,6 +718,21 @@ __device__ void tc_write_rows(bf16* dst, long long ld, TcC* acc, float* stage, S
     }
 }
 
+// acc[dd] (16 x D) += A (16 x K: bf16 in shared memory, leading dimension K) times B (K rows of D values in
+// global memory, row stride ld): a warp's probability or gradient tile times rows of v, k, q or dO.
+template <int D, int K>
+__device__ void tc_acc_tile_rows(TcC* acc, const bf16* a, const bf16* b, long long ld) {
+    for (int kk = 0; kk < K / 16; ++kk) {
+        TcA af;
+        wmma::load_matrix_sync(af, a + kk * 16, K);
+        for (int dd = 0; dd < D / 16; ++dd) {
+            TcBRow bf;
+            wmma::load_matrix_sync(bf, b + (long long)kk * 16 * ld + dd * 16, ld);
+            wmma::mma_sync(acc[dd], af, bf, acc[dd]);
+        }
+    }
+}
+
 // The other lane of the caller's row: its value of `v` (through the warp's 32-float exchange area).
 __device__ __forceinline__ float tc_partner(float v, float* xch) {
     const int lane = threadIdx.x % 32;
@@ -804,15 +819,7 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
                 __syncwarp();
             }
         }
-        for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
-            TcA pf;
-            wmma::load_matrix_sync(pf, P + kk * 16, TC_KEYS);
-            for (int dd = 0; dd < D / 16; ++dd) {
-                TcBRow vf;
-                wmma::load_matrix_sync(vf, vbase + (long long)(k0 + kk * 16) * stride + dd * 16, stride);
-                wmma::mma_sync(of[dd], pf, vf, of[dd]);
-            }
-        }
+        tc_acc_tile_rows<D, TC_KEYS>(of, P, vbase + (long long)k0 * stride, stride);
         __syncwarp();
     }
     __syncwarp();
@@ -876,15 +883,7 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
             DS[e] = __float2bfloat16(ds);
         }
         __syncwarp();
-        for (int kk = 0; kk < TC_BWD / 16; ++kk) {
-            TcA af;
-            wmma::load_matrix_sync(af, DS + kk * 16, TC_BWD);
-            for (int dd = 0; dd < D / 16; ++dd) {
-                TcBRow kf;
-                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + kk * 16) * stride + dd * 16, stride);
-                wmma::mma_sync(dq[dd], af, kf, dq[dd]);
-            }
-        }
+        tc_acc_tile_rows<D, TC_BWD>(dq, DS, kbase + (long long)k0 * stride, stride);
         __syncwarp();
     }
     tc_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
@@ -967,18 +966,8 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                 DST[e] = __float2bfloat16(ds);
             }
             __syncwarp();
-            for (int kk = 0; kk < TC_BWD / 16; ++kk) {
-                TcA pa, da;
-                wmma::load_matrix_sync(pa, PT + kk * 16, TC_BWD);
-                wmma::load_matrix_sync(da, DST + kk * 16, TC_BWD);
-                for (int dd = 0; dd < D / 16; ++dd) {
-                    TcBRow gb, qb;
-                    wmma::load_matrix_sync(gb, gbase + (long long)(q0 + kk * 16) * ostride + dd * 16, ostride);
-                    wmma::mma_sync(dv[dd], pa, gb, dv[dd]);
-                    wmma::load_matrix_sync(qb, qbase + (long long)(q0 + kk * 16) * stride + dd * 16, stride);
-                    wmma::mma_sync(dk[dd], da, qb, dk[dd]);
-                }
-            }
+            tc_acc_tile_rows<D, TC_BWD>(dv, PT, gbase + (long long)q0 * ostride, ostride);
+            tc_acc_tile_rows<D, TC_BWD>(dk, DST, qbase + (long long)q0 * stride, stride);
             __syncwarp();
         }
     }
