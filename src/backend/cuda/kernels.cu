@@ -685,8 +685,8 @@ extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_ou
 // `wmma` loads and stores need 32-byte aligned addresses: the shared tiles are declared
 // `__align__(128)`, and every offset into them and into the activations is a multiple of 16 elements.
 #define TC_ROWS 64
-// Keys per tile in the forward.
-#define TC_KEYS 64
+// Keys per tile in the forward (staged in shared memory by the block).
+#define TC_FWD_KEYS 32
 // Rows (queries or keys) per tile in the backward kernels.
 #define TC_BWD 32
 // Lazy rescaling: a row's running max moves only when a tile's max exceeds it by more than this (in
@@ -701,20 +701,41 @@ typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> TcBCol
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> TcC;
 
 // Writes the warp's D/16 accumulator tiles (16 rows x D) times `scale(row)` as bf16 to `dst` (row
-// stride `ld`), staged through the warp's fp32 tile `stage` (16 x 64). Called by the whole warp.
-template <int D, class Scale>
+// stride `ld`), staged CH tiles at a time through the warp's fp32 tile `stage` (16 x 16*CH). Called by
+// the whole warp.
+template <int D, int CH, class Scale>
 __device__ void tc_write_rows(bf16* dst, long long ld, TcC* acc, float* stage, Scale scale) {
     const int lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
-    for (int c0 = 0; c0 < D / 16; c0 += 4) {
-        const int cnt = D / 16 - c0 < 4 ? D / 16 - c0 : 4;
-        for (int f = 0; f < cnt; ++f) wmma::store_matrix_sync(stage + f * 16, acc[c0 + f], 64, wmma::mem_row_major);
+    const int w = 16 * CH;  // stage width
+    for (int c0 = 0; c0 < D / 16; c0 += CH) {
+        const int cnt = D / 16 - c0 < CH ? D / 16 - c0 : CH;
+        for (int f = 0; f < cnt; ++f) wmma::store_matrix_sync(stage + f * 16, acc[c0 + f], w, wmma::mem_row_major);
         __syncwarp();
         const float sc = scale(r);
-        for (int c = 0; c < 32; ++c) {
-            const int col = half * 32 + ((c + lane) & 31);
-            if (col < cnt * 16) dst[r * ld + c0 * 16 + col] = __float2bfloat16(stage[r * 64 + col] * sc);
+        for (int c = 0; c < w / 2; ++c) {
+            const int col = half * (w / 2) + ((c + lane) % (w / 2));
+            if (col < cnt * 16) dst[r * ld + c0 * 16 + col] = __float2bfloat16(stage[r * w + col] * sc);
         }
         __syncwarp();
+    }
+}
+
+// 16 bytes from `src` to `dst` (both 16-byte aligned).
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+#ifdef FAST_LLM_EMU
+    std::memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// Rows r0 .. r0+ROWS of D bf16 values (global, row stride `stride`) into shared memory (row stride
+// D + 8: the padding puts consecutive rows on other banks), in 16-byte pieces by the whole block.
+template <int D, int ROWS>
+__device__ void tc_stage_rows(bf16* dst, const bf16* src, long long stride) {
+    for (int c = threadIdx.x; c < ROWS * D / 8; c += blockDim.x) {
+        const int row = c / (D / 8), col = (c % (D / 8)) * 8;
+        copy16(dst + row * (D + 8) + col, src + row * stride + col);
     }
 }
 
@@ -743,12 +764,17 @@ __device__ __forceinline__ float tc_partner(float v, float* xch) {
     return o;
 }
 
-// Forward. Grid (seq / TC_ROWS, heads, batch), block 128.
+// Forward. Grid (seq / TC_ROWS, heads, batch), block 128. Per tile of TC_FWD_KEYS keys, staged in
+// shared memory by the whole block: s = q.k^T, online softmax (lazy rescaling), o += p v. A warp skips
+// the tiles that lie wholly after its rows (causal mask).
 template <int D>
 __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
                                  float scale) {
-    __shared__ __align__(128) float s_sm[4][16 * TC_KEYS];
-    __shared__ __align__(128) bf16 p_sm[4][16 * TC_KEYS];
+    constexpr int KEYS = TC_FWD_KEYS, LD = D + 8;
+    __shared__ __align__(128) bf16 k_sm[KEYS * LD];
+    __shared__ __align__(128) bf16 v_sm[KEYS * LD];
+    __shared__ __align__(128) float s_sm[4][16 * KEYS];
+    __shared__ __align__(128) bf16 p_sm[4][16 * KEYS];
     __shared__ float alpha_sm[4][16];
     __shared__ float xch_sm[4][32];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
@@ -766,34 +792,41 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
     TcC of[D / 16];
     for (int dd = 0; dd < D / 16; ++dd) wmma::fill_fragment(of[dd], 0.0f);
     float m = neg_inf(), l = 0.0f;  // of row r (both of its lanes hold them)
-    for (int kb = 0; kb <= (int)blockIdx.x; ++kb) {
-        const int k0 = kb * TC_KEYS;
-        for (int nn = 0; nn < TC_KEYS / 16; ++nn) {
+    // Key tiles up to the block's last row (block-uniform: every thread meets every barrier).
+    const int tiles = (blockIdx.x + 1) * TC_ROWS / KEYS;
+    for (int kb = 0; kb < tiles; ++kb) {
+        const int k0 = kb * KEYS;
+        __syncthreads();  // the previous tile is no longer read
+        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
+        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
+        __syncthreads();
+        if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        for (int nn = 0; nn < KEYS / 16; ++nn) {
             TcC sf;
             wmma::fill_fragment(sf, 0.0f);
             for (int kk = 0; kk < D / 16; ++kk) {
                 TcBCol kf;
-                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::load_matrix_sync(kf, k_sm + nn * 16 * LD + kk * 16, LD);
                 wmma::mma_sync(sf, qf[kk], kf, sf);
             }
-            wmma::store_matrix_sync(S + nn * 16, sf, TC_KEYS, wmma::mem_row_major);
+            wmma::store_matrix_sync(S + nn * 16, sf, KEYS, wmma::mem_row_major);
         }
         __syncwarp();
         float tmax = neg_inf();
-        for (int c = 0; c < 32; ++c) {
-            const int col = half * 32 + ((c + lane) & 31);
-            if (k0 + col <= i) tmax = fmaxf(tmax, S[r * TC_KEYS + col] * scale);
+        for (int c = 0; c < KEYS / 2; ++c) {
+            const int col = half * (KEYS / 2) + ((c + lane) % (KEYS / 2));
+            if (k0 + col <= i) tmax = fmaxf(tmax, S[r * KEYS + col] * scale);
         }
         tmax = fmaxf(tmax, tc_partner(tmax, xch_sm[warp]));
-        // Every tile up to the diagonal holds key k0 <= i, so tmax is finite.
-        const float m_new = (m == neg_inf() || tmax > m + TC_RESCALE) ? fmaxf(m, tmax) : m;
-        const float alpha = __expf(m - m_new);  // 1 when unchanged, 0 on the first tile
+        // A row whose keys in this tile are all masked keeps its max (tmax = -inf).
+        const float m_new = tmax > m + TC_RESCALE || (m == neg_inf() && tmax != neg_inf()) ? fmaxf(m, tmax) : m;
+        const float alpha = m_new == m ? 1.0f : __expf(m - m_new);  // 0 on the row's first keys
         float psum = 0.0f;
-        for (int c = 0; c < 32; ++c) {
-            const int col = half * 32 + ((c + lane) & 31);
-            const float p = k0 + col <= i ? __expf(S[r * TC_KEYS + col] * scale - m_new) : 0.0f;
+        for (int c = 0; c < KEYS / 2; ++c) {
+            const int col = half * (KEYS / 2) + ((c + lane) % (KEYS / 2));
+            const float p = k0 + col <= i ? __expf(S[r * KEYS + col] * scale - m_new) : 0.0f;
             psum += p;
-            P[r * TC_KEYS + col] = __float2bfloat16(p);
+            P[r * KEYS + col] = __float2bfloat16(p);
         }
         psum += tc_partner(psum, xch_sm[warp]);
         l = l * alpha + psum;
@@ -803,29 +836,28 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
         bool rescale = false;
         for (int rr = 0; rr < 16; ++rr) rescale = rescale || alpha_sm[warp][rr] != 1.0f;
         if (rescale) {
-            // O *= alpha per row, through the (now free) score tile, 4 accumulator tiles at a time.
-            for (int c0 = 0; c0 < D / 16; c0 += 4) {
-                const int cnt = D / 16 - c0 < 4 ? D / 16 - c0 : 4;
-                for (int f = 0; f < cnt; ++f)
-                    wmma::store_matrix_sync(S + f * 16, of[c0 + f], TC_KEYS, wmma::mem_row_major);
+            // O *= alpha per row, through the (now free) score tile, KEYS/16 accumulator tiles at a time.
+            for (int c0 = 0; c0 < D / 16; c0 += KEYS / 16) {
+                for (int f = 0; f < KEYS / 16; ++f)
+                    wmma::store_matrix_sync(S + f * 16, of[c0 + f], KEYS, wmma::mem_row_major);
                 __syncwarp();
-                for (int c = 0; c < 32; ++c) {
-                    const int col = half * 32 + ((c + lane) & 31);
-                    S[r * TC_KEYS + col] *= alpha;
+                for (int c = 0; c < KEYS / 2; ++c) {
+                    const int col = half * (KEYS / 2) + ((c + lane) % (KEYS / 2));
+                    S[r * KEYS + col] *= alpha;
                 }
                 __syncwarp();
-                for (int f = 0; f < cnt; ++f)
-                    wmma::load_matrix_sync(of[c0 + f], S + f * 16, TC_KEYS, wmma::mem_row_major);
+                for (int f = 0; f < KEYS / 16; ++f)
+                    wmma::load_matrix_sync(of[c0 + f], S + f * 16, KEYS, wmma::mem_row_major);
                 __syncwarp();
             }
         }
-        tc_acc_tile_rows<D, TC_KEYS>(of, P, vbase + (long long)k0 * stride, stride);
+        tc_acc_tile_rows<D, KEYS>(of, P, v_sm, LD);
         __syncwarp();
     }
     __syncwarp();
     const float inv = 1.0f / l;
-    tc_write_rows<D>(out + ((long long)b * seq + q0) * heads * D + (long long)h * D, (long long)heads * D, of, S,
-                     [&](int) { return inv; });
+    tc_write_rows<D, KEYS / 16>(out + ((long long)b * seq + q0) * heads * D + (long long)h * D, (long long)heads * D,
+                                of, S, [&](int) { return inv; });
     if (half == 0) lse[((long long)b * heads + h) * seq + i] = m + logf(l);
 }
 
@@ -886,7 +918,7 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
         tc_acc_tile_rows<D, TC_BWD>(dq, DS, kbase + (long long)k0 * stride, stride);
         __syncwarp();
     }
-    tc_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
+    tc_write_rows<D, 4>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
                      [&](int) { return scale; });
 }
 
@@ -971,9 +1003,9 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
             __syncwarp();
         }
     }
-    tc_write_rows<D>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride + (long long)(heads + gk) * D,
+    tc_write_rows<D, 4>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride + (long long)(heads + gk) * D,
                      stride, dk, S, [&](int) { return scale; });
-    tc_write_rows<D>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride +
+    tc_write_rows<D, 4>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride +
                          (long long)(heads + kv_heads + gk) * D,
                      stride, dv, S, [&](int) { return 1.0f; });
 }
