@@ -687,8 +687,10 @@ extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_ou
 #define TC_ROWS 64
 // Keys per tile in the forward (staged in shared memory by the block).
 #define TC_FWD_KEYS 32
-// Rows (queries or keys) per tile in the backward kernels.
+// Keys per tile in the dQ kernel, queries per tile in the dK/dV kernel (whose 2 x D/16 accumulator
+// tiles leave fewer registers).
 #define TC_BWD 32
+#define TC_DKV 16
 // Lazy rescaling: a row's running max moves only when a tile's max exceeds it by more than this (in
 // natural-log units), so the output accumulator is rarely rescaled. Exact either way: the output is
 // divided by a sum taken against the same max.
@@ -862,13 +864,17 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
 }
 
 // Query gradient (the q part of grad_qkv). Grid (seq / TC_ROWS, heads, batch), block 128: per tile
-// of TC_BWD keys, s = q.k, dp = dO.v, ds = exp(s * scale - lse) * (dp - delta), dq += ds k.
+// of TC_BWD keys (k and v staged in shared memory by the block), s = q.k, dp = dO.v,
+// ds = exp(s * scale - lse) * (dp - delta), dq += ds k. A warp skips the tiles wholly after its rows.
 template <int D>
 __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                     const float* delta, int seq, int heads, int kv_heads, float scale) {
-    __shared__ __align__(128) float s_sm[4][16 * 64];
-    __shared__ __align__(128) float dp_sm[4][16 * TC_BWD];
-    __shared__ __align__(128) bf16 ds_sm[4][16 * TC_BWD];
+    constexpr int T = TC_BWD, LD = D + 8;
+    __shared__ __align__(128) bf16 k_sm[T * LD];
+    __shared__ __align__(128) bf16 v_sm[T * LD];
+    __shared__ __align__(128) float s_sm[4][16 * T];
+    __shared__ __align__(128) float dp_sm[4][16 * T];
+    __shared__ __align__(128) bf16 ds_sm[4][16 * T];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
     const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
@@ -888,52 +894,61 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
     for (int dd = 0; dd < D / 16; ++dd) wmma::fill_fragment(dq[dd], 0.0f);
     const long long li = ((long long)b * heads + h) * seq + i;
     const float row_lse = lse[li], row_delta = delta[li];
-    // Key tiles up to the block's last row (block-uniform).
-    const int tiles = (blockIdx.x + 1) * TC_ROWS / TC_BWD;
+    // Key tiles up to the block's last row (block-uniform: every thread meets every barrier).
+    const int tiles = (blockIdx.x + 1) * TC_ROWS / T;
     for (int kb = 0; kb < tiles; ++kb) {
-        const int k0 = kb * TC_BWD;
-        for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+        const int k0 = kb * T;
+        __syncthreads();  // the previous tile is no longer read
+        tc_stage_rows<D, T>(k_sm, kbase + (long long)k0 * stride, stride);
+        tc_stage_rows<D, T>(v_sm, vbase + (long long)k0 * stride, stride);
+        __syncthreads();
+        if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        for (int nn = 0; nn < T / 16; ++nn) {
             TcC sf, pf;
             wmma::fill_fragment(sf, 0.0f);
             wmma::fill_fragment(pf, 0.0f);
             for (int kk = 0; kk < D / 16; ++kk) {
                 TcBCol kf, vf;
-                wmma::load_matrix_sync(kf, kbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::load_matrix_sync(kf, k_sm + nn * 16 * LD + kk * 16, LD);
                 wmma::mma_sync(sf, qf[kk], kf, sf);
-                wmma::load_matrix_sync(vf, vbase + (long long)(k0 + nn * 16) * stride + kk * 16, stride);
+                wmma::load_matrix_sync(vf, v_sm + nn * 16 * LD + kk * 16, LD);
                 wmma::mma_sync(pf, gf[kk], vf, pf);
             }
-            wmma::store_matrix_sync(S + nn * 16, sf, TC_BWD, wmma::mem_row_major);
-            wmma::store_matrix_sync(DP + nn * 16, pf, TC_BWD, wmma::mem_row_major);
+            wmma::store_matrix_sync(S + nn * 16, sf, T, wmma::mem_row_major);
+            wmma::store_matrix_sync(DP + nn * 16, pf, T, wmma::mem_row_major);
         }
         __syncwarp();
-        for (int c = 0; c < TC_BWD / 2; ++c) {
-            const int col = half * (TC_BWD / 2) + ((c + lane) & (TC_BWD / 2 - 1));
-            const int e = r * TC_BWD + col;
+        for (int c = 0; c < T / 2; ++c) {
+            const int col = half * (T / 2) + ((c + lane) % (T / 2));
+            const int e = r * T + col;
             float ds = 0.0f;
             if (k0 + col <= i) ds = __expf(S[e] * scale - row_lse) * (DP[e] - row_delta);
             DS[e] = __float2bfloat16(ds);
         }
         __syncwarp();
-        tc_acc_tile_rows<D, TC_BWD>(dq, DS, kbase + (long long)k0 * stride, stride);
+        tc_acc_tile_rows<D, T>(dq, DS, k_sm, LD);
         __syncwarp();
     }
-    tc_write_rows<D, 4>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
-                     [&](int) { return scale; });
+    tc_write_rows<D, T / 16>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, S,
+                             [&](int) { return scale; });
 }
 
 // Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv
 // head in head order. Grid (seq / TC_ROWS, kv_heads, batch), block 128: per query head and tile of
-// TC_BWD queries (from the block's first key on), p^T = exp(k.q * scale - lse), dp^T = v.dO,
-// ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q.
+// TC_DKV queries from the block's first key on (q and dO staged in shared memory by the block),
+// p^T = exp(k.q * scale - lse), dp^T = v.dO, ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q.
+// A warp skips the tiles wholly before its keys.
 template <int D>
 __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
-    __shared__ __align__(128) float s_sm[4][16 * 64];
-    __shared__ __align__(128) float dp_sm[4][16 * TC_BWD];
-    __shared__ __align__(128) bf16 p_sm[4][16 * TC_BWD];
-    __shared__ __align__(128) bf16 ds_sm[4][16 * TC_BWD];
-    __shared__ float q_lse[TC_BWD], q_delta[TC_BWD];
+    constexpr int T = TC_DKV, LD = D + 8;
+    __shared__ __align__(128) bf16 q_sm[T * LD];
+    __shared__ __align__(128) bf16 g_sm[T * LD];
+    __shared__ __align__(128) float s_sm[4][16 * T];
+    __shared__ __align__(128) float dp_sm[4][16 * T];
+    __shared__ __align__(128) bf16 p_sm[4][16 * T];
+    __shared__ __align__(128) bf16 ds_sm[4][16 * T];
+    __shared__ float q_lse[T], q_delta[T];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
     const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
@@ -953,42 +968,51 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
         const bf16* gbase = grad_out + (long long)b * seq * ostride + (long long)hq * D;
         const float* lse_h = lse + ((long long)b * heads + hq) * seq;
         const float* delta_h = delta + ((long long)b * heads + hq) * seq;
-        for (int q0 = blockIdx.x * TC_ROWS; q0 < seq; q0 += TC_BWD) {
-            __syncthreads();
-            if (threadIdx.x < TC_BWD) {
+        for (int q0 = blockIdx.x * TC_ROWS; q0 < seq; q0 += T) {
+            __syncthreads();  // the previous tile is no longer read
+            if (threadIdx.x < T) {
                 q_lse[threadIdx.x] = lse_h[q0 + threadIdx.x];
                 q_delta[threadIdx.x] = delta_h[q0 + threadIdx.x];
             }
+            tc_stage_rows<D, T>(q_sm, qbase + (long long)q0 * stride, stride);
+            tc_stage_rows<D, T>(g_sm, gbase + (long long)q0 * ostride, ostride);
             __syncthreads();
+            if (q0 + T - 1 < key0) continue;  // warp-uniform: every query of the tile is before every key
             {
-                // Each k and v tile of the warp is loaded once per query tile (outer loop over the
-                // head dimension).
-                TcC sf[TC_BWD / 16], pf[TC_BWD / 16];
-                for (int nn = 0; nn < TC_BWD / 16; ++nn) {
+                // Each k and v tile of the warp is loaded once per query tile (outer loops over the
+                // head dimension), one product at a time (fewer live registers).
+                TcC sf[T / 16], pf[T / 16];
+                for (int nn = 0; nn < T / 16; ++nn) {
                     wmma::fill_fragment(sf[nn], 0.0f);
                     wmma::fill_fragment(pf[nn], 0.0f);
                 }
                 for (int kk = 0; kk < D / 16; ++kk) {
-                    TcA kf, vf;
+                    TcA kf;
                     wmma::load_matrix_sync(kf, krows + kk * 16, stride);
-                    wmma::load_matrix_sync(vf, vrows + kk * 16, stride);
-                    for (int nn = 0; nn < TC_BWD / 16; ++nn) {
-                        TcBCol qf, gf;
-                        wmma::load_matrix_sync(qf, qbase + (long long)(q0 + nn * 16) * stride + kk * 16, stride);
+                    for (int nn = 0; nn < T / 16; ++nn) {
+                        TcBCol qf;
+                        wmma::load_matrix_sync(qf, q_sm + nn * 16 * LD + kk * 16, LD);
                         wmma::mma_sync(sf[nn], kf, qf, sf[nn]);
-                        wmma::load_matrix_sync(gf, gbase + (long long)(q0 + nn * 16) * ostride + kk * 16, ostride);
+                    }
+                }
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    TcA vf;
+                    wmma::load_matrix_sync(vf, vrows + kk * 16, stride);
+                    for (int nn = 0; nn < T / 16; ++nn) {
+                        TcBCol gf;
+                        wmma::load_matrix_sync(gf, g_sm + nn * 16 * LD + kk * 16, LD);
                         wmma::mma_sync(pf[nn], vf, gf, pf[nn]);
                     }
                 }
-                for (int nn = 0; nn < TC_BWD / 16; ++nn) {
-                    wmma::store_matrix_sync(S + nn * 16, sf[nn], TC_BWD, wmma::mem_row_major);
-                    wmma::store_matrix_sync(DP + nn * 16, pf[nn], TC_BWD, wmma::mem_row_major);
+                for (int nn = 0; nn < T / 16; ++nn) {
+                    wmma::store_matrix_sync(S + nn * 16, sf[nn], T, wmma::mem_row_major);
+                    wmma::store_matrix_sync(DP + nn * 16, pf[nn], T, wmma::mem_row_major);
                 }
             }
             __syncwarp();
-            for (int c = 0; c < TC_BWD / 2; ++c) {
-                const int col = half * (TC_BWD / 2) + ((c + lane) & (TC_BWD / 2 - 1));
-                const int e = r * TC_BWD + col;
+            for (int c = 0; c < T / 2; ++c) {
+                const int col = half * (T / 2) + ((c + lane) % (T / 2));
+                const int e = r * T + col;
                 float p = 0.0f, ds = 0.0f;
                 if (j <= q0 + col) {
                     p = __expf(S[e] * scale - q_lse[col]);
@@ -998,16 +1022,16 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                 DST[e] = __float2bfloat16(ds);
             }
             __syncwarp();
-            tc_acc_tile_rows<D, TC_BWD>(dv, PT, gbase + (long long)q0 * ostride, ostride);
-            tc_acc_tile_rows<D, TC_BWD>(dk, DST, qbase + (long long)q0 * stride, stride);
+            tc_acc_tile_rows<D, T>(dv, PT, g_sm, LD);
+            tc_acc_tile_rows<D, T>(dk, DST, q_sm, LD);
             __syncwarp();
         }
     }
-    tc_write_rows<D, 4>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride + (long long)(heads + gk) * D,
-                     stride, dk, S, [&](int) { return scale; });
-    tc_write_rows<D, 4>(grad_qkv + (long long)b * seq * stride + (long long)key0 * stride +
-                         (long long)(heads + kv_heads + gk) * D,
-                     stride, dv, S, [&](int) { return 1.0f; });
+    const long long rows = (long long)b * seq * stride + (long long)key0 * stride;
+    tc_write_rows<D, T / 16>(grad_qkv + rows + (long long)(heads + gk) * D, stride, dk, S,
+                             [&](int) { return scale; });
+    tc_write_rows<D, T / 16>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, S,
+                             [&](int) { return 1.0f; });
 }
 
 // Same parameters as the one-thread-per-row kernels (batch is the grid's z extent, head_size is D).
