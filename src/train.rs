@@ -176,6 +176,31 @@ struct Setup {
     device: Option<Device>,
 }
 
+/// Which attention kernels a GPU run uses, and what would select the tensor-core ones when it does not.
+fn attention_line(cfg: &TrainConfig, shape: &ModelShape) -> String {
+    use crate::backend::cuda::ops::{simple_attention_requested, tensor_core_attention_applies};
+    use crate::backend::cuda::DType;
+    let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
+    let dtype = if bf16 { DType::Bf16 } else { DType::F32 };
+    let seq = cfg.data.sequence_length as usize;
+    if simple_attention_requested() {
+        "Attention: one-thread-per-row kernels (FAST_LLM_RS_SIMPLE_ATTENTION is set)".to_string()
+    } else if tensor_core_attention_applies(dtype, shape.head_size, seq) {
+        format!(
+            "Attention: tensor-core kernels (bf16, head size {}, sequence {seq})",
+            shape.head_size
+        )
+    } else {
+        format!(
+            "Attention: one-thread-per-row kernels, much slower: the tensor-core ones need \
+             model.distributed.compute_dtype = bfloat16 (is {}), a head size of 32, 64 or 128 (is {}) and \
+             data.sequence_length a multiple of 64 (is {seq})",
+            if bf16 { "bfloat16" } else { "float32" },
+            shape.head_size
+        )
+    }
+}
+
 /// Builds the [`Setup`] for `world` ranks; only the `leader` (rank 0) writes `config.yaml` and
 /// prints the setup.
 fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu: usize) -> anyhow::Result<Setup> {
@@ -184,6 +209,7 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu
         let d = Device::open(gpu).map_err(|e| anyhow!("model.distributed.use_cuda = true: {e}"))?;
         if leader && !opts.quiet {
             println!("GPU {gpu}: {}", d.gpu.describe());
+            println!("{}", attention_line(cfg, &shape));
         }
         Some(d)
     } else {
@@ -943,4 +969,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_config_str;
+
+    /// The attention line names the kernels a GPU run uses, and each setting that keeps it off the
+    /// tensor-core ones with its value.
+    #[test]
+    fn attention_line_names_the_kernels_and_what_selects_them() {
+        let cfg = |dtype: &str, head: &str, seq: &str| {
+            let yaml = "model: {base_model: {decoder: {block: {mixer: {heads: 4, head_groups: 4}}}}}";
+            load_config_str(
+                yaml,
+                &[
+                    "model.distributed.use_cuda=true".to_string(),
+                    format!("model.distributed.compute_dtype={dtype}"),
+                    format!("model.base_model.decoder.block.mixer.head_size={head}"),
+                    format!("data.sequence_length={seq}"),
+                    format!("data.micro_batch_size={seq}"),
+                ],
+            )
+            .unwrap()
+        };
+        let line = |c: &TrainConfig| attention_line(c, &ModelShape::from_config(&c.model.base_model).unwrap());
+        if crate::backend::cuda::ops::simple_attention_requested() {
+            return; // the environment forces the simple kernels
+        }
+        assert_eq!(
+            line(&cfg("bfloat16", "128", "2048")),
+            "Attention: tensor-core kernels (bf16, head size 128, sequence 2048)"
+        );
+        let slow = line(&cfg("float32", "96", "100"));
+        assert!(
+            slow.contains("much slower")
+                && slow.contains("(is float32)")
+                && slow.contains("(is 96)")
+                && slow.contains("(is 100)"),
+            "{slow}"
+        );
+        assert!(line(&cfg("bfloat16", "64", "100")).contains("much slower"));
+    }
 }

@@ -163,8 +163,17 @@ const TC_ROWS: usize = 64;
 /// sequence that is a multiple of [`TC_ROWS`] (the one-thread-per-row kernels run for every other
 /// shape, and when `simple` is set).
 fn tensor_core_attention(qkv: &DevView, d: &AttnDims, simple: bool) -> Option<usize> {
-    (!simple && qkv.dtype == DType::Bf16 && matches!(d.head_size, 32 | 64 | 128) && d.seq.is_multiple_of(TC_ROWS))
-        .then_some(d.head_size)
+    (!simple && tensor_core_attention_applies(qkv.dtype, d.head_size, d.seq)).then_some(d.head_size)
+}
+
+/// Whether attention of this element type, head size and sequence length runs the tensor-core kernels.
+pub fn tensor_core_attention_applies(dtype: DType, head_size: usize, seq: usize) -> bool {
+    dtype == DType::Bf16 && matches!(head_size, 32 | 64 | 128) && seq.is_multiple_of(TC_ROWS)
+}
+
+/// `FAST_LLM_RS_SIMPLE_ATTENTION` is set (to anything but `0`).
+pub fn simple_attention_requested() -> bool {
+    std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0")
 }
 
 /// Grid of the tensor-core attention kernels: (row blocks, `ys` heads, batch), 4 warps per block.
@@ -195,7 +204,7 @@ impl CudaKernels {
         Self {
             gpu,
             scratch: std::sync::Mutex::new(None),
-            simple_attention: std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0"),
+            simple_attention: simple_attention_requested(),
         }
     }
 
