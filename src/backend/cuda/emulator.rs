@@ -253,6 +253,14 @@ fn build_library() -> Result<PathBuf, GpuError> {
     outcome.map(|_| lib)
 }
 
+/// An error of launching kernel `name`.
+fn launch_error(name: &str, msg: String) -> GpuError {
+    GpuError::Cuda {
+        op: format!("launch {name}"),
+        msg,
+    }
+}
+
 /// Reads element `i` of a matrix of `dtype` at `p` as f32 (bf16 widened exactly).
 ///
 /// # Safety
@@ -348,10 +356,7 @@ impl Gpu for EmuGpu {
     }
 
     unsafe fn launch(&self, name: &str, cfg: Launch, args: &[Arg]) -> Result<(), GpuError> {
-        let err = |msg: String| GpuError::Cuda {
-            op: format!("launch {name}"),
-            msg,
-        };
+        let err = |msg: String| launch_error(name, msg);
         let sig = self
             .signature(name)
             .ok_or_else(|| err("kernels.cu has no such kernel".into()))?;
@@ -374,6 +379,14 @@ impl Gpu for EmuGpu {
                 "the kernels use static shared memory only (shared_bytes must be 0)".into(),
             ));
         }
+        let (g, b) = (cfg.grid, cfg.block);
+        // The harness's own geometry rule, checked here so the error comes from this call.
+        let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+        if threads == 0 || threads > 1024 || g.0 == 0 || g.1 == 0 || g.2 == 0 {
+            return Err(err(format!(
+                "invalid geometry: grid {g:?}, block {b:?} (each extent >= 1, at most 1024 threads per block)"
+            )));
+        }
         // Each argument's value in its own 8-byte slot; params[i] points at slot i.
         let mut slots: Vec<u64> = vec![0; args.len()];
         for (slot, a) in slots.iter_mut().zip(args) {
@@ -385,8 +398,7 @@ impl Gpu for EmuGpu {
                 Arg::F32(v) => (p as *mut f32).write(v),
             }
         }
-        let cname = CString::new(name).map_err(|_| err("kernels.cu has no such kernel".into()))?;
-        let (g, b) = (cfg.grid, cfg.block);
+        let cname = CString::new(name).map_err(|_| err("kernel name contains NUL".into()))?;
         let launch_fn = self.launch_fn;
         let name = name.to_string();
         self.stream.submit(Box::new(move || {
@@ -398,18 +410,10 @@ impl Gpu for EmuGpu {
                 // work has run; the library stays loaded until the stream is drained (drop order).
                 unsafe { launch_fn(cname.as_ptr(), g.0, g.1, g.2, b.0, b.1, b.2, params.as_mut_ptr()) }
             };
+            // The name and geometry were checked above: the harness has no other failure.
             match rc {
                 0 => Ok(()),
-                1 => Err(GpuError::Cuda {
-                    op: format!("launch {name}"),
-                    msg: "kernels.cu has no such kernel".into(),
-                }),
-                _ => Err(GpuError::Cuda {
-                    op: format!("launch {name}"),
-                    msg: format!(
-                        "invalid geometry: grid {g:?}, block {b:?} (each extent >= 1, at most 1024 threads per block)"
-                    ),
-                }),
+                rc => Err(launch_error(&name, format!("the emulator's launcher returned {rc}"))),
             }
         }));
         Ok(())

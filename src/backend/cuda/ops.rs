@@ -15,7 +15,7 @@
 //! precision on a GPU (RMSNorm `rstd`, attention `lse` / `delta`, rotary tables, weight and embedding
 //! gradients accumulated by `+=`, AdamW state) are always fp32.
 
-use super::{bytes_of_mut, read_f32, Arg, DType, DevBuf, DevView, Gemm, Gpu, GpuError, Launch};
+use super::{bytes_of, bytes_of_mut, read_f32, Arg, DType, DevBuf, DevView, Gemm, Gpu, GpuError, Launch};
 use std::sync::Arc;
 
 /// Largest attention head size the attention kernels support (`MAX_HEAD` in `kernels.cu`).
@@ -148,12 +148,6 @@ fn int(x: usize, what: &str) -> Result<i32, GpuError> {
 
 fn long(x: usize) -> i64 {
     x as i64
-}
-
-/// The bytes of a `u32` slice.
-fn bytes_of_u32(v: &[u32]) -> &[u8] {
-    // SAFETY: any u32 is 4 plain bytes; the slice covers `4 * len` bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, 4 * v.len()) }
 }
 
 /// Rows per block of the tensor-core attention kernels (`TC_ROWS` in `kernels.cu`).
@@ -467,8 +461,8 @@ impl CudaKernels {
             let runs = scratch.ptr + 4 * order.len() as u64;
             // SAFETY: both arrays fit the scratch view (its length is their sum).
             unsafe {
-                self.gpu.upload(scratch.ptr, bytes_of_u32(&order))?;
-                self.gpu.upload(runs, bytes_of_u32(&run_start))?;
+                self.gpu.upload(scratch.ptr, bytes_of(&order))?;
+                self.gpu.upload(runs, bytes_of(&run_start))?;
             }
             self.launch(
                 &format!("embedding_bwd_{}", grad_out.dtype.suffix()),

@@ -771,6 +771,15 @@ fn emulator_rejects_unknown_kernels_and_mismatched_arguments() {
     let r = unsafe { gpu.launch("add_f32", cfg, &[Arg::Ptr(b.ptr()), Arg::Ptr(b.ptr()), Arg::I32(4)]) };
     let msg = format!("{}", r.unwrap_err());
     assert!(msg.contains("ppi") && msg.contains("ppl"), "{msg}");
+    // A block of more than 1024 threads is refused by the launch call itself (not at the next wait).
+    let big = Launch {
+        block: (2048, 1, 1),
+        ..cfg
+    };
+    let args = [Arg::Ptr(b.ptr()), Arg::Ptr(b.ptr()), Arg::I64(4)];
+    let msg = format!("{}", unsafe { gpu.launch("add_f32", big, &args) }.unwrap_err());
+    assert!(msg.contains("invalid geometry"), "{msg}");
+    gpu.synchronize().unwrap();
     // The launchers' own checks.
     let k = CudaKernels::new(gpu.clone());
     let bf = DevBuf::zeros(&gpu, 4, DType::Bf16).unwrap();
