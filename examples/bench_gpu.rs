@@ -21,7 +21,7 @@
 //! `examples/data/tinyshakespeare.txt` (byte tokens, valid for any vocabulary of at least 256) from the
 //! working directory, else from the source tree.
 
-use fast_llm_rs::backend::cuda::ops::{AdamStep, AttnDims, CudaKernels};
+use fast_llm_rs::backend::cuda::ops::{AdamStep, AttentionKernels, AttnDims, CudaKernels};
 use fast_llm_rs::backend::cuda::{read_f32, DType, DevBuf, Device, GpuError};
 use fast_llm_rs::config::{load_config_str, ComputeDtype, TrainConfig};
 use fast_llm_rs::model::{Llama, ModelShape};
@@ -488,11 +488,20 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             let gout = buf(ctx, d.out_len(), dt, 11, 1.0)?;
             let gqkv = DevBuf::zeros(g, d.qkv_len(), dt)?;
             let delta = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
-            // bf16 runs the tensor-core kernels where they apply; the one-thread-per-row kernels
-            // (what f32 and other shapes run) are timed beside them for comparison.
-            let simple = CudaKernels::new(g.clone()).with_simple_attention(true);
+            // bf16 runs the tensor-core kernels where they apply: both families (mma, wmma) and the
+            // one-thread-per-row kernels (what f32 and other shapes run) are timed side by side.
+            let family = |a: AttentionKernels| CudaKernels::new(g.clone()).with_attention(a);
+            let (mma, wmma, simple) = (
+                family(AttentionKernels::Mma),
+                family(AttentionKernels::Wmma),
+                family(AttentionKernels::Simple),
+            );
             let variants: Vec<(&str, &CudaKernels)> = if dt == DType::Bf16 {
-                vec![("attention", &ctx.k), ("attention (simple)", &simple)]
+                vec![
+                    ("attention (mma)", &mma),
+                    ("attention (wmma)", &wmma),
+                    ("attention (simple)", &simple),
+                ]
             } else {
                 vec![("attention", &ctx.k)]
             };
@@ -515,10 +524,11 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 row(&format!("{name} bwd"), dt, r, 0.0, 2.5 * fwd_flops);
             }
             if dt == DType::Bf16 {
-                // The two bf16 paths on the same inputs: output, log-sum-exp and gradient agreement.
-                let agree = || -> Result<[f64; 3], GpuError> {
+                // The tensor-core families against the simple kernels on the same inputs: output,
+                // log-sum-exp and gradient agreement.
+                let agree = |fast: &CudaKernels| -> Result<[f64; 3], GpuError> {
                     let mut got = Vec::new();
-                    for k in [&ctx.k, &simple] {
+                    for k in [fast, &simple] {
                         fwd(k)?;
                         bwd(k)?;
                         let gpu = &*ctx.dev.gpu;
@@ -530,12 +540,14 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                     }
                     Ok([0, 1, 2].map(|i| max_rel_diff(&got[0][i], &got[1][i])))
                 };
-                match agree() {
-                    Ok([o, l, gq]) => println!(
-                        "attention bf16 tensor-core vs simple: max relative difference out {o:.2e}, lse {l:.2e}, \
-                         grad_qkv {gq:.2e}"
-                    ),
-                    Err(e) => println!("attention bf16 tensor-core vs simple: error: {e}"),
+                for (name, fast) in [("mma", &mma), ("wmma", &wmma)] {
+                    match agree(fast) {
+                        Ok([o, l, gq]) => println!(
+                            "attention bf16 {name} vs simple: max relative difference out {o:.2e}, lse {l:.2e}, \
+                             grad_qkv {gq:.2e}"
+                        ),
+                        Err(e) => println!("attention bf16 {name} vs simple: error: {e}"),
+                    }
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! schedule, the optimizer on the shards, logging, evaluation and checkpoints.
 
 use crate::backend::cpu::CpuKernels;
+use crate::backend::cuda::ops::AttentionKernels;
 use crate::backend::cuda::Device;
 use crate::backend::{bf16, Element, Kernels};
 use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, TrainConfig};
@@ -176,18 +177,21 @@ struct Setup {
     device: Option<Device>,
 }
 
-/// Which attention kernels a GPU run uses, and what would select the tensor-core ones when it does not.
-fn attention_line(cfg: &TrainConfig, shape: &ModelShape) -> String {
-    use crate::backend::cuda::ops::{simple_attention_requested, tensor_core_attention_applies};
+/// Which attention kernels a GPU run uses (the family `kind` where it applies), and what would select
+/// the tensor-core ones when it does not.
+fn attention_line(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels) -> String {
+    use crate::backend::cuda::ops::tensor_core_attention_applies;
     use crate::backend::cuda::DType;
     let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
     let dtype = if bf16 { DType::Bf16 } else { DType::F32 };
     let seq = cfg.data.sequence_length as usize;
-    if simple_attention_requested() {
-        "Attention: one-thread-per-row kernels (FAST_LLM_RS_SIMPLE_ATTENTION is set)".to_string()
+    if kind == AttentionKernels::Simple {
+        "Attention: one-thread-per-row kernels (FAST_LLM_RS_ATTENTION=simple or FAST_LLM_RS_SIMPLE_ATTENTION is set)"
+            .to_string()
     } else if tensor_core_attention_applies(dtype, shape.head_size, seq) {
         format!(
-            "Attention: tensor-core kernels (bf16, head size {}, sequence {seq})",
+            "Attention: tensor-core kernels ({}; bf16, head size {}, sequence {seq})",
+            kind.name(),
             shape.head_size
         )
     } else {
@@ -206,10 +210,11 @@ fn attention_line(cfg: &TrainConfig, shape: &ModelShape) -> String {
 fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu: usize) -> anyhow::Result<Setup> {
     let shape = ModelShape::from_config(&cfg.model.base_model)?;
     let device = if cfg.model.distributed.use_cuda {
+        let attention = AttentionKernels::from_env().map_err(|e| anyhow!("{e}"))?;
         let d = Device::open(gpu).map_err(|e| anyhow!("model.distributed.use_cuda = true: {e}"))?;
         if leader && !opts.quiet {
             println!("GPU {gpu}: {}", d.gpu.describe());
-            println!("{}", attention_line(cfg, &shape));
+            println!("{}", attention_line(cfg, &shape, attention));
         }
         Some(d)
     } else {
@@ -994,14 +999,15 @@ mod tests {
             )
             .unwrap()
         };
-        let line = |c: &TrainConfig| attention_line(c, &ModelShape::from_config(&c.model.base_model).unwrap());
-        if crate::backend::cuda::ops::simple_attention_requested() {
-            return; // the environment forces the simple kernels
-        }
+        let shape = |c: &TrainConfig| ModelShape::from_config(&c.model.base_model).unwrap();
+        let line = |c: &TrainConfig| attention_line(c, &shape(c), AttentionKernels::Mma);
         assert_eq!(
             line(&cfg("bfloat16", "128", "2048")),
-            "Attention: tensor-core kernels (bf16, head size 128, sequence 2048)"
+            "Attention: tensor-core kernels (mma; bf16, head size 128, sequence 2048)"
         );
+        let c = cfg("bfloat16", "64", "1024");
+        assert!(attention_line(&c, &shape(&c), AttentionKernels::Wmma).contains("(wmma; bf16, head size 64"));
+        assert!(attention_line(&c, &shape(&c), AttentionKernels::Simple).contains("FAST_LLM_RS_ATTENTION=simple"));
         let slow = line(&cfg("float32", "96", "100"));
         assert!(
             slow.contains("much slower")

@@ -52,10 +52,13 @@ struct EmuBlock {
     // the barrier's generation.
     std::vector<unsigned> warp_active, warp_arrived;
     std::vector<unsigned long long> warp_generation;
+    // Registers each thread publishes to its warp in a warp collective (shuffle, mma.sync).
+    static constexpr unsigned XCH = 12;
+    std::vector<uint32_t> xch;
 
     explicit EmuBlock(unsigned n)
         : size(n), active(n), warp_active(warp_sizes(n)), warp_arrived((n + 31) / 32, 0),
-          warp_generation((n + 31) / 32, 0) {}
+          warp_generation((n + 31) / 32, 0), xch((size_t)n * XCH, 0) {}
 
     static std::vector<unsigned> warp_sizes(unsigned n) {
         std::vector<unsigned> w((n + 31) / 32, 32);
@@ -130,6 +133,21 @@ struct __nv_bfloat16 {
     unsigned short x;
 };
 
+// The bits of a bf16 (`__bfloat16_as_ushort`).
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+
+// `__shfl_xor_sync(0xffffffff, v, m)`: lane l gets the `v` of lane l ^ m (whole warps only).
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+    const unsigned t = threadIdx.x;
+    std::memcpy(&emu_block->xch[(size_t)t * EmuBlock::XCH], &v, 4);
+    __syncwarp();
+    const unsigned src = (t & ~31u) | ((t % 32) ^ (unsigned)m);
+    float o;
+    std::memcpy(&o, &emu_block->xch[(size_t)src * EmuBlock::XCH], 4);
+    __syncwarp();
+    return o;
+}
+
 inline float __bfloat162float(__nv_bfloat16 h) {
     const uint32_t u = (uint32_t)h.x << 16;
     float f;
@@ -149,6 +167,45 @@ inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);
     return f;
+}
+
+inline float emu_bf16_bits_to_float(uint32_t bits) {
+    const uint32_t u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` with c as both C and D, a warp collective with
+// the PTX ISA's fragment layout (groupID g = lane / 4, threadID_in_group q = lane % 4):
+// a (16x16): register 0 holds (g, 2q..2q+1), 1 (g+8, 2q..), 2 (g, 2q+8..), 3 (g+8, 2q+8..), the lower
+// column in the low half; b (16x8): register 0 holds rows 2q..2q+1 of column g, register 1 rows
+// 2q+8..2q+9; c (16x8): (g, 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1). Each lane publishes its fragments,
+// then computes its own four outputs (fp32, k in order).
+inline void emu_mma16816(float* c, const unsigned* a, const unsigned* b) {
+    const unsigned t = threadIdx.x, lane = t % 32, w0 = t - lane;
+    uint32_t* mine = &emu_block->xch[(size_t)t * EmuBlock::XCH];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    __syncwarp();
+    const unsigned g = lane / 4, q = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * q + (i & 1);
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; ++k) {
+            const unsigned la = (row % 8) * 4 + (k % 8) / 2, ra = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+            const unsigned lb = col * 4 + (k % 8) / 2, rb = k >= 8 ? 1 : 0;
+            const uint32_t wa = emu_block->xch[(size_t)(w0 + la) * EmuBlock::XCH + ra];
+            const uint32_t wb = emu_block->xch[(size_t)(w0 + lb) * EmuBlock::XCH + 4 + rb];
+            acc += emu_bf16_bits_to_float((wa >> (16 * (k & 1))) & 0xffffu) *
+                   emu_bf16_bits_to_float((wb >> (16 * (k & 1))) & 0xffffu);
+        }
+        out[i] = acc;
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

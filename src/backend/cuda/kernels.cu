@@ -1055,6 +1055,385 @@ TC_ATTN_KERNELS(64)
 TC_ATTN_KERNELS(128)
 
 // ---------------------------------------------------------------------------------------------------
+// Causal attention on tensor cores through `mma.sync` m16n8k16 (bf16 in, fp32 accumulation), with the
+// scores, probabilities and gradients of a tile kept in registers (FlashAttention-2's layout): the
+// accumulator fragment of two adjacent 16x8 products is the A fragment of the next product, so nothing
+// goes through shared memory but the staged k/v (q/dO) rows. Same semantics and parameters as the
+// kernels above; bf16, head sizes 32/64/128, seq a multiple of MMA_ROWS.
+//
+// A block is 4 warps over MMA_ROWS consecutive rows (queries; keys for dK/dV), 16 per warp. In every
+// fragment lane `lane` owns rows g = lane / 4 and g + 8 of the warp's 16, and columns 2q, 2q + 1
+// (q = lane % 4) of each 8-column tile; row statistics are reduced over the 4 lanes of a row with
+// shuffles. Scores are kept in log2 units (scale * log2 e) for exp2f. Every thread runs to the end and
+// loop bounds are block-uniform (every thread meets every barrier).
+#define MMA_ROWS 64
+// Keys per staged tile (forward and dQ; the dQ kernel works through it 32 keys at a time).
+#define MMA_KEYS 64
+#define MMA_DQ_SUB 32
+// Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory).
+#define MMA_DKV_Q 16
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+// d (16x8 fp32, 4 per lane) += a (16x16 bf16, 4 registers) times b (16x8 bf16, 2 registers).
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b) {
+#ifdef FAST_LLM_EMU
+    emu_mma16816(d, a, b);
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
+__device__ __forceinline__ unsigned ld_pair(const bf16* p) {
+#ifdef FAST_LLM_EMU
+    unsigned u;
+    std::memcpy(&u, p, 4);
+    return u;
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
+__device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) {
+    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return pack_bits(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+// Stores lo, hi as two consecutive bf16 (4-byte aligned).
+__device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) {
+    const unsigned u = pack_bf16(lo, hi);
+#ifdef FAST_LLM_EMU
+    std::memcpy(p, &u, 4);
+#else
+    *reinterpret_cast<unsigned*>(p) = u;
+#endif
+}
+
+// A fragment of the 16x16 tile at p (row-major, leading dimension ld).
+__device__ __forceinline__ void mma_load_a(unsigned* a, const bf16* p, long long ld) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    a[0] = ld_pair(p + g * ld + 2 * q);
+    a[1] = ld_pair(p + (g + 8) * ld + 2 * q);
+    a[2] = ld_pair(p + g * ld + 2 * q + 8);
+    a[3] = ld_pair(p + (g + 8) * ld + 2 * q + 8);
+}
+// B fragment (16x8) of B = M^T for the 8x16 tile of M at p (rows of M are B's columns: keys for q.k^T).
+__device__ __forceinline__ void mma_load_bt(unsigned* b, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    b[0] = ld_pair(p + g * ld + 2 * q);
+    b[1] = ld_pair(p + g * ld + 2 * q + 8);
+}
+// B fragment (16x8) of the 16x8 tile of M at p (row-major: rows of v, k, q or dO as the k dimension).
+__device__ __forceinline__ void mma_load_b(unsigned* b, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    b[0] = pack_bits(p[2 * q * ld + g], p[(2 * q + 1) * ld + g]);
+    b[1] = pack_bits(p[(2 * q + 8) * ld + g], p[(2 * q + 9) * ld + g]);
+}
+// The accumulators of two adjacent 16x8 tiles (columns 0-7 and 8-15) as the A fragment of a 16x16 tile.
+__device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const float* c1) {
+    a[0] = pack_bf16(c0[0], c0[1]);
+    a[1] = pack_bf16(c0[2], c0[3]);
+    a[2] = pack_bf16(c1[0], c1[1]);
+    a[3] = pack_bf16(c1[2], c1[3]);
+}
+// Writes the warp's D/8 accumulator tiles (16 rows x D) times `scale` as bf16 to dst (row stride ld).
+template <int D>
+__device__ void mma_write_rows(bf16* dst, long long ld, float (*acc)[4], float scale) {
+    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    for (int dt = 0; dt < D / 8; ++dt) {
+        st_pair(dst + g * ld + dt * 8 + 2 * q, acc[dt][0] * scale, acc[dt][1] * scale);
+        st_pair(dst + (g + 8) * ld + dt * 8 + 2 * q, acc[dt][2] * scale, acc[dt][3] * scale);
+    }
+}
+
+// Forward. Grid (seq / MMA_ROWS, heads, batch), block 128. Per tile of MMA_KEYS keys (k and v staged by
+// the block): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the tiles wholly
+// after its rows.
+template <int D>
+__device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
+                                  float scale) {
+    constexpr int KEYS = MMA_KEYS, LD = D + 8;
+    __shared__ __align__(16) bf16 k_sm[KEYS * LD];
+    __shared__ __align__(16) bf16 v_sm[KEYS * LD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
+    const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const bf16* kbase = base + (long long)(heads + grp) * D;
+    const bf16* vbase = base + (long long)(heads + kv_heads + grp) * D;
+    const int q0 = blockIdx.x * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
+    const float sl = scale * LOG2E;
+    unsigned qa[D / 16][4];
+    for (int kk = 0; kk < D / 16; ++kk) mma_load_a(qa[kk], base + (long long)q0 * stride + (long long)h * D + kk * 16, stride);
+    float o[D / 8][4];
+    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    // Running max (log2 units) of rows a and b, and this lane's part of their sums.
+    float m_a = neg_inf(), m_b = neg_inf(), l_a = 0.0f, l_b = 0.0f;
+    const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    for (int kb = 0; kb < tiles; ++kb) {
+        const int k0 = kb * KEYS;
+        __syncthreads();  // the previous tile is no longer read
+        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
+        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
+        __syncthreads();
+        if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        float s[KEYS / 8][4];
+        for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk)
+            for (int nt = 0; nt < KEYS / 8; ++nt) {
+                unsigned bf[2];
+                mma_load_bt(bf, k_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(s[nt], qa[kk], bf);
+            }
+        float mx_a = neg_inf(), mx_b = neg_inf();
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + 2 * qd + (e & 1);
+                const bool a = e < 2;
+                const float v = key <= (a ? row_a : row_b) ? s[nt][e] * sl : neg_inf();
+                s[nt][e] = v;
+                if (a) mx_a = fmaxf(mx_a, v);
+                else mx_b = fmaxf(mx_b, v);
+            }
+        mx_a = fmaxf(mx_a, shfl_xor(mx_a, 1));
+        mx_a = fmaxf(mx_a, shfl_xor(mx_a, 2));
+        mx_b = fmaxf(mx_b, shfl_xor(mx_b, 1));
+        mx_b = fmaxf(mx_b, shfl_xor(mx_b, 2));
+        // Every row sees key 0 in the first tile, so the new max is finite; alpha is 0 on the first tile.
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        const float al_a = exp2f(m_a - mn_a), al_b = exp2f(m_b - mn_b);
+        m_a = mn_a;
+        m_b = mn_b;
+        l_a *= al_a;
+        l_b *= al_b;
+        for (int dt = 0; dt < D / 8; ++dt) {
+            o[dt][0] *= al_a;
+            o[dt][1] *= al_a;
+            o[dt][2] *= al_b;
+            o[dt][3] *= al_b;
+        }
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[nt][e] - (e < 2 ? m_a : m_b));  // masked: exp2(-inf) = 0
+                s[nt][e] = p;
+                if (e < 2) l_a += p;
+                else l_b += p;
+            }
+        for (int kk = 0; kk < KEYS / 16; ++kk) {
+            unsigned pa[4];
+            mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            for (int dt = 0; dt < D / 8; ++dt) {
+                unsigned bf[2];
+                mma_load_b(bf, v_sm + kk * 16 * LD + dt * 8, LD);
+                mma16816(o[dt], pa, bf);
+            }
+        }
+    }
+    l_a += shfl_xor(l_a, 1);
+    l_a += shfl_xor(l_a, 2);
+    l_b += shfl_xor(l_b, 1);
+    l_b += shfl_xor(l_b, 2);
+    const long long ostride = (long long)heads * D;
+    bf16* orow = out + ((long long)b * seq + q0) * ostride + (long long)h * D;
+    const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
+    for (int dt = 0; dt < D / 8; ++dt) {
+        st_pair(orow + g * ostride + dt * 8 + 2 * qd, o[dt][0] * inv_a, o[dt][1] * inv_a);
+        st_pair(orow + (g + 8) * ostride + dt * 8 + 2 * qd, o[dt][2] * inv_b, o[dt][3] * inv_b);
+    }
+    if (qd == 0) {
+        float* lrow = lse + ((long long)b * heads + h) * seq;
+        lrow[row_a] = (m_a + log2f(l_a)) * LN2;
+        lrow[row_b] = (m_b + log2f(l_b)) * LN2;
+    }
+}
+
+// Query gradient (the q part of grad_qkv). Grid (seq / MMA_ROWS, heads, batch), block 128: per staged
+// tile of MMA_KEYS keys, MMA_DQ_SUB keys at a time: s = q.k^T, dp = dO.v^T, ds = p (dp - delta) with
+// p = exp(s * scale - lse), dq += ds k. A warp skips the keys wholly after its rows.
+template <int D>
+__device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
+                                     const float* delta, int seq, int heads, int kv_heads, float scale) {
+    constexpr int KEYS = MMA_KEYS, SUB = MMA_DQ_SUB, LD = D + 8;
+    __shared__ __align__(16) bf16 k_sm[KEYS * LD];
+    __shared__ __align__(16) bf16 v_sm[KEYS * LD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
+    const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const bf16* kbase = base + (long long)(heads + grp) * D;
+    const bf16* vbase = base + (long long)(heads + kv_heads + grp) * D;
+    const int q0 = blockIdx.x * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
+    const float sl = scale * LOG2E;
+    const bf16* go = grad_out + ((long long)b * seq + q0) * ostride + (long long)h * D;
+    unsigned qa[D / 16][4], ga[D / 16][4];
+    for (int kk = 0; kk < D / 16; ++kk) {
+        mma_load_a(qa[kk], base + (long long)q0 * stride + (long long)h * D + kk * 16, stride);
+        mma_load_a(ga[kk], go + kk * 16, ostride);
+    }
+    float dq[D / 8][4];
+    for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
+    const float* lrow = lse + ((long long)b * heads + h) * seq;
+    const float* drow = delta + ((long long)b * heads + h) * seq;
+    const float lse_a = lrow[row_a] * LOG2E, lse_b = lrow[row_b] * LOG2E;
+    const float d_a = drow[row_a], d_b = drow[row_b];
+    const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    for (int kb = 0; kb < tiles; ++kb) {
+        const int k0 = kb * KEYS;
+        __syncthreads();  // the previous tile is no longer read
+        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
+        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
+        __syncthreads();
+        for (int sub = 0; sub < KEYS / SUB; ++sub) {
+            const int ks = k0 + sub * SUB;
+            if (ks > q0 + 15) break;  // warp-uniform: every key from here on is after every row
+            const bf16* ksub = k_sm + sub * SUB * LD;
+            const bf16* vsub = v_sm + sub * SUB * LD;
+            float s[SUB / 8][4], dp[SUB / 8][4];
+            for (int nt = 0; nt < SUB / 8; ++nt)
+                for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+            for (int kk = 0; kk < D / 16; ++kk)
+                for (int nt = 0; nt < SUB / 8; ++nt) {
+                    unsigned bf[2];
+                    mma_load_bt(bf, ksub + nt * 8 * LD + kk * 16, LD);
+                    mma16816(s[nt], qa[kk], bf);
+                    mma_load_bt(bf, vsub + nt * 8 * LD + kk * 16, LD);
+                    mma16816(dp[nt], ga[kk], bf);
+                }
+            for (int nt = 0; nt < SUB / 8; ++nt)
+                for (int e = 0; e < 4; ++e) {
+                    const int key = ks + nt * 8 + 2 * qd + (e & 1);
+                    const bool a = e < 2;
+                    float ds = 0.0f;
+                    if (key <= (a ? row_a : row_b))
+                        ds = exp2f(s[nt][e] * sl - (a ? lse_a : lse_b)) * (dp[nt][e] - (a ? d_a : d_b));
+                    s[nt][e] = ds;
+                }
+            for (int kk = 0; kk < SUB / 16; ++kk) {
+                unsigned da[4];
+                mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    unsigned bf[2];
+                    mma_load_b(bf, ksub + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dq[dt], da, bf);
+                }
+            }
+        }
+    }
+    mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
+}
+
+// Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv head
+// in head order. Grid (seq / MMA_ROWS, kv_heads, batch), block 128: the block's k and v rows are staged
+// once; per query head and tile of MMA_DKV_Q queries from the block's first key on (q, dO, lse, delta
+// staged by the block): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse), ds^T = p^T (dp^T -
+// delta); dv += p^T dO, dk += ds^T q. A warp skips the tiles wholly before its keys.
+template <int D>
+__device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
+                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
+    constexpr int QT = MMA_DKV_Q, LD = D + 8;
+    __shared__ __align__(16) bf16 k_sm[MMA_ROWS * LD];
+    __shared__ __align__(16) bf16 v_sm[MMA_ROWS * LD];
+    __shared__ __align__(16) bf16 q_sm[QT * LD];
+    __shared__ __align__(16) bf16 g_sm[QT * LD];
+    __shared__ float q_lse[QT], q_delta[QT];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
+    const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const int block_key0 = blockIdx.x * MMA_ROWS, key0 = block_key0 + warp * 16;
+    const int key_a = key0 + g, key_b = key0 + g + 8;
+    const float sl = scale * LOG2E;
+    tc_stage_rows<D, MMA_ROWS>(k_sm, base + (long long)block_key0 * stride + (long long)(heads + gk) * D, stride);
+    tc_stage_rows<D, MMA_ROWS>(v_sm, base + (long long)block_key0 * stride + (long long)(heads + kv_heads + gk) * D,
+                               stride);
+    const bf16* kw = k_sm + warp * 16 * LD;
+    const bf16* vw = v_sm + warp * 16 * LD;
+    float dk[D / 8][4], dv[D / 8][4];
+    for (int dt = 0; dt < D / 8; ++dt)
+        for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.0f;
+    for (int hq = gk * group; hq < (gk + 1) * group; ++hq) {
+        const bf16* qbase = base + (long long)hq * D;
+        const bf16* gbase = grad_out + (long long)b * seq * ostride + (long long)hq * D;
+        const float* lse_h = lse + ((long long)b * heads + hq) * seq;
+        const float* delta_h = delta + ((long long)b * heads + hq) * seq;
+        for (int q0 = block_key0; q0 < seq; q0 += QT) {
+            __syncthreads();  // the previous tile is no longer read (and k, v are staged)
+            if (threadIdx.x < QT) {
+                q_lse[threadIdx.x] = lse_h[q0 + threadIdx.x] * LOG2E;
+                q_delta[threadIdx.x] = delta_h[q0 + threadIdx.x];
+            }
+            tc_stage_rows<D, QT>(q_sm, qbase + (long long)q0 * stride, stride);
+            tc_stage_rows<D, QT>(g_sm, gbase + (long long)q0 * ostride, ostride);
+            __syncthreads();
+            if (q0 + QT - 1 < key0) continue;  // warp-uniform: every query of the tile is before every key
+            float s[QT / 8][4], dp[QT / 8][4];
+            for (int nt = 0; nt < QT / 8; ++nt)
+                for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+            for (int kk = 0; kk < D / 16; ++kk) {
+                unsigned ka[4], va[4];
+                mma_load_a(ka, kw + kk * 16, LD);
+                mma_load_a(va, vw + kk * 16, LD);
+                for (int nt = 0; nt < QT / 8; ++nt) {
+                    unsigned bf[2];
+                    mma_load_bt(bf, q_sm + nt * 8 * LD + kk * 16, LD);
+                    mma16816(s[nt], ka, bf);
+                    mma_load_bt(bf, g_sm + nt * 8 * LD + kk * 16, LD);
+                    mma16816(dp[nt], va, bf);
+                }
+            }
+            for (int nt = 0; nt < QT / 8; ++nt)
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + 2 * qd + (e & 1);
+                    float p = 0.0f;
+                    if ((e < 2 ? key_a : key_b) <= q0 + col) p = exp2f(s[nt][e] * sl - q_lse[col]);
+                    s[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
+                }
+            for (int kk = 0; kk < QT / 16; ++kk) {
+                unsigned pa[4], da[4];
+                mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+                mma_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    unsigned bf[2];
+                    mma_load_b(bf, g_sm + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dv[dt], pa, bf);
+                    mma_load_b(bf, q_sm + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dk[dt], da, bf);
+                }
+            }
+        }
+    }
+    const long long rows = (long long)b * seq * stride + (long long)key0 * stride;
+    mma_write_rows<D>(grad_qkv + rows + (long long)(heads + gk) * D, stride, dk, scale);
+    mma_write_rows<D>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, 1.0f);
+}
+
+#define MMA_ATTN_KERNELS(D)                                                                                      \
+    extern "C" __global__ void attn_fwd_mma_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,      \
+                                                 int heads, int kv_heads, int head_size, float scale) {            \
+        attn_fwd_mma_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                        \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dq_mma_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,       \
+                                                    const float* lse, const float* delta, int batch, int seq,     \
+                                                    int heads, int kv_heads, int head_size, float scale) {        \
+        attn_bwd_dq_mma_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);               \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dkv_mma_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,      \
+                                                     const float* lse, const float* delta, int batch, int seq,    \
+                                                     int heads, int kv_heads, int head_size, float scale) {       \
+        attn_bwd_dkv_mma_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);              \
+    }
+MMA_ATTN_KERNELS(32)
+MMA_ATTN_KERNELS(64)
+MMA_ATTN_KERNELS(128)
+
+// ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
 // g = grad * grad_scale; w -= lr*wd*w; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
 // w -= lr * (m / bias_corr_1) / (sqrt(v / bias_corr_2) + eps), with bias_corr_k = 1 - beta_k^step
@@ -1118,4 +1497,6 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \
     X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles) X(attn_fwd_tc_d32) X(attn_fwd_tc_d64)  \
     X(attn_fwd_tc_d128) X(attn_bwd_dq_tc_d32) X(attn_bwd_dq_tc_d64) X(attn_bwd_dq_tc_d128) X(attn_bwd_dkv_tc_d32)  \
-    X(attn_bwd_dkv_tc_d64) X(attn_bwd_dkv_tc_d128)
+    X(attn_bwd_dkv_tc_d64) X(attn_bwd_dkv_tc_d128) X(attn_fwd_mma_d32) X(attn_fwd_mma_d64) X(attn_fwd_mma_d128)   \
+    X(attn_bwd_dq_mma_d32) X(attn_bwd_dq_mma_d64) X(attn_bwd_dq_mma_d128) X(attn_bwd_dkv_mma_d32)               \
+    X(attn_bwd_dkv_mma_d64) X(attn_bwd_dkv_mma_d128)

@@ -150,24 +150,80 @@ fn long(x: usize) -> i64 {
     x as i64
 }
 
-/// Rows per block of the tensor-core attention kernels (`TC_ROWS` in `kernels.cu`).
+/// Rows per block of the tensor-core attention kernels (`TC_ROWS` and `MMA_ROWS` in `kernels.cu`).
 const TC_ROWS: usize = 64;
 
-/// The head size when the tensor-core attention kernels apply: bf16, head size 32, 64 or 128, and a
-/// sequence that is a multiple of [`TC_ROWS`] (the one-thread-per-row kernels run for every other
-/// shape, and when `simple` is set).
-fn tensor_core_attention(qkv: &DevView, d: &AttnDims, simple: bool) -> Option<usize> {
-    (!simple && tensor_core_attention_applies(qkv.dtype, d.head_size, d.seq)).then_some(d.head_size)
+/// The attention kernel family (`FAST_LLM_RS_ATTENTION`). The tensor-core families apply to bf16 with
+/// head size 32, 64 or 128 and a sequence that is a multiple of 64 ([`tensor_core_attention_applies`]);
+/// every other shape runs [`AttentionKernels::Simple`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// One thread per query row, any shape and type (`simple`).
+    Simple,
+    /// `nvcuda::wmma` 16x16x16 tiles, scores and probabilities through shared memory (`wmma`).
+    Wmma,
+    /// `mma.sync` m16n8k16, scores and probabilities in registers (`mma`, the default).
+    Mma,
+}
+
+impl AttentionKernels {
+    /// The accepted values of `FAST_LLM_RS_ATTENTION`.
+    pub const VALUES: [(&'static str, AttentionKernels); 3] = [
+        ("mma", AttentionKernels::Mma),
+        ("wmma", AttentionKernels::Wmma),
+        ("simple", AttentionKernels::Simple),
+    ];
+
+    /// The family `FAST_LLM_RS_ATTENTION` names (default `mma`); `FAST_LLM_RS_SIMPLE_ATTENTION=1` (the
+    /// older switch) selects `simple`. An unknown value is an error naming the accepted ones.
+    pub fn from_env() -> Result<Self, String> {
+        if std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0") {
+            return Ok(Self::Simple);
+        }
+        match std::env::var("FAST_LLM_RS_ATTENTION") {
+            Err(_) => Ok(Self::Mma),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    /// The family named `v` (`mma`, `wmma` or `simple`).
+    pub fn parse(v: &str) -> Result<Self, String> {
+        Self::VALUES
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
+            .map(|&(_, k)| k)
+            .ok_or_else(|| format!("FAST_LLM_RS_ATTENTION = {v:?}: expected one of mma, wmma, simple"))
+    }
+
+    /// The family's name (as `FAST_LLM_RS_ATTENTION` takes it).
+    pub fn name(self) -> &'static str {
+        Self::VALUES
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    /// The kernel name infix of a tensor-core family (`attn_fwd_<infix>_d<head size>`).
+    fn infix(self) -> Option<&'static str> {
+        match self {
+            Self::Simple => None,
+            Self::Wmma => Some("tc"),
+            Self::Mma => Some("mma"),
+        }
+    }
+}
+
+/// The tensor-core kernels' infix and head size when `kind` is a tensor-core family and applies
+/// (otherwise the one-thread-per-row kernels run).
+fn tensor_core_attention(qkv: &DevView, d: &AttnDims, kind: AttentionKernels) -> Option<(&'static str, usize)> {
+    let infix = kind.infix()?;
+    tensor_core_attention_applies(qkv.dtype, d.head_size, d.seq).then_some((infix, d.head_size))
 }
 
 /// Whether attention of this element type, head size and sequence length runs the tensor-core kernels.
 pub fn tensor_core_attention_applies(dtype: DType, head_size: usize, seq: usize) -> bool {
     dtype == DType::Bf16 && matches!(head_size, 32 | 64 | 128) && seq.is_multiple_of(TC_ROWS)
-}
-
-/// `FAST_LLM_RS_SIMPLE_ATTENTION` is set (to anything but `0`).
-pub fn simple_attention_requested() -> bool {
-    std::env::var("FAST_LLM_RS_SIMPLE_ATTENTION").is_ok_and(|v| v != "0")
 }
 
 /// Grid of the tensor-core attention kernels: (row blocks, `ys` heads, batch), 4 warps per block.
@@ -184,9 +240,9 @@ pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
     /// fp32 scratch (column-sum partials, per-row losses; grown on demand, stream order makes reuse safe).
     scratch: std::sync::Mutex<Option<DevBuf>>,
-    /// Attention through the one-thread-per-row kernels even where the tensor-core ones apply
-    /// (`FAST_LLM_RS_SIMPLE_ATTENTION=1`, or [`CudaKernels::with_simple_attention`]).
-    simple_attention: bool,
+    /// The attention kernel family where the tensor-core ones apply (`FAST_LLM_RS_ATTENTION`, or
+    /// [`CudaKernels::with_attention`]).
+    attention: AttentionKernels,
 }
 
 /// Rows per chunk of the two-pass column sums (RMSNorm weight gradient).
@@ -198,14 +254,14 @@ impl CudaKernels {
         Self {
             gpu,
             scratch: std::sync::Mutex::new(None),
-            simple_attention: simple_attention_requested(),
+            // `train` reports an unknown value before it opens the device.
+            attention: AttentionKernels::from_env().unwrap_or(AttentionKernels::Mma),
         }
     }
 
-    /// These launchers with the tensor-core attention kernels turned off (`simple`) or on where they
-    /// apply (benchmarks compare the two).
-    pub fn with_simple_attention(mut self, simple: bool) -> Self {
-        self.simple_attention = simple;
+    /// These launchers with the attention kernel family `kind` (benchmarks and tests compare them).
+    pub fn with_attention(mut self, kind: AttentionKernels) -> Self {
+        self.attention = kind;
         self
     }
 
@@ -675,8 +731,8 @@ impl CudaKernels {
         if d.out_len() == 0 {
             return Ok(());
         }
-        let (name, grid) = match tensor_core_attention(&qkv, &d, self.simple_attention) {
-            Some(hs) => (format!("attn_fwd_tc_d{hs}"), tc_grid(&d, d.heads)),
+        let (name, grid) = match tensor_core_attention(&qkv, &d, self.attention) {
+            Some((infix, hs)) => (format!("attn_fwd_{infix}_d{hs}"), tc_grid(&d, d.heads)),
             None => (format!("attn_fwd_{}", qkv.dtype.suffix()), self.grid_attn(&d, d.heads)),
         };
         self.launch(
@@ -769,10 +825,10 @@ impl CudaKernels {
             Arg::I32(hs),
             Arg::F32(scale),
         ];
-        let (dq, dkv, dq_grid, dkv_grid) = match tensor_core_attention(&qkv, &d, self.simple_attention) {
-            Some(hs) => (
-                format!("attn_bwd_dq_tc_d{hs}"),
-                format!("attn_bwd_dkv_tc_d{hs}"),
+        let (dq, dkv, dq_grid, dkv_grid) = match tensor_core_attention(&qkv, &d, self.attention) {
+            Some((infix, hs)) => (
+                format!("attn_bwd_dq_{infix}_d{hs}"),
+                format!("attn_bwd_dkv_{infix}_d{hs}"),
                 tc_grid(&d, d.heads),
                 tc_grid(&d, d.kv_heads),
             ),

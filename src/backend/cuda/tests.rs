@@ -7,7 +7,7 @@
 //! with `--nocapture` to see each measured error.
 
 use super::emulator::EmuGpu;
-use super::ops::{bf16_round, AdamStep, AttnDims, CudaKernels};
+use super::ops::{bf16_round, tensor_core_attention_applies, AdamStep, AttentionKernels, AttnDims, CudaKernels};
 use super::Device;
 use super::{Arg, DType, DevBuf, Gpu, GpuError, Launch};
 use crate::backend::cpu::CpuKernels;
@@ -449,7 +449,19 @@ fn reference_lse(qkv: &[f32], d: AttnDims) -> Vec<f32> {
 /// Forward and backward on the device for `d`, checked against the CPU backend; returns the worst
 /// (forward, backward) errors. `scale_factor` multiplies the device's softmax scale (1 = correct).
 fn attention_errors(gpu: &Arc<dyn Gpu>, d: AttnDims, dtype: DType, seed: u64, scale_factor: f32) -> (f64, f64, f64) {
-    let k = CudaKernels::new(gpu.clone());
+    attention_errors_with(gpu, d, dtype, seed, scale_factor, AttentionKernels::Mma)
+}
+
+/// [`attention_errors`] with the attention kernel family `kind`.
+fn attention_errors_with(
+    gpu: &Arc<dyn Gpu>,
+    d: AttnDims,
+    dtype: DType,
+    seed: u64,
+    scale_factor: f32,
+    kind: AttentionKernels,
+) -> (f64, f64, f64) {
+    let k = CudaKernels::new(gpu.clone()).with_attention(kind);
     let mut rng = Rng(seed);
     let qkv = stored(&rng.vec(d.qkv_len(), 1.0), dtype);
     let go = stored(&rng.vec(d.out_len(), 1.0), dtype);
@@ -554,13 +566,21 @@ const ATTN_SHAPES: [AttnDims; 6] = [
     },
 ];
 
+/// Every kernel family (the tensor-core ones where they apply: bf16 at the last three shapes).
 #[test]
 fn attention_matches_cpu() {
     for gpu in test_gpus() {
         for (s, d) in ATTN_SHAPES.iter().enumerate() {
-            for dtype in DTYPES {
-                let (fwd, lse, bwd) = attention_errors(&gpu, *d, dtype, 8 + s as u64, 1.0);
-                let what = format!("attention_{} {d:?}", dtype.suffix());
+            for (dtype, kind) in DTYPES.into_iter().flat_map(|t| {
+                let kinds = if t == DType::Bf16 && tensor_core_attention_applies(t, d.head_size, d.seq) {
+                    AttentionKernels::VALUES.map(|(_, k)| k).to_vec()
+                } else {
+                    vec![AttentionKernels::Simple]
+                };
+                kinds.into_iter().map(move |k| (t, k))
+            }) {
+                let (fwd, lse, bwd) = attention_errors_with(&gpu, *d, dtype, 8 + s as u64, 1.0, kind);
+                let what = format!("attention_{} ({}) {d:?}", dtype.suffix(), kind.name());
                 println!("{what}: max relative error out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
                 assert!(fwd <= tol(dtype), "{what}: forward error {fwd:e}");
                 assert!(lse <= tol(dtype), "{what}: lse error {lse:e}");
