@@ -25,7 +25,8 @@
 #       the real GPU to the emulator when a driver is present; PASS needs the "real GPU:" line);
 #   (c) examples/shakespeare.yaml, 20 steps, 2 ranks, ZeRO-3: use_cuda true vs false, every step's
 #       loss within 1e-4 relative;
-#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times), train llama-125m 20 steps, train llama-1b 10
+#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the three attention families: mma, wmma,
+#       simple), train llama-125m 20 steps, train llama-1b 10
 #       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank;
 #   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present;
 #   (f) (run before (e)) 3 steps of examples/llama-1b.yaml with FAST_LLM_RS_PROFILE=1: the device time
@@ -144,6 +145,12 @@ if [ "$T" -eq 0 ]; then fail "(b) skipped: out of time"; else
   if [ "$rc" -ne 0 ]; then fail "(b) unit tests: exit $rc (124 = timeout after ${T}s)"
   elif [ -z "$GPU_LINE" ]; then fail "(b) unit tests passed but the real GPU was not used (see 'skipped: real GPU' above)"
   else pass "(b) unit tests on the real GPU"; fi
+  # The mma attention kernels are the default: if they fail here, the rest runs the wmma ones (the
+  # kernels benchmark still times all three families).
+  if grep -qE "\(mma\).*: (forward|lse|backward) error" "$LOGS/unit_tests.log"; then
+    export FAST_LLM_RS_ATTENTION=wmma
+    fail "(b) the mma attention kernels disagree with the CPU: (c), (d), (f) run FAST_LLM_RS_ATTENTION=wmma"
+  fi
 fi
 
 # ---------------------------------------------------------------- (c) tiny training: GPU vs CPU

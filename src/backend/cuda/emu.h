@@ -9,6 +9,9 @@
 // * `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread_local globals set by the harness.
 // * `__syncthreads()` is a barrier over the block's threads that are still running the kernel: a
 //   thread that has returned leaves the block, and the others still meet.
+// * Warp collectives (`__shfl_xor_sync`, the `mma.sync` of `kernels.cu` through `emu_mma16816`):
+//   each lane publishes its registers in the block's exchange area, meets its warp at `__syncwarp`,
+//   reads what it needs, and meets it again before the area is reused.
 // * `__nv_bfloat16` is 16 bits with round-to-nearest-even conversion from float (NaN kept, quieted),
 //   like `__float2bfloat16` and the `half` crate.
 #pragma once

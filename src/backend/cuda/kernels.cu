@@ -6,9 +6,10 @@
 //   Each family is one `template <class T>` implementation instantiated for `float` (`_f32`) and
 //   `__nv_bfloat16` (`_bf16`); loads and stores go through `ld` / `st`, and all arithmetic is fp32.
 // * Shapes are written as `(rows, cols)`, row-major; `n` is the number of rows (tokens).
-// * Only static `__shared__` arrays, no warp shuffles, no atomics: every reduction goes through shared
-//   memory in a fixed tree order, so results are deterministic for a given launch geometry. The
-//   tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (the emulator has both).
+// * Only static `__shared__` arrays, no atomics: every reduction goes through shared memory (or, in
+//   the mma attention, warp shuffles) in a fixed order, so results are deterministic for a given
+//   launch geometry. The tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (family
+//   `wmma`) or `mma.sync` and `__shfl_xor_sync` (family `mma`); the emulator has all of them.
 // * Kernels work for any power-of-two `blockDim.x` in 32..=256 (`MAX_BLOCK`), and every thread of a
 //   block reaches every `__syncthreads()` (loops that contain a barrier have block-uniform bounds).
 // * No printf, no standard library, no dynamic allocation.
