@@ -220,6 +220,15 @@ inline float __fdividef(float a, float b) { return a / b; }
 // x[r * 16 + c], as float (bf16 values are exact in float). Loads are done by every thread; stores by
 // lane 0 only, so a kernel must `__syncwarp()` before other lanes read what a store wrote (as CUDA
 // requires too). Products accumulate in fp32 in k order.
+// A GPU faults on a vector access (4 or 16 bytes at once) that is not aligned to its size; so does the
+// emulator, loudly.
+inline void emu_check_aligned(const void* p, unsigned bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "misaligned %u-byte access at %p\n", bytes, p);
+        std::abort();
+    }
+}
+
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};

@@ -726,6 +726,8 @@ __device__ void tc_write_rows(bf16* dst, long long ld, TcC* acc, float* stage, S
 // 16 bytes from `src` to `dst` (both 16-byte aligned).
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
 #ifdef FAST_LLM_EMU
+    emu_check_aligned(dst, 16);
+    emu_check_aligned(src, 16);
     std::memcpy(dst, src, 16);
 #else
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -1093,6 +1095,7 @@ __device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sy
 // Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
 __device__ __forceinline__ unsigned ld_pair(const bf16* p) {
 #ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 4);
     unsigned u;
     std::memcpy(&u, p, 4);
     return u;
@@ -1110,6 +1113,7 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) {
     const unsigned u = pack_bf16(lo, hi);
 #ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 4);
     std::memcpy(p, &u, 4);
 #else
     *reinterpret_cast<unsigned*>(p) = u;

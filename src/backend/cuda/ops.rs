@@ -1046,3 +1046,26 @@ impl CudaKernels {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_families_parse_by_name_and_unknown_names_list_the_accepted_ones() {
+        for (name, kind) in AttentionKernels::VALUES {
+            assert_eq!(AttentionKernels::parse(name), Ok(kind));
+            assert_eq!(AttentionKernels::parse(&format!(" {} ", name.to_uppercase())), Ok(kind));
+            assert_eq!(kind.name(), name);
+        }
+        let e = AttentionKernels::parse("flash").unwrap_err();
+        assert!(
+            e.contains("FAST_LLM_RS_ATTENTION") && e.contains("\"flash\"") && e.contains("mma, wmma, simple"),
+            "{e}"
+        );
+        // The tensor-core families name their kernels; the simple one has none.
+        assert_eq!(AttentionKernels::Mma.infix(), Some("mma"));
+        assert_eq!(AttentionKernels::Wmma.infix(), Some("tc"));
+        assert_eq!(AttentionKernels::Simple.infix(), None);
+    }
+}
