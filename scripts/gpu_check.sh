@@ -145,9 +145,10 @@ if [ "$T" -eq 0 ]; then fail "(b) skipped: out of time"; else
   if [ "$rc" -ne 0 ]; then fail "(b) unit tests: exit $rc (124 = timeout after ${T}s)"
   elif [ -z "$GPU_LINE" ]; then fail "(b) unit tests passed but the real GPU was not used (see 'skipped: real GPU' above)"
   else pass "(b) unit tests on the real GPU"; fi
-  # The mma attention kernels are the default: if they fail here, the rest runs the wmma ones (the
-  # kernels benchmark still times all three families).
-  if grep -qE "\(mma\).*: (forward|lse|backward) error" "$LOGS/unit_tests.log"; then
+  # The mma attention kernels are the default: if they disagree with the CPU here (or the attention
+  # test fails otherwise, a device fault say), the rest runs the wmma ones (the kernels benchmark still
+  # times all three families).
+  if grep -qE "\(mma\).*: (forward|lse|backward) error|attention_matches_cpu.*FAILED" "$LOGS/unit_tests.log"; then
     export FAST_LLM_RS_ATTENTION=wmma
     fail "(b) the mma attention kernels disagree with the CPU: (c), (d), (f) run FAST_LLM_RS_ATTENTION=wmma"
   fi

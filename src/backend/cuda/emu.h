@@ -211,6 +211,41 @@ inline void emu_mma16816(float* c, const unsigned* a, const unsigned* b) {
     for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`, a warp collective: lane 8j + i gives the address
+// of row i of 8x8 matrix j (16 bytes, 16-byte aligned); register j of lane l receives elements
+// (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix j, or with `trans` elements (2 (l % 4), l / 4)
+// and (2 (l % 4) + 1, l / 4), the first in the low half.
+inline void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+    const unsigned t = threadIdx.x, lane = t % 32, w0 = t - lane;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "ldmatrix: row address %p is not 16-byte aligned\n", row);
+        std::abort();
+    }
+    const uint64_t addr = reinterpret_cast<uintptr_t>(row);
+    std::memcpy(&emu_block->xch[(size_t)t * EmuBlock::XCH + 8], &addr, 8);
+    __syncwarp();
+    auto row_of = [&](unsigned matrix, unsigned i) {
+        uint64_t a;
+        std::memcpy(&a, &emu_block->xch[(size_t)(w0 + 8 * matrix + i) * EmuBlock::XCH + 8], 8);
+        return reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(a));
+    };
+    const unsigned g = lane / 4, q = lane % 4;
+    unsigned out[4];
+    for (unsigned j = 0; j < 4; ++j) {
+        uint16_t lo, hi;
+        if (trans) {
+            lo = row_of(j, 2 * q)[g];
+            hi = row_of(j, 2 * q + 1)[g];
+        } else {
+            lo = row_of(j, g)[2 * q];
+            hi = row_of(j, g)[2 * q + 1];
+        }
+        out[j] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    __syncwarp();
+    for (int j = 0; j < 4; ++j) r[j] = out[j];
+}
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

@@ -1128,17 +1128,55 @@ __device__ __forceinline__ void mma_load_a(unsigned* a, const bf16* p, long long
     a[2] = ld_pair(p + g * ld + 2 * q + 8);
     a[3] = ld_pair(p + (g + 8) * ld + 2 * q + 8);
 }
-// B fragment (16x8) of B = M^T for the 8x16 tile of M at p (rows of M are B's columns: keys for q.k^T).
-__device__ __forceinline__ void mma_load_bt(unsigned* b, const bf16* p, int ld) {
-    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    b[0] = ld_pair(p + g * ld + 2 * q);
-    b[1] = ld_pair(p + g * ld + 2 * q + 8);
+// `ldmatrix` x4 from shared memory: this lane gives `row`, the address of row lane % 8 of 8x8 matrix
+// lane / 8; register j receives this lane's two elements of matrix j (transposed with `_trans`), in the
+// layout of an mma fragment. Volatile: it reads what other threads wrote before a barrier.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* row) {
+#ifdef FAST_LLM_EMU
+    emu_ldmatrix_x4(r, row, false);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
 }
-// B fragment (16x8) of the 16x8 tile of M at p (row-major: rows of v, k, q or dO as the k dimension).
-__device__ __forceinline__ void mma_load_b(unsigned* b, const bf16* p, int ld) {
-    const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    b[0] = pack_bits(p[2 * q * ld + g], p[(2 * q + 1) * ld + g]);
-    b[1] = pack_bits(p[(2 * q + 8) * ld + g], p[(2 * q + 9) * ld + g]);
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* row) {
+#ifdef FAST_LLM_EMU
+    emu_ldmatrix_x4(r, row, true);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+// The A fragment of the 16x16 tile at p in shared memory (row-major, leading dimension ld).
+__device__ __forceinline__ void ldsm_a(unsigned* a, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
+    ldsm_x4(a, p + ((j % 2) * 8 + i) * ld + (j / 2) * 8);
+}
+// B fragments of two adjacent 8-column tiles of B = M^T, from the 16x16 tile of M at p in shared memory
+// (M's rows are B's columns: keys for q.k^T).
+__device__ __forceinline__ void ldsm_bt2(unsigned* b0, unsigned* b1, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
+    unsigned r[4];
+    ldsm_x4(r, p + ((j / 2) * 8 + i) * ld + (j % 2) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
+}
+// B fragments of two adjacent 8-column tiles of B = M, from the 16x16 tile of M at p in shared memory
+// (row-major, M's rows are B's k dimension: rows of v, k, q or dO).
+__device__ __forceinline__ void ldsm_b2(unsigned* b0, unsigned* b1, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
+    unsigned r[4];
+    ldsm_x4_trans(r, p + ((j % 2) * 8 + i) * ld + (j / 2) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 // The accumulators of two adjacent 16x8 tiles (columns 0-7 and 8-15) as the A fragment of a 16x16 tile.
 __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const float* c1) {
@@ -1191,10 +1229,11 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
         float s[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
         for (int kk = 0; kk < D / 16; ++kk)
-            for (int nt = 0; nt < KEYS / 8; ++nt) {
-                unsigned bf[2];
-                mma_load_bt(bf, k_sm + nt * 8 * LD + kk * 16, LD);
-                mma16816(s[nt], qa[kk], bf);
+            for (int nt = 0; nt < KEYS / 8; nt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_bt2(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(s[nt], qa[kk], b0);
+                mma16816(s[nt + 1], qa[kk], b1);
             }
         float mx_a = neg_inf(), mx_b = neg_inf();
         for (int nt = 0; nt < KEYS / 8; ++nt)
@@ -1233,10 +1272,11 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
         for (int kk = 0; kk < KEYS / 16; ++kk) {
             unsigned pa[4];
             mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-            for (int dt = 0; dt < D / 8; ++dt) {
-                unsigned bf[2];
-                mma_load_b(bf, v_sm + kk * 16 * LD + dt * 8, LD);
-                mma16816(o[dt], pa, bf);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_b2(b0, b1, v_sm + kk * 16 * LD + dt * 8, LD);
+                mma16816(o[dt], pa, b0);
+                mma16816(o[dt + 1], pa, b1);
             }
         }
     }
@@ -1303,12 +1343,14 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
             for (int nt = 0; nt < SUB / 8; ++nt)
                 for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
             for (int kk = 0; kk < D / 16; ++kk)
-                for (int nt = 0; nt < SUB / 8; ++nt) {
-                    unsigned bf[2];
-                    mma_load_bt(bf, ksub + nt * 8 * LD + kk * 16, LD);
-                    mma16816(s[nt], qa[kk], bf);
-                    mma_load_bt(bf, vsub + nt * 8 * LD + kk * 16, LD);
-                    mma16816(dp[nt], ga[kk], bf);
+                for (int nt = 0; nt < SUB / 8; nt += 2) {
+                    unsigned b0[2], b1[2];
+                    ldsm_bt2(b0, b1, ksub + nt * 8 * LD + kk * 16, LD);
+                    mma16816(s[nt], qa[kk], b0);
+                    mma16816(s[nt + 1], qa[kk], b1);
+                    ldsm_bt2(b0, b1, vsub + nt * 8 * LD + kk * 16, LD);
+                    mma16816(dp[nt], ga[kk], b0);
+                    mma16816(dp[nt + 1], ga[kk], b1);
                 }
             for (int nt = 0; nt < SUB / 8; ++nt)
                 for (int e = 0; e < 4; ++e) {
@@ -1322,10 +1364,11 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
             for (int kk = 0; kk < SUB / 16; ++kk) {
                 unsigned da[4];
                 mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    unsigned bf[2];
-                    mma_load_b(bf, ksub + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dq[dt], da, bf);
+                for (int dt = 0; dt < D / 8; dt += 2) {
+                    unsigned b0[2], b1[2];
+                    ldsm_b2(b0, b1, ksub + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dq[dt], da, b0);
+                    mma16816(dq[dt + 1], da, b1);
                 }
             }
         }
@@ -1382,14 +1425,16 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                 for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
             for (int kk = 0; kk < D / 16; ++kk) {
                 unsigned ka[4], va[4];
-                mma_load_a(ka, kw + kk * 16, LD);
-                mma_load_a(va, vw + kk * 16, LD);
-                for (int nt = 0; nt < QT / 8; ++nt) {
-                    unsigned bf[2];
-                    mma_load_bt(bf, q_sm + nt * 8 * LD + kk * 16, LD);
-                    mma16816(s[nt], ka, bf);
-                    mma_load_bt(bf, g_sm + nt * 8 * LD + kk * 16, LD);
-                    mma16816(dp[nt], va, bf);
+                ldsm_a(ka, kw + kk * 16, LD);
+                ldsm_a(va, vw + kk * 16, LD);
+                for (int nt = 0; nt < QT / 8; nt += 2) {
+                    unsigned b0[2], b1[2];
+                    ldsm_bt2(b0, b1, q_sm + nt * 8 * LD + kk * 16, LD);
+                    mma16816(s[nt], ka, b0);
+                    mma16816(s[nt + 1], ka, b1);
+                    ldsm_bt2(b0, b1, g_sm + nt * 8 * LD + kk * 16, LD);
+                    mma16816(dp[nt], va, b0);
+                    mma16816(dp[nt + 1], va, b1);
                 }
             }
             for (int nt = 0; nt < QT / 8; ++nt)
@@ -1404,12 +1449,14 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                 unsigned pa[4], da[4];
                 mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
                 mma_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    unsigned bf[2];
-                    mma_load_b(bf, g_sm + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dv[dt], pa, bf);
-                    mma_load_b(bf, q_sm + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dk[dt], da, bf);
+                for (int dt = 0; dt < D / 8; dt += 2) {
+                    unsigned b0[2], b1[2];
+                    ldsm_b2(b0, b1, g_sm + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dv[dt], pa, b0);
+                    mma16816(dv[dt + 1], pa, b1);
+                    ldsm_b2(b0, b1, q_sm + kk * 16 * LD + dt * 8, LD);
+                    mma16816(dk[dt], da, b0);
+                    mma16816(dk[dt + 1], da, b1);
                 }
             }
         }
