@@ -246,6 +246,33 @@ inline void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
     for (int j = 0; j < 4; ++j) r[j] = out[j];
 }
 
+// cp.async: the copies of a thread are held back until its `cp.async.wait_group` lets their group
+// complete, so a kernel that reads a staged tile before waiting (and the barrier after it) reads stale
+// data here too, as it may on a GPU. Groups are per thread, like the hardware's.
+struct EmuCopy {
+    void* dst;
+    const void* src;
+};
+inline thread_local std::vector<EmuCopy> emu_cp_open;
+inline thread_local std::vector<std::vector<EmuCopy>> emu_cp_groups;
+inline void emu_cp_async16(void* dst, const void* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+        std::fprintf(stderr, "cp.async: %p <- %p is not 16-byte aligned\n", dst, src);
+        std::abort();
+    }
+    emu_cp_open.push_back(EmuCopy{dst, src});
+}
+inline void emu_cp_async_commit() {
+    emu_cp_groups.push_back(std::move(emu_cp_open));
+    emu_cp_open.clear();
+}
+inline void emu_cp_async_wait(unsigned pending) {
+    while (emu_cp_groups.size() > pending) {
+        for (const EmuCopy& c : emu_cp_groups.front()) std::memcpy(c.dst, c.src, 16);
+        emu_cp_groups.erase(emu_cp_groups.begin());
+    }
+}
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

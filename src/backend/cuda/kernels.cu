@@ -1070,9 +1070,9 @@ TC_ATTN_KERNELS(128)
 // shuffles. Scores are kept in log2 units (scale * log2 e) for exp2f. Every thread runs to the end and
 // loop bounds are block-uniform (every thread meets every barrier).
 #define MMA_ROWS 64
-// Keys per staged tile (forward and dQ; the dQ kernel works through it 32 keys at a time).
-#define MMA_KEYS 64
-#define MMA_DQ_SUB 32
+// Keys per staged tile (forward and dQ), double-buffered: the next tile is copied (cp.async) while the
+// warps work on this one.
+#define MMA_KEYS 32
 // Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory).
 #define MMA_DKV_Q 16
 #define LOG2E 1.4426950408889634f
@@ -1178,6 +1178,44 @@ __device__ __forceinline__ void ldsm_b2(unsigned* b0, unsigned* b1, const bf16* 
     b1[0] = r[2];
     b1[1] = r[3];
 }
+// 16 bytes from global to shared memory without going through registers (cp.async); complete after
+// `cp_async_wait` (the emulator holds the copy back until then).
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src) {
+#ifdef FAST_LLM_EMU
+    emu_cp_async16(dst, src);
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#endif
+}
+// Closes the group of this thread's cp.async issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef FAST_LLM_EMU
+    emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef FAST_LLM_EMU
+    emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Starts copying rows 0 .. ROWS of D values of k and v (global, row stride `stride`) into shared tiles
+// (row stride D + 8), 16 bytes per cp.async, by the whole block, as one committed group.
+template <int D, int ROWS>
+__device__ void mma_stage_kv_async(bf16* k_dst, bf16* v_dst, const bf16* k_src, const bf16* v_src, long long stride) {
+    for (int c = threadIdx.x; c < ROWS * D / 8; c += blockDim.x) {
+        const int row = c / (D / 8), col = (c % (D / 8)) * 8;
+        cp_async16(k_dst + row * (D + 8) + col, k_src + row * stride + col);
+        cp_async16(v_dst + row * (D + 8) + col, v_src + row * stride + col);
+    }
+    cp_async_commit();
+}
 // The accumulators of two adjacent 16x8 tiles (columns 0-7 and 8-15) as the A fragment of a 16x16 tile.
 __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const float* c1) {
     a[0] = pack_bf16(c0[0], c0[1]);
@@ -1196,14 +1234,14 @@ __device__ void mma_write_rows(bf16* dst, long long ld, float (*acc)[4], float s
 }
 
 // Forward. Grid (seq / MMA_ROWS, heads, batch), block 128. Per tile of MMA_KEYS keys (k and v staged by
-// the block): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the tiles wholly
+// the block, double-buffered): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the tiles wholly
 // after its rows.
 template <int D>
 __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
                                   float scale) {
     constexpr int KEYS = MMA_KEYS, LD = D + 8;
-    __shared__ __align__(16) bf16 k_sm[KEYS * LD];
-    __shared__ __align__(16) bf16 v_sm[KEYS * LD];
+    __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
+    __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D;
@@ -1219,12 +1257,19 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
     // Running max (log2 units) of rows a and b, and this lane's part of their sums.
     float m_a = neg_inf(), m_b = neg_inf(), l_a = 0.0f, l_b = 0.0f;
     const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    mma_stage_kv_async<D, KEYS>(k_buf[0], v_buf[0], kbase, vbase, stride);
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
-        __syncthreads();  // the previous tile is no longer read
-        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
-        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
-        __syncthreads();
+        const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
+        __syncthreads();  // the other buffer (the previous tile) is no longer read
+        if (kb + 1 < tiles) {
+            mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + (long long)(k0 + KEYS) * stride,
+                                        vbase + (long long)(k0 + KEYS) * stride, stride);
+            cp_async_wait<1>();  // this tile has landed, the next one may still be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // every thread's part of this tile is visible
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         float s[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -1299,14 +1344,14 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
 }
 
 // Query gradient (the q part of grad_qkv). Grid (seq / MMA_ROWS, heads, batch), block 128: per staged
-// tile of MMA_KEYS keys, MMA_DQ_SUB keys at a time: s = q.k^T, dp = dO.v^T, ds = p (dp - delta) with
+// tile of MMA_KEYS keys (double-buffered): s = q.k^T, dp = dO.v^T, ds = p (dp - delta) with
 // p = exp(s * scale - lse), dq += ds k. A warp skips the keys wholly after its rows.
 template <int D>
 __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
-    constexpr int KEYS = MMA_KEYS, SUB = MMA_DQ_SUB, LD = D + 8;
-    __shared__ __align__(16) bf16 k_sm[KEYS * LD];
-    __shared__ __align__(16) bf16 v_sm[KEYS * LD];
+    constexpr int KEYS = MMA_KEYS, LD = D + 8;
+    __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
+    __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
@@ -1328,48 +1373,50 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     const float lse_a = lrow[row_a] * LOG2E, lse_b = lrow[row_b] * LOG2E;
     const float d_a = drow[row_a], d_b = drow[row_b];
     const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    mma_stage_kv_async<D, KEYS>(k_buf[0], v_buf[0], kbase, vbase, stride);
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
-        __syncthreads();  // the previous tile is no longer read
-        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
-        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
+        const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
+        __syncthreads();  // the other buffer (the previous tile) is no longer read
+        if (kb + 1 < tiles) {
+            mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + (long long)(k0 + KEYS) * stride,
+                                        vbase + (long long)(k0 + KEYS) * stride, stride);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        for (int sub = 0; sub < KEYS / SUB; ++sub) {
-            const int ks = k0 + sub * SUB;
-            if (ks > q0 + 15) break;  // warp-uniform: every key from here on is after every row
-            const bf16* ksub = k_sm + sub * SUB * LD;
-            const bf16* vsub = v_sm + sub * SUB * LD;
-            float s[SUB / 8][4], dp[SUB / 8][4];
-            for (int nt = 0; nt < SUB / 8; ++nt)
-                for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-            for (int kk = 0; kk < D / 16; ++kk)
-                for (int nt = 0; nt < SUB / 8; nt += 2) {
-                    unsigned b0[2], b1[2];
-                    ldsm_bt2(b0, b1, ksub + nt * 8 * LD + kk * 16, LD);
-                    mma16816(s[nt], qa[kk], b0);
-                    mma16816(s[nt + 1], qa[kk], b1);
-                    ldsm_bt2(b0, b1, vsub + nt * 8 * LD + kk * 16, LD);
-                    mma16816(dp[nt], ga[kk], b0);
-                    mma16816(dp[nt + 1], ga[kk], b1);
-                }
-            for (int nt = 0; nt < SUB / 8; ++nt)
-                for (int e = 0; e < 4; ++e) {
-                    const int key = ks + nt * 8 + 2 * qd + (e & 1);
-                    const bool a = e < 2;
-                    float ds = 0.0f;
-                    if (key <= (a ? row_a : row_b))
-                        ds = exp2f(s[nt][e] * sl - (a ? lse_a : lse_b)) * (dp[nt][e] - (a ? d_a : d_b));
-                    s[nt][e] = ds;
-                }
-            for (int kk = 0; kk < SUB / 16; ++kk) {
-                unsigned da[4];
-                mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
-                for (int dt = 0; dt < D / 8; dt += 2) {
-                    unsigned b0[2], b1[2];
-                    ldsm_b2(b0, b1, ksub + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dq[dt], da, b0);
-                    mma16816(dq[dt + 1], da, b1);
-                }
+        if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        float s[KEYS / 8][4], dp[KEYS / 8][4];
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk)
+            for (int nt = 0; nt < KEYS / 8; nt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_bt2(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(s[nt], qa[kk], b0);
+                mma16816(s[nt + 1], qa[kk], b1);
+                ldsm_bt2(b0, b1, v_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(dp[nt], ga[kk], b0);
+                mma16816(dp[nt + 1], ga[kk], b1);
+            }
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + 2 * qd + (e & 1);
+                const bool a = e < 2;
+                float ds = 0.0f;
+                if (key <= (a ? row_a : row_b))
+                    ds = exp2f(s[nt][e] * sl - (a ? lse_a : lse_b)) * (dp[nt][e] - (a ? d_a : d_b));
+                s[nt][e] = ds;
+            }
+        for (int kk = 0; kk < KEYS / 16; ++kk) {
+            unsigned da[4];
+            mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_b2(b0, b1, k_sm + kk * 16 * LD + dt * 8, LD);
+                mma16816(dq[dt], da, b0);
+                mma16816(dq[dt + 1], da, b1);
             }
         }
     }
