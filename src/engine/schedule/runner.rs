@@ -14,6 +14,7 @@ use crate::engine::multi_stage::{MultiStageLayout, StateBytes};
 use crate::engine::optimizer::clip_factor;
 use crate::model::{init, Batch, LayerKind, Llama, MicroBatchActs, Rope, Scratch};
 use serde::Serialize;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -460,9 +461,11 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     sh.exp_avg_sq.get_mut(),
                 )
             };
-            for (p, r) in s.shard_segments(rank) {
-                let r = r.start - base..r.end - base;
+            let segments = s.shard_segments(rank).into_iter().map(|(p, r)| {
                 let wd = if p.weight_decay { a.weight_decay } else { 0.0 };
+                (r.start - base..r.end - base, wd)
+            });
+            for (r, wd) in adam_runs(segments) {
                 self.kernels.adamw(
                     &mut w[r.clone()],
                     &g[r.clone()],
@@ -507,5 +510,79 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             out.extend_from_slice(&full[..s.num_params]);
         }
         Ok(out)
+    }
+}
+
+/// Parameter segments `(range, weight decay)` in shard order, adjacent ones with the same weight decay
+/// merged: AdamW is elementwise, so one update per run gives the same result with fewer launches.
+fn adam_runs(segments: impl IntoIterator<Item = (Range<usize>, f64)>) -> Vec<(Range<usize>, f64)> {
+    let mut runs: Vec<(Range<usize>, f64)> = Vec::new();
+    for (r, wd) in segments {
+        match runs.last_mut() {
+            Some((last, last_wd)) if last.end == r.start && *last_wd == wd => last.end = r.end,
+            _ => runs.push((r, wd)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuKernels;
+
+    #[test]
+    fn adam_runs_merge_only_adjacent_segments_of_equal_weight_decay() {
+        let runs = adam_runs([
+            (0..4, 0.0),
+            (4..10, 0.1),
+            (10..12, 0.1),
+            (12..13, 0.0),
+            (15..20, 0.0),
+            (20..22, 0.0),
+        ]);
+        assert_eq!(runs, vec![(0..4, 0.0), (4..12, 0.1), (12..13, 0.0), (15..22, 0.0)]);
+        assert!(adam_runs(std::iter::empty()).is_empty());
+    }
+
+    /// One AdamW call per merged run gives the same bits as one per segment (the reference).
+    #[test]
+    fn adamw_over_merged_runs_equals_adamw_per_segment() {
+        let segments = [(0..5, 0.0), (5..17, 0.1), (17..40, 0.1), (40..41, 0.0), (41..64, 0.1)];
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut rand = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let init: Vec<[f32; 4]> = (0..64).map(|_| [rand(), rand(), rand(), rand().abs()]).collect();
+        let run = |ranges: &[(Range<usize>, f64)]| {
+            let mut w: Vec<f32> = init.iter().map(|e| e[0]).collect();
+            let g: Vec<f32> = init.iter().map(|e| e[1]).collect();
+            let mut m: Vec<f32> = init.iter().map(|e| e[2]).collect();
+            let mut v: Vec<f32> = init.iter().map(|e| e[3]).collect();
+            for (r, wd) in ranges {
+                let r = r.clone();
+                Kernels::<f32>::adamw(
+                    &CpuKernels::new(1),
+                    &mut w[r.clone()],
+                    &g[r.clone()],
+                    &mut m[r.clone()],
+                    &mut v[r],
+                    1e-2,
+                    0.9,
+                    0.95,
+                    1e-8,
+                    *wd as f32,
+                    0.7,
+                    3,
+                );
+            }
+            [w, m, v].map(|a| a.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let merged = adam_runs(segments.clone());
+        assert_eq!(merged.len(), 4);
+        assert_eq!(run(&merged), run(&segments));
     }
 }
