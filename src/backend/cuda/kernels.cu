@@ -1037,25 +1037,26 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                              [&](int) { return 1.0f; });
 }
 
-// Same parameters as the one-thread-per-row kernels (batch is the grid's z extent, head_size is D).
-#define TC_ATTN_KERNELS(D)                                                                                       \
-    extern "C" __global__ void attn_fwd_tc_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,       \
-                                                int heads, int kv_heads, int head_size, float scale) {             \
-        attn_fwd_tc_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                         \
+// The entry points of a tensor-core family F (tc: wmma, mma) for head size D, with the same parameters as
+// the one-thread-per-row kernels (batch is the grid's z extent, head_size is D).
+#define ATTN_TC_KERNELS(F, D)                                                                                    \
+    extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
+                                                   int heads, int kv_heads, int head_size, float scale) {          \
+        attn_fwd_##F##_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                      \
     }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dq_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,        \
-                                                   const float* lse, const float* delta, int batch, int seq,      \
-                                                   int heads, int kv_heads, int head_size, float scale) {         \
-        attn_bwd_dq_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);                \
+    extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,     \
+                                                      const float* lse, const float* delta, int batch, int seq,  \
+                                                      int heads, int kv_heads, int head_size, float scale) {     \
+        attn_bwd_dq_##F##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);             \
     }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dkv_tc_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,       \
-                                                    const float* lse, const float* delta, int batch, int seq,     \
-                                                    int heads, int kv_heads, int head_size, float scale) {        \
-        attn_bwd_dkv_tc_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);               \
+    extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
+                                                       const float* lse, const float* delta, int batch, int seq, \
+                                                       int heads, int kv_heads, int head_size, float scale) {    \
+        attn_bwd_dkv_##F##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);            \
     }
-TC_ATTN_KERNELS(32)
-TC_ATTN_KERNELS(64)
-TC_ATTN_KERNELS(128)
+ATTN_TC_KERNELS(tc, 32)
+ATTN_TC_KERNELS(tc, 64)
+ATTN_TC_KERNELS(tc, 128)
 
 // ---------------------------------------------------------------------------------------------------
 // Causal attention on tensor cores through `mma.sync` m16n8k16 (bf16 in, fp32 accumulation), with the
@@ -1513,24 +1514,9 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     mma_write_rows<D>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, 1.0f);
 }
 
-#define MMA_ATTN_KERNELS(D)                                                                                      \
-    extern "C" __global__ void attn_fwd_mma_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,      \
-                                                 int heads, int kv_heads, int head_size, float scale) {            \
-        attn_fwd_mma_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                        \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dq_mma_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,       \
-                                                    const float* lse, const float* delta, int batch, int seq,     \
-                                                    int heads, int kv_heads, int head_size, float scale) {        \
-        attn_bwd_dq_mma_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);               \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dkv_mma_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,      \
-                                                     const float* lse, const float* delta, int batch, int seq,    \
-                                                     int heads, int kv_heads, int head_size, float scale) {       \
-        attn_bwd_dkv_mma_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);              \
-    }
-MMA_ATTN_KERNELS(32)
-MMA_ATTN_KERNELS(64)
-MMA_ATTN_KERNELS(128)
+ATTN_TC_KERNELS(mma, 32)
+ATTN_TC_KERNELS(mma, 64)
+ATTN_TC_KERNELS(mma, 128)
 
 // ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:

@@ -435,11 +435,17 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             let base = s.shard_range(rank).start;
             // SAFETY: called after `run_batch` waited on every handle.
             let g = unsafe { sh.grad.get() };
-            for (_, r) in s.shard_segments(rank) {
-                segments.push(&g[r.start - base..r.end - base]);
+            // Adjacent segments are summed as one (one launch per stage on a GPU rather than two per
+            // parameter).
+            let ranges = s
+                .shard_segments(rank)
+                .into_iter()
+                .map(|(_, r)| (r.start - base..r.end - base, 0.0));
+            for (r, _) in merge_adjacent(ranges) {
+                segments.push(&g[r]);
             }
         }
-        // Per-segment sums, added in segment order (as one at a time would).
+        // Per-range sums, added in shard order.
         let mut sq = [self.kernels.sum_squares_many(&segments).iter().sum::<f64>()];
         self.comm.all_reduce_sum_f64(&mut sq)?;
         Ok(sq[0].sqrt())
@@ -465,7 +471,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 let wd = if p.weight_decay { a.weight_decay } else { 0.0 };
                 (r.start - base..r.end - base, wd)
             });
-            for (r, wd) in adam_runs(segments) {
+            for (r, wd) in merge_adjacent(segments) {
                 self.kernels.adamw(
                     &mut w[r.clone()],
                     &g[r.clone()],
@@ -513,9 +519,10 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     }
 }
 
-/// Parameter segments `(range, weight decay)` in shard order, adjacent ones with the same weight decay
-/// merged: AdamW is elementwise, so one update per run gives the same result with fewer launches.
-fn adam_runs(segments: impl IntoIterator<Item = (Range<usize>, f64)>) -> Vec<(Range<usize>, f64)> {
+/// Ranges with a key (a parameter segment's weight decay) in shard order, adjacent ones with the same
+/// key merged. AdamW is elementwise, so one update per merged range gives the same result with fewer
+/// launches; the gradient norm sums one range per stage.
+fn merge_adjacent(segments: impl IntoIterator<Item = (Range<usize>, f64)>) -> Vec<(Range<usize>, f64)> {
     let mut runs: Vec<(Range<usize>, f64)> = Vec::new();
     for (r, wd) in segments {
         match runs.last_mut() {
@@ -532,8 +539,8 @@ mod tests {
     use crate::backend::cpu::CpuKernels;
 
     #[test]
-    fn adam_runs_merge_only_adjacent_segments_of_equal_weight_decay() {
-        let runs = adam_runs([
+    fn merge_adjacent_merges_only_adjacent_ranges_of_equal_key() {
+        let runs = merge_adjacent([
             (0..4, 0.0),
             (4..10, 0.1),
             (10..12, 0.1),
@@ -542,7 +549,7 @@ mod tests {
             (20..22, 0.0),
         ]);
         assert_eq!(runs, vec![(0..4, 0.0), (4..12, 0.1), (12..13, 0.0), (15..22, 0.0)]);
-        assert!(adam_runs(std::iter::empty()).is_empty());
+        assert!(merge_adjacent(std::iter::empty()).is_empty());
     }
 
     /// One AdamW call per merged run gives the same bits as one per segment (the reference).
@@ -581,7 +588,7 @@ mod tests {
             }
             [w, m, v].map(|a| a.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
         };
-        let merged = adam_runs(segments.clone());
+        let merged = merge_adjacent(segments.clone());
         assert_eq!(merged.len(), 4);
         assert_eq!(run(&merged), run(&segments));
     }
