@@ -55,13 +55,15 @@ struct EmuBlock {
     // the barrier's generation.
     std::vector<unsigned> warp_active, warp_arrived;
     std::vector<unsigned long long> warp_generation;
+    // One condition variable per warp: a warp barrier wakes its own 32 threads, not the block's.
+    std::vector<std::condition_variable> warp_cv;
     // Registers each thread publishes to its warp in a warp collective (shuffle, mma.sync).
     static constexpr unsigned XCH = 12;
     std::vector<uint32_t> xch;
 
     explicit EmuBlock(unsigned n)
         : size(n), active(n), warp_active(warp_sizes(n)), warp_arrived((n + 31) / 32, 0),
-          warp_generation((n + 31) / 32, 0), xch((size_t)n * XCH, 0) {}
+          warp_generation((n + 31) / 32, 0), warp_cv((n + 31) / 32), xch((size_t)n * XCH, 0) {}
 
     static std::vector<unsigned> warp_sizes(unsigned n) {
         std::vector<unsigned> w((n + 31) / 32, 32);
@@ -76,9 +78,9 @@ struct EmuBlock {
         if (++warp_arrived[warp] == warp_active[warp]) {
             warp_arrived[warp] = 0;
             ++warp_generation[warp];
-            cv.notify_all();
+            warp_cv[warp].notify_all();
         } else {
-            cv.wait(lock, [&] { return warp_generation[warp] != gen; });
+            warp_cv[warp].wait(lock, [&] { return warp_generation[warp] != gen; });
         }
     }
 
@@ -109,6 +111,7 @@ struct EmuBlock {
         if (warp_arrived[warp] > 0 && warp_arrived[warp] == warp_active[warp]) {
             warp_arrived[warp] = 0;
             ++warp_generation[warp];
+            warp_cv[warp].notify_all();
         }
         if (++finished == size) {
             finished = 0;
