@@ -1130,50 +1130,38 @@ __device__ __forceinline__ void mma_load_a(unsigned* a, const bf16* p, long long
     a[3] = ld_pair(p + (g + 8) * ld + 2 * q + 8);
 }
 // `ldmatrix` x4 from shared memory: this lane gives `row`, the address of row lane % 8 of 8x8 matrix
-// lane / 8; register j receives this lane's two elements of matrix j (transposed with `_trans`), in the
+// lane / 8; register j receives this lane's two elements of matrix j (transposed with TRANS), in the
 // layout of an mma fragment. Volatile: it reads what other threads wrote before a barrier.
+template <bool TRANS>
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* row) {
 #ifdef FAST_LLM_EMU
-    emu_ldmatrix_x4(r, row, false);
+    emu_ldmatrix_x4(r, row, TRANS);
 #else
     const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-#endif
-}
-__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* row) {
-#ifdef FAST_LLM_EMU
-    emu_ldmatrix_x4(r, row, true);
-#else
-    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
 #endif
 }
 // The A fragment of the 16x16 tile at p in shared memory (row-major, leading dimension ld).
 __device__ __forceinline__ void ldsm_a(unsigned* a, const bf16* p, int ld) {
     const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
-    ldsm_x4(a, p + ((j % 2) * 8 + i) * ld + (j / 2) * 8);
+    ldsm_x4<false>(a, p + ((j % 2) * 8 + i) * ld + (j / 2) * 8);
 }
-// B fragments of two adjacent 8-column tiles of B = M^T, from the 16x16 tile of M at p in shared memory
-// (M's rows are B's columns: keys for q.k^T).
-__device__ __forceinline__ void ldsm_bt2(unsigned* b0, unsigned* b1, const bf16* p, int ld) {
-    const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
-    unsigned r[4];
-    ldsm_x4(r, p + ((j / 2) * 8 + i) * ld + (j % 2) * 8);
-    b0[0] = r[0];
-    b0[1] = r[1];
-    b1[0] = r[2];
-    b1[1] = r[3];
-}
-// B fragments of two adjacent 8-column tiles of B = M, from the 16x16 tile of M at p in shared memory
-// (row-major, M's rows are B's k dimension: rows of v, k, q or dO).
+// B fragments of two adjacent 8-column tiles of B, from the 16x16 tile of M at p in shared memory
+// (row-major, leading dimension ld). TRANS = false: B = M^T (M's rows are B's columns: keys for
+// q.k^T); TRANS = true: B = M (M's rows are B's k dimension: rows of v, k, q or dO).
+template <bool TRANS>
 __device__ __forceinline__ void ldsm_b2(unsigned* b0, unsigned* b1, const bf16* p, int ld) {
     const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
+    const int row = TRANS ? (j % 2) * 8 + i : (j / 2) * 8 + i, col = TRANS ? (j / 2) * 8 : (j % 2) * 8;
     unsigned r[4];
-    ldsm_x4_trans(r, p + ((j % 2) * 8 + i) * ld + (j / 2) * 8);
+    ldsm_x4<TRANS>(r, p + row * ld + col);
     b0[0] = r[0];
     b0[1] = r[1];
     b1[0] = r[2];
@@ -1277,7 +1265,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
         for (int kk = 0; kk < D / 16; ++kk)
             for (int nt = 0; nt < KEYS / 8; nt += 2) {
                 unsigned b0[2], b1[2];
-                ldsm_bt2(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
+                ldsm_b2<false>(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
                 mma16816(s[nt], qa[kk], b0);
                 mma16816(s[nt + 1], qa[kk], b1);
             }
@@ -1320,7 +1308,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
             mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned b0[2], b1[2];
-                ldsm_b2(b0, b1, v_sm + kk * 16 * LD + dt * 8, LD);
+                ldsm_b2<true>(b0, b1, v_sm + kk * 16 * LD + dt * 8, LD);
                 mma16816(o[dt], pa, b0);
                 mma16816(o[dt + 1], pa, b1);
             }
@@ -1394,10 +1382,10 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
         for (int kk = 0; kk < D / 16; ++kk)
             for (int nt = 0; nt < KEYS / 8; nt += 2) {
                 unsigned b0[2], b1[2];
-                ldsm_bt2(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
+                ldsm_b2<false>(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
                 mma16816(s[nt], qa[kk], b0);
                 mma16816(s[nt + 1], qa[kk], b1);
-                ldsm_bt2(b0, b1, v_sm + nt * 8 * LD + kk * 16, LD);
+                ldsm_b2<false>(b0, b1, v_sm + nt * 8 * LD + kk * 16, LD);
                 mma16816(dp[nt], ga[kk], b0);
                 mma16816(dp[nt + 1], ga[kk], b1);
             }
@@ -1415,7 +1403,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
             mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned b0[2], b1[2];
-                ldsm_b2(b0, b1, k_sm + kk * 16 * LD + dt * 8, LD);
+                ldsm_b2<true>(b0, b1, k_sm + kk * 16 * LD + dt * 8, LD);
                 mma16816(dq[dt], da, b0);
                 mma16816(dq[dt + 1], da, b1);
             }
@@ -1477,10 +1465,10 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                 ldsm_a(va, vw + kk * 16, LD);
                 for (int nt = 0; nt < QT / 8; nt += 2) {
                     unsigned b0[2], b1[2];
-                    ldsm_bt2(b0, b1, q_sm + nt * 8 * LD + kk * 16, LD);
+                    ldsm_b2<false>(b0, b1, q_sm + nt * 8 * LD + kk * 16, LD);
                     mma16816(s[nt], ka, b0);
                     mma16816(s[nt + 1], ka, b1);
-                    ldsm_bt2(b0, b1, g_sm + nt * 8 * LD + kk * 16, LD);
+                    ldsm_b2<false>(b0, b1, g_sm + nt * 8 * LD + kk * 16, LD);
                     mma16816(dp[nt], va, b0);
                     mma16816(dp[nt + 1], va, b1);
                 }
@@ -1499,10 +1487,10 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                 mma_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
                 for (int dt = 0; dt < D / 8; dt += 2) {
                     unsigned b0[2], b1[2];
-                    ldsm_b2(b0, b1, g_sm + kk * 16 * LD + dt * 8, LD);
+                    ldsm_b2<true>(b0, b1, g_sm + kk * 16 * LD + dt * 8, LD);
                     mma16816(dv[dt], pa, b0);
                     mma16816(dv[dt + 1], pa, b1);
-                    ldsm_b2(b0, b1, q_sm + kk * 16 * LD + dt * 8, LD);
+                    ldsm_b2<true>(b0, b1, q_sm + kk * 16 * LD + dt * 8, LD);
                     mma16816(dk[dt], da, b0);
                     mma16816(dk[dt + 1], da, b1);
                 }
