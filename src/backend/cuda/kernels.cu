@@ -1205,6 +1205,23 @@ __device__ void mma_stage_kv_async(bf16* k_dst, bf16* v_dst, const bf16* k_src, 
     }
     cp_async_commit();
 }
+// Double-buffered k/v tiles, called by the whole block at the top of iteration kb of `tiles` (tile kb
+// was started by the previous call, or by the first `mma_stage_kv_async` for kb = 0): starts copying
+// tile kb + 1 into the other buffer, once no warp reads it any more, and returns when tile kb is in
+// `k_buf[kb & 1]` and `v_buf[kb & 1]` for every thread.
+template <int D, int KEYS>
+__device__ void mma_kv_tile_ready(bf16 (*k_buf)[KEYS * (D + 8)], bf16 (*v_buf)[KEYS * (D + 8)], const bf16* kbase,
+                                  const bf16* vbase, long long stride, int kb, int tiles) {
+    __syncthreads();  // the other buffer (the previous tile) is no longer read
+    if (kb + 1 < tiles) {
+        const long long next = (long long)(kb + 1) * KEYS * stride;
+        mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + next, vbase + next, stride);
+        cp_async_wait<1>();  // this tile has landed, the next one may still be in flight
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's part of this tile is visible
+}
 // The accumulators of two adjacent 16x8 tiles (columns 0-7 and 8-15) as the A fragment of a 16x16 tile.
 __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const float* c1) {
     a[0] = pack_bf16(c0[0], c0[1]);
@@ -1250,15 +1267,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
         const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
-        __syncthreads();  // the other buffer (the previous tile) is no longer read
-        if (kb + 1 < tiles) {
-            mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + (long long)(k0 + KEYS) * stride,
-                                        vbase + (long long)(k0 + KEYS) * stride, stride);
-            cp_async_wait<1>();  // this tile has landed, the next one may still be in flight
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // every thread's part of this tile is visible
+        mma_kv_tile_ready<D, KEYS>(k_buf, v_buf, kbase, vbase, stride, kb, tiles);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         float s[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -1366,15 +1375,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
         const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
-        __syncthreads();  // the other buffer (the previous tile) is no longer read
-        if (kb + 1 < tiles) {
-            mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + (long long)(k0 + KEYS) * stride,
-                                        vbase + (long long)(k0 + KEYS) * stride, stride);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        mma_kv_tile_ready<D, KEYS>(k_buf, v_buf, kbase, vbase, stride, kb, tiles);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         float s[KEYS / 8][4], dp[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt)
