@@ -1229,6 +1229,21 @@ __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const f
     a[2] = pack_bf16(c1[0], c1[1]);
     a[3] = pack_bf16(c1[2], c1[3]);
 }
+// acc (16 x D, D/8 accumulator tiles) += C (16 x K: the K/8 accumulator tiles of a previous product, as
+// bf16) times K rows of D values at m in shared memory (leading dimension ld): p v, ds k, p^T dO, ds^T q.
+template <int D, int K>
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], float (*c)[4], const bf16* m, int ld) {
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[4];
+        mma_c_to_a(a, c[2 * kk], c[2 * kk + 1]);
+        for (int dt = 0; dt < D / 8; dt += 2) {
+            unsigned b0[2], b1[2];
+            ldsm_b2<true>(b0, b1, m + kk * 16 * ld + dt * 8, ld);
+            mma16816(acc[dt], a, b0);
+            mma16816(acc[dt + 1], a, b1);
+        }
+    }
+}
 // Writes the warp's D/8 accumulator tiles (16 rows x D) times `scale` as bf16 to dst (row stride ld).
 template <int D>
 __device__ void mma_write_rows(bf16* dst, long long ld, float (*acc)[4], float scale) {
@@ -1312,16 +1327,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
                 if (e < 2) l_a += p;
                 else l_b += p;
             }
-        for (int kk = 0; kk < KEYS / 16; ++kk) {
-            unsigned pa[4];
-            mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned b0[2], b1[2];
-                ldsm_b2<true>(b0, b1, v_sm + kk * 16 * LD + dt * 8, LD);
-                mma16816(o[dt], pa, b0);
-                mma16816(o[dt + 1], pa, b1);
-            }
-        }
+        mma_acc_rows<D, KEYS>(o, s, v_sm, LD);
     }
     l_a += shfl_xor(l_a, 1);
     l_a += shfl_xor(l_a, 2);
@@ -1399,16 +1405,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
                     ds = exp2f(s[nt][e] * sl - (a ? lse_a : lse_b)) * (dp[nt][e] - (a ? d_a : d_b));
                 s[nt][e] = ds;
             }
-        for (int kk = 0; kk < KEYS / 16; ++kk) {
-            unsigned da[4];
-            mma_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned b0[2], b1[2];
-                ldsm_b2<true>(b0, b1, k_sm + kk * 16 * LD + dt * 8, LD);
-                mma16816(dq[dt], da, b0);
-                mma16816(dq[dt + 1], da, b1);
-            }
-        }
+        mma_acc_rows<D, KEYS>(dq, s, k_sm, LD);
     }
     mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
 }
@@ -1482,20 +1479,8 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                     s[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
                 }
-            for (int kk = 0; kk < QT / 16; ++kk) {
-                unsigned pa[4], da[4];
-                mma_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-                mma_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
-                for (int dt = 0; dt < D / 8; dt += 2) {
-                    unsigned b0[2], b1[2];
-                    ldsm_b2<true>(b0, b1, g_sm + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dv[dt], pa, b0);
-                    mma16816(dv[dt + 1], pa, b1);
-                    ldsm_b2<true>(b0, b1, q_sm + kk * 16 * LD + dt * 8, LD);
-                    mma16816(dk[dt], da, b0);
-                    mma16816(dk[dt + 1], da, b1);
-                }
-            }
+            mma_acc_rows<D, QT>(dv, s, g_sm, LD);
+            mma_acc_rows<D, QT>(dk, dp, q_sm, LD);
         }
     }
     const long long rows = (long long)b * seq * stride + (long long)key0 * stride;
