@@ -744,6 +744,16 @@ __device__ void tc_stage_rows(bf16* dst, const bf16* src, long long stride) {
     }
 }
 
+// The next ROWS rows of k and v into the block's shared tiles, once no warp reads the previous ones; every
+// thread sees them on return. Called by the whole block.
+template <int D, int ROWS>
+__device__ void tc_stage_kv(bf16* k_sm, bf16* v_sm, const bf16* k_src, const bf16* v_src, long long stride) {
+    __syncthreads();  // the previous tile is no longer read
+    tc_stage_rows<D, ROWS>(k_sm, k_src, stride);
+    tc_stage_rows<D, ROWS>(v_sm, v_src, stride);
+    __syncthreads();
+}
+
 // acc[dd] (16 x D) += A (16 x K: bf16 in shared memory, leading dimension K) times B (K rows of D values in
 // global memory, row stride ld): a warp's probability or gradient tile times rows of v, k, q or dO.
 template <int D, int K>
@@ -801,10 +811,7 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
     const int tiles = (blockIdx.x + 1) * TC_ROWS / KEYS;
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
-        __syncthreads();  // the previous tile is no longer read
-        tc_stage_rows<D, KEYS>(k_sm, kbase + (long long)k0 * stride, stride);
-        tc_stage_rows<D, KEYS>(v_sm, vbase + (long long)k0 * stride, stride);
-        __syncthreads();
+        tc_stage_kv<D, KEYS>(k_sm, v_sm, kbase + (long long)k0 * stride, vbase + (long long)k0 * stride, stride);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         for (int nn = 0; nn < KEYS / 16; ++nn) {
             TcC sf;
@@ -901,10 +908,7 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
     const int tiles = (blockIdx.x + 1) * TC_ROWS / T;
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * T;
-        __syncthreads();  // the previous tile is no longer read
-        tc_stage_rows<D, T>(k_sm, kbase + (long long)k0 * stride, stride);
-        tc_stage_rows<D, T>(v_sm, vbase + (long long)k0 * stride, stride);
-        __syncthreads();
+        tc_stage_kv<D, T>(k_sm, v_sm, kbase + (long long)k0 * stride, vbase + (long long)k0 * stride, stride);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         for (int nn = 0; nn < T / 16; ++nn) {
             TcC sf, pf;

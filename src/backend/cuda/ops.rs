@@ -192,7 +192,10 @@ impl AttentionKernels {
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
             .map(|&(_, k)| k)
-            .ok_or_else(|| format!("FAST_LLM_RS_ATTENTION = {v:?}: expected one of mma, wmma, simple"))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::VALUES.iter().map(|(n, _)| *n).collect();
+                format!("FAST_LLM_RS_ATTENTION = {v:?}: expected one of {}", names.join(", "))
+            })
     }
 
     /// The family's name (as `FAST_LLM_RS_ATTENTION` takes it).

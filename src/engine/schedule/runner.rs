@@ -440,7 +440,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             let ranges = s
                 .shard_segments(rank)
                 .into_iter()
-                .map(|(_, r)| (r.start - base..r.end - base, 0.0));
+                .map(|(_, r)| (r.start - base..r.end - base, ()));
             for (r, _) in merge_adjacent(ranges) {
                 segments.push(&g[r]);
             }
@@ -519,15 +519,15 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     }
 }
 
-/// Ranges with a key (a parameter segment's weight decay) in shard order, adjacent ones with the same
-/// key merged. AdamW is elementwise, so one update per merged range gives the same result with fewer
-/// launches; the gradient norm sums one range per stage.
-fn merge_adjacent(segments: impl IntoIterator<Item = (Range<usize>, f64)>) -> Vec<(Range<usize>, f64)> {
-    let mut runs: Vec<(Range<usize>, f64)> = Vec::new();
-    for (r, wd) in segments {
+/// Ranges with a key in shard order, adjacent ones with equal keys merged. AdamW is elementwise, so one
+/// update per merged range (keyed by weight decay) gives the same result with fewer launches; the
+/// gradient norm (no key) sums one range per stage.
+fn merge_adjacent<K: PartialEq>(segments: impl IntoIterator<Item = (Range<usize>, K)>) -> Vec<(Range<usize>, K)> {
+    let mut runs: Vec<(Range<usize>, K)> = Vec::new();
+    for (r, key) in segments {
         match runs.last_mut() {
-            Some((last, last_wd)) if last.end == r.start && *last_wd == wd => last.end = r.end,
-            _ => runs.push((r, wd)),
+            Some((last, last_key)) if last.end == r.start && *last_key == key => last.end = r.end,
+            _ => runs.push((r, key)),
         }
     }
     runs
@@ -549,7 +549,7 @@ mod tests {
             (20..22, 0.0),
         ]);
         assert_eq!(runs, vec![(0..4, 0.0), (4..12, 0.1), (12..13, 0.0), (15..22, 0.0)]);
-        assert!(merge_adjacent(std::iter::empty()).is_empty());
+        assert!(merge_adjacent(std::iter::empty::<(Range<usize>, f64)>()).is_empty());
     }
 
     /// One AdamW call per merged run gives the same bits as one per segment (the reference).
