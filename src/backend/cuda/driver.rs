@@ -22,6 +22,8 @@ use std::sync::Mutex;
 const MIN_DRIVER_CUDA: i32 = 13000;
 /// cuBLASLt workspace.
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// Dynamic shared memory a kernel may use without raising its limit (48 KiB).
+const STATIC_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// The kernel source, compiled at start for the device's architecture.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -203,6 +205,8 @@ pub struct RealGpu {
     stream: drv_sys::CUstream,
     module: drv_sys::CUmodule,
     funcs: Mutex<HashMap<String, drv_sys::CUfunction>>,
+    /// Kernels whose dynamic shared memory limit was raised, with the bytes allowed.
+    dynamic_shared: Mutex<HashMap<String, u32>>,
     lt: lt_sys::cublasLtHandle_t,
     workspace: DevPtr,
     plans: Mutex<HashMap<GemmKey, GemmPlan>>,
@@ -323,6 +327,7 @@ impl RealGpu {
             stream,
             module,
             funcs: Mutex::new(HashMap::new()),
+            dynamic_shared: Mutex::new(HashMap::new()),
             lt,
             workspace,
             plans: Mutex::new(HashMap::new()),
@@ -361,6 +366,32 @@ impl RealGpu {
             .map_err(|e| GpuError::Invalid(format!("kernel '{name}' is not in kernels.cu ({e:?})")))?;
         funcs.insert(name.to_string(), f);
         Ok(f)
+    }
+
+    /// Raises kernel `name`'s dynamic shared memory limit to at least `bytes` (needed past 48 KiB), once.
+    fn allow_dynamic_shared(&self, name: &str, f: drv_sys::CUfunction, bytes: u32) -> Result<(), GpuError> {
+        let mut raised = self.dynamic_shared.lock().unwrap_or_else(|p| p.into_inner());
+        if raised.get(name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        // SAFETY: `f` is a function of the module loaded for the life of `self`.
+        unsafe {
+            drv::function::set_function_attribute(
+                f,
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| {
+            cuda_err(
+                &format!(
+                    "cuFuncSetAttribute({name}: {bytes} bytes of dynamic shared memory; more than this GPU allows?)"
+                ),
+                e,
+            )
+        })?;
+        raised.insert(name.to_string(), bytes);
+        Ok(())
     }
 
     fn plan(&self, key: GemmKey) -> Result<(), GpuError> {
@@ -545,6 +576,9 @@ impl Gpu for RealGpu {
             })
             .collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        if cfg.shared_bytes > STATIC_SHARED_LIMIT {
+            self.allow_dynamic_shared(name, f, cfg.shared_bytes)?;
+        }
         drv::launch_kernel(f, cfg.grid, cfg.block, cfg.shared_bytes, self.stream, &mut params)
             .map_err(|e| cuda_err(&format!("launch {name} grid {:?} block {:?}", cfg.grid, cfg.block), e))
     }

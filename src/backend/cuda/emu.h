@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -60,10 +61,21 @@ struct EmuBlock {
     // Registers each thread publishes to its warp in a warp collective (shuffle, mma.sync).
     static constexpr unsigned XCH = 12;
     std::vector<uint32_t> xch;
+    // The launch's dynamic shared memory (`extern __shared__`), 128-byte aligned, reused block after block.
+    static constexpr std::align_val_t DYN_ALIGN{128};
+    size_t dyn_bytes;
+    unsigned char* dyn;
 
-    explicit EmuBlock(unsigned n)
+    EmuBlock(unsigned n, size_t shared_bytes)
         : size(n), active(n), warp_active(warp_sizes(n)), warp_arrived((n + 31) / 32, 0),
-          warp_generation((n + 31) / 32, 0), warp_cv((n + 31) / 32), xch((size_t)n * XCH, 0) {}
+          warp_generation((n + 31) / 32, 0), warp_cv((n + 31) / 32), xch((size_t)n * XCH, 0),
+          dyn_bytes(shared_bytes),
+          dyn(shared_bytes ? static_cast<unsigned char*>(::operator new(shared_bytes, DYN_ALIGN)) : nullptr) {}
+    ~EmuBlock() {
+        if (dyn) ::operator delete(dyn, DYN_ALIGN);
+    }
+    EmuBlock(const EmuBlock&) = delete;
+    EmuBlock& operator=(const EmuBlock&) = delete;
 
     static std::vector<unsigned> warp_sizes(unsigned n) {
         std::vector<unsigned> w((n + 31) / 32, 32);
@@ -132,6 +144,17 @@ struct EmuBlock {
 inline thread_local EmuBlock* emu_block = nullptr;
 
 inline void __syncthreads() { emu_block->sync(); }
+
+// The block's dynamic shared memory, of which the kernel uses `need` bytes: a launch that gave fewer
+// stops the emulator loudly (on a GPU the access would fault).
+inline unsigned char* emu_dynamic_shared(size_t need) {
+    if (need > emu_block->dyn_bytes) {
+        std::fprintf(stderr, "dynamic shared memory: the kernel uses %zu bytes, the launch gave %zu\n", need,
+                     emu_block->dyn_bytes);
+        std::abort();
+    }
+    return emu_block->dyn;
+}
 // Warps are 32 consecutive threads of a one-dimensional block.
 inline void __syncwarp() { emu_block->sync_warp(threadIdx.x / 32); }
 
@@ -255,15 +278,17 @@ inline void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
 struct EmuCopy {
     void* dst;
     const void* src;
+    unsigned bytes;
 };
 inline thread_local std::vector<EmuCopy> emu_cp_open;
 inline thread_local std::vector<std::vector<EmuCopy>> emu_cp_groups;
-inline void emu_cp_async16(void* dst, const void* src) {
-    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-        std::fprintf(stderr, "cp.async: %p <- %p is not 16-byte aligned\n", dst, src);
+// `cp.async` of `bytes` (4 or 16), both addresses aligned to it.
+inline void emu_cp_async(void* dst, const void* src, unsigned bytes) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+        std::fprintf(stderr, "cp.async: %p <- %p is not %u-byte aligned\n", dst, src, bytes);
         std::abort();
     }
-    emu_cp_open.push_back(EmuCopy{dst, src});
+    emu_cp_open.push_back(EmuCopy{dst, src, bytes});
 }
 inline void emu_cp_async_commit() {
     emu_cp_groups.push_back(std::move(emu_cp_open));
@@ -271,7 +296,7 @@ inline void emu_cp_async_commit() {
 }
 inline void emu_cp_async_wait(unsigned pending) {
     while (emu_cp_groups.size() > pending) {
-        for (const EmuCopy& c : emu_cp_groups.front()) std::memcpy(c.dst, c.src, 16);
+        for (const EmuCopy& c : emu_cp_groups.front()) std::memcpy(c.dst, c.src, c.bytes);
         emu_cp_groups.erase(emu_cp_groups.begin());
     }
 }

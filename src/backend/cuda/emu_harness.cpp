@@ -80,16 +80,16 @@ extern "C" const char* emu_signature(const char* name) {
     return e ? e->signature() : nullptr;
 }
 
-// Runs kernel `name` over grid (gx, gy, gz) of blocks (bx, by, bz); returns 0, 1 for an unknown name,
-// 2 for an empty or oversized geometry.
+// Runs kernel `name` over grid (gx, gy, gz) of blocks (bx, by, bz) with `shared_bytes` of dynamic shared
+// memory; returns 0, 1 for an unknown name, 2 for an empty or oversized geometry.
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                          unsigned bz, void** params) {
+                          unsigned bz, unsigned shared_bytes, void** params) {
     const EmuEntry* e = emu_find(name);
     if (!e) return 1;
     const unsigned long long threads = (unsigned long long)bx * by * bz;
     if (threads == 0 || threads > 1024 || gx == 0 || gy == 0 || gz == 0) return 2;
     std::lock_guard<std::mutex> guard(emu_launch_mutex);
-    EmuBlock block((unsigned)threads);
+    EmuBlock block((unsigned)threads, shared_bytes);
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned t = 0; t < threads; ++t) {

@@ -37,14 +37,25 @@ const CXX_FLAGS: &[&str] = &[
     "-include",
     "emu.h",
 ];
+/// Most dynamic shared memory a block may have (sm_90's opt-in limit, 227 KiB).
+const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
 /// Alignment of emulated device allocations (as `cudaMalloc`).
 const ALLOC_ALIGN: usize = 256;
 
 /// Serializes every launch of every emulator in the process.
 static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
 
-type LaunchFn =
-    unsafe extern "C" fn(*const c_char, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut *mut c_void) -> c_int;
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    *mut *mut c_void,
+) -> c_int;
 type SignatureFn = unsafe extern "C" fn(*const c_char) -> *const c_char;
 
 /// The CPU emulator of a CUDA device (see the module docs).
@@ -374,11 +385,13 @@ impl Gpu for EmuGpu {
                 "arguments ({got}) do not match the kernel's parameters ({sig}) (p pointer, i int, l long long, f float)"
             )));
         }
-        if cfg.shared_bytes != 0 {
-            return Err(err(
-                "the kernels use static shared memory only (shared_bytes must be 0)".into(),
-            ));
+        if cfg.shared_bytes > MAX_DYNAMIC_SHARED {
+            return Err(err(format!(
+                "{} bytes of dynamic shared memory: more than the {MAX_DYNAMIC_SHARED} of the largest GPU supported (sm_90)",
+                cfg.shared_bytes
+            )));
         }
+        let shared = cfg.shared_bytes;
         let (g, b) = (cfg.grid, cfg.block);
         // The harness's own geometry rule, checked here so the error comes from this call.
         let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
@@ -408,7 +421,19 @@ impl Gpu for EmuGpu {
                 let _guard = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 // SAFETY: the signature was checked above; the caller keeps the buffers live until the
                 // work has run; the library stays loaded until the stream is drained (drop order).
-                unsafe { launch_fn(cname.as_ptr(), g.0, g.1, g.2, b.0, b.1, b.2, params.as_mut_ptr()) }
+                unsafe {
+                    launch_fn(
+                        cname.as_ptr(),
+                        g.0,
+                        g.1,
+                        g.2,
+                        b.0,
+                        b.1,
+                        b.2,
+                        shared,
+                        params.as_mut_ptr(),
+                    )
+                }
             };
             // The name and geometry were checked above: the harness has no other failure.
             match rc {

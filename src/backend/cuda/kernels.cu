@@ -6,9 +6,9 @@
 //   Each family is one `template <class T>` implementation instantiated for `float` (`_f32`) and
 //   `__nv_bfloat16` (`_bf16`); loads and stores go through `ld` / `st`, and all arithmetic is fp32.
 // * Shapes are written as `(rows, cols)`, row-major; `n` is the number of rows (tokens).
-// * Only static `__shared__` arrays, no atomics: every reduction goes through shared memory (or, in
-//   the mma attention, warp shuffles) in a fixed order, so results are deterministic for a given
-//   launch geometry. The tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (family
+// * Static `__shared__` arrays (dynamic ones only where a kernel says so, through `DYNAMIC_SHARED`), no
+//   atomics: every reduction goes through shared memory (or, in the mma attention, warp shuffles) in a
+//   fixed order, so results are deterministic for a given launch geometry. The tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (family
 //   `wmma`) or `mma.sync` and `__shfl_xor_sync` (family `mma`); the emulator has all of them.
 // * Kernels work for any power-of-two `blockDim.x` in 32..=256 (`MAX_BLOCK`), and every thread of a
 //   block reaches every `__syncthreads()` (loops that contain a barrier have block-uniform bounds).
@@ -28,6 +28,14 @@ typedef __nv_bfloat16 bf16;
 // Keys (or queries) per shared-memory tile in the attention kernels: 2 tiles of
 // ATTN_TILE x MAX_HEAD floats = 32 KiB of static shared memory.
 #define ATTN_TILE 32
+
+// The block's dynamic shared memory (16-byte aligned), of which the kernel uses `bytes`: the launcher
+// passes at least that many (and raises the function's limit past 48 KiB); the emulator checks it.
+#ifdef FAST_LLM_EMU
+#define DYNAMIC_SHARED(name, bytes) unsigned char* name = emu_dynamic_shared(bytes)
+#else
+#define DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // Loads, stores, reductions.
@@ -1078,8 +1086,9 @@ ATTN_TC_KERNELS(tc, 128)
 // Keys per staged tile (forward and dQ), double-buffered: the next tile is copied (cp.async) while the
 // warps work on this one.
 #define MMA_KEYS 32
-// Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory).
-#define MMA_DKV_Q 16
+// Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory; its q and
+// dO tiles are double-buffered in dynamic shared memory).
+#define MMA_DKV_Q 32
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -1171,14 +1180,22 @@ __device__ __forceinline__ void ldsm_b2(unsigned* b0, unsigned* b1, const bf16* 
     b1[0] = r[2];
     b1[1] = r[3];
 }
-// 16 bytes from global to shared memory without going through registers (cp.async); complete after
-// `cp_async_wait` (the emulator holds the copy back until then).
-__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src) {
+// 16 (or 4) bytes from global to shared memory without going through registers (cp.async); complete
+// after `cp_async_wait` (the emulator holds the copy back until then). Both addresses aligned to the size.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #ifdef FAST_LLM_EMU
-    emu_cp_async16(dst, src);
+    emu_cp_async(dst, src, 16);
 #else
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+#ifdef FAST_LLM_EMU
+    emu_cp_async(dst, src, 4);
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
 #endif
 }
 // Closes the group of this thread's cp.async issued since the last commit.
@@ -1198,33 +1215,46 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// Starts copying rows 0 .. ROWS of D values of k and v (global, row stride `stride`) into shared tiles
-// (row stride D + 8), 16 bytes per cp.async, by the whole block, as one committed group.
+// Starts copying rows 0 .. ROWS of D values (global, row stride `stride`) into shared memory (row
+// stride D + 8), 16 bytes per cp.async, by the whole block (the caller commits the group).
 template <int D, int ROWS>
-__device__ void mma_stage_kv_async(bf16* k_dst, bf16* v_dst, const bf16* k_src, const bf16* v_src, long long stride) {
+__device__ void cp_async_rows(bf16* dst, const bf16* src, long long stride) {
     for (int c = threadIdx.x; c < ROWS * D / 8; c += blockDim.x) {
         const int row = c / (D / 8), col = (c % (D / 8)) * 8;
-        cp_async16(k_dst + row * (D + 8) + col, k_src + row * stride + col);
-        cp_async16(v_dst + row * (D + 8) + col, v_src + row * stride + col);
+        cp_async16(dst + row * (D + 8) + col, src + row * stride + col);
     }
+}
+// Starts copying rows 0 .. ROWS of k and v into shared tiles, as one committed group.
+template <int D, int ROWS>
+__device__ void mma_stage_kv_async(bf16* k_dst, bf16* v_dst, const bf16* k_src, const bf16* v_src, long long stride) {
+    cp_async_rows<D, ROWS>(k_dst, k_src, stride);
+    cp_async_rows<D, ROWS>(v_dst, v_src, stride);
     cp_async_commit();
 }
-// Double-buffered k/v tiles, called by the whole block at the top of iteration kb of `tiles` (tile kb
-// was started by the previous call, or by the first `mma_stage_kv_async` for kb = 0): starts copying
-// tile kb + 1 into the other buffer, once no warp reads it any more, and returns when tile kb is in
-// `k_buf[kb & 1]` and `v_buf[kb & 1]` for every thread.
-template <int D, int KEYS>
-__device__ void mma_kv_tile_ready(bf16 (*k_buf)[KEYS * (D + 8)], bf16 (*v_buf)[KEYS * (D + 8)], const bf16* kbase,
-                                  const bf16* vbase, long long stride, int kb, int tiles) {
+// Double-buffered tiles, called by the whole block at the top of iteration kb of `tiles` (tile kb was
+// started by the previous call, or before the loop for kb = 0): once no warp reads the other buffer
+// any more, `stage_next(kb + 1)` starts copying tile kb + 1 into it (one committed group); returns when
+// tile kb has landed for every thread.
+template <class StageNext>
+__device__ void mma_tile_ready(int kb, int tiles, StageNext stage_next) {
     __syncthreads();  // the other buffer (the previous tile) is no longer read
     if (kb + 1 < tiles) {
-        const long long next = (long long)(kb + 1) * KEYS * stride;
-        mma_stage_kv_async<D, KEYS>(k_buf[(kb + 1) & 1], v_buf[(kb + 1) & 1], kbase + next, vbase + next, stride);
+        stage_next(kb + 1);
         cp_async_wait<1>();  // this tile has landed, the next one may still be in flight
     } else {
         cp_async_wait<0>();
     }
     __syncthreads();  // every thread's part of this tile is visible
+}
+// Double-buffered k/v tiles of KEYS keys (forward and dQ): `mma_tile_ready` with tile kb + 1 of k and
+// v into `k_buf[(kb + 1) & 1]` and `v_buf[(kb + 1) & 1]`.
+template <int D, int KEYS>
+__device__ void mma_kv_tile_ready(bf16 (*k_buf)[KEYS * (D + 8)], bf16 (*v_buf)[KEYS * (D + 8)], const bf16* kbase,
+                                  const bf16* vbase, long long stride, int kb, int tiles) {
+    mma_tile_ready(kb, tiles, [&](int next) {
+        const long long off = (long long)next * KEYS * stride;
+        mma_stage_kv_async<D, KEYS>(k_buf[next & 1], v_buf[next & 1], kbase + off, vbase + off, stride);
+    });
 }
 // The accumulators of two adjacent 16x8 tiles (columns 0-7 and 8-15) as the A fragment of a 16x16 tile.
 __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const float* c1) {
@@ -1414,20 +1444,29 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
 }
 
+// Dynamic shared memory of `attn_bwd_dkv_mma_d<D>` (`mma_dkv_shared_bytes` in ops.rs computes the same):
+// the block's k and v rows, two buffers of q and dO rows, two of lse and delta.
+template <int D>
+constexpr int mma_dkv_shared_bytes() {
+    return (2 * MMA_ROWS + 4 * MMA_DKV_Q) * (D + 8) * 2 + 4 * MMA_DKV_Q * 4;
+}
+
 // Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv head
-// in head order. Grid (seq / MMA_ROWS, kv_heads, batch), block 128: the block's k and v rows are staged
-// once; per query head and tile of MMA_DKV_Q queries from the block's first key on (q, dO, lse, delta
-// staged by the block): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse), ds^T = p^T (dp^T -
-// delta); dv += p^T dO, dk += ds^T q. A warp skips the tiles wholly before its keys.
+// in head order. Grid (seq / MMA_ROWS, kv_heads, batch), block 128, `mma_dkv_shared_bytes<D>()` bytes of
+// dynamic shared memory: the block's k and v rows are staged once; then, per query head and tile of
+// MMA_DKV_Q queries from the block's first key on, double-buffered (q, dO, lse and delta of the next tile
+// are copied while the warps work on this one): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse),
+// ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q. A warp skips the tiles wholly before its keys.
 template <int D>
 __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                       const float* delta, int seq, int heads, int kv_heads, float scale) {
     constexpr int QT = MMA_DKV_Q, LD = D + 8;
-    __shared__ __align__(16) bf16 k_sm[MMA_ROWS * LD];
-    __shared__ __align__(16) bf16 v_sm[MMA_ROWS * LD];
-    __shared__ __align__(16) bf16 q_sm[QT * LD];
-    __shared__ __align__(16) bf16 g_sm[QT * LD];
-    __shared__ float q_lse[QT], q_delta[QT];
+    DYNAMIC_SHARED(smem, mma_dkv_shared_bytes<D>());
+    bf16* k_sm = reinterpret_cast<bf16*>(smem);
+    bf16* v_sm = k_sm + MMA_ROWS * LD;
+    bf16* q_buf = v_sm + MMA_ROWS * LD;  // [2][QT * LD]
+    bf16* g_buf = q_buf + 2 * QT * LD;   // [2][QT * LD]
+    float* stat_buf = reinterpret_cast<float*>(g_buf + 2 * QT * LD);  // [2][lse QT | delta QT]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
     const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
@@ -1435,57 +1474,64 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     const int block_key0 = blockIdx.x * MMA_ROWS, key0 = block_key0 + warp * 16;
     const int key_a = key0 + g, key_b = key0 + g + 8;
     const float sl = scale * LOG2E;
-    tc_stage_rows<D, MMA_ROWS>(k_sm, base + (long long)block_key0 * stride + (long long)(heads + gk) * D, stride);
-    tc_stage_rows<D, MMA_ROWS>(v_sm, base + (long long)block_key0 * stride + (long long)(heads + kv_heads + gk) * D,
-                               stride);
+    // Tile `it` is query head gk * group + it / per_head, queries from block_key0 + (it % per_head) * QT.
+    const int per_head = (seq - block_key0) / QT, tiles = group * per_head;
+    auto stage = [&](int it) {
+        const int hq = gk * group + it / per_head, q0 = block_key0 + (it % per_head) * QT, buf = it & 1;
+        cp_async_rows<D, QT>(q_buf + buf * QT * LD, base + (long long)q0 * stride + (long long)hq * D, stride);
+        cp_async_rows<D, QT>(g_buf + buf * QT * LD,
+                             grad_out + ((long long)b * seq + q0) * ostride + (long long)hq * D, ostride);
+        if (threadIdx.x < QT) {
+            const long long row = ((long long)b * heads + hq) * seq + q0 + threadIdx.x;
+            cp_async4(stat_buf + buf * 2 * QT + threadIdx.x, lse + row);
+            cp_async4(stat_buf + buf * 2 * QT + QT + threadIdx.x, delta + row);
+        }
+        cp_async_commit();
+    };
+    mma_stage_kv_async<D, MMA_ROWS>(k_sm, v_sm, base + (long long)block_key0 * stride + (long long)(heads + gk) * D,
+                                    base + (long long)block_key0 * stride + (long long)(heads + kv_heads + gk) * D,
+                                    stride);
+    stage(0);
     const bf16* kw = k_sm + warp * 16 * LD;
     const bf16* vw = v_sm + warp * 16 * LD;
     float dk[D / 8][4], dv[D / 8][4];
     for (int dt = 0; dt < D / 8; ++dt)
         for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.0f;
-    for (int hq = gk * group; hq < (gk + 1) * group; ++hq) {
-        const bf16* qbase = base + (long long)hq * D;
-        const bf16* gbase = grad_out + (long long)b * seq * ostride + (long long)hq * D;
-        const float* lse_h = lse + ((long long)b * heads + hq) * seq;
-        const float* delta_h = delta + ((long long)b * heads + hq) * seq;
-        for (int q0 = block_key0; q0 < seq; q0 += QT) {
-            __syncthreads();  // the previous tile is no longer read (and k, v are staged)
-            if (threadIdx.x < QT) {
-                q_lse[threadIdx.x] = lse_h[q0 + threadIdx.x] * LOG2E;
-                q_delta[threadIdx.x] = delta_h[q0 + threadIdx.x];
+    for (int it = 0; it < tiles; ++it) {
+        mma_tile_ready(it, tiles, stage);
+        const int q0 = block_key0 + (it % per_head) * QT;
+        if (q0 + QT - 1 < key0) continue;  // warp-uniform: every query of the tile is before every key
+        const bf16* q_sm = q_buf + (it & 1) * QT * LD;
+        const bf16* g_sm = g_buf + (it & 1) * QT * LD;
+        const float* q_lse = stat_buf + (it & 1) * 2 * QT;
+        const float* q_delta = q_lse + QT;
+        float s[QT / 8][4], dp[QT / 8][4];
+        for (int nt = 0; nt < QT / 8; ++nt)
+            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned ka[4], va[4];
+            ldsm_a(ka, kw + kk * 16, LD);
+            ldsm_a(va, vw + kk * 16, LD);
+            for (int nt = 0; nt < QT / 8; nt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_b2<false>(b0, b1, q_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(s[nt], ka, b0);
+                mma16816(s[nt + 1], ka, b1);
+                ldsm_b2<false>(b0, b1, g_sm + nt * 8 * LD + kk * 16, LD);
+                mma16816(dp[nt], va, b0);
+                mma16816(dp[nt + 1], va, b1);
             }
-            tc_stage_rows<D, QT>(q_sm, qbase + (long long)q0 * stride, stride);
-            tc_stage_rows<D, QT>(g_sm, gbase + (long long)q0 * ostride, ostride);
-            __syncthreads();
-            if (q0 + QT - 1 < key0) continue;  // warp-uniform: every query of the tile is before every key
-            float s[QT / 8][4], dp[QT / 8][4];
-            for (int nt = 0; nt < QT / 8; ++nt)
-                for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-            for (int kk = 0; kk < D / 16; ++kk) {
-                unsigned ka[4], va[4];
-                ldsm_a(ka, kw + kk * 16, LD);
-                ldsm_a(va, vw + kk * 16, LD);
-                for (int nt = 0; nt < QT / 8; nt += 2) {
-                    unsigned b0[2], b1[2];
-                    ldsm_b2<false>(b0, b1, q_sm + nt * 8 * LD + kk * 16, LD);
-                    mma16816(s[nt], ka, b0);
-                    mma16816(s[nt + 1], ka, b1);
-                    ldsm_b2<false>(b0, b1, g_sm + nt * 8 * LD + kk * 16, LD);
-                    mma16816(dp[nt], va, b0);
-                    mma16816(dp[nt + 1], va, b1);
-                }
-            }
-            for (int nt = 0; nt < QT / 8; ++nt)
-                for (int e = 0; e < 4; ++e) {
-                    const int col = nt * 8 + 2 * qd + (e & 1);
-                    float p = 0.0f;
-                    if ((e < 2 ? key_a : key_b) <= q0 + col) p = exp2f(s[nt][e] * sl - q_lse[col]);
-                    s[nt][e] = p;
-                    dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
-                }
-            mma_acc_rows<D, QT>(dv, s, g_sm, LD);
-            mma_acc_rows<D, QT>(dk, dp, q_sm, LD);
         }
+        for (int nt = 0; nt < QT / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + 2 * qd + (e & 1);
+                float p = 0.0f;
+                if ((e < 2 ? key_a : key_b) <= q0 + col) p = exp2f(s[nt][e] * sl - q_lse[col] * LOG2E);
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
+            }
+        mma_acc_rows<D, QT>(dv, s, g_sm, LD);
+        mma_acc_rows<D, QT>(dk, dp, q_sm, LD);
     }
     const long long rows = (long long)b * seq * stride + (long long)key0 * stride;
     mma_write_rows<D>(grad_qkv + rows + (long long)(heads + gk) * D, stride, dk, scale);

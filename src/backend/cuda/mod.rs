@@ -89,7 +89,8 @@ pub struct Launch {
     pub grid: (u32, u32, u32),
     /// Threads per block in x, y, z.
     pub block: (u32, u32, u32),
-    /// Dynamic shared memory bytes (kernels here use static shared memory only: 0).
+    /// Dynamic shared memory bytes (0 but for the kernels that declare `DYNAMIC_SHARED`; over 48 KiB the
+    /// launcher raises the function's limit first).
     pub shared_bytes: u32,
 }
 

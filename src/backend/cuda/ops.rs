@@ -152,6 +152,14 @@ fn long(x: usize) -> i64 {
 
 /// Rows per block of the tensor-core attention kernels (`TC_ROWS` and `MMA_ROWS` in `kernels.cu`).
 const TC_ROWS: usize = 64;
+/// Queries per staged tile of the mma dK/dV kernel (`MMA_DKV_Q` in `kernels.cu`).
+const MMA_DKV_Q: usize = 32;
+
+/// Dynamic shared memory of `attn_bwd_dkv_mma_d<head_size>` (`mma_dkv_shared_bytes` in `kernels.cu`): the
+/// block's k and v rows and two buffers of q and dO rows (rows padded by 8 bf16), two of lse and delta.
+pub fn mma_dkv_shared_bytes(head_size: usize) -> u32 {
+    ((2 * TC_ROWS + 4 * MMA_DKV_Q) * (head_size + 8) * 2 + 4 * MMA_DKV_Q * 4) as u32
+}
 
 /// The attention kernel family (`FAST_LLM_RS_ATTENTION`). The tensor-core families apply to bf16 with
 /// head size 32, 64 or 128 and a sequence that is a multiple of 64 ([`tensor_core_attention_applies`]);
@@ -833,7 +841,14 @@ impl CudaKernels {
                 format!("attn_bwd_dq_{infix}_d{hs}"),
                 format!("attn_bwd_dkv_{infix}_d{hs}"),
                 tc_grid(&d, d.heads),
-                tc_grid(&d, d.kv_heads),
+                Launch {
+                    shared_bytes: if self.attention == AttentionKernels::Mma {
+                        mma_dkv_shared_bytes(hs)
+                    } else {
+                        0
+                    },
+                    ..tc_grid(&d, d.kv_heads)
+                },
             ),
             None => (
                 format!("attn_bwd_dq_{t}"),
