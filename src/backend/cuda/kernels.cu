@@ -124,35 +124,46 @@ extern "C" __global__ void embedding_fwd_bf16(bf16* out, const unsigned* tokens,
     embedding_fwd_impl(out, tokens, table, n, hidden);
 }
 
-// grad_table (vocab, hidden) fp32 += grad_out rows, grouped by token, deterministically.
-// `order` (n) lists the token positions sorted stably by token id; positions
-// `order[run_start[r] .. run_start[r+1]]` (num_runs + 1 entries) all hold the same token.
-// One block per run (grid-stride over runs), threads across `hidden`: each column sums the run's rows
-// in position order, then adds the sum to the table. (The CPU backend adds each row into the table
-// in turn: with a nonzero table the rounding differs, within tolerance; from a zero table the two agree
-// exactly.)
+// grad_table (vocab, hidden) fp32 += grad_out rows, grouped by token, deterministically, in two passes
+// so that a frequent token is not summed by one block alone. `order` (n) lists the token positions
+// sorted stably by token id, cut into segments of consecutive positions of one token:
+// `order[seg_start[s] .. seg_start[s+1]]` (num_segs + 1 entries); run r (one token) is segments
+// `run_seg[r] .. run_seg[r+1]` (num_runs + 1 entries).
+// Pass 1, grid (segments, column blocks): partial[s][col] = the segment's rows summed in position order.
+// Pass 2, grid (runs, column blocks): grad_table[token][col] += the run's partials summed in order.
+// (The CPU backend adds each row into the table in turn: the rounding differs, within tolerance; from a
+// zero table and a run of one segment the two agree exactly.)
 template <class T>
-__device__ void embedding_bwd_impl(float* grad_table, const int* order, const int* run_start, int num_runs,
-                                   const unsigned* tokens, const T* grad_out, int hidden) {
-    for (int r = blockIdx.x; r < num_runs; r += gridDim.x) {
-        const int p0 = run_start[r], p1 = run_start[r + 1];
-        const long long token = tokens[order[p0]];
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-            float acc = 0.0f;
-            for (int p = p0; p < p1; ++p) acc += ld(grad_out[(long long)order[p] * hidden + j]);
-            grad_table[token * hidden + j] += acc;
-        }
+__device__ void embedding_bwd_partial_impl(float* partial, const int* order, const int* seg_start, int num_segs,
+                                           const T* grad_out, int hidden) {
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= hidden) return;
+    for (int sg = blockIdx.x; sg < num_segs; sg += gridDim.x) {
+        float acc = 0.0f;
+        for (int p = seg_start[sg]; p < seg_start[sg + 1]; ++p) acc += ld(grad_out[(long long)order[p] * hidden + j]);
+        partial[(long long)sg * hidden + j] = acc;
     }
 }
-extern "C" __global__ void embedding_bwd_f32(float* grad_table, const int* order, const int* run_start,
-                                             int num_runs, const unsigned* tokens, const float* grad_out,
-                                             int hidden) {
-    embedding_bwd_impl(grad_table, order, run_start, num_runs, tokens, grad_out, hidden);
+extern "C" __global__ void embedding_bwd_partial_f32(float* partial, const int* order, const int* seg_start,
+                                                     int num_segs, const float* grad_out, int hidden) {
+    embedding_bwd_partial_impl(partial, order, seg_start, num_segs, grad_out, hidden);
 }
-extern "C" __global__ void embedding_bwd_bf16(float* grad_table, const int* order, const int* run_start,
-                                              int num_runs, const unsigned* tokens, const bf16* grad_out,
-                                              int hidden) {
-    embedding_bwd_impl(grad_table, order, run_start, num_runs, tokens, grad_out, hidden);
+extern "C" __global__ void embedding_bwd_partial_bf16(float* partial, const int* order, const int* seg_start,
+                                                      int num_segs, const bf16* grad_out, int hidden) {
+    embedding_bwd_partial_impl(partial, order, seg_start, num_segs, grad_out, hidden);
+}
+extern "C" __global__ void embedding_bwd_sum(float* grad_table, const float* partial, const int* run_seg,
+                                             int num_runs, const int* order, const int* seg_start,
+                                             const unsigned* tokens, int hidden) {
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= hidden) return;
+    for (int r = blockIdx.x; r < num_runs; r += gridDim.x) {
+        const int s0 = run_seg[r], s1 = run_seg[r + 1];
+        const long long token = tokens[order[seg_start[s0]]];
+        float acc = 0.0f;
+        for (int sg = s0; sg < s1; ++sg) acc += partial[(long long)sg * hidden + j];
+        grad_table[token * hidden + j] += acc;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1573,9 +1584,15 @@ template <class T>
 __device__ void sum_squares_partial_impl(double* partial, const T* x, long long n) {
     __shared__ double red[MAX_BLOCK];
     double acc = 0.0;
-    for (long long i = global_thread(); i < n; i += global_stride()) {
-        const double v = (double)ld(x[i]);
-        acc += v * v;
+    const long long stride = global_stride();
+    // Four loads in flight per thread; the squares are added in the order of a plain grid-stride loop.
+    for (long long i = global_thread(); i < n; i += 4 * stride) {
+        float v[4];
+        for (int u = 0; u < 4; ++u) v[u] = i + u * stride < n ? ld(x[i + u * stride]) : 0.0f;
+        for (int u = 0; u < 4; ++u) {
+            const double d = v[u];
+            acc += d * d;
+        }
     }
     acc = block_sum_double(acc, red);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
@@ -1599,7 +1616,7 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
 // Every kernel, for the emulator's name table.
 #define EMU_KERNELS(X)                                                                                        \
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
-    X(embedding_bwd_f32) X(embedding_bwd_bf16) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
+    X(embedding_bwd_partial_f32) X(embedding_bwd_partial_bf16) X(embedding_bwd_sum) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
     X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \

@@ -22,8 +22,11 @@ use std::sync::Arc;
 pub const MAX_HEAD_SIZE: usize = 128;
 /// Most blocks of a grid-stride launch.
 const MAX_GRID: usize = 65_535;
-/// Blocks (partial sums) of `sum_squares`.
-const SQ_BLOCKS: usize = 64;
+/// Most blocks (partial sums) of `sum_squares`: enough threads, with four loads in flight each, to keep
+/// a GPU's memory busy (each block reads 4 x 256 elements per step of its grid-stride loop).
+const SQ_BLOCKS: usize = 2048;
+/// Elements per thread per step of `sum_squares_partial` (its loads in flight).
+const SQ_UNROLL: usize = 4;
 
 /// `x` rounded to the nearest bf16 (ties to even) and widened back: what a bf16 buffer stores.
 pub fn bf16_round(x: f32) -> f32 {
@@ -258,6 +261,44 @@ pub struct CudaKernels {
 
 /// Rows per chunk of the two-pass column sums (RMSNorm weight gradient).
 const ROWS_PER_CHUNK: usize = 64;
+/// Most positions per segment of the embedding backward's first pass.
+const EMBEDDING_SEGMENT: usize = 32;
+
+/// The embedding backward's index arrays (see `embedding_bwd_partial` in `kernels.cu`): token positions
+/// sorted stably by token, cut into segments of at most [`EMBEDDING_SEGMENT`] positions of one token, and
+/// each token's run of segments.
+#[derive(Debug, PartialEq)]
+struct EmbeddingSegments {
+    order: Vec<u32>,
+    /// Segment s is `order[seg_start[s] .. seg_start[s + 1]]`.
+    seg_start: Vec<u32>,
+    /// Run r (one token) is segments `run_seg[r] .. run_seg[r + 1]`.
+    run_seg: Vec<u32>,
+}
+
+impl EmbeddingSegments {
+    fn new(tokens: &[u32]) -> Self {
+        let mut order: Vec<u32> = (0..tokens.len() as u32).collect();
+        order.sort_by_key(|&p| tokens[p as usize]);
+        let (mut seg_start, mut run_seg) = (Vec::new(), Vec::new());
+        for (i, &p) in order.iter().enumerate() {
+            let new_run = i == 0 || tokens[p as usize] != tokens[order[i - 1] as usize];
+            if new_run {
+                run_seg.push(seg_start.len() as u32);
+            }
+            if new_run || i - *seg_start.last().expect("a run starts a segment") as usize == EMBEDDING_SEGMENT {
+                seg_start.push(i as u32);
+            }
+        }
+        seg_start.push(order.len() as u32);
+        run_seg.push(seg_start.len() as u32 - 1);
+        Self {
+            order,
+            seg_start,
+            run_seg,
+        }
+    }
+}
 
 impl CudaKernels {
     /// Launchers on `gpu`.
@@ -511,37 +552,53 @@ impl CudaKernels {
             )));
         }
         int(tokens_host.len(), "tokens")?;
-        // Positions sorted stably by token; runs of equal tokens.
-        let mut order: Vec<u32> = (0..tokens_host.len() as u32).collect();
-        order.sort_by_key(|&p| tokens_host[p as usize]);
-        let mut run_start: Vec<u32> = Vec::new();
-        for (i, &p) in order.iter().enumerate() {
-            if i == 0 || tokens_host[p as usize] != tokens_host[order[i - 1] as usize] {
-                run_start.push(i as u32);
-            }
-        }
-        let num_runs = run_start.len();
-        run_start.push(order.len() as u32);
-        // The order and run starts go to the launchers' scratch (4-byte elements; the uploads are in
-        // stream order, after any earlier kernel reading the scratch).
-        self.with_scratch(order.len() + run_start.len(), |scratch| {
-            let runs = scratch.ptr + 4 * order.len() as u64;
-            // SAFETY: both arrays fit the scratch view (its length is their sum).
+        let hidden_i = int(hidden, "hidden")?;
+        let segs = EmbeddingSegments::new(tokens_host);
+        let (num_segs, num_runs) = (segs.seg_start.len() - 1, segs.run_seg.len() - 1);
+        let col_blocks = hidden.div_ceil(self.block()).min(MAX_GRID) as u32;
+        let grid = |items: usize| Launch {
+            grid: (items.clamp(1, MAX_GRID) as u32, col_blocks, 1),
+            block: (self.block() as u32, 1, 1),
+            shared_bytes: 0,
+        };
+        // The index arrays and the partial sums go to the launchers' scratch (4-byte elements; the
+        // uploads are in stream order, after any earlier kernel reading the scratch).
+        let (n_order, n_seg, n_run) = (segs.order.len(), segs.seg_start.len(), segs.run_seg.len());
+        self.with_scratch(n_order + n_seg + n_run + num_segs * hidden, |scratch| {
+            let order = scratch.ptr;
+            let seg_start = order + 4 * n_order as u64;
+            let run_seg = seg_start + 4 * n_seg as u64;
+            let partial = run_seg + 4 * n_run as u64;
+            // SAFETY: the three arrays and the partials fit the scratch view (its length is their sum).
             unsafe {
-                self.gpu.upload(scratch.ptr, bytes_of(&order))?;
-                self.gpu.upload(runs, bytes_of(&run_start))?;
+                self.gpu.upload(order, bytes_of(&segs.order))?;
+                self.gpu.upload(seg_start, bytes_of(&segs.seg_start))?;
+                self.gpu.upload(run_seg, bytes_of(&segs.run_seg))?;
             }
             self.launch(
-                &format!("embedding_bwd_{}", grad_out.dtype.suffix()),
-                self.grid_rows(num_runs),
+                &format!("embedding_bwd_partial_{}", grad_out.dtype.suffix()),
+                grid(num_segs),
+                &[
+                    Arg::Ptr(partial),
+                    Arg::Ptr(order),
+                    Arg::Ptr(seg_start),
+                    Arg::I32(num_segs as i32),
+                    Arg::Ptr(grad_out.ptr),
+                    Arg::I32(hidden_i),
+                ],
+            )?;
+            self.launch(
+                "embedding_bwd_sum",
+                grid(num_runs),
                 &[
                     Arg::Ptr(grad_table.ptr),
-                    Arg::Ptr(scratch.ptr),
-                    Arg::Ptr(runs),
+                    Arg::Ptr(partial),
+                    Arg::Ptr(run_seg),
                     Arg::I32(num_runs as i32),
+                    Arg::Ptr(order),
+                    Arg::Ptr(seg_start),
                     Arg::Ptr(tokens.ptr),
-                    Arg::Ptr(grad_out.ptr),
-                    Arg::I32(int(hidden, "hidden")?),
+                    Arg::I32(hidden_i),
                 ],
             )
         })
@@ -1021,7 +1078,7 @@ impl CudaKernels {
     pub fn sum_squares_many(&self, xs: &[DevView]) -> Result<Vec<f64>, GpuError> {
         let blocks: Vec<usize> = xs
             .iter()
-            .map(|x| x.len.div_ceil(self.block()).clamp(1, SQ_BLOCKS))
+            .map(|x| x.len.div_ceil(self.block() * SQ_UNROLL).clamp(1, SQ_BLOCKS))
             .collect();
         let partials: usize = blocks.iter().sum();
         let mut out = vec![0f64; xs.len()];
@@ -1068,6 +1125,33 @@ impl CudaKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedding_segments_cover_each_token_in_order_in_pieces_of_at_most_the_segment_size() {
+        let mut tokens: Vec<u32> = vec![7; 2 * EMBEDDING_SEGMENT + 3];
+        tokens.extend([2, 9, 2, 7, 0]);
+        tokens.rotate_left(5);
+        let s = EmbeddingSegments::new(&tokens);
+        // The order: positions sorted stably by token.
+        let mut want: Vec<u32> = (0..tokens.len() as u32).collect();
+        want.sort_by_key(|&p| (tokens[p as usize], p));
+        assert_eq!(s.order, want);
+        // Token 0 (1), 2 (2), 7 (2 full segments and 4), 9 (1): runs of 1, 1, 3 and 1 segments.
+        assert_eq!(s.run_seg, vec![0, 1, 2, 5, 6]);
+        let lens: Vec<u32> = s.seg_start.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            lens,
+            vec![1, 2, EMBEDDING_SEGMENT as u32, EMBEDDING_SEGMENT as u32, 4, 1]
+        );
+        for r in s.run_seg.windows(2) {
+            let token = |seg: u32| tokens[s.order[s.seg_start[seg as usize] as usize] as usize];
+            let run: Vec<u32> = (s.seg_start[r[0] as usize]..s.seg_start[r[1] as usize])
+                .map(|i| tokens[s.order[i as usize] as usize])
+                .collect();
+            assert!(run.iter().all(|&t| t == token(r[0])), "{run:?}");
+        }
+        assert_eq!(EmbeddingSegments::new(&[]).seg_start, vec![0]);
+    }
 
     #[test]
     fn attention_families_parse_by_name_and_unknown_names_list_the_accepted_ones() {

@@ -248,14 +248,19 @@ fn embedding_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(3);
-        let (vocab, hidden, n) = (11, 40, 23);
-        // Repeated tokens (runs), one token never used.
-        let tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32 - 1)).collect();
-        for dtype in DTYPES {
+        let (vocab, hidden) = (11, 40);
+        // Repeated tokens (runs), one token never used; then 150 positions, most of them one token (a
+        // run of several segments in the backward).
+        let few: Vec<u32> = (0..23).map(|_| rng.below(vocab as u32 - 1)).collect();
+        let frequent: Vec<u32> = (0..150)
+            .map(|_| if rng.below(5) == 0 { rng.below(vocab as u32) } else { 4 })
+            .collect();
+        for (tokens, dtype) in [&few, &frequent].into_iter().flat_map(|t| DTYPES.map(|d| (t, d))) {
+            let n = tokens.len();
             let table = stored(&rng.vec(vocab * hidden, 1.0), dtype);
             let mut want = vec![0.0; n * hidden];
-            cpu().embedding_forward(&mut want, &tokens, &table, hidden);
-            let (dt, dtab) = (DevBuf::from_u32(&gpu, &tokens).unwrap(), buf(&gpu, &table, dtype));
+            cpu().embedding_forward(&mut want, tokens, &table, hidden);
+            let (dt, dtab) = (DevBuf::from_u32(&gpu, tokens).unwrap(), buf(&gpu, &table, dtype));
             let dout = DevBuf::zeros(&gpu, n * hidden, dtype).unwrap();
             k.embedding_forward(dout.view(), dt.view(), dtab.view(), hidden)
                 .unwrap();
@@ -264,12 +269,17 @@ fn embedding_matches_cpu() {
             let grad_out = stored(&rng.vec(n * hidden, 1.0), dtype);
             let grad0 = rng.vec(vocab * hidden, 1.0);
             let mut want = grad0.clone();
-            cpu().embedding_backward(&mut want, &tokens, &grad_out, hidden);
+            cpu().embedding_backward(&mut want, tokens, &grad_out, hidden);
             let (dg, dgo) = (buf(&gpu, &grad0, DType::F32), buf(&gpu, &grad_out, dtype));
-            k.embedding_backward(dg.view(), &tokens, dt.view(), dgo.view(), hidden)
+            k.embedding_backward(dg.view(), tokens, dt.view(), dgo.view(), hidden)
                 .unwrap();
             // fp32 accumulation in both cases (only the order differs: sum of the run, then add).
-            check(&format!("embedding_bwd_{}", dtype.suffix()), &read(&dg), &want, TOL_F32);
+            check(
+                &format!("embedding_bwd_{} n {n}", dtype.suffix()),
+                &read(&dg),
+                &want,
+                TOL_F32,
+            );
         }
     }
 }
