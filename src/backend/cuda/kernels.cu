@@ -54,6 +54,9 @@ __device__ __forceinline__ long long global_stride() {
     return (long long)gridDim.x * blockDim.x;
 }
 
+// The `v` of lane `lane ^ m` of the caller's warp (every lane of the warp must call it).
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
 struct SumOp {
     template <class V>
     __device__ V operator()(V a, V b) const { return a + b; }
@@ -490,18 +493,22 @@ extern "C" __global__ void attn_fwd_bf16(bf16* out, float* lse, const bf16* qkv,
     attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale);
 }
 
-// delta (batch, heads, seq) = rowsum(grad_out * out) per head: one thread per (b, h, i).
+// delta (batch, heads, seq) = rowsum(grad_out * out) per head: one warp per (b, h, i), its lanes across
+// the head (coalesced reads of the row), summed with shuffles in a fixed order.
 template <class T>
 __device__ void attn_bwd_delta_impl(float* delta, const T* grad_out, const T* out, int batch, int seq, int heads,
                                     int head_size) {
     const long long total = (long long)batch * heads * seq;
-    for (long long e = global_thread(); e < total; e += global_stride()) {
+    const int lane = threadIdx.x % 32;
+    // Warp-uniform bounds: blockDim.x is a multiple of 32.
+    for (long long e = global_thread() / 32; e < total; e += global_stride() / 32) {
         const long long i = e % seq, bh = e / seq;
         const long long h = bh % heads, b = bh / heads;
         const long long off = (b * seq + i) * heads * head_size + h * head_size;
         float acc = 0.0f;
-        for (int d = 0; d < head_size; ++d) acc += ld(grad_out[off + d]) * ld(out[off + d]);
-        delta[e] = acc;
+        for (int d = lane; d < head_size; d += 32) acc += ld(grad_out[off + d]) * ld(out[off + d]);
+        for (int m = 16; m > 0; m >>= 1) acc += shfl_xor(acc, m);
+        if (lane == 0) delta[e] = acc;
     }
 }
 extern "C" __global__ void attn_bwd_delta_f32(float* delta, const float* grad_out, const float* out, int batch,
@@ -1114,8 +1121,6 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
-
-__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
 // Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
 __device__ __forceinline__ unsigned ld_pair(const bf16* p) {

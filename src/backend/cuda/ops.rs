@@ -869,7 +869,8 @@ impl CudaKernels {
         let (h, kvh, hs) = (d.heads as i32, d.kv_heads as i32, d.head_size as i32);
         self.launch(
             &format!("attn_bwd_delta_{t}"),
-            self.grid_1d(d.lse_len()),
+            // One warp per row.
+            self.grid_1d(32 * d.lse_len()),
             &[
                 Arg::Ptr(delta.ptr),
                 Arg::Ptr(grad_out.ptr),
