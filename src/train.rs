@@ -211,7 +211,9 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu
     let shape = ModelShape::from_config(&cfg.model.base_model)?;
     let device = if cfg.model.distributed.use_cuda {
         let attention = AttentionKernels::from_env().map_err(|e| anyhow!("{e}"))?;
-        let d = Device::open(gpu).map_err(|e| anyhow!("model.distributed.use_cuda = true: {e}"))?;
+        let d = Device::open(gpu)
+            .map_err(|e| anyhow!("model.distributed.use_cuda = true: {e}"))?
+            .with_attention(attention);
         if leader && !opts.quiet {
             println!("GPU {gpu}: {}", d.gpu.describe());
             println!("{}", attention_line(cfg, &shape, attention));

@@ -10,6 +10,17 @@ use std::process::Command;
 
 /// `train` through the binary with `overrides`; returns (exit code, stderr, every step's loss).
 fn train(exp: &Path, data: &Path, overrides: &[String], gpu: Option<&str>) -> (i32, String, Vec<f64>) {
+    train_env(exp, data, overrides, gpu, &[])
+}
+
+/// [`train`] with extra environment variables.
+fn train_env(
+    exp: &Path,
+    data: &Path,
+    overrides: &[String],
+    gpu: Option<&str>,
+    env: &[(&str, &str)],
+) -> (i32, String, Vec<f64>) {
     let cfg = common::tiny_config(data, exp, overrides);
     std::fs::create_dir_all(exp).unwrap();
     let cfg_path = exp.join("input.yaml");
@@ -25,6 +36,9 @@ fn train(exp: &Path, data: &Path, overrides: &[String], gpu: Option<&str>) -> (i
         Some(g) => cmd.env("FAST_LLM_RS_GPU", g),
         None => cmd.env_remove("FAST_LLM_RS_GPU"),
     };
+    cmd.env_remove("FAST_LLM_RS_ATTENTION")
+        .env_remove("FAST_LLM_RS_PROFILE");
+    cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
     let losses = std::fs::read_to_string(exp.join("metrics.jsonl"))
         .unwrap_or_default()
@@ -221,6 +235,54 @@ fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
 /// memory, ZeRO-3 on 2 ranks): stopping after step 2 and resuming gives every later loss of the
 /// straight run bit for bit (the emulator is deterministic, and its stream is asynchronous, so a save
 /// or load that read or wrote a buffer before the device finished would show here).
+#[test]
+fn the_attention_setting_picks_the_kernels_that_run() {
+    if !emulator_available() {
+        return;
+    }
+    let data = common::corpus_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = common::ov(&[
+        ("training.train_iters", "1".into()),
+        ("data.sequence_length", "64".into()),
+        ("data.micro_batch_size", "64".into()),
+        ("model.base_model.decoder.block.mixer.head_size", "32".into()),
+        ("model.distributed.use_cuda", "true".into()),
+        ("model.distributed.compute_dtype", "bfloat16".into()),
+    ]);
+    // The attention kernels each run launched, by name, from the device profile.
+    let launched = |family: Option<&str>| -> Vec<String> {
+        let exp = tmp.path().join(family.unwrap_or("default"));
+        let mut env = vec![("FAST_LLM_RS_PROFILE", "1")];
+        env.extend(family.map(|f| ("FAST_LLM_RS_ATTENTION", f)));
+        let (code, err, _) = train_env(&exp, data.path(), &o, Some("emulator"), &env);
+        assert_eq!(code, 0, "{family:?}: {err}");
+        let profile: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(exp.join("profile.json")).unwrap()).unwrap();
+        let mut names: Vec<String> = profile["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["op"].as_str().unwrap().to_string())
+            .filter(|n| n.starts_with("attn_"))
+            .collect();
+        names.sort();
+        names
+    };
+    let kernels = |infix: &str| -> Vec<String> {
+        ["attn_bwd_delta_bf16".to_string()]
+            .into_iter()
+            .chain(["bwd_dkv", "bwd_dq", "fwd"].map(|k| format!("attn_{k}_{infix}_d32")))
+            .collect()
+    };
+    assert_eq!(launched(None), kernels("mma"));
+    assert_eq!(launched(Some("wmma")), kernels("tc"));
+    let simple: Vec<String> = ["bwd_delta", "bwd_dkv", "bwd_dq", "fwd"]
+        .map(|k| format!("attn_{k}_bf16"))
+        .into();
+    assert_eq!(launched(Some("simple")), simple);
+}
+
 #[test]
 fn emulated_gpu_resume_is_bitwise_identical_to_a_straight_run() {
     if !emulator_available() {

@@ -8,7 +8,7 @@
 //! optimizer's end), and the kernels that return a value (loss, sum of squares) wait for it.
 //! Attention is fused ([`Kernels::fused_attention`]): the forward saves one log-sum-exp per row.
 
-use super::ops::{AdamStep, AttnDims, CudaKernels};
+use super::ops::{AdamStep, AttentionKernels, AttnDims, CudaKernels};
 use super::{DType, DevView, Gpu, GpuError};
 use crate::backend::mem::Memory;
 use crate::backend::{bf16, Element, Kernels};
@@ -59,10 +59,11 @@ fn ok<T>(r: Result<T, GpuError>, what: &str) -> T {
 }
 
 impl DirectKernels {
-    /// Kernels on `gpu`, whose buffers come from `memory` (which must be addressable by `gpu`).
-    pub fn new(gpu: Arc<dyn Gpu>, memory: Arc<dyn Memory>) -> Self {
+    /// Kernels on `gpu`, whose buffers come from `memory` (which must be addressable by `gpu`), with
+    /// attention kernel family `attention`.
+    pub fn new(gpu: Arc<dyn Gpu>, memory: Arc<dyn Memory>, attention: AttentionKernels) -> Self {
         Self {
-            kernels: CudaKernels::new(gpu),
+            kernels: CudaKernels::new(gpu).with_attention(attention),
             memory,
         }
     }

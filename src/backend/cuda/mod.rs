@@ -338,6 +338,8 @@ pub struct Device {
     /// Where the engine allocates.
     pub memory: Arc<dyn crate::backend::mem::Memory>,
     real: Option<Arc<driver::RealGpu>>,
+    /// The attention kernel family of [`Device::kernels`] (`mma` unless [`Device::with_attention`]).
+    attention: ops::AttentionKernels,
 }
 
 impl Device {
@@ -348,6 +350,7 @@ impl Device {
             gpu: real.clone(),
             memory: Arc::new(driver::ManagedMemory(real.clone())),
             real: Some(real),
+            attention: ops::AttentionKernels::Mma,
         })
     }
 
@@ -357,6 +360,7 @@ impl Device {
             gpu: Arc::new(emulator::EmuGpu::new()?),
             memory: crate::backend::mem::host(),
             real: None,
+            attention: ops::AttentionKernels::Mma,
         })
     }
 
@@ -372,9 +376,16 @@ impl Device {
         }
     }
 
+    /// This device with attention kernel family `kind` for [`Device::kernels`] (`train` passes the
+    /// checked value of `FAST_LLM_RS_ATTENTION`).
+    pub fn with_attention(mut self, kind: ops::AttentionKernels) -> Self {
+        self.attention = kind;
+        self
+    }
+
     /// In-place kernels on this device.
     pub fn kernels(&self) -> direct::DirectKernels {
-        direct::DirectKernels::new(self.gpu.clone(), self.memory.clone())
+        direct::DirectKernels::new(self.gpu.clone(), self.memory.clone(), self.attention)
     }
 
     /// The local communicator's data mover on this device (collective copies and sums as device

@@ -254,8 +254,8 @@ pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
     /// fp32 scratch (column-sum partials, per-row losses; grown on demand, stream order makes reuse safe).
     scratch: std::sync::Mutex<Option<DevBuf>>,
-    /// The attention kernel family where the tensor-core ones apply (`FAST_LLM_RS_ATTENTION`, or
-    /// [`CudaKernels::with_attention`]).
+    /// The attention kernel family where the tensor-core ones apply (`mma` unless
+    /// [`CudaKernels::with_attention`]; `train` passes `FAST_LLM_RS_ATTENTION` through [`super::Device`]).
     attention: AttentionKernels,
 }
 
@@ -306,8 +306,7 @@ impl CudaKernels {
         Self {
             gpu,
             scratch: std::sync::Mutex::new(None),
-            // `train` reports an unknown value before it opens the device.
-            attention: AttentionKernels::from_env().unwrap_or(AttentionKernels::Mma),
+            attention: AttentionKernels::Mma,
         }
     }
 

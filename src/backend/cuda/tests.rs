@@ -57,6 +57,7 @@ fn test_devices() -> Vec<Device> {
             gpu,
             memory: crate::backend::mem::host(),
             real: None,
+            attention: super::ops::AttentionKernels::Mma,
         }),
         Err(why) => println!("skipped: CUDA emulator unavailable: {why}"),
     }
