@@ -57,6 +57,70 @@ __device__ __forceinline__ long long global_stride() {
 // The `v` of lane `lane ^ m` of the caller's warp (every lane of the warp must call it).
 __device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
+// Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
+__device__ __forceinline__ unsigned ld_pair(const bf16* p) {
+#ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 4);
+    unsigned u;
+    std::memcpy(&u, p, 4);
+    return u;
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
+__device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) {
+    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return pack_bits(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+// Stores lo, hi as two consecutive bf16 (4-byte aligned).
+__device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) {
+    const unsigned u = pack_bf16(lo, hi);
+#ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 4);
+    std::memcpy(p, &u, 4);
+#else
+    *reinterpret_cast<unsigned*>(p) = u;
+#endif
+}
+
+// Two consecutive elements as floats, and stores of two (vector accesses: the address must be aligned
+// to the pair, 4 bytes for bf16 and 8 for float; `pairs_aligned` says whether it is).
+struct F2 {
+    float a, b;
+};
+__device__ __forceinline__ F2 ld2(const bf16* p) {
+    const unsigned u = ld_pair(p);
+    return F2{__int_as_float((int)(u << 16)), __int_as_float((int)(u & 0xffff0000u))};
+}
+__device__ __forceinline__ F2 ld2(const float* p) {
+#ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 8);
+    F2 r;
+    std::memcpy(&r, p, 8);
+    return r;
+#else
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    return F2{v.x, v.y};
+#endif
+}
+__device__ __forceinline__ void st2(bf16* p, float a, float b) { st_pair(p, a, b); }
+__device__ __forceinline__ void st2(float* p, float a, float b) {
+#ifdef FAST_LLM_EMU
+    emu_check_aligned(p, 8);
+    const F2 v{a, b};
+    std::memcpy(p, &v, 8);
+#else
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+#endif
+}
+// Whether p (elements of T) is aligned for ld2 / st2.
+template <class T>
+__device__ __forceinline__ bool pair_aligned(const T* p) {
+    return reinterpret_cast<unsigned long long>(p) % (2 * sizeof(T)) == 0;
+}
+
 struct SumOp {
     template <class V>
     __device__ V operator()(V a, V b) const { return a + b; }
@@ -84,23 +148,70 @@ __device__ float block_sum(float v, float* red) { return block_reduce(v, red, Su
 __device__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp()); }
 __device__ double block_sum_double(double v, double* red) { return block_reduce(v, red, SumOp()); }
 
+// Pair loops: two elements per thread per step through `ld2` / `st2` where the pointers allow it (half
+// the load and store instructions of a bf16 kernel), one at a time otherwise; the arithmetic per element
+// is the same either way.
+
+// f(i, two) over 0..n, grid-stride: pairs (i, i + 1) for even i and the odd last element alone when
+// `pairs`, else every element alone.
+template <class F>
+__device__ void for_pairs(long long n, bool pairs, F f) {
+    if (pairs) {
+        for (long long p = global_thread(); p < n / 2; p += global_stride()) f(2 * p, true);
+        if (n % 2 && global_thread() == 0) f(n - 1, false);
+    } else {
+        for (long long i = global_thread(); i < n; i += global_stride()) f(i, false);
+    }
+}
+// f(j, two) over the columns 0..cols of one row by the block's threads: pairs (j, j + 1) for even j when
+// `pairs` (which needs an even `cols`), else every column alone.
+template <class F>
+__device__ void row_pairs(int cols, bool pairs, F f) {
+    if (pairs) {
+        for (int j = 2 * threadIdx.x; j < cols; j += 2 * blockDim.x) f(j, true);
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) f(j, false);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Casts and elementwise sums (grid-stride loops).
 
 // out (n) = bf16(in), round to nearest even.
 extern "C" __global__ void cast_f32_to_bf16(bf16* out, const float* in, long long n) {
-    for (long long i = global_thread(); i < n; i += global_stride()) st(out + i, in[i]);
+    for_pairs(n, pair_aligned(out) && pair_aligned(in), [&](long long i, bool two) {
+        if (two) {
+            const F2 v = ld2(in + i);
+            st2(out + i, v.a, v.b);
+        } else {
+            st(out + i, in[i]);
+        }
+    });
 }
 
 // out (n) = float(in), exact.
 extern "C" __global__ void cast_bf16_to_f32(float* out, const bf16* in, long long n) {
-    for (long long i = global_thread(); i < n; i += global_stride()) out[i] = ld(in[i]);
+    for_pairs(n, pair_aligned(out) && pair_aligned(in), [&](long long i, bool two) {
+        if (two) {
+            const F2 v = ld2(in + i);
+            st2(out + i, v.a, v.b);
+        } else {
+            out[i] = ld(in[i]);
+        }
+    });
 }
 
 // out (n) += x (n).
 template <class T>
 __device__ void add_impl(T* out, const T* x, long long n) {
-    for (long long i = global_thread(); i < n; i += global_stride()) st(out + i, ld(out[i]) + ld(x[i]));
+    for_pairs(n, pair_aligned(out) && pair_aligned(x), [&](long long i, bool two) {
+        if (two) {
+            const F2 o = ld2(out + i), v = ld2(x + i);
+            st2(out + i, o.a + v.a, o.b + v.b);
+        } else {
+            st(out + i, ld(out[i]) + ld(x[i]));
+        }
+    });
 }
 extern "C" __global__ void add_f32(float* out, const float* x, long long n) { add_impl(out, x, n); }
 extern "C" __global__ void add_bf16(bf16* out, const bf16* x, long long n) { add_impl(out, x, n); }
@@ -178,18 +289,32 @@ __device__ void rms_norm_fwd_impl(T* out, float* rstd, const T* x, const T* weig
                                   float eps) {
     __shared__ float red[MAX_BLOCK];
     const float inv_c = 1.0f / (float)hidden;
+    const bool pairs = hidden % 2 == 0 && pair_aligned(out) && pair_aligned(x) && pair_aligned(weight);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         const T* xr = x + (long long)row * hidden;
         T* orow = out + (long long)row * hidden;
         float ss = 0.0f;
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-            const float v = ld(xr[j]);
-            ss += v * v;
-        }
+        row_pairs(hidden, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 v = ld2(xr + j);
+                ss += v.a * v.a;
+                ss += v.b * v.b;
+            } else {
+                const float v = ld(xr[j]);
+                ss += v * v;
+            }
+        });
         ss = block_sum(ss, red);
         const float rs = 1.0f / sqrtf(ss * inv_c + eps);
         if (threadIdx.x == 0) rstd[row] = rs;
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) st(orow + j, ld(xr[j]) * rs * ld(weight[j]));
+        row_pairs(hidden, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 v = ld2(xr + j), w = ld2(weight + j);
+                st2(orow + j, v.a * rs * w.a, v.b * rs * w.b);
+            } else {
+                st(orow + j, ld(xr[j]) * rs * ld(weight[j]));
+            }
+        });
     }
 }
 extern "C" __global__ void rms_norm_fwd_f32(float* out, float* rstd, const float* x, const float* weight, int n,
@@ -207,17 +332,32 @@ __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, c
                                      const float* rstd, int n, int hidden) {
     __shared__ float red[MAX_BLOCK];
     const float inv_c = 1.0f / (float)hidden;
+    const bool pairs = hidden % 2 == 0 && pair_aligned(grad_x) && pair_aligned(grad_out) && pair_aligned(x) &&
+                       pair_aligned(weight);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         const long long base = (long long)row * hidden;
         const float r = rstd[row];
         float d = 0.0f;
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) d += ld(weight[j]) * ld(grad_out[base + j]) * ld(x[base + j]);
+        row_pairs(hidden, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 w = ld2(weight + j), g = ld2(grad_out + base + j), v = ld2(x + base + j);
+                d += w.a * g.a * v.a;
+                d += w.b * g.b * v.b;
+            } else {
+                d += ld(weight[j]) * ld(grad_out[base + j]) * ld(x[base + j]);
+            }
+        });
         d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
-        for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
-            const float wg = ld(weight[j]) * ld(grad_out[base + j]);
-            st(grad_x + base + j, r * wg - ld(x[base + j]) * coef);
-        }
+        row_pairs(hidden, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 w = ld2(weight + j), g = ld2(grad_out + base + j), v = ld2(x + base + j);
+                st2(grad_x + base + j, r * (w.a * g.a) - v.a * coef, r * (w.b * g.b) - v.b * coef);
+            } else {
+                const float wg = ld(weight[j]) * ld(grad_out[base + j]);
+                st(grad_x + base + j, r * wg - ld(x[base + j]) * coef);
+            }
+        });
     }
 }
 extern "C" __global__ void rms_norm_bwd_dx_f32(float* grad_x, const float* grad_out, const float* x,
@@ -275,25 +415,41 @@ __device__ void rotary_impl(T* x, int row_stride, int num_heads, int head_size, 
                             const float* sin_t, int n, int inverse) {
     const int half = head_size / 2;
     const int pairs = num_heads * half;
+    // (u, v) rotated by the angle of (c, s), or by its opposite with `inverse`.
+    auto rot = [&](float u, float v, float c, float s, float& ra, float& rb) {
+        if (inverse) {
+            ra = u * c + v * s;
+            rb = v * c - u * s;
+        } else {
+            ra = u * c - v * s;
+            rb = v * c + u * s;
+        }
+    };
+    // Two adjacent pairs (d, d + 1) of one head at a time: needs an even half and aligned rows.
+    const bool two = half % 2 == 0 && row_stride % 2 == 0 && pair_aligned(x);
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
         const int pos = i % seq;
         T* row = x + (long long)i * row_stride;
         const float* cr = cos_t + (long long)pos * half;
         const float* sr = sin_t + (long long)pos * half;
-        for (int k = threadIdx.x; k < pairs; k += blockDim.x) {
+        row_pairs(pairs, two, [&](int k, bool both) {
             const int head = k / half, d = k - head * half;
             T* a = row + head * head_size + d;
             T* b = a + half;
-            const float u = ld(*a), v = ld(*b);
-            const float c = cr[d], s = sr[d];
-            if (inverse) {
-                st(a, u * c + v * s);
-                st(b, v * c - u * s);
+            if (both) {
+                const F2 u = ld2(a), v = ld2(b);
+                float a0, b0, a1, b1;
+                rot(u.a, v.a, cr[d], sr[d], a0, b0);
+                rot(u.b, v.b, cr[d + 1], sr[d + 1], a1, b1);
+                st2(a, a0, a1);
+                st2(b, b0, b1);
             } else {
-                st(a, u * c - v * s);
-                st(b, v * c + u * s);
+                float ra, rb;
+                rot(ld(*a), ld(*b), cr[d], sr[d], ra, rb);
+                st(a, ra);
+                st(b, rb);
             }
-        }
+        });
     }
 }
 extern "C" __global__ void rotary_f32(float* x, int row_stride, int num_heads, int head_size, int seq,
@@ -310,16 +466,23 @@ extern "C" __global__ void rotary_bf16(bf16* x, int row_stride, int num_heads, i
 
 __device__ __forceinline__ float sigmoidf(float g) { return 1.0f / (1.0f + expf(-g)); }
 
+__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoidf(g) * u; }
+
 // Rows over blocks, columns over the block's threads.
 template <class T>
 __device__ void swiglu_fwd_impl(T* out, const T* gate_up, long long n, int inter) {
+    const bool pairs = inter % 2 == 0 && pair_aligned(out) && pair_aligned(gate_up);
     for (long long i = blockIdx.x; i < n; i += gridDim.x) {
         const T* gr = gate_up + i * 2 * inter;
         T* orow = out + i * inter;
-        for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-            const float g = ld(gr[j]), u = ld(gr[inter + j]);
-            st(orow + j, g * sigmoidf(g) * u);
-        }
+        row_pairs(inter, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 g = ld2(gr + j), u = ld2(gr + inter + j);
+                st2(orow + j, swiglu(g.a, u.a), swiglu(g.b, u.b));
+            } else {
+                st(orow + j, swiglu(ld(gr[j]), ld(gr[inter + j])));
+            }
+        });
     }
 }
 extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate_up, long long n, int inter) {
@@ -333,16 +496,33 @@ extern "C" __global__ void swiglu_fwd_bf16(bf16* out, const bf16* gate_up, long 
 // d gate = g_o * up * sig * (1 + gate * (1 - sig)).
 template <class T>
 __device__ void swiglu_bwd_impl(T* grad_gate_up, const T* grad_out, const T* gate_up, long long n, int inter) {
+    // (d gate, d up) of one column.
+    auto grads = [](float g, float u, float d, float& dg, float& du) {
+        const float sg = sigmoidf(g);
+        du = d * (g * sg);
+        dg = d * u * (sg * (1.0f + g * (1.0f - sg)));
+    };
+    const bool pairs =
+        inter % 2 == 0 && pair_aligned(grad_gate_up) && pair_aligned(grad_out) && pair_aligned(gate_up);
     for (long long i = blockIdx.x; i < n; i += gridDim.x) {
         const T* gr = gate_up + i * 2 * inter;
         const T* dr = grad_out + i * inter;
         T* gg = grad_gate_up + i * 2 * inter;
-        for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-            const float g = ld(gr[j]), u = ld(gr[inter + j]), d = ld(dr[j]);
-            const float sg = sigmoidf(g);
-            st(gg + inter + j, d * (g * sg));
-            st(gg + j, d * u * (sg * (1.0f + g * (1.0f - sg))));
-        }
+        row_pairs(inter, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 g = ld2(gr + j), u = ld2(gr + inter + j), d = ld2(dr + j);
+                float dg0, du0, dg1, du1;
+                grads(g.a, u.a, d.a, dg0, du0);
+                grads(g.b, u.b, d.b, dg1, du1);
+                st2(gg + inter + j, du0, du1);
+                st2(gg + j, dg0, dg1);
+            } else {
+                float dg, du;
+                grads(ld(gr[j]), ld(gr[inter + j]), ld(dr[j]), dg, du);
+                st(gg + inter + j, du);
+                st(gg + j, dg);
+            }
+        });
     }
 }
 extern "C" __global__ void swiglu_bwd_f32(float* grad_gate_up, const float* grad_out, const float* gate_up,
@@ -362,26 +542,47 @@ template <class T>
 __device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* targets, int n, int vocab,
                                    float grad_scale, int write_grad) {
     __shared__ float red[MAX_BLOCK];
+    const bool pairs = vocab % 2 == 0 && pair_aligned(logits);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         T* x = logits + (long long)row * vocab;
         const unsigned t = targets[row];
         // Every thread reads the target logit before the barriers of the reductions, hence before
         // any thread overwrites the row.
         const float zt = t < (unsigned)vocab ? ld(x[t]) : __int_as_float(0x7fc00000);
-        float mx = neg_inf();
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, ld(x[j]));
-        mx = block_max(mx, red);
-        float se = 0.0f;
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) se += expf(ld(x[j]) - mx);
-        se = block_sum(se, red);
-        if (threadIdx.x == 0) row_loss[row] = (mx + logf(se)) - zt;
+        // One pass over the row: this thread's running max and its sum of exp(x - max).
+        float mx = neg_inf(), se = 0.0f;
+        auto see = [&](float v) {
+            if (v > mx) {
+                se = se * expf(mx - v) + 1.0f;
+                mx = v;
+            } else {
+                se += expf(v - mx);
+            }
+        };
+        row_pairs(vocab, pairs, [&](int j, bool two) {
+            if (two) {
+                const F2 v = ld2(x + j);
+                see(v.a);
+                see(v.b);
+            } else {
+                see(ld(x[j]));
+            }
+        });
+        const float row_max = block_max(mx, red);
+        // A thread that saw nothing (or only -inf) adds nothing.
+        se = block_sum(mx == neg_inf() ? 0.0f : se * expf(mx - row_max), red);
+        if (threadIdx.x == 0) row_loss[row] = (row_max + logf(se)) - zt;
         if (write_grad) {
             const float f = grad_scale / se;
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-                float g = expf(ld(x[j]) - mx) * f;
-                if ((unsigned)j == t) g -= grad_scale;
-                st(x + j, g);
-            }
+            auto grad = [&](int j, float v) { return expf(v - row_max) * f - ((unsigned)j == t ? grad_scale : 0.0f); };
+            row_pairs(vocab, pairs, [&](int j, bool two) {
+                if (two) {
+                    const F2 v = ld2(x + j);
+                    st2(x + j, grad(j, v.a), grad(j + 1, v.b));
+                } else {
+                    st(x + j, grad(j, ld(x[j])));
+                }
+            });
         }
     }
 }
@@ -1119,34 +1320,6 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsi
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
-__device__ __forceinline__ unsigned ld_pair(const bf16* p) {
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 4);
-    unsigned u;
-    std::memcpy(&u, p, 4);
-    return u;
-#else
-    return *reinterpret_cast<const unsigned*>(p);
-#endif
-}
-__device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) {
-    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
-}
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return pack_bits(__float2bfloat16(lo), __float2bfloat16(hi));
-}
-// Stores lo, hi as two consecutive bf16 (4-byte aligned).
-__device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) {
-    const unsigned u = pack_bf16(lo, hi);
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 4);
-    std::memcpy(p, &u, 4);
-#else
-    *reinterpret_cast<unsigned*>(p) = u;
 #endif
 }
 

@@ -291,7 +291,7 @@ fn rms_norm_matches_cpu() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(4);
         // 150 rows: three chunks of the two-pass weight gradient, the last one partial.
-        for (n, hidden) in [(13, 40), (6, 16), (3, 100), (150, 8)] {
+        for (n, hidden) in [(13, 40), (6, 16), (3, 100), (150, 8), (5, 9)] {
             for dtype in DTYPES {
                 let x = stored(&rng.vec(n * hidden, 2.0), dtype);
                 let w = stored(&rng.vec(hidden, 1.5), dtype);
@@ -338,34 +338,36 @@ fn rotary_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(5);
-        let (seq, heads, kv_heads, hs) = (9, 4, 2, 8);
-        let stride = (heads + 2 * kv_heads) * hs;
-        let n = 2 * seq;
-        let half = hs / 2;
-        let angles: Vec<f32> = rng.vec(seq * half, 3.0);
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-        let (dc, ds) = (buf(&gpu, &cos, DType::F32), buf(&gpu, &sin, DType::F32));
-        for dtype in DTYPES {
-            for inverse in [false, true] {
-                let x = stored(&rng.vec(n * stride, 1.0), dtype);
-                // Rotate the q and k heads, leave v alone (as the model does).
-                let mut want = x.clone();
-                cpu().rotary(&mut want, stride, heads + kv_heads, hs, seq, &cos, &sin, inverse);
-                let dx = buf(&gpu, &x, dtype);
-                k.rotary(
-                    dx.view(),
-                    stride,
-                    heads + kv_heads,
-                    hs,
-                    seq,
-                    dc.view(),
-                    ds.view(),
-                    inverse,
-                )
-                .unwrap();
-                let what = format!("rotary_{} inverse {inverse}", dtype.suffix());
-                check(&what, &read(&dx), &want, tol(dtype));
+        // Head size 8: two pairs at a time; 6: an odd half, one pair at a time.
+        for (seq, heads, kv_heads, hs) in [(9, 4, 2, 8), (5, 2, 1, 6)] {
+            let stride = (heads + 2 * kv_heads) * hs;
+            let n = 2 * seq;
+            let half = hs / 2;
+            let angles: Vec<f32> = rng.vec(seq * half, 3.0);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let (dc, ds) = (buf(&gpu, &cos, DType::F32), buf(&gpu, &sin, DType::F32));
+            for dtype in DTYPES {
+                for inverse in [false, true] {
+                    let x = stored(&rng.vec(n * stride, 1.0), dtype);
+                    // Rotate the q and k heads, leave v alone (as the model does).
+                    let mut want = x.clone();
+                    cpu().rotary(&mut want, stride, heads + kv_heads, hs, seq, &cos, &sin, inverse);
+                    let dx = buf(&gpu, &x, dtype);
+                    k.rotary(
+                        dx.view(),
+                        stride,
+                        heads + kv_heads,
+                        hs,
+                        seq,
+                        dc.view(),
+                        ds.view(),
+                        inverse,
+                    )
+                    .unwrap();
+                    let what = format!("rotary_{} head size {hs} inverse {inverse}", dtype.suffix());
+                    check(&what, &read(&dx), &want, tol(dtype));
+                }
             }
         }
     }
@@ -376,28 +378,35 @@ fn swiglu_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(6);
-        let (n, inter) = (11, 20);
-        for dtype in DTYPES {
-            let gu = stored(&rng.vec(n * 2 * inter, 4.0), dtype);
-            let mut out = vec![0.0; n * inter];
-            cpu().swiglu_forward(&mut out, &gu, inter);
-            let dgu = buf(&gpu, &gu, dtype);
-            let dout = DevBuf::zeros(&gpu, n * inter, dtype).unwrap();
-            k.swiglu_forward(dout.view(), dgu.view(), inter).unwrap();
-            check(
-                &format!("swiglu_fwd_{}", dtype.suffix()),
-                &read(&dout),
-                &out,
-                tol(dtype),
-            );
+        // An even width: two columns at a time; an odd one: one at a time.
+        for (n, inter) in [(11, 20), (5, 7)] {
+            for dtype in DTYPES {
+                let gu = stored(&rng.vec(n * 2 * inter, 4.0), dtype);
+                let mut out = vec![0.0; n * inter];
+                cpu().swiglu_forward(&mut out, &gu, inter);
+                let dgu = buf(&gpu, &gu, dtype);
+                let dout = DevBuf::zeros(&gpu, n * inter, dtype).unwrap();
+                k.swiglu_forward(dout.view(), dgu.view(), inter).unwrap();
+                check(
+                    &format!("swiglu_fwd_{} inter {inter}", dtype.suffix()),
+                    &read(&dout),
+                    &out,
+                    tol(dtype),
+                );
 
-            let go = stored(&rng.vec(n * inter, 1.0), dtype);
-            let mut gg = vec![0.0; n * 2 * inter];
-            cpu().swiglu_backward(&mut gg, &go, &gu, inter);
-            let dgo = buf(&gpu, &go, dtype);
-            let dgg = DevBuf::zeros(&gpu, n * 2 * inter, dtype).unwrap();
-            k.swiglu_backward(dgg.view(), dgo.view(), dgu.view(), inter).unwrap();
-            check(&format!("swiglu_bwd_{}", dtype.suffix()), &read(&dgg), &gg, tol(dtype));
+                let go = stored(&rng.vec(n * inter, 1.0), dtype);
+                let mut gg = vec![0.0; n * 2 * inter];
+                cpu().swiglu_backward(&mut gg, &go, &gu, inter);
+                let dgo = buf(&gpu, &go, dtype);
+                let dgg = DevBuf::zeros(&gpu, n * 2 * inter, dtype).unwrap();
+                k.swiglu_backward(dgg.view(), dgo.view(), dgu.view(), inter).unwrap();
+                check(
+                    &format!("swiglu_bwd_{} inter {inter}", dtype.suffix()),
+                    &read(&dgg),
+                    &gg,
+                    tol(dtype),
+                );
+            }
         }
     }
 }
@@ -407,26 +416,28 @@ fn cross_entropy_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(7);
-        let (n, vocab) = (9, 70);
-        let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
-        let dt = DevBuf::from_u32(&gpu, &targets).unwrap();
-        let dloss = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
-        for dtype in DTYPES {
-            for grad_scale in [Some(0.37f32), None] {
-                let logits = stored(&rng.vec(n * vocab, 6.0), dtype);
-                let mut want = logits.clone();
-                let loss = cpu().cross_entropy(&mut want, &targets, vocab, grad_scale);
-                let dl = buf(&gpu, &logits, dtype);
-                let got = k
-                    .cross_entropy(dl.view(), dloss.view(), dt.view(), vocab, grad_scale)
-                    .unwrap();
-                let what = format!("cross_entropy_{} grad {grad_scale:?}", dtype.suffix());
-                // The loss is computed from the same (rounded) logits: fp32 tolerance in both types.
-                check(&format!("{what} loss"), &[got as f32], &[loss as f32], TOL_F32);
-                if grad_scale.is_some() {
-                    check(&format!("{what} grad"), &read(&dl), &want, tol(dtype));
-                } else {
-                    assert_eq!(read(&dl), logits, "{what}: logits changed without a gradient");
+        // An even vocabulary: two logits at a time; an odd one: one at a time.
+        for (n, vocab) in [(9, 70), (4, 37)] {
+            let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
+            let dt = DevBuf::from_u32(&gpu, &targets).unwrap();
+            let dloss = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
+            for dtype in DTYPES {
+                for grad_scale in [Some(0.37f32), None] {
+                    let logits = stored(&rng.vec(n * vocab, 6.0), dtype);
+                    let mut want = logits.clone();
+                    let loss = cpu().cross_entropy(&mut want, &targets, vocab, grad_scale);
+                    let dl = buf(&gpu, &logits, dtype);
+                    let got = k
+                        .cross_entropy(dl.view(), dloss.view(), dt.view(), vocab, grad_scale)
+                        .unwrap();
+                    let what = format!("cross_entropy_{} vocab {vocab} grad {grad_scale:?}", dtype.suffix());
+                    // The loss is computed from the same (rounded) logits: fp32 tolerance in both types.
+                    check(&format!("{what} loss"), &[got as f32], &[loss as f32], TOL_F32);
+                    if grad_scale.is_some() {
+                        check(&format!("{what} grad"), &read(&dl), &want, tol(dtype));
+                    } else {
+                        assert_eq!(read(&dl), logits, "{what}: logits changed without a gradient");
+                    }
                 }
             }
         }
