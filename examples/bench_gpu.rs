@@ -458,6 +458,20 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             });
             row("swiglu bwd", dt, r, 5.0 * ni * e, 0.0);
         }
+        // Embedding backward into an fp32 table, with the token counts of byte-level English text (a
+        // space in about one position of six: the longest run of one token).
+        {
+            let tokens: Vec<u32> = (0..n)
+                .map(|i| if i % 6 == 0 { 32 } else { 64 + ((i * 7919) % 64) as u32 })
+                .collect();
+            let tk = DevBuf::from_u32(g, &tokens)?;
+            let go = buf(ctx, n * h, dt, 14, 1.0)?;
+            let table = DevBuf::zeros(g, 256 * h, DType::F32)?;
+            let r = time_calls(ctx, bud, || {
+                ctx.k.embedding_backward(table.view(), &tokens, tk.view(), go.view(), h)
+            });
+            row("embedding bwd", dt, r, nh * e, 0.0);
+        }
         // Cross-entropy with its gradient written over the logits (as in training).
         {
             let logits = buf(ctx, n * s.vocab, dt, 9, 4.0)?;

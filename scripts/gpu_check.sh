@@ -191,7 +191,7 @@ bench() {  # bench LIMIT NAME ARGS...
 }
 if bench 90 kernels kernels; then
   grep -E "^(device:|qkv |mlp |vocab )" "$WORK/section.log" >>"$SUMMARY"
-  grep -E "^(rms_norm|add|rotary|swiglu|cross_entropy|attention|adamw|sum_squares)" "$WORK/section.log" >>"$SUMMARY"
+  grep -E "^(rms_norm|add|rotary|swiglu|embedding|cross_entropy|attention|adamw|sum_squares)" "$WORK/section.log" >>"$SUMMARY"
   if grep -q "error:" "$WORK/section.log"; then fail "(d) kernels: some kernels failed (error: lines)"; else pass "(d) kernels ran"; fi
 fi
 train_model() {  # train_model MODEL STEPS LIMIT

@@ -1741,17 +1741,30 @@ extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg
                                      float grad_scale, float bias_corr_1, float bias_corr_2) {
     const float lr_wd = lr * weight_decay;
     const float one_m_b1 = 1.0f - beta_1, one_m_b2 = 1.0f - beta_2;
-    for (long long i = global_thread(); i < n; i += global_stride()) {
-        const float g = grad[i] * grad_scale;
-        float wi = w[i];
+    // New (w, m, v) of one element from its (w, grad, m, v).
+    auto step = [&](float wi, float gr, float& m, float& v) {
+        const float g = gr * grad_scale;
         wi -= lr_wd * wi;
-        const float m = beta_1 * exp_avg[i] + one_m_b1 * g;
-        const float v = beta_2 * exp_avg_sq[i] + one_m_b2 * g * g;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-        wi -= lr * (m / bias_corr_1) / (sqrtf(v / bias_corr_2) + eps);
-        w[i] = wi;
-    }
+        m = beta_1 * m + one_m_b1 * g;
+        v = beta_2 * v + one_m_b2 * g * g;
+        return wi - lr * (m / bias_corr_1) / (sqrtf(v / bias_corr_2) + eps);
+    };
+    const bool pairs = pair_aligned(w) && pair_aligned(grad) && pair_aligned(exp_avg) && pair_aligned(exp_avg_sq);
+    for_pairs(n, pairs, [&](long long i, bool two) {
+        if (two) {
+            const F2 wi = ld2(w + i), gr = ld2(grad + i);
+            F2 m = ld2(exp_avg + i), v = ld2(exp_avg_sq + i);
+            const float w0 = step(wi.a, gr.a, m.a, v.a), w1 = step(wi.b, gr.b, m.b, v.b);
+            st2(exp_avg + i, m.a, m.b);
+            st2(exp_avg_sq + i, v.a, v.b);
+            st2(w + i, w0, w1);
+        } else {
+            float m = exp_avg[i], v = exp_avg_sq[i];
+            w[i] = step(w[i], grad[i], m, v);
+            exp_avg[i] = m;
+            exp_avg_sq[i] = v;
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------
