@@ -1507,6 +1507,8 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
         const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
         mma_kv_tile_ready<D, KEYS>(k_buf, v_buf, kbase, vbase, stride, kb, tiles);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        // Warp-uniform: every key of the tile is at or before every row (no mask to apply).
+        const bool unmasked = k0 + KEYS - 1 <= q0;
         float s[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
         for (int kk = 0; kk < D / 16; ++kk)
@@ -1521,7 +1523,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + nt * 8 + 2 * qd + (e & 1);
                 const bool a = e < 2;
-                const float v = key <= (a ? row_a : row_b) ? s[nt][e] * sl : neg_inf();
+                const float v = unmasked || key <= (a ? row_a : row_b) ? s[nt][e] * sl : neg_inf();
                 s[nt][e] = v;
                 if (a) mx_a = fmaxf(mx_a, v);
                 else mx_b = fmaxf(mx_b, v);
@@ -1606,6 +1608,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
         const bf16 *k_sm = k_buf[kb & 1], *v_sm = v_buf[kb & 1];
         mma_kv_tile_ready<D, KEYS>(k_buf, v_buf, kbase, vbase, stride, kb, tiles);
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        const bool unmasked = k0 + KEYS - 1 <= q0;  // warp-uniform, as in the forward
         float s[KEYS / 8][4], dp[KEYS / 8][4];
         for (int nt = 0; nt < KEYS / 8; ++nt)
             for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
@@ -1624,7 +1627,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
                 const int key = k0 + nt * 8 + 2 * qd + (e & 1);
                 const bool a = e < 2;
                 float ds = 0.0f;
-                if (key <= (a ? row_a : row_b))
+                if (unmasked || key <= (a ? row_a : row_b))
                     ds = exp2f(s[nt][e] * sl - (a ? lse_a : lse_b)) * (dp[nt][e] - (a ? d_a : d_b));
                 s[nt][e] = ds;
             }
@@ -1690,6 +1693,7 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
         mma_tile_ready(it, tiles, stage);
         const int q0 = block_key0 + (it % per_head) * QT;
         if (q0 + QT - 1 < key0) continue;  // warp-uniform: every query of the tile is before every key
+        const bool unmasked = key0 + 15 <= q0;  // warp-uniform: every query at or after every key
         const bf16* q_sm = q_buf + (it & 1) * QT * LD;
         const bf16* g_sm = g_buf + (it & 1) * QT * LD;
         const float* q_lse = stat_buf + (it & 1) * 2 * QT;
@@ -1715,7 +1719,7 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
             for (int e = 0; e < 4; ++e) {
                 const int col = nt * 8 + 2 * qd + (e & 1);
                 float p = 0.0f;
-                if ((e < 2 ? key_a : key_b) <= q0 + col) p = exp2f(s[nt][e] * sl - q_lse[col] * LOG2E);
+                if (unmasked || (e < 2 ? key_a : key_b) <= q0 + col) p = exp2f(s[nt][e] * sl - q_lse[col] * LOG2E);
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
             }
