@@ -57,17 +57,36 @@ __device__ __forceinline__ long long global_stride() {
 // The `v` of lane `lane ^ m` of the caller's warp (every lane of the warp must call it).
 __device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
-// Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
-__device__ __forceinline__ unsigned ld_pair(const bf16* p) {
+// The V at p as one vector access (p must be aligned to sizeof(V): a GPU faults otherwise, and so does
+// the emulator), and its store.
+template <class V>
+__device__ __forceinline__ V ld_vec(const void* p) {
 #ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 4);
-    unsigned u;
-    std::memcpy(&u, p, 4);
-    return u;
+    emu_check_aligned(p, sizeof(V));
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
 #else
-    return *reinterpret_cast<const unsigned*>(p);
+    return *reinterpret_cast<const V*>(p);
 #endif
 }
+template <class V>
+__device__ __forceinline__ void st_vec(void* p, V v) {
+#ifdef FAST_LLM_EMU
+    emu_check_aligned(p, sizeof(V));
+    std::memcpy(p, &v, sizeof(V));
+#else
+    *reinterpret_cast<V*>(p) = v;
+#endif
+}
+
+// 16 bytes (one vector access of `ld_vec` / `st_vec`).
+struct __align__(16) V16 {
+    unsigned w[4];
+};
+
+// Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
+__device__ __forceinline__ unsigned ld_pair(const bf16* p) { return ld_vec<unsigned>(p); }
 __device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) {
     return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
 }
@@ -75,46 +94,20 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return pack_bits(__float2bfloat16(lo), __float2bfloat16(hi));
 }
 // Stores lo, hi as two consecutive bf16 (4-byte aligned).
-__device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) {
-    const unsigned u = pack_bf16(lo, hi);
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 4);
-    std::memcpy(p, &u, 4);
-#else
-    *reinterpret_cast<unsigned*>(p) = u;
-#endif
-}
+__device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) { st_vec<unsigned>(p, pack_bf16(lo, hi)); }
 
 // Two consecutive elements as floats, and stores of two (vector accesses: the address must be aligned
-// to the pair, 4 bytes for bf16 and 8 for float; `pairs_aligned` says whether it is).
-struct F2 {
+// to the pair, 4 bytes for bf16 and 8 for float; `pair_aligned` says whether it is).
+struct __align__(8) F2 {
     float a, b;
 };
 __device__ __forceinline__ F2 ld2(const bf16* p) {
     const unsigned u = ld_pair(p);
     return F2{__int_as_float((int)(u << 16)), __int_as_float((int)(u & 0xffff0000u))};
 }
-__device__ __forceinline__ F2 ld2(const float* p) {
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 8);
-    F2 r;
-    std::memcpy(&r, p, 8);
-    return r;
-#else
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    return F2{v.x, v.y};
-#endif
-}
+__device__ __forceinline__ F2 ld2(const float* p) { return ld_vec<F2>(p); }
 __device__ __forceinline__ void st2(bf16* p, float a, float b) { st_pair(p, a, b); }
-__device__ __forceinline__ void st2(float* p, float a, float b) {
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(p, 8);
-    const F2 v{a, b};
-    std::memcpy(p, &v, 8);
-#else
-    *reinterpret_cast<float2*>(p) = make_float2(a, b);
-#endif
-}
+__device__ __forceinline__ void st2(float* p, float a, float b) { st_vec<F2>(p, F2{a, b}); }
 // Whether p (elements of T) is aligned for ld2 / st2.
 template <class T>
 __device__ __forceinline__ bool pair_aligned(const T* p) {
@@ -951,15 +944,7 @@ __device__ void tc_write_rows(bf16* dst, long long ld, TcC* acc, float* stage, S
 }
 
 // 16 bytes from `src` to `dst` (both 16-byte aligned).
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-#ifdef FAST_LLM_EMU
-    emu_check_aligned(dst, 16);
-    emu_check_aligned(src, 16);
-    std::memcpy(dst, src, 16);
-#else
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
+__device__ __forceinline__ void copy16(void* dst, const void* src) { st_vec<V16>(dst, ld_vec<V16>(src)); }
 
 // Rows r0 .. r0+ROWS of D bf16 values (global, row stride `stride`) into shared memory (row stride
 // D + 8: the padding puts consecutive rows on other banks), in 16-byte pieces by the whole block.
