@@ -1,14 +1,16 @@
 // CPU emulation of the CUDA C++ subset `kernels.cu` uses, force-included by the emulator's build
 // (`g++ -DFAST_LLM_EMU -include emu.h`).
 //
-// Model: a launch runs one block at a time; the block's threads are OS threads (one per
-// threadIdx), each looping over all blocks in order with an end-of-block barrier (emu_harness.cpp).
-// Hence:
+// Model: a launch runs one block at a time on the calling OS thread; the block's threads are fibers
+// (ucontext: each its own stack), run in turn by the harness's scheduler (emu_harness.cpp) until each
+// returns or waits at a barrier. Hence:
 // * `__shared__` is `static`: with one block live at a time a function-static array is that block's
 //   shared memory (launches are serialized by a global mutex).
-// * `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread_local globals set by the harness.
+// * `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread_local globals the scheduler sets before
+//   it resumes a fiber.
 // * `__syncthreads()` is a barrier over the block's threads that are still running the kernel: a
-//   thread that has returned leaves the block, and the others still meet.
+//   thread that has returned leaves the block, and the others still meet. A block whose every live
+//   thread waits at a barrier that cannot pass stops the emulator (a deadlock on a GPU).
 // * Warp collectives (`__shfl_xor_sync`, the `mma.sync` of `kernels.cu` through `emu_mma16816`):
 //   each lane publishes its registers in the block's exchange area, meets its warp at `__syncwarp`,
 //   reads what it needs, and meets it again before the area is reused.
@@ -17,12 +19,11 @@
 #pragma once
 
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
+#include <ucontext.h>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -42,22 +43,41 @@ inline thread_local EmuDim3 blockIdx{0, 0, 0};
 inline thread_local EmuDim3 blockDim{1, 1, 1};
 inline thread_local EmuDim3 gridDim{1, 1, 1};
 
-// The barrier of the block being run (one per launch, reused block after block).
+// cp.async copies of one GPU thread (see `emu_cp_async`).
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    unsigned bytes;
+};
+
+// A GPU thread of the block being run: a fiber with its context, what it waits for, and its cp.async
+// groups.
+struct EmuFiber {
+    ucontext_t ctx;
+    // 0: runnable; 1: at the block barrier, 2: at its warp's barrier, until generation `gen` has passed.
+    unsigned wait = 0;
+    unsigned long long gen = 0;
+    bool done = false;
+    std::vector<EmuCopy> cp_open;
+    std::vector<std::vector<EmuCopy>> cp_groups;
+};
+
+inline thread_local ucontext_t* emu_sched = nullptr;  // the scheduler's context
+inline thread_local EmuFiber* emu_cur = nullptr;      // the fiber running
+
+// Back to the scheduler, which resumes this fiber once what it waits for has happened.
+inline void emu_yield() { swapcontext(&emu_cur->ctx, emu_sched); }
+
+// The barriers of the block being run (one per launch, reset block after block).
 struct EmuBlock {
-    std::mutex m;
-    std::condition_variable cv;
     unsigned size;           // threads per block
     unsigned active;         // threads still inside the kernel for the current block
     unsigned arrived = 0;    // threads waiting at the current __syncthreads
     unsigned long long generation = 0;
-    unsigned finished = 0;   // threads done with the current block
-    unsigned long long block_generation = 0;
     // Per warp (32 consecutive threads): threads still inside the kernel, waiting at __syncwarp, and
     // the barrier's generation.
     std::vector<unsigned> warp_active, warp_arrived;
     std::vector<unsigned long long> warp_generation;
-    // One condition variable per warp: a warp barrier wakes its own 32 threads, not the block's.
-    std::vector<std::condition_variable> warp_cv;
     // Registers each thread publishes to its warp in a warp collective (shuffle, mma.sync).
     static constexpr unsigned XCH = 12;
     std::vector<uint32_t> xch;
@@ -68,8 +88,7 @@ struct EmuBlock {
 
     EmuBlock(unsigned n, size_t shared_bytes)
         : size(n), active(n), warp_active(warp_sizes(n)), warp_arrived((n + 31) / 32, 0),
-          warp_generation((n + 31) / 32, 0), warp_cv((n + 31) / 32), xch((size_t)n * XCH, 0),
-          dyn_bytes(shared_bytes),
+          warp_generation((n + 31) / 32, 0), xch((size_t)n * XCH, 0), dyn_bytes(shared_bytes),
           dyn(shared_bytes ? static_cast<unsigned char*>(::operator new(shared_bytes, DYN_ALIGN)) : nullptr) {}
     ~EmuBlock() {
         if (dyn) ::operator delete(dyn, DYN_ALIGN);
@@ -85,35 +104,39 @@ struct EmuBlock {
 
     // __syncwarp: wait until every thread of the caller's warp still in the kernel has arrived.
     void sync_warp(unsigned warp) {
-        std::unique_lock<std::mutex> lock(m);
         const unsigned long long gen = warp_generation[warp];
         if (++warp_arrived[warp] == warp_active[warp]) {
             warp_arrived[warp] = 0;
             ++warp_generation[warp];
-            warp_cv[warp].notify_all();
-        } else {
-            warp_cv[warp].wait(lock, [&] { return warp_generation[warp] != gen; });
+            return;
         }
+        emu_cur->wait = 2;
+        emu_cur->gen = gen;
+        emu_yield();
     }
 
     // __syncthreads: wait until every thread still in the kernel has arrived.
     void sync() {
-        std::unique_lock<std::mutex> lock(m);
         const unsigned long long gen = generation;
         if (++arrived == active) {
             arrived = 0;
             ++generation;
-            cv.notify_all();
-        } else {
-            cv.wait(lock, [&] { return generation != gen; });
+            return;
         }
+        emu_cur->wait = 1;
+        emu_cur->gen = gen;
+        emu_yield();
     }
 
-    // The calling thread has returned from the kernel for this block: it leaves the barrier (releasing
-    // the others if they were only waiting for it), then waits until every thread has finished the
-    // block, so that the next block starts with the full set of threads.
+    // Whether thread t (fiber f) may run: it waits for nothing, or its barrier has passed.
+    bool ready(const EmuFiber& f, unsigned t) const {
+        if (f.wait == 0) return true;
+        return (f.wait == 1 ? generation : warp_generation[t / 32]) != f.gen;
+    }
+
+    // The calling thread has returned from the kernel for this block: it leaves the barriers,
+    // releasing the others if they were only waiting for it.
     void finish(unsigned warp) {
-        std::unique_lock<std::mutex> lock(m);
         --active;
         if (arrived > 0 && arrived == active) {
             arrived = 0;
@@ -123,21 +146,15 @@ struct EmuBlock {
         if (warp_arrived[warp] > 0 && warp_arrived[warp] == warp_active[warp]) {
             warp_arrived[warp] = 0;
             ++warp_generation[warp];
-            warp_cv[warp].notify_all();
         }
-        if (++finished == size) {
-            finished = 0;
-            active = size;
-            arrived = 0;
-            warp_active = warp_sizes(size);
-            for (unsigned& a : warp_arrived) a = 0;
-            ++block_generation;
-            cv.notify_all();
-        } else {
-            cv.notify_all();
-            const unsigned long long gen = block_generation;
-            cv.wait(lock, [&] { return block_generation != gen; });
-        }
+    }
+
+    // Every thread back for the next block.
+    void next_block() {
+        active = size;
+        arrived = 0;
+        warp_active = warp_sizes(size);
+        for (unsigned& a : warp_arrived) a = 0;
     }
 };
 
@@ -275,29 +292,23 @@ inline void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
 // cp.async: the copies of a thread are held back until its `cp.async.wait_group` lets their group
 // complete, so a kernel that reads a staged tile before waiting (and the barrier after it) reads stale
 // data here too, as it may on a GPU. Groups are per thread, like the hardware's.
-struct EmuCopy {
-    void* dst;
-    const void* src;
-    unsigned bytes;
-};
-inline thread_local std::vector<EmuCopy> emu_cp_open;
-inline thread_local std::vector<std::vector<EmuCopy>> emu_cp_groups;
 // `cp.async` of `bytes` (4 or 16), both addresses aligned to it.
 inline void emu_cp_async(void* dst, const void* src, unsigned bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
         std::fprintf(stderr, "cp.async: %p <- %p is not %u-byte aligned\n", dst, src, bytes);
         std::abort();
     }
-    emu_cp_open.push_back(EmuCopy{dst, src, bytes});
+    emu_cur->cp_open.push_back(EmuCopy{dst, src, bytes});
 }
 inline void emu_cp_async_commit() {
-    emu_cp_groups.push_back(std::move(emu_cp_open));
-    emu_cp_open.clear();
+    emu_cur->cp_groups.push_back(std::move(emu_cur->cp_open));
+    emu_cur->cp_open.clear();
 }
 inline void emu_cp_async_wait(unsigned pending) {
-    while (emu_cp_groups.size() > pending) {
-        for (const EmuCopy& c : emu_cp_groups.front()) std::memcpy(c.dst, c.src, c.bytes);
-        emu_cp_groups.erase(emu_cp_groups.begin());
+    auto& groups = emu_cur->cp_groups;
+    while (groups.size() > pending) {
+        for (const EmuCopy& c : groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+        groups.erase(groups.begin());
     }
 }
 

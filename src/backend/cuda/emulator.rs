@@ -1,5 +1,5 @@
 //! A [`Gpu`] over host memory that runs the real kernel source: `kernels.cu` compiled as C++ with
-//! `emu.h` (CUDA keywords, `__syncthreads` as a block barrier over OS threads, bf16) and
+//! `emu.h` (CUDA keywords, a block's threads as fibers with `__syncthreads` as their barrier, bf16) and
 //! `emu_harness.cpp` (the launcher), by the system's `g++`, then loaded with `libloading`.
 //!
 //! The shared library is cached under `std::env::temp_dir()/fast-llm-rs-emu/<hash of the sources and

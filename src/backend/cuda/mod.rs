@@ -4,7 +4,7 @@
 //! * `driver` (real GPUs): the CUDA driver API, NVRTC and cuBLASLt through `cudarc`, loaded dynamically,
 //!   so the binary builds and starts on machines without CUDA and says why when it cannot use a GPU.
 //! * `emulator` (tests without a GPU): the same kernel source (`kernels.cu`) compiled as C++ with
-//!   `emu.h`, which runs each block's threads as OS threads (`__syncthreads` is a barrier), over host
+//!   `emu.h`, which runs each block's threads as fibers (`__syncthreads` is a barrier), over host
 //!   memory; matrix products by a reference loop with cuBLAS's rounding (bf16 inputs, fp32 accumulate).
 //!
 //! Device pointers are plain `u64` addresses ([`DevPtr`]); [`DevBuf`] owns an allocation and frees it on
@@ -173,8 +173,8 @@ pub trait Gpu: Send + Sync {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
     /// Wait for all submitted work.
     fn synchronize(&self) -> Result<(), GpuError>;
-    /// Threads per block for one-dimensional kernels (256 on a GPU; smaller on the emulator, whose
-    /// threads are OS threads). Always a power of two, at least 32.
+    /// Threads per block for one-dimensional kernels (256 on a GPU; smaller on the emulator, which runs
+    /// a block's threads in turn). Always a power of two, at least 32.
     fn block_size(&self) -> u32;
 }
 
