@@ -540,7 +540,7 @@ fn attention_errors_with(
     )
 }
 
-const ATTN_SHAPES: [AttnDims; 6] = [
+const ATTN_SHAPES: [AttnDims; 7] = [
     AttnDims {
         batch: 2,
         seq: 17,
@@ -564,7 +564,8 @@ const ATTN_SHAPES: [AttnDims; 6] = [
         head_size: 128,
     },
     // bf16 at these shapes runs the tensor-core kernels (head size 32/64/128, seq a multiple of 64):
-    // two row blocks with grouped heads, and each head size.
+    // each head size, with several row blocks (tiles wholly before the diagonal, skipped and masked
+    // ones), grouped heads (the dK/dV kernel's tiles run over the group's heads) and batches.
     AttnDims {
         batch: 2,
         seq: 128,
@@ -574,10 +575,17 @@ const ATTN_SHAPES: [AttnDims; 6] = [
     },
     AttnDims {
         batch: 1,
-        seq: 64,
-        heads: 2,
-        kv_heads: 1,
+        seq: 192,
+        heads: 4,
+        kv_heads: 2,
         head_size: 64,
+    },
+    AttnDims {
+        batch: 2,
+        seq: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 128,
     },
     AttnDims {
         batch: 1,
