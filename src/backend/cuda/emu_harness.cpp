@@ -105,6 +105,9 @@ void** emu_params = nullptr;
 
 void emu_fiber_main() {
     emu_entry->run(emu_params);
+    // A thread's committed cp.async copies complete even if it never waited for them.
+    emu_cp_async_wait(0);
+    emu_cur->cp_open.clear();
     emu_block->finish(threadIdx.x / 32);
     emu_cur->done = true;
     // Returning resumes the scheduler (uc_link).
