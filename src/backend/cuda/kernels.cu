@@ -1354,22 +1354,20 @@ __device__ __forceinline__ void ldsm_b2(unsigned* b0, unsigned* b1, const bf16* 
     b1[0] = r[2];
     b1[1] = r[3];
 }
-// 16 (or 4) bytes from global to shared memory without going through registers (cp.async); complete
-// after `cp_async_wait` (the emulator holds the copy back until then). Both addresses aligned to the size.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+// BYTES (16, or 4) from global to shared memory without going through registers (cp.async; 16 bytes
+// bypass L1); complete after `cp_async_wait` (the emulator holds the copy back until then). Both
+// addresses aligned to BYTES.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+    static_assert(BYTES == 16 || BYTES == 4, "cp.async of 16 or 4 bytes");
 #ifdef FAST_LLM_EMU
-    emu_cp_async(dst, src, 16);
+    emu_cp_async(dst, src, BYTES);
 #else
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-#ifdef FAST_LLM_EMU
-    emu_cp_async(dst, src, 4);
-#else
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
 #endif
 }
 // Closes the group of this thread's cp.async issued since the last commit.
@@ -1395,7 +1393,7 @@ template <int D, int ROWS>
 __device__ void cp_async_rows(bf16* dst, const bf16* src, long long stride) {
     for (int c = threadIdx.x; c < ROWS * D / 8; c += blockDim.x) {
         const int row = c / (D / 8), col = (c % (D / 8)) * 8;
-        cp_async16(dst + row * (D + 8) + col, src + row * stride + col);
+        cp_async<16>(dst + row * (D + 8) + col, src + row * stride + col);
     }
 }
 // Starts copying rows 0 .. ROWS of k and v into shared tiles, as one committed group.
@@ -1660,8 +1658,8 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                              grad_out + ((long long)b * seq + q0) * ostride + (long long)hq * D, ostride);
         if (threadIdx.x < QT) {
             const long long row = ((long long)b * heads + hq) * seq + q0 + threadIdx.x;
-            cp_async4(stat_buf + buf * 2 * QT + threadIdx.x, lse + row);
-            cp_async4(stat_buf + buf * 2 * QT + QT + threadIdx.x, delta + row);
+            cp_async<4>(stat_buf + buf * 2 * QT + threadIdx.x, lse + row);
+            cp_async<4>(stat_buf + buf * 2 * QT + QT + threadIdx.x, delta + row);
         }
         cp_async_commit();
     };
