@@ -8,8 +8,9 @@
 // * Shapes are written as `(rows, cols)`, row-major; `n` is the number of rows (tokens).
 // * Static `__shared__` arrays (dynamic ones only where a kernel says so, through `DYNAMIC_SHARED`), no
 //   atomics: every reduction goes through shared memory (or, in the mma attention, warp shuffles) in a
-//   fixed order, so results are deterministic for a given launch geometry. The tensor-core attention uses `nvcuda::wmma` tiles and `__syncwarp` (family
-//   `wmma`) or `mma.sync` and `__shfl_xor_sync` (family `mma`); the emulator has all of them.
+//   fixed order, so results are deterministic for a given launch geometry. The tensor-core attention
+//   uses `nvcuda::wmma` tiles and `__syncwarp` (family `wmma`) or `mma.sync`, `ldmatrix`, `cp.async` and
+//   `__shfl_xor_sync` (family `mma`); the emulator has all of them.
 // * Kernels work for any power-of-two `blockDim.x` in 32..=256 (`MAX_BLOCK`), and every thread of a
 //   block reaches every `__syncthreads()` (loops that contain a barrier have block-uniform bounds).
 // * No printf, no standard library, no dynamic allocation.
