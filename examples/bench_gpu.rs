@@ -486,19 +486,33 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             });
             row("cross_entropy (+grad)", dt, r, 2.0 * (n * s.vocab) as f64 * e, 0.0);
         }
-        // Attention (causal, fused: log-sum-exp saved).
-        {
-            let d = AttnDims {
+        // Attention (causal, fused: log-sum-exp saved) at these shapes and, in bf16 on a GPU, at
+        // llama-125m's too (16 sequences of 1024, 12 heads of 64: the head size its target rests on).
+        let mut attention_shapes = vec![(
+            "",
+            AttnDims {
                 batch: b,
                 seq: s.seq,
                 heads: s.heads,
                 kv_heads: s.heads,
                 head_size: s.head_size,
+            },
+        )];
+        if dt == DType::Bf16 && !ctx.tiny {
+            let d = AttnDims {
+                batch: 16,
+                seq: 1024,
+                heads: 12,
+                kv_heads: 12,
+                head_size: 64,
             };
+            attention_shapes.push((" 125m", d));
+        }
+        for (label, d) in attention_shapes {
             let qkv = buf(ctx, d.qkv_len(), dt, 10, 1.0)?;
             let out = DevBuf::zeros(g, d.out_len(), dt)?;
             let lse = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
-            let fwd_flops = 2.0 * (b * s.seq * s.seq * s.heads * s.head_size) as f64;
+            let fwd_flops = 2.0 * (d.batch * d.seq * d.seq * d.heads * d.head_size) as f64;
             let gout = buf(ctx, d.out_len(), dt, 11, 1.0)?;
             let gqkv = DevBuf::zeros(g, d.qkv_len(), dt)?;
             let delta = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
@@ -510,14 +524,14 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 family(AttentionKernels::Wmma),
                 family(AttentionKernels::Simple),
             );
-            let variants: Vec<(&str, &CudaKernels)> = if dt == DType::Bf16 {
+            let variants: Vec<(String, &CudaKernels)> = if dt == DType::Bf16 {
                 vec![
-                    ("attention (mma)", &mma),
-                    ("attention (wmma)", &wmma),
-                    ("attention (simple)", &simple),
+                    (format!("attention{label} (mma)"), &mma),
+                    (format!("attention{label} (wmma)"), &wmma),
+                    (format!("attention{label} (simple)"), &simple),
                 ]
             } else {
-                vec![("attention", &ctx.k)]
+                vec![(format!("attention{label}"), &ctx.k)]
             };
             let fwd = |k: &CudaKernels| k.attention_forward(out.view(), lse.view(), qkv.view(), d);
             let bwd = |k: &CudaKernels| {
@@ -557,10 +571,10 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 for (name, fast) in [("mma", &mma), ("wmma", &wmma)] {
                     match agree(fast) {
                         Ok([o, l, gq]) => println!(
-                            "attention bf16 {name} vs simple: max relative difference out {o:.2e}, lse {l:.2e}, \
-                             grad_qkv {gq:.2e}"
+                            "attention{label} bf16 {name} vs simple: max relative difference out {o:.2e}, \
+                             lse {l:.2e}, grad_qkv {gq:.2e}"
                         ),
-                        Err(e) => println!("attention bf16 {name} vs simple: error: {e}"),
+                        Err(e) => println!("attention{label} bf16 {name} vs simple: error: {e}"),
                     }
                 }
             }

@@ -26,7 +26,7 @@
 #   (c) examples/shakespeare.yaml, 20 steps, 2 ranks, ZeRO-3: use_cuda true vs false, every step's
 #       loss within 1e-4 relative;
 #   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the three attention families: mma, wmma,
-#       simple), train llama-125m 20 steps, train llama-1b 10
+#       simple, at llama-1b's and llama-125m's attention shapes), train llama-125m 20 steps, train llama-1b 10
 #       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank;
 #   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present;
 #   (f) (run before (e)) 3 steps of examples/llama-1b.yaml with FAST_LLM_RS_PROFILE=1: the device time
