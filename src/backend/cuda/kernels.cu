@@ -1436,6 +1436,20 @@ __device__ __forceinline__ void mma_c_to_a(unsigned* a, const float* c0, const f
     a[2] = pack_bf16(c1[0], c1[1]);
     a[3] = pack_bf16(c1[2], c1[3]);
 }
+// acc (16 x KEYS, KEYS/8 accumulator tiles) = A (the warp's 16 rows of D values, D/16 A fragments in
+// registers) times the transpose of KEYS rows of D values at m in shared memory (leading dimension ld):
+// q.k^T, dO.v^T.
+template <int D, int KEYS>
+__device__ __forceinline__ void mma_rows_t(float (*acc)[4], const unsigned (*a)[4], const bf16* m, int ld) {
+    for (int nt = 0; nt < KEYS / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int kk = 0; kk < D / 16; ++kk)
+        for (int nt = 0; nt < KEYS / 8; nt += 2) {
+            unsigned b0[2], b1[2];
+            ldsm_b2<false>(b0, b1, m + nt * 8 * ld + kk * 16, ld);
+            mma16816(acc[nt], a[kk], b0);
+            mma16816(acc[nt + 1], a[kk], b1);
+        }
+}
 // acc (16 x D, D/8 accumulator tiles) += C (16 x K: the K/8 accumulator tiles of a previous product, as
 // bf16) times K rows of D values at m in shared memory (leading dimension ld): p v, ds k, p^T dO, ds^T q.
 template <int D, int K>
@@ -1494,14 +1508,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
         // Warp-uniform: every key of the tile is at or before every row (no mask to apply).
         const bool unmasked = k0 + KEYS - 1 <= q0;
         float s[KEYS / 8][4];
-        for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        for (int kk = 0; kk < D / 16; ++kk)
-            for (int nt = 0; nt < KEYS / 8; nt += 2) {
-                unsigned b0[2], b1[2];
-                ldsm_b2<false>(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
-                mma16816(s[nt], qa[kk], b0);
-                mma16816(s[nt + 1], qa[kk], b1);
-            }
+        mma_rows_t<D, KEYS>(s, qa, k_sm, LD);
         float mx_a = neg_inf(), mx_b = neg_inf();
         for (int nt = 0; nt < KEYS / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
@@ -1594,18 +1601,8 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
         if (k0 > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
         const bool unmasked = k0 + KEYS - 1 <= q0;  // warp-uniform, as in the forward
         float s[KEYS / 8][4], dp[KEYS / 8][4];
-        for (int nt = 0; nt < KEYS / 8; ++nt)
-            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-        for (int kk = 0; kk < D / 16; ++kk)
-            for (int nt = 0; nt < KEYS / 8; nt += 2) {
-                unsigned b0[2], b1[2];
-                ldsm_b2<false>(b0, b1, k_sm + nt * 8 * LD + kk * 16, LD);
-                mma16816(s[nt], qa[kk], b0);
-                mma16816(s[nt + 1], qa[kk], b1);
-                ldsm_b2<false>(b0, b1, v_sm + nt * 8 * LD + kk * 16, LD);
-                mma16816(dp[nt], ga[kk], b0);
-                mma16816(dp[nt + 1], ga[kk], b1);
-            }
+        mma_rows_t<D, KEYS>(s, qa, k_sm, LD);
+        mma_rows_t<D, KEYS>(dp, ga, v_sm, LD);
         for (int nt = 0; nt < KEYS / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + nt * 8 + 2 * qd + (e & 1);
