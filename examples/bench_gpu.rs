@@ -410,11 +410,20 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             row("rms_norm fwd", dt, r, 2.0 * nh * e, 0.0);
             let gx = DevBuf::zeros(g, n * h, dt)?;
             let gw = DevBuf::zeros(g, h, DType::F32)?;
-            let r = time_calls(ctx, bud, || {
-                ctx.k
-                    .rms_norm_backward(gx.view(), gw.view(), out.view(), x.view(), w.view(), rstd.view(), h)
-            });
-            row("rms_norm bwd (dx + dw)", dt, r, 3.0 * nh * e, 0.0);
+            for accumulate in [false, true] {
+                let r = time_calls(ctx, bud, || {
+                    let (gx, gw, out, x, w, rstd) = (gx.view(), gw.view(), out.view(), x.view(), w.view(), rstd.view());
+                    ctx.k.rms_norm_backward(gx, gw, out, x, w, rstd, h, accumulate)
+                });
+                // Reads grad_out and x in the dx pass and again in the dw pass, writes grad_x (and reads
+                // it first when accumulating: the residual's gradient).
+                let (label, bytes) = if accumulate {
+                    ("rms_norm bwd, += (dx + dw)", 6.0)
+                } else {
+                    ("rms_norm bwd (dx + dw)", 5.0)
+                };
+                row(label, dt, r, bytes * nh * e, 0.0);
+            }
             let r = time_calls(ctx, bud, || ctx.k.add_assign(gx.view(), x.view()));
             row("add (residual)", dt, r, 3.0 * nh * e, 0.0);
         }

@@ -175,7 +175,7 @@ fn bench(threads: usize) -> f64 {
     let mut gx = vec![0.0f32; TOKENS * HIDDEN];
     let mut gwn = vec![0.0f32; HIDDEN];
     let trf = time(|| k.rms_norm_forward(&mut o, &mut rstd, &xs, &wn, HIDDEN, 1e-5));
-    let trb = time(|| k.rms_norm_backward(&mut gx, &mut gwn, &xs, &xs, &wn, &rstd, HIDDEN));
+    let trb = time(|| k.rms_norm_backward(&mut gx, &mut gwn, &xs, &xs, &wn, &rstd, HIDDEN, true));
     let gu = fill(TOKENS * 2 * INTER, 8);
     let mut so = vec![0.0f32; TOKENS * INTER];
     let mut ggu = vec![0.0f32; TOKENS * 2 * INTER];

@@ -1805,6 +1805,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         weight: &[T],
         rstd: &[T],
         hidden: usize,
+        accumulate: bool,
     ) {
         assert!(hidden > 0);
         let n = rstd.len();
@@ -1814,22 +1815,34 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         assert_eq!(weight.len(), hidden, "rms_norm_backward: weight shape");
         assert_eq!(grad_weight.len(), hidden, "rms_norm_backward: grad_weight shape");
         let inv_c = T::from_f64(1.0 / hidden as f64);
-        // grad_x = r * w * g - x * r^3 / c * sum(w * g * x), row by row.
+        // grad_x (+)= r * w * g - x * r^3 / c * sum(w * g * x), row by row.
         let px = SyncPtr::new(grad_x);
         self.par_ranges(n, 2 * hidden, |s, e| {
             // SAFETY: rows s..e are this range's only.
             let gx = unsafe { px.slice(s * hidden, (e - s) * hidden) };
+            // w * g of the row: in grad_x itself when it is overwritten, else here.
+            let mut wg_row = if accumulate { vec![T::ZERO; hidden] } else { Vec::new() };
             for (i, gxrow) in (s..e).zip(gx.chunks_exact_mut(hidden)) {
                 let xrow = &x[i * hidden..(i + 1) * hidden];
                 let grow = &grad_out[i * hidden..(i + 1) * hidden];
                 let r = rstd[i];
-                // gxrow first holds w * g, then the gradient.
-                for ((d, &gv), &w) in gxrow.iter_mut().zip(grow).zip(weight) {
-                    *d = w * gv;
-                }
-                let coef = dot(gxrow, xrow) * r * r * r * inv_c;
-                for (d, &xv) in gxrow.iter_mut().zip(xrow) {
-                    *d = r * *d - xv * coef;
+                // Writes w * g into `wg`; returns r^3 / c * sum(w * g * x).
+                let coef = |wg: &mut [T]| {
+                    for ((d, &gv), &w) in wg.iter_mut().zip(grow).zip(weight) {
+                        *d = w * gv;
+                    }
+                    dot(wg, xrow) * r * r * r * inv_c
+                };
+                if accumulate {
+                    let coef = coef(&mut wg_row);
+                    for ((d, &wg), &xv) in gxrow.iter_mut().zip(&wg_row).zip(xrow) {
+                        *d += r * wg - xv * coef;
+                    }
+                } else {
+                    let coef = coef(gxrow);
+                    for (d, &xv) in gxrow.iter_mut().zip(xrow) {
+                        *d = r * *d - xv * coef;
+                    }
                 }
             }
         });

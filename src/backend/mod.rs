@@ -159,6 +159,26 @@ pub trait Kernels<T: Element>: Send + Sync {
         accumulate: bool,
     );
 
+    /// `out (m,n) = residual + op(a) @ op(b)`: a residual block's output, its input plus its output
+    /// product (operands as in [`Kernels::matmul`]; `out` and `residual` do not overlap). The same
+    /// values as copying the residual into `out` and accumulating the product into it, which is what
+    /// this default does; a device does it in one product that reads the residual where it is.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_residual(
+        &self,
+        out: &mut [T],
+        residual: &[T],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) {
+        self.copy(out, residual);
+        self.matmul(out, a, b, m, n, k, trans_a, trans_b, true);
+    }
     /// `out (n,c) = table[tokens]`, with `table (vocab,c)`.
     fn embedding_forward(&self, out: &mut [T], tokens: &[u32], table: &[T], hidden: usize);
 
@@ -194,7 +214,9 @@ pub trait Kernels<T: Element>: Send + Sync {
         eps: T::Master,
     );
 
-    /// RMSNorm backward: writes `grad_x (n,c)`, accumulates `grad_weight (c) +=`.
+    /// RMSNorm backward: writes `grad_x (n,c)`, or adds to it when `accumulate` (a pre-norm block's
+    /// input gradient: the residual stream's gradient plus the norm's, in one pass; each element is
+    /// the input gradient computed as when writing, then added); accumulates `grad_weight (c) +=`.
     #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
@@ -205,6 +227,7 @@ pub trait Kernels<T: Element>: Send + Sync {
         weight: &[T],
         rstd: &[T::Master],
         hidden: usize,
+        accumulate: bool,
     );
 
     /// Rotary embedding in place, HuggingFace Llama convention (rotate-half: element `i` pairs with
@@ -301,8 +324,8 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// `out += x` elementwise (residual connections).
     fn add_assign(&self, out: &mut [T], x: &[T]);
 
-    /// `out = x` (the residual stream's copy), in stream order on a device: a host copy there would
-    /// race with the kernels still writing `x`.
+    /// `out = x`, in stream order on a device: a host copy there would race with the kernels still
+    /// writing `x` (the default [`Kernels::matmul_residual`] copies its residual with it).
     fn copy(&self, out: &mut [T], x: &[T]) {
         out.copy_from_slice(x);
     }

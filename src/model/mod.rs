@@ -236,8 +236,6 @@ pub struct MicroBatchActs<T: Element> {
 pub struct Scratch<T: Element> {
     /// `(n, c)`.
     pub d_normed: Buf<T>,
-    /// `(n, c)`.
-    pub d_x: Buf<T>,
     /// `(n, max(qkv, 2*inter))`.
     pub d_proj: Buf<T>,
     /// `(n, max(attn, inter))`.
@@ -465,7 +463,7 @@ impl Llama {
     pub fn scratch_elems(&self, b: Batch) -> usize {
         let s = &self.shape;
         let n = b.tokens();
-        2 * n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + self.attention_rows(b)
+        n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + self.attention_rows(b)
     }
 
     /// Elements the attention saves per layer and micro-batch (and needs as backward scratch): the
@@ -512,7 +510,6 @@ impl Llama {
         let n = b.tokens();
         Scratch {
             d_normed: Buf::zeros_in(mem, n * s.hidden),
-            d_x: Buf::zeros_in(mem, n * s.hidden),
             d_proj: Buf::zeros_in(mem, n * s.qkv_width().max(2 * s.inter)),
             d_inner: Buf::zeros_in(mem, n * s.attn_width().max(s.inter)),
             d_probs: Buf::zeros_in(mem, self.attention_rows(b)),
@@ -627,9 +624,7 @@ impl Llama {
                     s.kv_heads,
                     s.head_size,
                 );
-                let out = &mut after[0];
-                k.copy(out, input);
-                k.matmul(out, &la.inner, o_w, n, c, s.attn_width(), false, true, true);
+                k.matmul_residual(&mut after[0], input, &la.inner, o_w, n, c, s.attn_width(), false, true);
             }
             LayerKind::Mlp(_) => {
                 let (norm_w, rest) = weights.split_at(c);
@@ -638,9 +633,7 @@ impl Llama {
                 k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
-                let out = &mut after[0];
-                k.copy(out, input);
-                k.matmul(out, &la.inner, down_w, n, c, s.inter, false, true, true);
+                k.matmul_residual(&mut after[0], input, &la.inner, down_w, n, c, s.inter, false, true);
             }
             LayerKind::Head => {
                 let (norm_w, out_w) = weights.split_at(c);
@@ -730,7 +723,8 @@ impl Llama {
                     false,
                     false,
                 );
-                self.norm_backward(k, g_norm, norm_w, input, la, dh, &scratch.d_normed, &mut scratch.d_x, c);
+                // Pre-norm residual: dh (the output's gradient) += the norm's input gradient.
+                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c, true);
             }
             LayerKind::Mlp(_) => {
                 let (norm_w, rest) = weights.split_at(c);
@@ -755,7 +749,8 @@ impl Llama {
                     false,
                     false,
                 );
-                self.norm_backward(k, g_norm, norm_w, input, la, dh, &scratch.d_normed, &mut scratch.d_x, c);
+                // Pre-norm residual: dh (the output's gradient) += the norm's input gradient.
+                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c, true);
             }
             LayerKind::Head => {
                 let (norm_w, out_w) = weights.split_at(c);
@@ -773,27 +768,9 @@ impl Llama {
                     false,
                     false,
                 );
-                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c);
+                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c, false);
             }
         }
-    }
-
-    /// Pre-norm residual backward: `dh += rms_norm_backward(d_normed)`; accumulates the norm weight grad.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_backward<T: Element>(
-        &self,
-        k: &dyn Kernels<T>,
-        g_norm: &mut [T::Master],
-        norm_w: &[T],
-        input: &[T],
-        la: &LayerActs<T>,
-        dh: &mut [T],
-        d_normed: &[T],
-        d_x: &mut [T],
-        c: usize,
-    ) {
-        k.rms_norm_backward(d_x, g_norm, d_normed, input, norm_w, &la.rstd, c);
-        k.add_assign(dh, d_x);
     }
 }
 

@@ -351,8 +351,16 @@ fn rms_norm_forward_backward() {
     let mut gx = vec![0.0; n * c];
     let gw0 = rng.vec(c, 1.0);
     let mut gw = gw0.clone();
-    k.rms_norm_backward(&mut gx, &mut gw, &w, &x, &weight, &rstd, c);
+    k.rms_norm_backward(&mut gx, &mut gw, &w, &x, &weight, &rstd, c, false);
     let dw: Vec<f64> = gw.iter().zip(&gw0).map(|(a, b)| a - b).collect();
+    // Accumulating adds the same input gradient to what was there (and the weight gradient again).
+    let gx0 = rng.vec(n * c, 1.0);
+    let (mut gx_acc, mut gw_acc) = (gx0.clone(), gw.clone());
+    k.rms_norm_backward(&mut gx_acc, &mut gw_acc, &w, &x, &weight, &rstd, c, true);
+    let added: Vec<f64> = gx_acc.iter().zip(&gx0).map(|(a, b)| a - b).collect();
+    assert_close("rms_norm dx accumulated", &added, &gx, 1e-14);
+    let dw_again: Vec<f64> = gw_acc.iter().zip(&gw).map(|(a, b)| a - b).collect();
+    assert_close("rms_norm dweight accumulated", &dw_again, &dw, 1e-14);
     let fwd = |x: &[f64], wt: &[f64]| {
         let mut out = vec![0.0; n * c];
         let mut rstd = vec![0.0; n];
@@ -370,9 +378,18 @@ fn rms_norm_forward_backward() {
     f32_vs_f64("rms_norm forward", &out32, &out);
     let mut gx32 = vec![0.0f32; n * c];
     let mut gw32 = to32(&gw0);
-    k32.rms_norm_backward(&mut gx32, &mut gw32, &to32(&w), &x32, &wt32, &rstd32, c);
+    k32.rms_norm_backward(&mut gx32, &mut gw32, &to32(&w), &x32, &wt32, &rstd32, c, false);
     f32_vs_f64("rms_norm dx", &gx32, &gx);
     f32_vs_f64("rms_norm dweight", &gw32, &gw);
+    // In f32 too, accumulating is the written gradient added to the old value, bit for bit.
+    let mut gx32_acc = to32(&gx0);
+    k32.rms_norm_backward(&mut gx32_acc, &mut gw32, &to32(&w), &x32, &wt32, &rstd32, c, true);
+    let want: Vec<f32> = to32(&gx0).iter().zip(&gx32).map(|(a, b)| a + b).collect();
+    assert_eq!(
+        bits(&gx32_acc),
+        bits(&want),
+        "rms_norm dx accumulated (f32) is old + written"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -903,8 +920,10 @@ fn determinism_row_kernels() {
         kern.rms_norm_forward(&mut out, &mut rstd, &x, &weight, c, 1e-5);
         let mut gx = vec![0.0f32; n * c];
         let mut gw = gw0.clone();
-        kern.rms_norm_backward(&mut gx, &mut gw, &go, &x, &weight, &rstd, c);
-        (bits(&out), bits(&rstd), bits(&gx), bits(&gw))
+        kern.rms_norm_backward(&mut gx, &mut gw, &go, &x, &weight, &rstd, c, false);
+        let mut gx_acc = go.clone();
+        kern.rms_norm_backward(&mut gx_acc, &mut gw, &go, &x, &weight, &rstd, c, true);
+        (bits(&out), bits(&rstd), bits(&gx), bits(&gw), bits(&gx_acc))
     });
     let logits = rand32(&mut rng, n * vocab, 5.0);
     let targets = rng.tokens(n, vocab);

@@ -134,6 +134,32 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         self.gemm(view(c), a, b, m, n, k, trans_a, trans_b, accumulate);
     }
 
+    fn matmul_residual(
+        &self,
+        out: &mut [T],
+        residual: &[T],
+        a: &[T],
+        b: &[T],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) {
+        let r = self.kernels.matmul_residual(
+            view(&out[..m * n]),
+            view(&residual[..m * n]),
+            view(&a[..m * k]),
+            view(&b[..k * n]),
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+        );
+        ok(r, "matmul_residual");
+    }
+
     fn matmul_acc_master(
         &self,
         c: &mut [f32],
@@ -198,6 +224,7 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         weight: &[T],
         rstd: &[f32],
         hidden: usize,
+        accumulate: bool,
     ) {
         ok(
             self.kernels.rms_norm_backward(
@@ -208,6 +235,7 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
                 view(weight),
                 master(rstd),
                 hidden,
+                accumulate,
             ),
             "rms_norm_backward",
         );

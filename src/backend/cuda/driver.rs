@@ -588,8 +588,11 @@ impl Gpu for RealGpu {
             return Ok(());
         }
         if g.k == 0 {
-            if !g.accumulate {
-                self.memset_zero(g.c, g.m * g.n * g.c_dtype.size())?;
+            let bytes = g.m * g.n * g.c_dtype.size();
+            match (g.accumulate, g.c_in) {
+                (false, _) => self.memset_zero(g.c, bytes)?,
+                (true, Some(c_in)) => self.copy(g.c, c_in, bytes)?,
+                (true, None) => {}
             }
             return Ok(());
         }
@@ -602,7 +605,7 @@ impl Gpu for RealGpu {
             trans_b: g.trans_b,
             ab: g.ab_dtype,
             c: g.c_dtype,
-            align: alignment(&[g.a, g.b, g.c]),
+            align: alignment(&[g.a, g.b, g.c, g.c_in.unwrap_or(g.c)]),
         };
         self.plan(key)?;
         let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
@@ -618,7 +621,7 @@ impl Gpu for RealGpu {
             p.a_layout,
             g.a as *const c_void,
             p.b_layout,
-            g.c as *const c_void,
+            g.c_in.unwrap_or(g.c) as *const c_void,
             p.c_layout,
             g.c as *mut c_void,
             p.c_layout,

@@ -463,7 +463,7 @@ impl Gpu for EmuGpu {
     }
 }
 
-/// `c (+)= alpha op(a) op(b)` with fp32 accumulation in `k` order and one rounding to `c`'s type.
+/// `c = alpha op(a) op(b) (+ c or c_in)` with fp32 accumulation in `k` order and one rounding to `c`'s type.
 ///
 /// # Safety
 /// The pointers of `g` cover the matrices its shape names.
@@ -480,7 +480,7 @@ unsafe fn reference_gemm(g: &Gemm) {
                 }
                 let mut v = g.alpha * acc;
                 if g.accumulate {
-                    v += read_elem(g.c, i * n + j, g.c_dtype);
+                    v += read_elem(g.c_in.unwrap_or(g.c), i * n + j, g.c_dtype);
                 }
                 write_elem(g.c, i * n + j, g.c_dtype, v);
             }

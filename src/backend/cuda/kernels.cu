@@ -320,10 +320,11 @@ extern "C" __global__ void rms_norm_fwd_bf16(bf16* out, float* rstd, const bf16*
     rms_norm_fwd_impl(out, rstd, x, weight, n, hidden, eps);
 }
 
-// grad_x (n, hidden) = r * w * g - x * r^3 / hidden * sum(w * g * x), one block per row.
+// grad_x (n, hidden) = r * w * g - x * r^3 / hidden * sum(w * g * x), one block per row; with
+// `accumulate`, grad_x += that (one rounding of the sum: the residual stream's gradient and the norm's).
 template <class T>
 __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, const T* weight,
-                                     const float* rstd, int n, int hidden) {
+                                     const float* rstd, int n, int hidden, int accumulate) {
     __shared__ float red[MAX_BLOCK];
     const float inv_c = 1.0f / (float)hidden;
     const bool pairs = hidden % 2 == 0 && pair_aligned(grad_x) && pair_aligned(grad_out) && pair_aligned(x) &&
@@ -344,23 +345,33 @@ __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, c
         d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
         row_pairs(hidden, pairs, [&](int j, bool two) {
+            T* gx = grad_x + base + j;
             if (two) {
                 const F2 w = ld2(weight + j), g = ld2(grad_out + base + j), v = ld2(x + base + j);
-                st2(grad_x + base + j, r * (w.a * g.a) - v.a * coef, r * (w.b * g.b) - v.b * coef);
+                float a = r * (w.a * g.a) - v.a * coef, b = r * (w.b * g.b) - v.b * coef;
+                if (accumulate) {
+                    const F2 old = ld2(gx);
+                    a = old.a + a;
+                    b = old.b + b;
+                }
+                st2(gx, a, b);
             } else {
                 const float wg = ld(weight[j]) * ld(grad_out[base + j]);
-                st(grad_x + base + j, r * wg - ld(x[base + j]) * coef);
+                const float v = r * wg - ld(x[base + j]) * coef;
+                st(gx, accumulate ? ld(*gx) + v : v);
             }
         });
     }
 }
 extern "C" __global__ void rms_norm_bwd_dx_f32(float* grad_x, const float* grad_out, const float* x,
-                                               const float* weight, const float* rstd, int n, int hidden) {
-    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden);
+                                               const float* weight, const float* rstd, int n, int hidden,
+                                               int accumulate) {
+    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden, accumulate);
 }
 extern "C" __global__ void rms_norm_bwd_dx_bf16(bf16* grad_x, const bf16* grad_out, const bf16* x,
-                                                const bf16* weight, const float* rstd, int n, int hidden) {
-    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden);
+                                                const bf16* weight, const float* rstd, int n, int hidden,
+                                                int accumulate) {
+    rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden, accumulate);
 }
 
 // grad_weight (hidden) fp32 += sum over rows of g * x * rstd, in two deterministic passes so the whole
@@ -907,6 +918,23 @@ extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_ou
 // `wmma` loads and stores need 32-byte aligned addresses: the shared tiles are declared
 // `__align__(128)`, and every offset into them and into the activations is a multiple of 16 elements.
 #define TC_ROWS 64
+
+// The block of a tensor-core attention kernel. The grid is (heads, or kv heads for dK/dV; batch; row
+// blocks). A GPU starts blocks in linear order (x fastest), so the row block, the slowest index, orders
+// them, and it orders them heaviest first: under the causal mask a query block's work grows with its
+// index (it sees every key before it) and a key block's shrinks (every query after it sees it). The long
+// blocks then run in the first waves and the last wave is short ones (less tail idle).
+struct TcBlock {
+    int rows, y, b;  // row block, head (kv head), sequence
+};
+// Query row blocks (forward, dQ): the last first.
+__device__ __forceinline__ TcBlock tc_query_block() {
+    return TcBlock{(int)(gridDim.z - 1 - blockIdx.z), (int)blockIdx.x, (int)blockIdx.y};
+}
+// Key row blocks (dK/dV): the first first.
+__device__ __forceinline__ TcBlock tc_key_block() {
+    return TcBlock{(int)blockIdx.z, (int)blockIdx.x, (int)blockIdx.y};
+}
 // Keys per tile in the forward (staged in shared memory by the block).
 #define TC_FWD_KEYS 32
 // Keys per tile in the dQ kernel, queries per tile in the dK/dV kernel (whose 2 x D/16 accumulator
@@ -1006,12 +1034,13 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
     __shared__ float alpha_sm[4][16];
     __shared__ float xch_sm[4][32];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const TcBlock blk = tc_query_block();
+    const int h = blk.y, b = blk.b, g = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D;
     const bf16* base = qkv + (long long)b * seq * stride;
     const bf16* kbase = base + (long long)(heads + g) * D;
     const bf16* vbase = base + (long long)(heads + kv_heads + g) * D;
-    const int q0 = blockIdx.x * TC_ROWS + warp * 16, i = q0 + r;
+    const int q0 = blk.rows * TC_ROWS + warp * 16, i = q0 + r;
     float* S = s_sm[warp];
     bf16* P = p_sm[warp];
     TcA qf[D / 16];
@@ -1021,7 +1050,7 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
     for (int dd = 0; dd < D / 16; ++dd) wmma::fill_fragment(of[dd], 0.0f);
     float m = neg_inf(), l = 0.0f;  // of row r (both of its lanes hold them)
     // Key tiles up to the block's last row (block-uniform: every thread meets every barrier).
-    const int tiles = (blockIdx.x + 1) * TC_ROWS / KEYS;
+    const int tiles = (blk.rows + 1) * TC_ROWS / KEYS;
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
         tc_stage_kv<D, KEYS>(k_sm, v_sm, kbase + (long long)k0 * stride, vbase + (long long)k0 * stride, stride);
@@ -1099,12 +1128,13 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
     __shared__ __align__(128) float dp_sm[4][16 * T];
     __shared__ __align__(128) bf16 ds_sm[4][16 * T];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (heads / kv_heads);
+    const TcBlock blk = tc_query_block();
+    const int h = blk.y, b = blk.b, g = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
     const bf16* base = qkv + (long long)b * seq * stride;
     const bf16* kbase = base + (long long)(heads + g) * D;
     const bf16* vbase = base + (long long)(heads + kv_heads + g) * D;
-    const int q0 = blockIdx.x * TC_ROWS + warp * 16, i = q0 + r;
+    const int q0 = blk.rows * TC_ROWS + warp * 16, i = q0 + r;
     const bf16* go = grad_out + ((long long)b * seq + q0) * ostride + (long long)h * D;
     float *S = s_sm[warp], *DP = dp_sm[warp];
     bf16* DS = ds_sm[warp];
@@ -1118,7 +1148,7 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
     const long long li = ((long long)b * heads + h) * seq + i;
     const float row_lse = lse[li], row_delta = delta[li];
     // Key tiles up to the block's last row (block-uniform: every thread meets every barrier).
-    const int tiles = (blockIdx.x + 1) * TC_ROWS / T;
+    const int tiles = (blk.rows + 1) * TC_ROWS / T;
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * T;
         tc_stage_kv<D, T>(k_sm, v_sm, kbase + (long long)k0 * stride, vbase + (long long)k0 * stride, stride);
@@ -1170,10 +1200,11 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
     __shared__ __align__(128) bf16 ds_sm[4][16 * T];
     __shared__ float q_lse[T], q_delta[T];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
-    const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const TcBlock blk = tc_key_block();
+    const int gk = blk.y, b = blk.b, group = heads / kv_heads;
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
     const bf16* base = qkv + (long long)b * seq * stride;
-    const int key0 = blockIdx.x * TC_ROWS + warp * 16, j = key0 + r;
+    const int key0 = blk.rows * TC_ROWS + warp * 16, j = key0 + r;
     const bf16* krows = base + (long long)key0 * stride + (long long)(heads + gk) * D;
     const bf16* vrows = base + (long long)key0 * stride + (long long)(heads + kv_heads + gk) * D;
     float *S = s_sm[warp], *DP = dp_sm[warp];
@@ -1188,7 +1219,7 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
         const bf16* gbase = grad_out + (long long)b * seq * ostride + (long long)hq * D;
         const float* lse_h = lse + ((long long)b * heads + hq) * seq;
         const float* delta_h = delta + ((long long)b * heads + hq) * seq;
-        for (int q0 = blockIdx.x * TC_ROWS; q0 < seq; q0 += T) {
+        for (int q0 = blk.rows * TC_ROWS; q0 < seq; q0 += T) {
             __syncthreads();  // the previous tile is no longer read
             if (threadIdx.x < T) {
                 q_lse[threadIdx.x] = lse_h[q0 + threadIdx.x];
@@ -1255,7 +1286,7 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
 }
 
 // The entry points of a tensor-core family F (tc: wmma, mma) for head size D, with the same parameters as
-// the one-thread-per-row kernels (batch is the grid's z extent, head_size is D).
+// the one-thread-per-row kernels (batch is the grid's y extent, head_size is D).
 #define ATTN_TC_KERNELS(F, D)                                                                                    \
     extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
                                                    int heads, int kv_heads, int head_size, float scale) {          \
@@ -1485,12 +1516,13 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
     __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
     __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
-    const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
+    const TcBlock blk = tc_query_block();
+    const int h = blk.y, b = blk.b, grp = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D;
     const bf16* base = qkv + (long long)b * seq * stride;
     const bf16* kbase = base + (long long)(heads + grp) * D;
     const bf16* vbase = base + (long long)(heads + kv_heads + grp) * D;
-    const int q0 = blockIdx.x * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
+    const int q0 = blk.rows * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
     const float sl = scale * LOG2E;
     unsigned qa[D / 16][4];
     for (int kk = 0; kk < D / 16; ++kk) mma_load_a(qa[kk], base + (long long)q0 * stride + (long long)h * D + kk * 16, stride);
@@ -1498,7 +1530,7 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
     for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     // Running max (log2 units) of rows a and b, and this lane's part of their sums.
     float m_a = neg_inf(), m_b = neg_inf(), l_a = 0.0f, l_b = 0.0f;
-    const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    const int tiles = (blk.rows + 1) * MMA_ROWS / KEYS;
     mma_stage_kv_async<D, KEYS>(k_buf[0], v_buf[0], kbase, vbase, stride);
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
@@ -1573,12 +1605,13 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
     __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
-    const int h = blockIdx.y, b = blockIdx.z, grp = h / (heads / kv_heads);
+    const TcBlock blk = tc_query_block();
+    const int h = blk.y, b = blk.b, grp = h / (heads / kv_heads);
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
     const bf16* base = qkv + (long long)b * seq * stride;
     const bf16* kbase = base + (long long)(heads + grp) * D;
     const bf16* vbase = base + (long long)(heads + kv_heads + grp) * D;
-    const int q0 = blockIdx.x * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
+    const int q0 = blk.rows * MMA_ROWS + warp * 16, row_a = q0 + g, row_b = q0 + g + 8;
     const float sl = scale * LOG2E;
     const bf16* go = grad_out + ((long long)b * seq + q0) * ostride + (long long)h * D;
     unsigned qa[D / 16][4], ga[D / 16][4];
@@ -1592,7 +1625,7 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     const float* drow = delta + ((long long)b * heads + h) * seq;
     const float lse_a = lrow[row_a] * LOG2E, lse_b = lrow[row_b] * LOG2E;
     const float d_a = drow[row_a], d_b = drow[row_b];
-    const int tiles = (blockIdx.x + 1) * MMA_ROWS / KEYS;
+    const int tiles = (blk.rows + 1) * MMA_ROWS / KEYS;
     mma_stage_kv_async<D, KEYS>(k_buf[0], v_buf[0], kbase, vbase, stride);
     for (int kb = 0; kb < tiles; ++kb) {
         const int k0 = kb * KEYS;
@@ -1641,10 +1674,11 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     bf16* g_buf = q_buf + 2 * QT * LD;   // [2][QT * LD]
     float* stat_buf = reinterpret_cast<float*>(g_buf + 2 * QT * LD);  // [2][lse QT | delta QT]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
-    const int gk = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    const TcBlock blk = tc_key_block();
+    const int gk = blk.y, b = blk.b, group = heads / kv_heads;
     const long long stride = (long long)(heads + 2 * kv_heads) * D, ostride = (long long)heads * D;
     const bf16* base = qkv + (long long)b * seq * stride;
-    const int block_key0 = blockIdx.x * MMA_ROWS, key0 = block_key0 + warp * 16;
+    const int block_key0 = blk.rows * MMA_ROWS, key0 = block_key0 + warp * 16;
     const int key_a = key0 + g, key_b = key0 + g + 8;
     const float sl = scale * LOG2E;
     // Tile `it` is query head gk * group + it / per_head, queries from block_key0 + (it % per_head) * QT.

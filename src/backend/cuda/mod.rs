@@ -94,7 +94,7 @@ pub struct Launch {
     pub shared_bytes: u32,
 }
 
-/// A row-major matrix product `c (m,n) = alpha * op(a) @ op(b) (+ c when accumulate)`, with the same
+/// A row-major matrix product `c (m,n) = alpha * op(a) @ op(b) (+ c, or + c_in, when accumulate)`, with the same
 /// conventions as [`crate::backend::Kernels::matmul`]: `a` stored `(m,k)` or `(k,m)` when `trans_a`,
 /// `b` stored `(k,n)` or `(n,k)` when `trans_b`. `a` and `b` share `ab_dtype`; products accumulate in
 /// fp32; `c` is `c_dtype` (fp32 for gradients, bf16 for activations).
@@ -120,6 +120,9 @@ pub struct Gemm {
     pub b: DevPtr,
     /// `c`.
     pub c: DevPtr,
+    /// With `accumulate`, the matrix added to the product when it is not `c` itself (a residual:
+    /// `c = c_in + op(a) op(b)` in one pass); same shape and type as `c`, not overlapping it.
+    pub c_in: Option<DevPtr>,
     /// Element type of `a` and `b`.
     pub ab_dtype: DType,
     /// Element type of `c`.

@@ -240,10 +240,12 @@ pub fn tensor_core_attention_applies(dtype: DType, head_size: usize, seq: usize)
     dtype == DType::Bf16 && matches!(head_size, 32 | 64 | 128) && seq.is_multiple_of(TC_ROWS)
 }
 
-/// Grid of the tensor-core attention kernels: (row blocks, `ys` heads, batch), 4 warps per block.
+/// Grid of the tensor-core attention kernels: (`ys` heads, batch, row blocks), 4 warps per block. The
+/// row block is slowest so that the kernels can start the heaviest causal blocks first (`TcBlock` in
+/// `kernels.cu`).
 fn tc_grid(d: &AttnDims, ys: usize) -> Launch {
     Launch {
-        grid: ((d.seq / TC_ROWS) as u32, ys as u32, d.batch as u32),
+        grid: (ys as u32, d.batch as u32, (d.seq / TC_ROWS) as u32),
         block: (128, 1, 1),
         shared_bytes: 0,
     }
@@ -431,6 +433,47 @@ impl CudaKernels {
         trans_b: bool,
         accumulate: bool,
     ) -> Result<(), GpuError> {
+        self.gemm(c, accumulate.then_some(c), a, b, (m, n, k), trans_a, trans_b)
+    }
+
+    /// `c (m,n) = residual + op(a) @ op(b)` in one product (see [`Kernels::matmul_residual`]);
+    /// `residual` has `c`'s type and shape and does not overlap it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_residual(
+        &self,
+        c: DevView,
+        residual: DevView,
+        a: DevView,
+        b: DevView,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<(), GpuError> {
+        expect_same_dtype(&residual, &c, "matmul_residual: residual")?;
+        expect_at_least(&residual, m * n, "matmul_residual: residual")?;
+        let (cs, rs) = (c.ptr, residual.ptr);
+        let bytes = (m * n * c.dtype.size()) as u64;
+        if cs < rs + bytes && rs < cs + bytes && m * n > 0 {
+            return Err(invalid("matmul_residual: residual overlaps the output".to_string()));
+        }
+        self.gemm(c, Some(residual), a, b, (m, n, k), trans_a, trans_b)
+    }
+
+    /// `c = op(a) @ op(b) (+ c_in)`: `c_in` is `c` itself when accumulating in place, another matrix
+    /// for a residual, `None` to overwrite.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        c: DevView,
+        c_in: Option<DevView>,
+        a: DevView,
+        b: DevView,
+        (m, n, k): (usize, usize, usize),
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<(), GpuError> {
         expect_same_dtype(&b, &a, "matmul: b")?;
         expect_at_least(&c, m * n, "matmul: c")?;
         expect_at_least(&a, m * k, "matmul: a")?;
@@ -438,24 +481,20 @@ impl CudaKernels {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if k == 0 {
-            if !accumulate {
-                // SAFETY: `c` covers m*n elements (checked above).
-                unsafe { self.gpu.memset_zero(c.ptr, m * n * c.dtype.size())? };
-            }
-            return Ok(());
-        }
+        // The matrix added when it is not `c` itself.
+        let residual = c_in.filter(|r| r.ptr != c.ptr).map(|r| r.ptr);
         let g = Gemm {
             m,
             n,
             k,
             trans_a,
             trans_b,
-            accumulate,
+            accumulate: c_in.is_some(),
             alpha: 1.0,
             a: a.ptr,
             b: b.ptr,
             c: c.ptr,
+            c_in: residual,
             ab_dtype: a.dtype,
             c_dtype: c.dtype,
         };
@@ -468,7 +507,11 @@ impl CudaKernels {
                     if trans_b { " b^T" } else { "" },
                     a.dtype.suffix(),
                     c.dtype.suffix(),
-                    if accumulate { " (+=)" } else { "" }
+                    match (c_in.is_some(), residual.is_some()) {
+                        (true, false) => " (+=)",
+                        (true, true) => " (+ residual)",
+                        _ => "",
+                    }
                 )
             },
             || unsafe { self.gpu.gemm(&g) },
@@ -644,7 +687,8 @@ impl CudaKernels {
         )
     }
 
-    /// RMSNorm backward: writes `grad_x (n, hidden)`, accumulates `grad_weight (hidden) +=` (fp32).
+    /// RMSNorm backward: writes `grad_x (n, hidden)` (adds to it when `accumulate`), accumulates
+    /// `grad_weight (hidden) +=` (fp32).
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_backward(
         &self,
@@ -655,6 +699,7 @@ impl CudaKernels {
         weight: DevView,
         rstd: DevView,
         hidden: usize,
+        accumulate: bool,
     ) -> Result<(), GpuError> {
         let n = rstd.len;
         expect_dtype(&rstd, DType::F32, "rms_norm_backward: rstd")?;
@@ -683,6 +728,7 @@ impl CudaKernels {
                 Arg::Ptr(rstd.ptr),
                 Arg::I32(ni),
                 Arg::I32(hi),
+                Arg::I32(accumulate as i32),
             ],
         )?;
         let chunks = n.div_ceil(ROWS_PER_CHUNK);

@@ -237,10 +237,41 @@ fn matmul_matches_cpu() {
                         assert!(e <= t, "matmul {ab:?}->{c_dtype:?} ta {ta} tb {tb} acc {acc}: {e:e}");
                         worst = worst.max(e);
                     }
+                    // A residual added in the product: the output's old values must not count. Depth
+                    // 0 too (the residual alone).
+                    for depth in [kk, 0] {
+                        let a = stored(&rng.vec(m * depth, 1.0), ab);
+                        let b = stored(&rng.vec(depth * n, 1.0), ab);
+                        let r0 = stored(&rng.vec(m * n, 1.0), c_dtype);
+                        let mut want = vec![f32::NAN; m * n];
+                        cpu().matmul_residual(&mut want, &r0, &a, &b, m, n, depth, ta, tb);
+                        let (da, db) = (buf(&gpu, &a, ab), buf(&gpu, &b, ab));
+                        let (dr, dc) = (buf(&gpu, &r0, c_dtype), buf(&gpu, &rng.vec(m * n, 9.0), c_dtype));
+                        k.matmul_residual(dc.view(), dr.view(), da.view(), db.view(), m, n, depth, ta, tb)
+                            .unwrap();
+                        let t = if c_dtype == DType::Bf16 { TOL_BF16 } else { TOL_F32 };
+                        let e = rel_err(&read(&dc), &want);
+                        assert!(
+                            e <= t,
+                            "matmul_residual {ab:?}->{c_dtype:?} ta {ta} tb {tb} k {depth}: {e:e}"
+                        );
+                        assert_eq!(read(&dr), r0, "matmul_residual changed its residual");
+                        worst = worst.max(e);
+                    }
                 }
             }
             println!("matmul {ab:?} -> {c_dtype:?}: max relative error {worst:.3e}");
         }
+        // The residual may not be (part of) the output: the product would read what it writes.
+        let (a, c) = (
+            buf(&gpu, &rng.vec(m * kk, 1.0), DType::F32),
+            buf(&gpu, &rng.vec(2 * m * n, 1.0), DType::F32),
+        );
+        let (first, shifted) = (c.view().slice(0..m * n), c.view().slice(m..m + m * n));
+        let e = k
+            .matmul_residual(first, shifted, a.view(), a.view(), m, n, kk, false, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
     }
 }
 
@@ -309,24 +340,35 @@ fn rms_norm_matches_cpu() {
 
                 let go = stored(&rng.vec(n * hidden, 1.0), dtype);
                 let gw0 = rng.vec(hidden, 1.0);
-                let (mut gx, mut gw) = (vec![0.0; n * hidden], gw0.clone());
                 // The device's rstd is what its backward reads; the CPU's is within 1e-6 of it.
                 let rstd_dev = read(&dr);
-                cpu().rms_norm_backward(&mut gx, &mut gw, &go, &x, &w, &rstd_dev, hidden);
                 let dgo = buf(&gpu, &go, dtype);
-                let dgx = DevBuf::zeros(&gpu, n * hidden, dtype).unwrap();
                 let dgw = buf(&gpu, &gw0, DType::F32);
-                k.rms_norm_backward(
-                    dgx.view(),
-                    dgw.view(),
-                    dgo.view(),
-                    dx.view(),
-                    dw.view(),
-                    dr.view(),
-                    hidden,
-                )
-                .unwrap();
-                check(&format!("rms_norm_bwd_dx_{sfx}"), &read(&dgx), &gx, t);
+                let mut gw = gw0.clone();
+                // Written, then added to a residual gradient (the weight gradient accumulates twice).
+                for accumulate in [false, true] {
+                    let gx0 = if accumulate {
+                        stored(&rng.vec(n * hidden, 1.0), dtype)
+                    } else {
+                        vec![0.0; n * hidden]
+                    };
+                    let mut gx = gx0.clone();
+                    cpu().rms_norm_backward(&mut gx, &mut gw, &go, &x, &w, &rstd_dev, hidden, accumulate);
+                    let dgx = buf(&gpu, &gx0, dtype);
+                    k.rms_norm_backward(
+                        dgx.view(),
+                        dgw.view(),
+                        dgo.view(),
+                        dx.view(),
+                        dw.view(),
+                        dr.view(),
+                        hidden,
+                        accumulate,
+                    )
+                    .unwrap();
+                    let acc = if accumulate { " (+=)" } else { "" };
+                    check(&format!("rms_norm_bwd_dx_{sfx}{acc}"), &read(&dgx), &gx, t);
+                }
                 check(&format!("rms_norm_bwd_dw_{sfx}"), &read(&dgw), &gw, TOL_F32);
             }
         }

@@ -134,7 +134,7 @@ fn measured_bytes<T: Element>(a: &MicroBatchActs<T>) -> u64 {
 
 /// Bytes held by the backward scratch.
 fn scratch_bytes<T: Element>(s: &Scratch<T>) -> u64 {
-    vec_bytes(&s.d_normed) + vec_bytes(&s.d_x) + vec_bytes(&s.d_proj) + vec_bytes(&s.d_inner) + vec_bytes(&s.d_probs)
+    vec_bytes(&s.d_normed) + vec_bytes(&s.d_proj) + vec_bytes(&s.d_inner) + vec_bytes(&s.d_probs)
 }
 
 fn check(r: (Result<(), CommError>, Duration), waited: &mut Duration) -> anyhow::Result<()> {
