@@ -30,7 +30,11 @@
 #       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank;
 #   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present;
 #   (f) (run before (e)) 3 steps of examples/llama-1b.yaml with FAST_LLM_RS_PROFILE=1: the device time
-#       by operation (kernel, matrix product shape).
+#       by operation (kernel, matrix product shape);
+#   (g) (run before (e)) the PyTorch peer baseline on this card (../shared/bench/torch_gpu_baseline.py,
+#       copied into target/gpu-check by --build; eager, both models), when a Python with torch and
+#       transformers is there: the issue's targets were measured on an H200, so on another card this
+#       is the comparison.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-check
@@ -45,6 +49,9 @@ if [ "${1:-}" = "--build" ]; then
   mkdir -p "$CARRY"
   cp target/release/fast-llm-rs target/release/examples/bench_gpu "$CARRY/"
   cp "$tests" "$CARRY/lib-tests"
+  # The PyTorch script that measured the issue's peer figures, for step (g) (not part of the repository).
+  if [ -f ../shared/bench/torch_gpu_baseline.py ]; then cp -f ../shared/bench/torch_gpu_baseline.py "$CARRY/"
+  else echo "(no ../shared/bench/torch_gpu_baseline.py: step (g) will be skipped)"; fi
   ls -la "$CARRY"
   du -cb "$CARRY"/* | tail -1 | awk '{printf "carry %s: %.1f MiB (limit 64 MiB with the tree)\n", "'"$CARRY"'", $1/1048576}'
   exit 0
@@ -234,6 +241,28 @@ if [ "$T" -eq 0 ]; then fail "(f) skipped: out of time"; else
   rc=${PIPESTATUS[0]}
   sed -n '/^Device time by operation/,$p' "$LOGS/profile.log" | head -24 >>"$SUMMARY"
   if [ "$rc" -eq 0 ]; then pass "(f) profiled llama-1b"; else fail "(f) profiled llama-1b: exit $rc"; fi
+fi
+
+# ---------------------------------------------------------------- (g) PyTorch on this card
+header "(g) PyTorch peer baseline on this card (torch_gpu_baseline.py, eager)"
+TORCH_PY=""
+for py in /opt/torch/.venv/bin/python3 python3; do
+  if command -v "$py" >/dev/null && "$py" -c 'import torch, transformers' 2>/dev/null; then TORCH_PY=$py; break; fi
+done
+if [ "${GPU_CHECK_EMULATOR:-0}" = 1 ]; then
+  note "(g) skipped in a dry run: it needs a GPU"
+elif [ ! -f "$CARRY/torch_gpu_baseline.py" ]; then
+  note "(g) skipped: $CARRY/torch_gpu_baseline.py not carried"
+elif [ -z "$TORCH_PY" ]; then
+  note "(g) skipped: no Python with torch and transformers"
+else
+  T=$(limit 100)
+  if [ "$T" -eq 0 ]; then fail "(g) skipped: out of time"; else
+    guarded "$T" "$LOGS/torch.log" "$TORCH_PY" "$CARRY/torch_gpu_baseline.py"
+    rc=$?
+    grep -E '^\{|NVIDIA|nccl' "$LOGS/torch.log" >>"$SUMMARY"
+    if [ "$rc" -eq 0 ]; then pass "(g) PyTorch baseline"; else fail "(g) PyTorch baseline: exit $rc (124 = timeout)"; fi
+  fi
 fi
 
 # ---------------------------------------------------------------- (e) NCCL backend
