@@ -528,17 +528,21 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             // bf16 runs the tensor-core kernels where they apply: both families (mma, wmma) and the
             // one-thread-per-row kernels (what f32 and other shapes run) are timed side by side.
             let family = |a: AttentionKernels| CudaKernels::new(g.clone()).with_attention(a);
-            let (mma, wmma, simple) = (
+            let (mma, mma64, wmma, simple) = (
                 family(AttentionKernels::Mma),
+                family(AttentionKernels::Mma64),
                 family(AttentionKernels::Wmma),
                 family(AttentionKernels::Simple),
             );
             let variants: Vec<(String, &CudaKernels)> = if dt == DType::Bf16 {
-                vec![
-                    (format!("attention{label} (mma)"), &mma),
-                    (format!("attention{label} (wmma)"), &wmma),
-                    (format!("attention{label} (simple)"), &simple),
-                ]
+                let mut v = vec![(format!("attention{label} (mma)"), &mma)];
+                // At head size 128 mma64 runs the mma kernels.
+                if d.head_size <= 64 {
+                    v.push((format!("attention{label} (mma64)"), &mma64));
+                }
+                v.push((format!("attention{label} (wmma)"), &wmma));
+                v.push((format!("attention{label} (simple)"), &simple));
+                v
             } else {
                 vec![(format!("attention{label}"), &ctx.k)]
             };

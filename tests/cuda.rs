@@ -276,6 +276,7 @@ fn the_attention_setting_picks_the_kernels_that_run() {
             .collect()
     };
     assert_eq!(launched(None), kernels("mma"));
+    assert_eq!(launched(Some("mma64")), kernels("mma64"));
     assert_eq!(launched(Some("wmma")), kernels("tc"));
     let simple: Vec<String> = ["bwd_delta", "bwd_dkv", "bwd_dq", "fwd"]
         .map(|k| format!("attn_{k}_bf16"))

@@ -1020,7 +1020,7 @@ __device__ __forceinline__ float tc_partner(float v, float* xch) {
     return o;
 }
 
-// Forward. Grid (seq / TC_ROWS, heads, batch), block 128. Per tile of TC_FWD_KEYS keys, staged in
+// Forward. Grid (heads, batch, seq / TC_ROWS), block 128. Per tile of TC_FWD_KEYS keys, staged in
 // shared memory by the whole block: s = q.k^T, online softmax (lazy rescaling), o += p v. A warp skips
 // the tiles that lie wholly after its rows (causal mask).
 template <int D>
@@ -1115,7 +1115,7 @@ __device__ void attn_fwd_tc_impl(bf16* out, float* lse, const bf16* qkv, int seq
     if (half == 0) lse[((long long)b * heads + h) * seq + i] = m + logf(l);
 }
 
-// Query gradient (the q part of grad_qkv). Grid (seq / TC_ROWS, heads, batch), block 128: per tile
+// Query gradient (the q part of grad_qkv). Grid (heads, batch, seq / TC_ROWS), block 128: per tile
 // of TC_BWD keys (k and v staged in shared memory by the block), s = q.k, dp = dO.v,
 // ds = exp(s * scale - lse) * (dp - delta), dq += ds k. A warp skips the tiles wholly after its rows.
 template <int D>
@@ -1184,7 +1184,7 @@ __device__ void attn_bwd_dq_tc_impl(bf16* grad_qkv, const bf16* grad_out, const 
 }
 
 // Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv
-// head in head order. Grid (seq / TC_ROWS, kv_heads, batch), block 128: per query head and tile of
+// head in head order. Grid (kv_heads, batch, seq / TC_ROWS), block 128: per query head and tile of
 // TC_DKV queries from the block's first key on (q and dO staged in shared memory by the block),
 // p^T = exp(k.q * scale - lse), dp^T = v.dO, ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q.
 // A warp skips the tiles wholly before its keys.
@@ -1285,26 +1285,28 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
                              [&](int) { return 1.0f; });
 }
 
-// The entry points of a tensor-core family F (tc: wmma, mma) for head size D, with the same parameters as
-// the one-thread-per-row kernels (batch is the grid's y extent, head_size is D).
-#define ATTN_TC_KERNELS(F, D)                                                                                    \
+// The entry points of a tensor-core family F for head size D, with the same parameters as the
+// one-thread-per-row kernels (batch is the grid's y extent, head_size is D): the forward and dQ kernels
+// are attn_fwd_<IMPL>_impl and attn_bwd_dq_<IMPL>_impl with template arguments `...` (D, and the key
+// tile), the dK/dV kernel is attn_bwd_dkv_<IMPL>_impl<D>.
+#define ATTN_TC_KERNELS(F, IMPL, D, ...)                                                                         \
     extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
                                                    int heads, int kv_heads, int head_size, float scale) {          \
-        attn_fwd_##F##_impl<D>(out, lse, qkv, seq, heads, kv_heads, scale);                                      \
+        attn_fwd_##IMPL##_impl<__VA_ARGS__>(out, lse, qkv, seq, heads, kv_heads, scale);                         \
     }                                                                                                            \
     extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,     \
                                                       const float* lse, const float* delta, int batch, int seq,  \
                                                       int heads, int kv_heads, int head_size, float scale) {     \
-        attn_bwd_dq_##F##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);             \
+        attn_bwd_dq_##IMPL##_impl<__VA_ARGS__>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale); \
     }                                                                                                            \
     extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
                                                        const float* lse, const float* delta, int batch, int seq, \
                                                        int heads, int kv_heads, int head_size, float scale) {    \
-        attn_bwd_dkv_##F##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);            \
+        attn_bwd_dkv_##IMPL##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);         \
     }
-ATTN_TC_KERNELS(tc, 32)
-ATTN_TC_KERNELS(tc, 64)
-ATTN_TC_KERNELS(tc, 128)
+ATTN_TC_KERNELS(tc, tc, 32, 32)
+ATTN_TC_KERNELS(tc, tc, 64, 64)
+ATTN_TC_KERNELS(tc, tc, 128, 128)
 
 // ---------------------------------------------------------------------------------------------------
 // Causal attention on tensor cores through `mma.sync` m16n8k16 (bf16 in, fp32 accumulation), with the
@@ -1320,7 +1322,9 @@ ATTN_TC_KERNELS(tc, 128)
 // loop bounds are block-uniform (every thread meets every barrier).
 #define MMA_ROWS 64
 // Keys per staged tile (forward and dQ), double-buffered: the next tile is copied (cp.async) while the
-// warps work on this one.
+// warps work on this one. The `mma64` family stages 64 at head sizes 32 and 64 (half the barriers and
+// softmax rescales per key, more registers; the static shared memory of 64 keys at head size 128 is over
+// 48 KB, so there it is the `mma` kernels).
 #define MMA_KEYS 32
 // Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory; its q and
 // dO tiles are double-buffered in dynamic shared memory).
@@ -1506,13 +1510,14 @@ __device__ void mma_write_rows(bf16* dst, long long ld, float (*acc)[4], float s
     }
 }
 
-// Forward. Grid (seq / MMA_ROWS, heads, batch), block 128. Per tile of MMA_KEYS keys (k and v staged by
-// the block, double-buffered): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the tiles wholly
-// after its rows.
-template <int D>
+// Forward. Grid (heads, batch, seq / MMA_ROWS), block 128. Per tile of KEYS keys (k and v staged by
+// the block, double-buffered): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the
+// tiles wholly after its rows.
+template <int D, int KEYS>
 __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
                                   float scale) {
-    constexpr int KEYS = MMA_KEYS, LD = D + 8;
+    static_assert(MMA_ROWS % KEYS == 0, "a row block is a whole number of key tiles");
+    constexpr int LD = D + 8;
     __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
     __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
@@ -1595,13 +1600,14 @@ __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int se
     }
 }
 
-// Query gradient (the q part of grad_qkv). Grid (seq / MMA_ROWS, heads, batch), block 128: per staged
-// tile of MMA_KEYS keys (double-buffered): s = q.k^T, dp = dO.v^T, ds = p (dp - delta) with
+// Query gradient (the q part of grad_qkv). Grid (heads, batch, seq / MMA_ROWS), block 128: per staged
+// tile of KEYS keys (double-buffered): s = q.k^T, dp = dO.v^T, ds = p (dp - delta) with
 // p = exp(s * scale - lse), dq += ds k. A warp skips the keys wholly after its rows.
-template <int D>
+template <int D, int KEYS>
 __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
-    constexpr int KEYS = MMA_KEYS, LD = D + 8;
+    static_assert(MMA_ROWS % KEYS == 0, "a row block is a whole number of key tiles");
+    constexpr int LD = D + 8;
     __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
     __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
@@ -1658,7 +1664,7 @@ constexpr int mma_dkv_shared_bytes() {
 }
 
 // Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv head
-// in head order. Grid (seq / MMA_ROWS, kv_heads, batch), block 128, `mma_dkv_shared_bytes<D>()` bytes of
+// in head order. Grid (kv_heads, batch, seq / MMA_ROWS), block 128, `mma_dkv_shared_bytes<D>()` bytes of
 // dynamic shared memory: the block's k and v rows are staged once; then, per query head and tile of
 // MMA_DKV_Q queries from the block's first key on, double-buffered (q, dO, lse and delta of the next tile
 // are copied while the warps work on this one): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse),
@@ -1746,9 +1752,12 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     mma_write_rows<D>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, 1.0f);
 }
 
-ATTN_TC_KERNELS(mma, 32)
-ATTN_TC_KERNELS(mma, 64)
-ATTN_TC_KERNELS(mma, 128)
+ATTN_TC_KERNELS(mma, mma, 32, 32, MMA_KEYS)
+ATTN_TC_KERNELS(mma, mma, 64, 64, MMA_KEYS)
+ATTN_TC_KERNELS(mma, mma, 128, 128, MMA_KEYS)
+ATTN_TC_KERNELS(mma64, mma, 32, 32, 64)
+ATTN_TC_KERNELS(mma64, mma, 64, 64, 64)
+ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_KEYS)
 
 // ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
@@ -1823,16 +1832,18 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Every kernel, for the emulator's name table.
+// Every kernel, for the emulator's name table: the tensor-core families' nine each (ATTN_TC_KERNELS at
+// head sizes 32, 64 and 128), then the others.
+#define EMU_ATTN_FAMILY(X, F)                                                                                 \
+    X(attn_fwd_##F##_d32) X(attn_fwd_##F##_d64) X(attn_fwd_##F##_d128) X(attn_bwd_dq_##F##_d32)               \
+    X(attn_bwd_dq_##F##_d64) X(attn_bwd_dq_##F##_d128) X(attn_bwd_dkv_##F##_d32) X(attn_bwd_dkv_##F##_d64)     \
+    X(attn_bwd_dkv_##F##_d128)
 #define EMU_KERNELS(X)                                                                                        \
+    EMU_ATTN_FAMILY(X, tc) EMU_ATTN_FAMILY(X, mma) EMU_ATTN_FAMILY(X, mma64)                                  \
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
     X(embedding_bwd_partial_f32) X(embedding_bwd_partial_bf16) X(embedding_bwd_sum) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
     X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \
-    X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles) X(attn_fwd_tc_d32) X(attn_fwd_tc_d64)  \
-    X(attn_fwd_tc_d128) X(attn_bwd_dq_tc_d32) X(attn_bwd_dq_tc_d64) X(attn_bwd_dq_tc_d128) X(attn_bwd_dkv_tc_d32)  \
-    X(attn_bwd_dkv_tc_d64) X(attn_bwd_dkv_tc_d128) X(attn_fwd_mma_d32) X(attn_fwd_mma_d64) X(attn_fwd_mma_d128)   \
-    X(attn_bwd_dq_mma_d32) X(attn_bwd_dq_mma_d64) X(attn_bwd_dq_mma_d128) X(attn_bwd_dkv_mma_d32)               \
-    X(attn_bwd_dkv_mma_d64) X(attn_bwd_dkv_mma_d128)
+    X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles)

@@ -175,12 +175,16 @@ pub enum AttentionKernels {
     Wmma,
     /// `mma.sync` m16n8k16, scores and probabilities in registers (`mma`, the default).
     Mma,
+    /// As `mma` with tiles of 64 keys instead of 32 in the forward and dQ kernels at head sizes 32 and
+    /// 64 (`mma64`; the same kernels as `mma` at 128): fewer barriers per key, more registers.
+    Mma64,
 }
 
 impl AttentionKernels {
     /// The accepted values of `FAST_LLM_RS_ATTENTION`.
-    pub const VALUES: [(&'static str, AttentionKernels); 3] = [
+    pub const VALUES: [(&'static str, AttentionKernels); 4] = [
         ("mma", AttentionKernels::Mma),
+        ("mma64", AttentionKernels::Mma64),
         ("wmma", AttentionKernels::Wmma),
         ("simple", AttentionKernels::Simple),
     ];
@@ -197,7 +201,7 @@ impl AttentionKernels {
         }
     }
 
-    /// The family named `v` (`mma`, `wmma` or `simple`).
+    /// The family named `v` (`mma`, `mma64`, `wmma` or `simple`).
     pub fn parse(v: &str) -> Result<Self, String> {
         Self::VALUES
             .iter()
@@ -224,6 +228,7 @@ impl AttentionKernels {
             Self::Simple => None,
             Self::Wmma => Some("tc"),
             Self::Mma => Some("mma"),
+            Self::Mma64 => Some("mma64"),
         }
     }
 }
@@ -945,7 +950,7 @@ impl CudaKernels {
                 format!("attn_bwd_dkv_{infix}_d{hs}"),
                 tc_grid(&d, d.heads),
                 Launch {
-                    shared_bytes: if self.attention == AttentionKernels::Mma {
+                    shared_bytes: if matches!(self.attention, AttentionKernels::Mma | AttentionKernels::Mma64) {
                         mma_dkv_shared_bytes(hs)
                     } else {
                         0
@@ -1208,11 +1213,12 @@ mod tests {
         }
         let e = AttentionKernels::parse("flash").unwrap_err();
         assert!(
-            e.contains("FAST_LLM_RS_ATTENTION") && e.contains("\"flash\"") && e.contains("mma, wmma, simple"),
+            e.contains("FAST_LLM_RS_ATTENTION") && e.contains("\"flash\"") && e.contains("mma, mma64, wmma, simple"),
             "{e}"
         );
         // The tensor-core families name their kernels; the simple one has none.
         assert_eq!(AttentionKernels::Mma.infix(), Some("mma"));
+        assert_eq!(AttentionKernels::Mma64.infix(), Some("mma64"));
         assert_eq!(AttentionKernels::Wmma.infix(), Some("tc"));
         assert_eq!(AttentionKernels::Simple.infix(), None);
     }

@@ -655,7 +655,8 @@ fn attention_matches_cpu() {
                 let what = format!("attention_{} ({}) {d:?}", dtype.suffix(), kind.name());
                 println!("{what}: max relative error out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
                 assert!(fwd <= tol(dtype), "{what}: forward error {fwd:e}");
-                assert!(lse <= tol(dtype), "{what}: lse error {lse:e}");
+                // The log-sum-exp is fp32 arithmetic on the stored inputs in every dtype.
+                assert!(lse <= TOL_F32, "{what}: lse error {lse:e}");
                 assert!(bwd <= tol(dtype), "{what}: backward error {bwd:e}");
             }
         }
