@@ -25,9 +25,10 @@
 #       the real GPU to the emulator when a driver is present; PASS needs the "real GPU:" line);
 #   (c) examples/shakespeare.yaml, 20 steps, 2 ranks, ZeRO-3: use_cuda true vs false, every step's
 #       loss within 1e-4 relative;
-#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the three attention families: mma, wmma,
+#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the attention families: mma, mma64, wmma,
 #       simple, at llama-1b's and llama-125m's attention shapes), train llama-125m 20 steps, train llama-1b 10
-#       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank;
+#       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank, llama-125m 10 steps with the
+#       mma64 attention family;
 #   (e) scripts/gpu_check_nccl.sh (the NCCL backend), if present;
 #   (f) (run before (e)) 3 steps of examples/llama-1b.yaml with FAST_LLM_RS_PROFILE=1: the device time
 #       by operation (kernel, matrix product shape);
@@ -225,6 +226,9 @@ if bench 60 ranks ranks 4; then
   else fail "(d) 2 ranks vs 1 rank: max rel ${rel:-missing}"; fi
 fi
 train_model llama-125m 20 90
+# The same with the 64-key attention tiles (head size 64): which family to make the default.
+header "(d) llama-125m with FAST_LLM_RS_ATTENTION=mma64"
+FAST_LLM_RS_ATTENTION=mma64 train_model llama-125m 10 60
 
 # ---------------------------------------------------------------- (f) where llama-1b's step time goes
 header "(f) FAST_LLM_RS_PROFILE=1 fast-llm-rs train examples/llama-1b.yaml, 3 steps"
