@@ -732,8 +732,7 @@ model:
 fn flops_per_token(cfg: &TrainConfig) -> anyhow::Result<(usize, f64)> {
     let b = &cfg.model.base_model;
     let params = Llama::new(ModelShape::from_config(b)?).num_params();
-    let attn = 12.0 * b.decoder.num_blocks as f64 * b.hidden_size as f64 * cfg.data.sequence_length as f64;
-    Ok((params, 6.0 * params as f64 + attn))
+    Ok((params, fast_llm_rs::train::model_flops_per_token(cfg, params)))
 }
 
 fn gib(b: u64) -> f64 {

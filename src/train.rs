@@ -117,7 +117,9 @@ fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
 }
 
 fn human(n: f64) -> String {
-    if n >= 1e9 {
+    if n >= 1e12 {
+        format!("{:.2}T", n / 1e12)
+    } else if n >= 1e9 {
         format!("{:.2}G", n / 1e9)
     } else if n >= 1e6 {
         format!("{:.2}M", n / 1e6)
@@ -175,6 +177,69 @@ struct Setup {
     data: Data,
     /// The GPU and the memory the engine allocates from (`use_cuda: true`); `None` on the CPU.
     device: Option<Device>,
+}
+
+/// What the step figures are measured against: model FLOPs per token and, on a GPU whose peak is
+/// known, the peak of the devices the run uses.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    /// [`model_flops_per_token`].
+    flops_per_token: f64,
+    /// Dense bf16 peak FLOP/s of all the run's GPUs (one for the local backend, whose ranks share GPU 0;
+    /// one per rank with NCCL); `None` on the CPU, in fp32, or on an unknown GPU.
+    peak_flops: Option<f64>,
+}
+
+impl Throughput {
+    /// "12.3 TFLOP/s (MFU 4.5%)" at `tokens_per_s` (the MFU where the peak is known).
+    fn describe(&self, tokens_per_s: f64) -> String {
+        let flops = tokens_per_s * self.flops_per_token;
+        let mfu = self
+            .peak_flops
+            .map(|p| format!(" (MFU {:.1}%)", 100.0 * flops / p))
+            .unwrap_or_default();
+        format!("{} model FLOP/s{mfu}", human(flops))
+    }
+
+    fn new(cfg: &TrainConfig, num_params: usize, gpu: Option<&str>) -> Self {
+        let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
+        let gpus = match cfg.model.distributed.backend {
+            CommBackend::Local => 1.0,
+            CommBackend::Nccl => cfg.model.distributed.world_size.max(1) as f64,
+        };
+        Throughput {
+            flops_per_token: model_flops_per_token(cfg, num_params),
+            peak_flops: gpu.filter(|_| bf16).and_then(gpu_peak_bf16).map(|p| p * gpus),
+        }
+    }
+}
+
+/// Model FLOPs per trained token: `6 x parameters + 12 x blocks x hidden x sequence` (the matrix
+/// products forward and backward, plus attention's scores and weighted sums without the causal half;
+/// the GPU issue's formula, which `bench_gpu` and the training log use). `num_params` counts every
+/// parameter, embeddings and head included.
+pub fn model_flops_per_token(cfg: &TrainConfig, num_params: usize) -> f64 {
+    let b = &cfg.model.base_model;
+    let attention = 12.0 * b.decoder.num_blocks as f64 * b.hidden_size as f64 * cfg.data.sequence_length as f64;
+    6.0 * num_params as f64 + attention
+}
+
+/// Dense bf16 tensor-core peak FLOP/s of a GPU, from its name (NVIDIA's data sheets; SXM parts, the
+/// PCIe H100 apart), for MFU; `None` for a GPU not listed.
+pub fn gpu_peak_bf16(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let tflops = if n.contains("H100") && n.contains("PCIE") {
+        756.0
+    } else if n.contains("H100") || n.contains("H200") || n.contains("H800") {
+        989.4
+    } else if n.contains("B200") {
+        2250.0
+    } else if n.contains("A100") || n.contains("A800") {
+        312.0
+    } else {
+        return None;
+    };
+    Some(tflops * 1e12)
 }
 
 /// Which attention kernels a GPU run uses (the family `kind` where it applies), and what would select
@@ -470,6 +535,8 @@ fn run_engine<T: Element<Master = f32>>(
             0
         }
     };
+    let gpu = setup.device.as_ref().map(|d| d.gpu.describe());
+    let throughput = Throughput::new(cfg, setup.model.num_params(), gpu.as_deref());
     rank_main(
         cfg,
         opts,
@@ -479,7 +546,7 @@ fn run_engine<T: Element<Master = f32>>(
         setup.global_tokens,
         memory,
         comm_stats,
-        start,
+        (start, throughput),
     )
 }
 
@@ -685,7 +752,7 @@ fn rank_main<T: Element<Master = f32>>(
     global_tokens: u64,
     memory: MemorySink<'_>,
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
-    start_step: u64,
+    (start_step, throughput): (u64, Throughput),
 ) -> anyhow::Result<TrainSummary> {
     let rank = engine.rank();
     let world = engine.comm().world_size();
@@ -802,6 +869,10 @@ fn rank_main<T: Element<Master = f32>>(
                 extra.insert("grad_norm".into(), json!(grad_norm));
                 extra.insert("step_time_s".into(), json!(interval_time / interval_steps as f64));
                 extra.insert("tokens_per_s".into(), json!(tps));
+                extra.insert("model_tflops".into(), json!(tps * throughput.flops_per_token / 1e12));
+                if let Some(peak) = throughput.peak_flops {
+                    extra.insert("mfu".into(), json!(tps * throughput.flops_per_token / peak));
+                }
                 extra.insert("comm_wait_s".into(), json!(interval_wait / interval_steps as f64));
                 extra.insert("memory_mib_per_rank".into(), json!(mem_mib));
                 // Bytes moved per step on this rank's collectives (fp32 elements of the full buffers),
@@ -830,9 +901,10 @@ fn rank_main<T: Element<Master = f32>>(
             }
             if !quiet {
                 let line = format!(
-                    "step {done}/{train_iters} | loss {mean_loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | step {:.3} s | {} tokens/s | comm wait {:.1}% | memory {mem_mib:.1} MiB/rank",
+                    "step {done}/{train_iters} | loss {mean_loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | step {:.3} s | {} tokens/s | {} | comm wait {:.1}% | memory {mem_mib:.1} MiB/rank",
                     interval_time / interval_steps as f64,
                     human(tps),
+                    throughput.describe(tps),
                     100.0 * interval_wait / interval_time,
                 );
                 emit(&progress, line);
@@ -883,8 +955,9 @@ fn rank_main<T: Element<Master = f32>>(
         summary.comm_wait_fraction = total_wait / total_time;
         if !quiet {
             println!(
-                "Done: {train_iters} steps, {} tokens/s, communication wait {:.1}% of step time",
+                "Done: {train_iters} steps, {} tokens/s ({}), communication wait {:.1}% of step time",
                 human(summary.tokens_per_s),
+                throughput.describe(summary.tokens_per_s),
                 100.0 * summary.comm_wait_fraction
             );
         }
@@ -982,6 +1055,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::config::load_config_str;
+
+    /// MFU's peak comes from the GPU's name (the device line), only for bf16, and counts one GPU for
+    /// the local backend's ranks and one per rank with NCCL.
+    #[test]
+    fn the_peak_follows_the_gpu_name_dtype_and_backend() {
+        assert_eq!(gpu_peak_bf16("NVIDIA H200, sm_90, 139.8 GiB"), Some(989.4e12));
+        assert_eq!(gpu_peak_bf16("NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB"), Some(989.4e12));
+        assert_eq!(gpu_peak_bf16("NVIDIA H100 PCIe, sm_90, 79.1 GiB"), Some(756e12));
+        assert_eq!(gpu_peak_bf16("NVIDIA A100-SXM4-80GB, sm_80, 79.2 GiB"), Some(312e12));
+        assert_eq!(
+            gpu_peak_bf16("emulator (kernels.cu on CPU threads, 128 threads per block)"),
+            None
+        );
+        let cfg = |extra: &[&str]| {
+            let mut o: Vec<String> = vec![
+                "model.distributed.world_size=4".into(),
+                "model.distributed.use_cuda=true".into(),
+            ];
+            o.extend(extra.iter().map(|s| s.to_string()));
+            load_config_str("{}", &o).unwrap()
+        };
+        let h200 = Some("NVIDIA H200, sm_90, 139.8 GiB");
+        let peak = |c: &TrainConfig, gpu| Throughput::new(c, 1000, gpu).peak_flops;
+        assert_eq!(
+            peak(&cfg(&["model.distributed.compute_dtype=bfloat16"]), h200),
+            Some(989.4e12)
+        );
+        let nccl = cfg(&[
+            "model.distributed.compute_dtype=bfloat16",
+            "model.distributed.backend=nccl",
+        ]);
+        assert_eq!(peak(&nccl, h200), Some(4.0 * 989.4e12));
+        assert_eq!(peak(&cfg(&[]), h200), None, "fp32 has no tensor-core peak here");
+        assert_eq!(peak(&cfg(&["model.distributed.compute_dtype=bfloat16"]), None), None);
+    }
 
     /// The attention line names the kernels a GPU run uses, and each setting that keeps it off the
     /// tensor-core ones with its value.

@@ -108,6 +108,42 @@ fn memory_report_matches_the_formula() {
     }
 }
 
+/// Each logged training step gives the model FLOP/s of its tokens/s: 6 x parameters + 12 x blocks x
+/// hidden x sequence per token, the parameters counted here from the Llama architecture (HF's tensors).
+/// No MFU on the CPU (no peak to divide by).
+#[test]
+fn training_records_give_model_flops_from_tokens_per_second() {
+    let data = corpus_dir();
+    let exp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        data.path(),
+        exp.path(),
+        &ov(&[
+            ("training.train_iters", "2".into()),
+            ("training.logs.interval", "1".into()),
+        ]),
+    );
+    train(&cfg, &quiet()).unwrap();
+    // hidden 16, vocab 256, 2 blocks, 4 query heads and 2 kv heads of 4, MLP 24, sequence 16.
+    let (h, v, blocks, q, kv, inter, seq) = (16.0, 256.0, 2.0, 16.0, 8.0, 24.0, 16.0);
+    let per_block = 2.0 * h + h * (q + 2.0 * kv) + q * h + 3.0 * h * inter;
+    let params = 2.0 * v * h + blocks * per_block + h;
+    let per_token = 6.0 * params + 12.0 * blocks * h * seq;
+    let text = std::fs::read_to_string(exp.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["phase"] == "training")
+        .collect();
+    assert_eq!(steps.len(), 2);
+    for r in steps {
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        let tflops = r["model_tflops"].as_f64().unwrap();
+        assert!((tflops - tps * per_token / 1e12).abs() <= 1e-9 * tflops, "{r}");
+        assert!(r.get("mfu").is_none(), "MFU without a peak: {r}");
+    }
+}
+
 #[test]
 fn example_with_four_ranks_holds_less_at_each_higher_zero_stage() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/shakespeare.yaml");
