@@ -1286,9 +1286,9 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
 }
 
 // The entry points of a tensor-core family F for head size D, with the same parameters as the
-// one-thread-per-row kernels (batch is the grid's y extent, head_size is D): the forward and dQ kernels
-// are attn_fwd_<IMPL>_impl and attn_bwd_dq_<IMPL>_impl with template arguments `...` (D, and the key
-// tile), the dK/dV kernel is attn_bwd_dkv_<IMPL>_impl<D>.
+// one-thread-per-row kernels (batch is the grid's y extent, head_size is D): attn_fwd_<IMPL>_impl,
+// attn_bwd_dq_<IMPL>_impl and attn_bwd_dkv_<IMPL>_impl with template arguments `...` (D, and for mma the
+// tile).
 #define ATTN_TC_KERNELS(F, IMPL, D, ...)                                                                         \
     extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
                                                    int heads, int kv_heads, int head_size, float scale) {          \
@@ -1302,7 +1302,7 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
     extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
                                                        const float* lse, const float* delta, int batch, int seq, \
                                                        int heads, int kv_heads, int head_size, float scale) {    \
-        attn_bwd_dkv_##IMPL##_impl<D>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);         \
+        attn_bwd_dkv_##IMPL##_impl<__VA_ARGS__>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale); \
     }
 ATTN_TC_KERNELS(tc, tc, 32, 32)
 ATTN_TC_KERNELS(tc, tc, 64, 64)
@@ -1321,14 +1321,13 @@ ATTN_TC_KERNELS(tc, tc, 128, 128)
 // shuffles. Scores are kept in log2 units (scale * log2 e) for exp2f. Every thread runs to the end and
 // loop bounds are block-uniform (every thread meets every barrier).
 #define MMA_ROWS 64
-// Keys per staged tile (forward and dQ), double-buffered: the next tile is copied (cp.async) while the
+// The staged tile (the kernels' TILE): keys per tile in the forward and dQ kernels, queries per tile in
+// the dK/dV kernel (whose block keeps its k and v rows in shared memory and double-buffers its q and dO
+// tiles in dynamic shared memory). Tiles are double-buffered: the next one is copied (cp.async) while the
 // warps work on this one. The `mma64` family stages 64 at head sizes 32 and 64 (half the barriers and
-// softmax rescales per key, more registers; the static shared memory of 64 keys at head size 128 is over
-// 48 KB, so there it is the `mma` kernels).
-#define MMA_KEYS 32
-// Queries per staged tile in the dK/dV kernel (the block's k and v rows stay in shared memory; its q and
-// dO tiles are double-buffered in dynamic shared memory).
-#define MMA_DKV_Q 32
+// softmax rescales per row, more registers; 64 keys of head size 128 are over the 48 KB of static shared
+// memory, so there it is the `mma` kernels).
+#define MMA_TILE 32
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -1656,24 +1655,25 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
 }
 
-// Dynamic shared memory of `attn_bwd_dkv_mma_d<D>` (`mma_dkv_shared_bytes` in ops.rs computes the same):
-// the block's k and v rows, two buffers of q and dO rows, two of lse and delta.
-template <int D>
+// Dynamic shared memory of the dK/dV kernel with tiles of QT queries (`mma_dkv_shared_bytes` in ops.rs
+// computes the same): the block's k and v rows, two buffers of q and dO rows, two of lse and delta.
+template <int D, int QT>
 constexpr int mma_dkv_shared_bytes() {
-    return (2 * MMA_ROWS + 4 * MMA_DKV_Q) * (D + 8) * 2 + 4 * MMA_DKV_Q * 4;
+    return (2 * MMA_ROWS + 4 * QT) * (D + 8) * 2 + 4 * QT * 4;
 }
 
 // Key and value gradients (the k and v parts of grad_qkv), summed over the query heads of the kv head
-// in head order. Grid (kv_heads, batch, seq / MMA_ROWS), block 128, `mma_dkv_shared_bytes<D>()` bytes of
+// in head order. Grid (kv_heads, batch, seq / MMA_ROWS), block 128, `mma_dkv_shared_bytes<D, QT>()` bytes of
 // dynamic shared memory: the block's k and v rows are staged once; then, per query head and tile of
-// MMA_DKV_Q queries from the block's first key on, double-buffered (q, dO, lse and delta of the next tile
+// QT queries from the block's first key on, double-buffered (q, dO, lse and delta of the next tile
 // are copied while the warps work on this one): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse),
 // ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q. A warp skips the tiles wholly before its keys.
-template <int D>
+template <int D, int QT>
 __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
                                       const float* delta, int seq, int heads, int kv_heads, float scale) {
-    constexpr int QT = MMA_DKV_Q, LD = D + 8;
-    DYNAMIC_SHARED(smem, mma_dkv_shared_bytes<D>());
+    static_assert(MMA_ROWS % QT == 0, "a row block is a whole number of query tiles");
+    constexpr int LD = D + 8;
+    DYNAMIC_SHARED(smem, (mma_dkv_shared_bytes<D, QT>()));
     bf16* k_sm = reinterpret_cast<bf16*>(smem);
     bf16* v_sm = k_sm + MMA_ROWS * LD;
     bf16* q_buf = v_sm + MMA_ROWS * LD;  // [2][QT * LD]
@@ -1752,12 +1752,12 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     mma_write_rows<D>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, 1.0f);
 }
 
-ATTN_TC_KERNELS(mma, mma, 32, 32, MMA_KEYS)
-ATTN_TC_KERNELS(mma, mma, 64, 64, MMA_KEYS)
-ATTN_TC_KERNELS(mma, mma, 128, 128, MMA_KEYS)
+ATTN_TC_KERNELS(mma, mma, 32, 32, MMA_TILE)
+ATTN_TC_KERNELS(mma, mma, 64, 64, MMA_TILE)
+ATTN_TC_KERNELS(mma, mma, 128, 128, MMA_TILE)
 ATTN_TC_KERNELS(mma64, mma, 32, 32, 64)
 ATTN_TC_KERNELS(mma64, mma, 64, 64, 64)
-ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_KEYS)
+ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_TILE)
 
 // ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:

@@ -155,13 +155,21 @@ fn long(x: usize) -> i64 {
 
 /// Rows per block of the tensor-core attention kernels (`TC_ROWS` and `MMA_ROWS` in `kernels.cu`).
 const TC_ROWS: usize = 64;
-/// Queries per staged tile of the mma dK/dV kernel (`MMA_DKV_Q` in `kernels.cu`).
-const MMA_DKV_Q: usize = 32;
+/// The staged tile of the mma kernels (`MMA_TILE` in `kernels.cu`): keys per tile in the forward and
+/// dQ kernels, queries per tile in the dK/dV kernel; 64 for the `mma64` family at head sizes 32 and 64.
+pub fn mma_tile(kind: AttentionKernels, head_size: usize) -> usize {
+    if kind == AttentionKernels::Mma64 && head_size <= 64 {
+        64
+    } else {
+        32
+    }
+}
 
-/// Dynamic shared memory of `attn_bwd_dkv_mma_d<head_size>` (`mma_dkv_shared_bytes` in `kernels.cu`): the
-/// block's k and v rows and two buffers of q and dO rows (rows padded by 8 bf16), two of lse and delta.
-pub fn mma_dkv_shared_bytes(head_size: usize) -> u32 {
-    ((2 * TC_ROWS + 4 * MMA_DKV_Q) * (head_size + 8) * 2 + 4 * MMA_DKV_Q * 4) as u32
+/// Dynamic shared memory of the mma dK/dV kernel with tiles of `tile` queries (`mma_dkv_shared_bytes` in
+/// `kernels.cu`): the block's k and v rows and two buffers of q and dO rows (rows padded by 8 bf16), two
+/// of lse and delta.
+pub fn mma_dkv_shared_bytes(head_size: usize, tile: usize) -> u32 {
+    ((2 * TC_ROWS + 4 * tile) * (head_size + 8) * 2 + 4 * tile * 4) as u32
 }
 
 /// The attention kernel family (`FAST_LLM_RS_ATTENTION`). The tensor-core families apply to bf16 with
@@ -175,8 +183,9 @@ pub enum AttentionKernels {
     Wmma,
     /// `mma.sync` m16n8k16, scores and probabilities in registers (`mma`, the default).
     Mma,
-    /// As `mma` with tiles of 64 keys instead of 32 in the forward and dQ kernels at head sizes 32 and
-    /// 64 (`mma64`; the same kernels as `mma` at 128): fewer barriers per key, more registers.
+    /// As `mma` with tiles of 64 instead of 32 (keys in the forward and dQ kernels, queries in dK/dV) at
+    /// head sizes 32 and 64 (`mma64`; the same kernels as `mma` at 128): half the barriers per row of the
+    /// other side, more registers.
     Mma64,
 }
 
@@ -951,7 +960,7 @@ impl CudaKernels {
                 tc_grid(&d, d.heads),
                 Launch {
                     shared_bytes: if matches!(self.attention, AttentionKernels::Mma | AttentionKernels::Mma64) {
-                        mma_dkv_shared_bytes(hs)
+                        mma_dkv_shared_bytes(hs, mma_tile(self.attention, hs))
                     } else {
                         0
                     },
