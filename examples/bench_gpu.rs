@@ -425,7 +425,7 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 row(label, dt, r, bytes * nh * e, 0.0);
             }
             let r = time_calls(ctx, bud, || ctx.k.add_assign(gx.view(), x.view()));
-            row("add (residual)", dt, r, 3.0 * nh * e, 0.0);
+            row("add (local reduce on a GPU)", dt, r, 3.0 * nh * e, 0.0);
         }
         // Rotary on q and k of the fused qkv rows.
         {

@@ -2118,18 +2118,6 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         });
     }
 
-    fn add_assign(&self, out: &mut [T], x: &[T]) {
-        assert_eq!(out.len(), x.len(), "add_assign: shapes");
-        let po = SyncPtr::new(out);
-        self.par_ranges(x.len(), 1, |s, e| {
-            // SAFETY: elements s..e are this range's only.
-            let out = unsafe { po.slice(s, e - s) };
-            for (o, &v) in out.iter_mut().zip(&x[s..e]) {
-                *o += v;
-            }
-        });
-    }
-
     fn sum_squares(&self, x: &[T]) -> f64 {
         // Fixed chunks of SQ_CHUNK elements, each summed in f64 (4 interleaved lanes), then the chunk
         // sums added in order: the result does not depend on the thread count.

@@ -321,9 +321,6 @@ pub trait Kernels<T: Element>: Send + Sync {
         x.fill(T::Master::ZERO);
     }
 
-    /// `out += x` elementwise (residual connections).
-    fn add_assign(&self, out: &mut [T], x: &[T]);
-
     /// `out = x`, in stream order on a device: a host copy there would race with the kernels still
     /// writing `x` (the default [`Kernels::matmul_residual`] copies its residual with it).
     fn copy(&self, out: &mut [T], x: &[T]) {

@@ -387,10 +387,6 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         ok(self.kernels.cast(view(out), view(x)), "copy");
     }
 
-    fn add_assign(&self, out: &mut [T], x: &[T]) {
-        ok(self.kernels.add_assign(view(out), view(x)), "add_assign");
-    }
-
     fn sum_squares(&self, x: &[f32]) -> f64 {
         ok(self.kernels.sum_squares(master(x)), "sum_squares")
     }
