@@ -546,7 +546,7 @@ fn run_engine<T: Element<Master = f32>>(
         setup.global_tokens,
         memory,
         comm_stats,
-        (start, throughput),
+        (start, throughput, setup.device.as_ref().map(|d| d.gpu.clone())),
     )
 }
 
@@ -752,7 +752,7 @@ fn rank_main<T: Element<Master = f32>>(
     global_tokens: u64,
     memory: MemorySink<'_>,
     comm_stats: &dyn Fn() -> crate::engine::distributed::local::CommStats,
-    (start_step, throughput): (u64, Throughput),
+    (start_step, throughput, gpu): (u64, Throughput, Option<Arc<dyn crate::backend::cuda::Gpu>>),
 ) -> anyhow::Result<TrainSummary> {
     let rank = engine.rank();
     let world = engine.comm().world_size();
@@ -804,6 +804,8 @@ fn rank_main<T: Element<Master = f32>>(
     let progress = (!quiet && train_iters > 0).then(|| crate::progress::bar(train_iters));
     let (mut interval_loss, mut interval_steps, mut interval_time, mut interval_wait) = (0.0, 0u64, 0.0, 0.0);
     let mut interval_comm = comm_stats();
+    let host_waits = || gpu.as_ref().map_or(0, |g| g.host_waits());
+    let mut interval_waits = host_waits();
     let (mut total_time, mut total_wait, mut timed_steps) = (0.0, 0.0, 0u64);
     let mem_mib = {
         let m = engine.memory();
@@ -892,6 +894,15 @@ fn rank_main<T: Element<Master = f32>>(
                     json!((now.all_reduce_elements - interval_comm.all_reduce_elements) / interval_steps),
                 );
                 interval_comm = now;
+                if gpu.is_some() {
+                    // Times the host waited for the GPU (all ranks of the process; each lets it run dry).
+                    let now = host_waits();
+                    extra.insert(
+                        "device_waits_per_step".into(),
+                        json!((now - interval_waits) as f64 / interval_steps as f64),
+                    );
+                    interval_waits = now;
+                }
                 m.write(&Metric {
                     phase: "training".into(),
                     step: done,

@@ -213,6 +213,8 @@ pub struct RealGpu {
     sizes: Mutex<HashMap<DevPtr, usize>>,
     in_use: AtomicU64,
     peak: AtomicU64,
+    /// Host waits on the stream ([`Gpu::host_waits`]).
+    waits: AtomicU64,
     describe: String,
 }
 
@@ -334,6 +336,7 @@ impl RealGpu {
             sizes: Mutex::new(HashMap::new()),
             in_use: AtomicU64::new(WORKSPACE_BYTES as u64),
             peak: AtomicU64::new(WORKSPACE_BYTES as u64),
+            waits: AtomicU64::new(0),
             describe,
         })
     }
@@ -348,6 +351,13 @@ impl RealGpu {
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
         let now = self.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
         self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Waits for the stream (counted in [`Gpu::host_waits`]); the context must be current.
+    fn wait_stream(&self) -> Result<(), GpuError> {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the stream lives as long as `self`.
+        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| cuda_err("cuStreamSynchronize", e))
     }
 
     fn current(&self) -> Result<(), GpuError> {
@@ -527,7 +537,7 @@ impl Gpu for RealGpu {
             return;
         }
         // Work in flight may still read the allocation: drain the stream first.
-        let _ = drv::stream::synchronize(self.stream);
+        let _ = self.wait_stream();
         if let Some(bytes) = self.sizes.lock().unwrap_or_else(|p| p.into_inner()).remove(&ptr) {
             self.in_use.fetch_sub(bytes as u64, Ordering::Relaxed);
         }
@@ -538,13 +548,13 @@ impl Gpu for RealGpu {
         self.current()?;
         // Synchronous with respect to the host buffer: the caller may reuse `src` on return.
         drv::memcpy_htod_async(dst, src, self.stream).map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
-        drv::stream::synchronize(self.stream).map_err(|e| cuda_err("cuStreamSynchronize", e))
+        self.wait_stream()
     }
 
     unsafe fn download(&self, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
         self.current()?;
         drv::memcpy_dtoh_async(dst, src, self.stream).map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
-        drv::stream::synchronize(self.stream).map_err(|e| cuda_err("cuStreamSynchronize", e))
+        self.wait_stream()
     }
 
     unsafe fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
@@ -635,8 +645,11 @@ impl Gpu for RealGpu {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.current()?;
-        // SAFETY: the stream lives as long as `self`.
-        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| cuda_err("cuStreamSynchronize", e))
+        self.wait_stream()
+    }
+
+    fn host_waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
     }
 
     fn block_size(&self) -> u32 {
@@ -671,7 +684,7 @@ impl RealGpu {
             let p = drv::malloc_managed(bytes, drv_sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
                 .map_err(|e| cuda_err(&format!("cuMemAllocManaged({bytes} bytes)"), e))?;
             drv::memset_d8_async(p, 0, bytes, self.stream).map_err(|e| cuda_err("cuMemsetD8Async", e))?;
-            drv::stream::synchronize(self.stream).map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+            self.wait_stream()?;
             p
         };
         self.track(ptr, bytes);

@@ -83,6 +83,8 @@ struct Stream {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     state: StreamState,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// Calls of [`Stream::drain`] (the host waits of [`Gpu::host_waits`]).
+    drains: std::sync::atomic::AtomicU64,
 }
 
 impl Stream {
@@ -115,6 +117,7 @@ impl Stream {
             tx: Mutex::new(Some(tx)),
             state,
             worker: Some(worker),
+            drains: Default::default(),
         }
     }
 
@@ -129,6 +132,7 @@ impl Stream {
 
     /// Waits until every queued item has run; returns (and clears) the first error among them.
     fn drain(&self) -> Result<(), GpuError> {
+        self.drains.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut g = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
         while g.0 > 0 {
             g = self.state.1.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -456,6 +460,10 @@ impl Gpu for EmuGpu {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.drain()
+    }
+
+    fn host_waits(&self) -> u64 {
+        self.stream.drains.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn block_size(&self) -> u32 {

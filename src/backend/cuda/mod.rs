@@ -176,6 +176,9 @@ pub trait Gpu: Send + Sync {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
     /// Wait for all submitted work.
     fn synchronize(&self) -> Result<(), GpuError>;
+    /// How many times the host has waited for this device's stream so far (`synchronize`, `upload`,
+    /// `download`, `free`): each wait lets the device run dry while the host queues the next work.
+    fn host_waits(&self) -> u64;
     /// Threads per block for one-dimensional kernels (256 on a GPU; smaller on the emulator, which runs
     /// a block's threads in turn). Always a power of two, at least 32.
     fn block_size(&self) -> u32;
@@ -392,7 +395,8 @@ impl Device {
     }
 
     /// The local communicator's data mover on this device (collective copies and sums as device
-    /// copies and kernels, so buffers in managed memory stay on the GPU).
+    /// copies and kernels, so buffers in managed memory stay on the GPU), queued on the stream of
+    /// [`Device::kernels`].
     pub fn mover(&self) -> Arc<dyn crate::engine::distributed::local::DataMover> {
         Arc::new(GpuMover(ops::CudaKernels::new(self.gpu.clone())))
     }
@@ -426,5 +430,9 @@ impl crate::engine::distributed::local::DataMover for GpuMover {
         if let Err(e) = self.0.gpu().synchronize() {
             panic!("collective on the GPU: {e}");
         }
+    }
+    fn shares_compute_stream(&self) -> bool {
+        // `Device::kernels` and `Device::mover` queue on the same `Gpu`, so on its one stream.
+        true
     }
 }

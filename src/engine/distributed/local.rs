@@ -500,6 +500,13 @@ pub trait DataMover: Send + Sync {
     unsafe fn add(&self, dst: *mut f32, src: *const f32, n: usize);
     /// Wait until everything submitted has finished.
     fn fence(&self);
+    /// Whether the moves run on the one stream that also runs every rank's compute (the local ranks
+    /// sharing a GPU): then stream order alone puts a collective's moves after the work each rank queued
+    /// before arriving, and before the work it queues after returning, so the collectives need no
+    /// [`DataMover::fence`] (the host must still synchronize that stream before reading their results).
+    fn shares_compute_stream(&self) -> bool {
+        false
+    }
 }
 
 impl std::fmt::Debug for LocalCommunicator {
@@ -550,8 +557,8 @@ unsafe fn sum_into<T: Copy + std::ops::Add<Output = T>>(dst: &mut [T], d: usize,
 }
 
 impl LocalCommunicator {
-    /// Run this rank's all-gather, reduce-scatter and broadcast data movement through `mover` (for
-    /// buffers in GPU memory). Every buffer passed to those collectives must then be device-addressable.
+    /// Run this rank's all-gather and reduce-scatter data movement through `mover` (for buffers in
+    /// GPU memory). Every buffer passed to those collectives must then be device-addressable.
     pub fn with_mover(mut self, mover: Arc<dyn DataMover>) -> Self {
         self.mover = Some(mover);
         self
@@ -745,7 +752,8 @@ impl LocalCommunicator {
 impl LocalCommunicator {
     /// The all-gather: publishes `shard` (`s` elements) and copies every rank's shard into slot `j`
     /// of `out` (`out_len` = D·s, validated), except this rank's own when `in_place` (it is already
-    /// there). Copies go through the mover when there is one, fenced before the completion point.
+    /// there). Copies go through the mover when there is one, fenced before the completion point
+    /// unless the mover shares the compute stream.
     ///
     /// # Safety
     /// `shard` is valid for `s` reads and `out` for `out_len` writes until return; they overlap only
@@ -770,7 +778,7 @@ impl LocalCommunicator {
         for j in (0..self.group.world_size).filter(|&j| !(in_place && j == self.rank)) {
             // SAFETY: arrival completed; rank `j` published a shard of `s` elements (validated) and
             // neither frees nor writes it before the completion point below (the mover is fenced
-            // first); slot `j` of `out` is in bounds (`out_len` = D·s, validated) and disjoint from
+            // first, or queues on the stream that runs every later write); slot `j` of `out` is in bounds (`out_len` = D·s, validated) and disjoint from
             // every published shard.
             let (src, dst) = (self.desc(j, seq).ptr as *const f32, out.add(j * s));
             match &self.mover {
@@ -778,7 +786,7 @@ impl LocalCommunicator {
                 None => std::ptr::copy_nonoverlapping(src, dst, s),
             }
         }
-        if let Some(m) = &self.mover {
+        if let Some(m) = self.mover.as_ref().filter(|m| !m.shares_compute_stream()) {
             m.fence();
         }
         self.group.complete(self.rank);
@@ -831,7 +839,8 @@ impl Communicator for LocalCommunicator {
         if let Some(m) = &self.mover {
             // Same rank order; with `accumulate` the terms are added to `out` one by one
             // (`((out + in_0) + in_1) + ...`), deterministic but not bitwise the host's order.
-            // SAFETY: as below; the mover is fenced before the completion point.
+            // SAFETY: as below; the mover is fenced before the completion point, or queues on the
+            // stream that runs every later write of the inputs.
             unsafe {
                 if !accumulate {
                     m.copy(out.as_mut_ptr(), src(0), s);
@@ -840,7 +849,9 @@ impl Communicator for LocalCommunicator {
                     m.add(out.as_mut_ptr(), src(j), s);
                 }
             }
-            m.fence();
+            if !m.shares_compute_stream() {
+                m.fence();
+            }
         } else if accumulate {
             let mut tmp = [0f32; BLOCK];
             let mut start = 0;
@@ -901,6 +912,10 @@ impl Communicator for LocalCommunicator {
             scratch: 0,
         };
         self.enter(Op::Barrier, desc).map(|_| ())
+    }
+
+    fn stream_ordered(&self) -> bool {
+        self.mover.as_ref().is_some_and(|m| m.shares_compute_stream())
     }
 
     fn abort(&self, reason: &str) {

@@ -74,4 +74,13 @@ pub trait Communicator: Send + Sync {
     /// Tell the group that this rank failed; every pending and later collective of the other ranks
     /// returns [`CommError::PeerFailed`] naming this rank.
     fn abort(&self, reason: &str);
+    /// Whether the all-gathers and reduce-scatters only queue their data moves on the device stream
+    /// that runs this rank's kernels (the local ranks sharing one GPU): the caller then needs no host
+    /// wait before a collective (the moves follow the kernels queued before it) nor after it for work
+    /// it queues on that stream, but must synchronize the kernels before the host reads the results.
+    /// `false` (the default): a collective reads its inputs from the host's point of view and has
+    /// finished writing its outputs when it returns.
+    fn stream_ordered(&self) -> bool {
+        false
+    }
 }

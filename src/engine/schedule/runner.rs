@@ -297,10 +297,15 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     }
 
     fn issue(&mut self, op: Op) {
-        // The communication thread reads and writes buffers on the host: kernels still running on a
-        // device may be using them (the restore's target was just released by the last compute step,
-        // the reduce's source was just written by it).
-        self.kernels.synchronize();
+        // A host-side communicator reads and writes the buffers on the host: kernels still running on
+        // a device may be using them (the restore's target was just released by the last compute step,
+        // the reduce's source was just written by it). A stream-ordered one queues its moves behind
+        // those kernels instead, so neither this wait nor the ones in the jobs below are needed: the
+        // device keeps running across stage boundaries.
+        let ordered = self.comm.stream_ordered();
+        if !ordered {
+            self.kernels.synchronize();
+        }
         match op {
             Op::Restore { stage, buffer } => {
                 let comm = self.comm.clone();
@@ -321,7 +326,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                         // of the buffer, then all-gather the buffer in place as 4-byte words (a stage is
                         // padded to 32·D elements, so every slot is a whole number of words).
                         kernels.cast_from_master(&mut dst[own], src);
-                        kernels.synchronize();
+                        if !ordered {
+                            kernels.synchronize();
+                        }
                         comm.all_gather_in_place(as_words_mut(dst))
                     }
                 });
@@ -341,8 +348,12 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     // buffer; the next backward using it waits for this handle.
                     let (src, dst) = unsafe { (&mut buf.get_mut()[..padded], shard.get_mut()) };
                     let r = comm.reduce_scatter(src, dst, accumulate);
+                    // Every rank's moves reading this buffer are done (or, stream-ordered, queued
+                    // ahead of the zeroing).
                     kernels.zero_master(src);
-                    kernels.synchronize();
+                    if !ordered {
+                        kernels.synchronize();
+                    }
                     r
                 });
             }
@@ -513,6 +524,8 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             let mut full = crate::backend::mem::Buf::<f32>::zeros_in(&self.kernels.memory(), s.padded);
             // SAFETY: no job is pending outside `run_batch`.
             self.comm.all_gather(unsafe { pick(sh).get() }, &mut full)?;
+            // A stream-ordered communicator may still be moving the data.
+            self.kernels.synchronize();
             out.extend_from_slice(&full[..s.num_params]);
         }
         Ok(out)
