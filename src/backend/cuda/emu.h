@@ -215,6 +215,12 @@ inline float __int_as_float(int i) {
     return f;
 }
 
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+
 inline float emu_bf16_bits_to_float(uint32_t bits) {
     const uint32_t u = bits << 16;
     float f;

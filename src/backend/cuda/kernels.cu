@@ -85,6 +85,21 @@ __device__ __forceinline__ void st_vec(void* p, V v) {
 struct __align__(16) V16 {
     unsigned w[4];
 };
+#ifndef FAST_LLM_EMU
+// 16-byte accesses kept whole (a copy of the struct may be split into four 4-byte accesses).
+template <>
+__device__ __forceinline__ V16 ld_vec<V16>(const void* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    return V16{{u.x, u.y, u.z, u.w}};
+}
+template <>
+__device__ __forceinline__ void st_vec<V16>(void* p, V16 v) {
+    // Written out: a plain uint4 store is still split into four when the compiler cannot see the
+    // alignment (one that `vec_aligned` checked at run time).
+    asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3])
+                 : "memory");
+}
+#endif
 
 // Two consecutive bf16 (4-byte aligned) as one register, the first in the low half.
 __device__ __forceinline__ unsigned ld_pair(const bf16* p) { return ld_vec<unsigned>(p); }
@@ -97,22 +112,75 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 // Stores lo, hi as two consecutive bf16 (4-byte aligned).
 __device__ __forceinline__ void st_pair(bf16* p, float lo, float hi) { st_vec<unsigned>(p, pack_bf16(lo, hi)); }
 
-// Two consecutive elements as floats, and stores of two (vector accesses: the address must be aligned
-// to the pair, 4 bytes for bf16 and 8 for float; `pair_aligned` says whether it is).
-struct __align__(8) F2 {
-    float a, b;
-};
-__device__ __forceinline__ F2 ld2(const bf16* p) {
-    const unsigned u = ld_pair(p);
-    return F2{__int_as_float((int)(u << 16)), __int_as_float((int)(u & 0xffff0000u))};
-}
-__device__ __forceinline__ F2 ld2(const float* p) { return ld_vec<F2>(p); }
-__device__ __forceinline__ void st2(bf16* p, float a, float b) { st_pair(p, a, b); }
-__device__ __forceinline__ void st2(float* p, float a, float b) { st_vec<F2>(p, F2{a, b}); }
-// Whether p (elements of T) is aligned for ld2 / st2.
+// W consecutive elements as floats (`ldw`) and their store (`stw`): W = 1 is one element; a larger W
+// (a multiple of 16 bytes' worth: 8 bf16 or 4 float) is read and written as 16-byte vector accesses,
+// so p must then be 16-byte aligned (`vec_aligned`).
 template <class T>
-__device__ __forceinline__ bool pair_aligned(const T* p) {
-    return reinterpret_cast<unsigned long long>(p) % (2 * sizeof(T)) == 0;
+struct Vec16 {
+    static constexpr int N = 16 / (int)sizeof(T);
+};
+// A loop step's width as a type, so a generic lambda sees it as a constant (`decltype(w)::value`).
+template <int W>
+struct Width {
+    static constexpr int value = W;
+};
+template <int W>
+__device__ __forceinline__ void ldw(const float* p, float* v) {
+    if constexpr (W == 1) {
+        v[0] = *p;
+    } else {
+        static_assert(W % 4 == 0, "whole 16-byte vectors");
+        for (int c = 0; c < W / 4; ++c) {
+            const V16 u = ld_vec<V16>(p + 4 * c);
+            for (int k = 0; k < 4; ++k) v[4 * c + k] = __int_as_float((int)u.w[k]);
+        }
+    }
+}
+template <int W>
+__device__ __forceinline__ void ldw(const bf16* p, float* v) {
+    if constexpr (W == 1) {
+        v[0] = ld(*p);
+    } else {
+        static_assert(W % 8 == 0, "whole 16-byte vectors");
+        for (int c = 0; c < W / 8; ++c) {
+            const V16 u = ld_vec<V16>(p + 8 * c);
+            for (int k = 0; k < 4; ++k) {
+                v[8 * c + 2 * k] = __int_as_float((int)(u.w[k] << 16));
+                v[8 * c + 2 * k + 1] = __int_as_float((int)(u.w[k] & 0xffff0000u));
+            }
+        }
+    }
+}
+template <int W>
+__device__ __forceinline__ void stw(float* p, const float* v) {
+    if constexpr (W == 1) {
+        *p = v[0];
+    } else {
+        static_assert(W % 4 == 0, "whole 16-byte vectors");
+        for (int c = 0; c < W / 4; ++c) {
+            V16 u;
+            for (int k = 0; k < 4; ++k) u.w[k] = (unsigned)__float_as_int(v[4 * c + k]);
+            st_vec<V16>(p + 4 * c, u);
+        }
+    }
+}
+template <int W>
+__device__ __forceinline__ void stw(bf16* p, const float* v) {
+    if constexpr (W == 1) {
+        st(p, v[0]);
+    } else {
+        static_assert(W % 8 == 0, "whole 16-byte vectors");
+        for (int c = 0; c < W / 8; ++c) {
+            V16 u;
+            for (int k = 0; k < 4; ++k) u.w[k] = pack_bf16(v[8 * c + 2 * k], v[8 * c + 2 * k + 1]);
+            st_vec<V16>(p + 8 * c, u);
+        }
+    }
+}
+// Whether p is aligned for the vector accesses of `ldw` / `stw`.
+template <class T>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+    return reinterpret_cast<unsigned long long>(p) % 16 == 0;
 }
 
 struct SumOp {
@@ -142,29 +210,31 @@ __device__ float block_sum(float v, float* red) { return block_reduce(v, red, Su
 __device__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp()); }
 __device__ double block_sum_double(double v, double* red) { return block_reduce(v, red, SumOp()); }
 
-// Pair loops: two elements per thread per step through `ld2` / `st2` where the pointers allow it (half
-// the load and store instructions of a bf16 kernel), one at a time otherwise; the arithmetic per element
-// is the same either way.
+// Vector loops: a thread takes N = Vec16<T>::N consecutive elements per step (16 bytes of T) where the
+// pointers allow it, one element otherwise; `f(index, Width<W>())` does the same arithmetic per element
+// at either width.
 
-// f(i, two) over 0..n, grid-stride: pairs (i, i + 1) for even i and the odd last element alone when
-// `pairs`, else every element alone.
-template <class F>
-__device__ void for_pairs(long long n, bool pairs, F f) {
-    if (pairs) {
-        for (long long p = global_thread(); p < n / 2; p += global_stride()) f(2 * p, true);
-        if (n % 2 && global_thread() == 0) f(n - 1, false);
-    } else {
-        for (long long i = global_thread(); i < n; i += global_stride()) f(i, false);
+// f over 0..n, grid-stride: steps of N elements when `vec` (every pointer the caller uses 16-byte
+// aligned), then the last n % N elements one at a time; every element alone otherwise.
+template <class T, class F>
+__device__ void for_vec(long long n, bool vec, F f) {
+    constexpr int N = Vec16<T>::N;
+    long long done = 0;
+    if (vec) {
+        for (long long p = global_thread(); p < n / N; p += global_stride()) f(p * N, Width<N>());
+        done = n / N * N;
     }
+    for (long long i = done + global_thread(); i < n; i += global_stride()) f(i, Width<1>());
 }
-// f(j, two) over the columns 0..cols of one row by the block's threads: pairs (j, j + 1) for even j when
-// `pairs` (which needs an even `cols`), else every column alone.
-template <class F>
-__device__ void row_pairs(int cols, bool pairs, F f) {
-    if (pairs) {
-        for (int j = 2 * threadIdx.x; j < cols; j += 2 * blockDim.x) f(j, true);
+// f over the columns 0..cols of one row, by the block's threads: steps of N columns when `vec` (which
+// needs cols a multiple of N and 16-byte aligned rows), else one column at a time.
+template <class T, class F>
+__device__ void row_vec(int cols, bool vec, F f) {
+    constexpr int N = Vec16<T>::N;
+    if (vec) {
+        for (int j = N * threadIdx.x; j < cols; j += N * blockDim.x) f(j, Width<N>());
     } else {
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) f(j, false);
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) f(j, Width<1>());
     }
 }
 
@@ -173,38 +243,34 @@ __device__ void row_pairs(int cols, bool pairs, F f) {
 
 // out (n) = bf16(in), round to nearest even.
 extern "C" __global__ void cast_f32_to_bf16(bf16* out, const float* in, long long n) {
-    for_pairs(n, pair_aligned(out) && pair_aligned(in), [&](long long i, bool two) {
-        if (two) {
-            const F2 v = ld2(in + i);
-            st2(out + i, v.a, v.b);
-        } else {
-            st(out + i, in[i]);
-        }
+    for_vec<bf16>(n, vec_aligned(out) && vec_aligned(in), [&](long long i, auto w) {
+        constexpr int W = decltype(w)::value;
+        float v[W];
+        ldw<W>(in + i, v);
+        stw<W>(out + i, v);
     });
 }
 
 // out (n) = float(in), exact.
 extern "C" __global__ void cast_bf16_to_f32(float* out, const bf16* in, long long n) {
-    for_pairs(n, pair_aligned(out) && pair_aligned(in), [&](long long i, bool two) {
-        if (two) {
-            const F2 v = ld2(in + i);
-            st2(out + i, v.a, v.b);
-        } else {
-            out[i] = ld(in[i]);
-        }
+    for_vec<bf16>(n, vec_aligned(out) && vec_aligned(in), [&](long long i, auto w) {
+        constexpr int W = decltype(w)::value;
+        float v[W];
+        ldw<W>(in + i, v);
+        stw<W>(out + i, v);
     });
 }
 
 // out (n) += x (n).
 template <class T>
 __device__ void add_impl(T* out, const T* x, long long n) {
-    for_pairs(n, pair_aligned(out) && pair_aligned(x), [&](long long i, bool two) {
-        if (two) {
-            const F2 o = ld2(out + i), v = ld2(x + i);
-            st2(out + i, o.a + v.a, o.b + v.b);
-        } else {
-            st(out + i, ld(out[i]) + ld(x[i]));
-        }
+    for_vec<T>(n, vec_aligned(out) && vec_aligned(x), [&](long long i, auto w) {
+        constexpr int W = decltype(w)::value;
+        float o[W], v[W];
+        ldw<W>(out + i, o);
+        ldw<W>(x + i, v);
+        for (int k = 0; k < W; ++k) o[k] += v[k];
+        stw<W>(out + i, o);
     });
 }
 extern "C" __global__ void add_f32(float* out, const float* x, long long n) { add_impl(out, x, n); }
@@ -283,31 +349,28 @@ __device__ void rms_norm_fwd_impl(T* out, float* rstd, const T* x, const T* weig
                                   float eps) {
     __shared__ float red[MAX_BLOCK];
     const float inv_c = 1.0f / (float)hidden;
-    const bool pairs = hidden % 2 == 0 && pair_aligned(out) && pair_aligned(x) && pair_aligned(weight);
+    const bool vec =
+        hidden % Vec16<T>::N == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(weight);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         const T* xr = x + (long long)row * hidden;
         T* orow = out + (long long)row * hidden;
         float ss = 0.0f;
-        row_pairs(hidden, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 v = ld2(xr + j);
-                ss += v.a * v.a;
-                ss += v.b * v.b;
-            } else {
-                const float v = ld(xr[j]);
-                ss += v * v;
-            }
+        row_vec<T>(hidden, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float v[W];
+            ldw<W>(xr + j, v);
+            for (int k = 0; k < W; ++k) ss += v[k] * v[k];
         });
         ss = block_sum(ss, red);
         const float rs = 1.0f / sqrtf(ss * inv_c + eps);
         if (threadIdx.x == 0) rstd[row] = rs;
-        row_pairs(hidden, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 v = ld2(xr + j), w = ld2(weight + j);
-                st2(orow + j, v.a * rs * w.a, v.b * rs * w.b);
-            } else {
-                st(orow + j, ld(xr[j]) * rs * ld(weight[j]));
-            }
+        row_vec<T>(hidden, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float v[W], wt[W];
+            ldw<W>(xr + j, v);
+            ldw<W>(weight + j, wt);
+            for (int k = 0; k < W; ++k) v[k] = v[k] * rs * wt[k];
+            stw<W>(orow + j, v);
         });
     }
 }
@@ -327,39 +390,36 @@ __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, c
                                      const float* rstd, int n, int hidden, int accumulate) {
     __shared__ float red[MAX_BLOCK];
     const float inv_c = 1.0f / (float)hidden;
-    const bool pairs = hidden % 2 == 0 && pair_aligned(grad_x) && pair_aligned(grad_out) && pair_aligned(x) &&
-                       pair_aligned(weight);
+    const bool vec = hidden % Vec16<T>::N == 0 && vec_aligned(grad_x) && vec_aligned(grad_out) && vec_aligned(x) &&
+                     vec_aligned(weight);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         const long long base = (long long)row * hidden;
         const float r = rstd[row];
         float d = 0.0f;
-        row_pairs(hidden, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 w = ld2(weight + j), g = ld2(grad_out + base + j), v = ld2(x + base + j);
-                d += w.a * g.a * v.a;
-                d += w.b * g.b * v.b;
-            } else {
-                d += ld(weight[j]) * ld(grad_out[base + j]) * ld(x[base + j]);
-            }
+        row_vec<T>(hidden, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float wt[W], g[W], v[W];
+            ldw<W>(weight + j, wt);
+            ldw<W>(grad_out + base + j, g);
+            ldw<W>(x + base + j, v);
+            for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
         });
         d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
-        row_pairs(hidden, pairs, [&](int j, bool two) {
+        row_vec<T>(hidden, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float wt[W], g[W], v[W];
+            ldw<W>(weight + j, wt);
+            ldw<W>(grad_out + base + j, g);
+            ldw<W>(x + base + j, v);
+            for (int k = 0; k < W; ++k) g[k] = r * (wt[k] * g[k]) - v[k] * coef;
             T* gx = grad_x + base + j;
-            if (two) {
-                const F2 w = ld2(weight + j), g = ld2(grad_out + base + j), v = ld2(x + base + j);
-                float a = r * (w.a * g.a) - v.a * coef, b = r * (w.b * g.b) - v.b * coef;
-                if (accumulate) {
-                    const F2 old = ld2(gx);
-                    a = old.a + a;
-                    b = old.b + b;
-                }
-                st2(gx, a, b);
-            } else {
-                const float wg = ld(weight[j]) * ld(grad_out[base + j]);
-                const float v = r * wg - ld(x[base + j]) * coef;
-                st(gx, accumulate ? ld(*gx) + v : v);
+            if (accumulate) {
+                float old[W];
+                ldw<W>(gx, old);
+                for (int k = 0; k < W; ++k) g[k] = old[k] + g[k];
             }
+            stw<W>(gx, g);
         });
     }
 }
@@ -430,30 +490,33 @@ __device__ void rotary_impl(T* x, int row_stride, int num_heads, int head_size, 
             rb = v * c + u * s;
         }
     };
-    // Two adjacent pairs (d, d + 1) of one head at a time: needs an even half and aligned rows.
-    const bool two = half % 2 == 0 && row_stride % 2 == 0 && pair_aligned(x);
+    // N = Vec16<T>::N adjacent pairs (d .. d + N) of one head at a time: needs half a multiple of N and
+    // 16-byte aligned rows and tables.
+    const bool vec = half % Vec16<T>::N == 0 && row_stride % Vec16<T>::N == 0 && vec_aligned(x) &&
+                     vec_aligned(cos_t) && vec_aligned(sin_t);
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
         const int pos = i % seq;
         T* row = x + (long long)i * row_stride;
         const float* cr = cos_t + (long long)pos * half;
         const float* sr = sin_t + (long long)pos * half;
-        row_pairs(pairs, two, [&](int k, bool both) {
+        row_vec<T>(pairs, vec, [&](int k, auto w) {
+            constexpr int W = decltype(w)::value;
             const int head = k / half, d = k - head * half;
             T* a = row + head * head_size + d;
             T* b = a + half;
-            if (both) {
-                const F2 u = ld2(a), v = ld2(b);
-                float a0, b0, a1, b1;
-                rot(u.a, v.a, cr[d], sr[d], a0, b0);
-                rot(u.b, v.b, cr[d + 1], sr[d + 1], a1, b1);
-                st2(a, a0, a1);
-                st2(b, b0, b1);
-            } else {
+            float u[W], v[W], c[W], sn[W];
+            ldw<W>(a, u);
+            ldw<W>(b, v);
+            ldw<W>(cr + d, c);
+            ldw<W>(sr + d, sn);
+            for (int e = 0; e < W; ++e) {
                 float ra, rb;
-                rot(ld(*a), ld(*b), cr[d], sr[d], ra, rb);
-                st(a, ra);
-                st(b, rb);
+                rot(u[e], v[e], c[e], sn[e], ra, rb);
+                u[e] = ra;
+                v[e] = rb;
             }
+            stw<W>(a, u);
+            stw<W>(b, v);
         });
     }
 }
@@ -476,17 +539,17 @@ __device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoidf(
 // Rows over blocks, columns over the block's threads.
 template <class T>
 __device__ void swiglu_fwd_impl(T* out, const T* gate_up, long long n, int inter) {
-    const bool pairs = inter % 2 == 0 && pair_aligned(out) && pair_aligned(gate_up);
+    const bool vec = inter % Vec16<T>::N == 0 && vec_aligned(out) && vec_aligned(gate_up);
     for (long long i = blockIdx.x; i < n; i += gridDim.x) {
         const T* gr = gate_up + i * 2 * inter;
         T* orow = out + i * inter;
-        row_pairs(inter, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 g = ld2(gr + j), u = ld2(gr + inter + j);
-                st2(orow + j, swiglu(g.a, u.a), swiglu(g.b, u.b));
-            } else {
-                st(orow + j, swiglu(ld(gr[j]), ld(gr[inter + j])));
-            }
+        row_vec<T>(inter, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float g[W], u[W];
+            ldw<W>(gr + j, g);
+            ldw<W>(gr + inter + j, u);
+            for (int k = 0; k < W; ++k) g[k] = swiglu(g[k], u[k]);
+            stw<W>(orow + j, g);
         });
     }
 }
@@ -507,26 +570,26 @@ __device__ void swiglu_bwd_impl(T* grad_gate_up, const T* grad_out, const T* gat
         du = d * (g * sg);
         dg = d * u * (sg * (1.0f + g * (1.0f - sg)));
     };
-    const bool pairs =
-        inter % 2 == 0 && pair_aligned(grad_gate_up) && pair_aligned(grad_out) && pair_aligned(gate_up);
+    const bool vec =
+        inter % Vec16<T>::N == 0 && vec_aligned(grad_gate_up) && vec_aligned(grad_out) && vec_aligned(gate_up);
     for (long long i = blockIdx.x; i < n; i += gridDim.x) {
         const T* gr = gate_up + i * 2 * inter;
         const T* dr = grad_out + i * inter;
         T* gg = grad_gate_up + i * 2 * inter;
-        row_pairs(inter, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 g = ld2(gr + j), u = ld2(gr + inter + j), d = ld2(dr + j);
-                float dg0, du0, dg1, du1;
-                grads(g.a, u.a, d.a, dg0, du0);
-                grads(g.b, u.b, d.b, dg1, du1);
-                st2(gg + inter + j, du0, du1);
-                st2(gg + j, dg0, dg1);
-            } else {
+        row_vec<T>(inter, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float g[W], u[W], d[W];
+            ldw<W>(gr + j, g);
+            ldw<W>(gr + inter + j, u);
+            ldw<W>(dr + j, d);
+            for (int k = 0; k < W; ++k) {
                 float dg, du;
-                grads(ld(gr[j]), ld(gr[inter + j]), ld(dr[j]), dg, du);
-                st(gg + inter + j, du);
-                st(gg + j, dg);
+                grads(g[k], u[k], d[k], dg, du);
+                g[k] = dg;
+                u[k] = du;
             }
+            stw<W>(gg + inter + j, u);
+            stw<W>(gg + j, g);
         });
     }
 }
@@ -547,7 +610,7 @@ template <class T>
 __device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* targets, int n, int vocab,
                                    float grad_scale, int write_grad) {
     __shared__ float red[MAX_BLOCK];
-    const bool pairs = vocab % 2 == 0 && pair_aligned(logits);
+    const bool vec = vocab % Vec16<T>::N == 0 && vec_aligned(logits);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         T* x = logits + (long long)row * vocab;
         const unsigned t = targets[row];
@@ -564,14 +627,11 @@ __device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* t
                 se += expf(v - mx);
             }
         };
-        row_pairs(vocab, pairs, [&](int j, bool two) {
-            if (two) {
-                const F2 v = ld2(x + j);
-                see(v.a);
-                see(v.b);
-            } else {
-                see(ld(x[j]));
-            }
+        row_vec<T>(vocab, vec, [&](int j, auto w) {
+            constexpr int W = decltype(w)::value;
+            float v[W];
+            ldw<W>(x + j, v);
+            for (int k = 0; k < W; ++k) see(v[k]);
         });
         const float row_max = block_max(mx, red);
         // A thread that saw nothing (or only -inf) adds nothing.
@@ -580,13 +640,12 @@ __device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* t
         if (write_grad) {
             const float f = grad_scale / se;
             auto grad = [&](int j, float v) { return expf(v - row_max) * f - ((unsigned)j == t ? grad_scale : 0.0f); };
-            row_pairs(vocab, pairs, [&](int j, bool two) {
-                if (two) {
-                    const F2 v = ld2(x + j);
-                    st2(x + j, grad(j, v.a), grad(j + 1, v.b));
-                } else {
-                    st(x + j, grad(j, ld(x[j])));
-                }
+            row_vec<T>(vocab, vec, [&](int j, auto w) {
+                constexpr int W = decltype(w)::value;
+                float v[W];
+                ldw<W>(x + j, v);
+                for (int k = 0; k < W; ++k) v[k] = grad(j + k, v[k]);
+                stw<W>(x + j, v);
             });
         }
     }
@@ -1777,21 +1836,18 @@ extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg
         v = beta_2 * v + one_m_b2 * g * g;
         return wi - lr * (m / bias_corr_1) / (sqrtf(v / bias_corr_2) + eps);
     };
-    const bool pairs = pair_aligned(w) && pair_aligned(grad) && pair_aligned(exp_avg) && pair_aligned(exp_avg_sq);
-    for_pairs(n, pairs, [&](long long i, bool two) {
-        if (two) {
-            const F2 wi = ld2(w + i), gr = ld2(grad + i);
-            F2 m = ld2(exp_avg + i), v = ld2(exp_avg_sq + i);
-            const float w0 = step(wi.a, gr.a, m.a, v.a), w1 = step(wi.b, gr.b, m.b, v.b);
-            st2(exp_avg + i, m.a, m.b);
-            st2(exp_avg_sq + i, v.a, v.b);
-            st2(w + i, w0, w1);
-        } else {
-            float m = exp_avg[i], v = exp_avg_sq[i];
-            w[i] = step(w[i], grad[i], m, v);
-            exp_avg[i] = m;
-            exp_avg_sq[i] = v;
-        }
+    const bool vec = vec_aligned(w) && vec_aligned(grad) && vec_aligned(exp_avg) && vec_aligned(exp_avg_sq);
+    for_vec<float>(n, vec, [&](long long i, auto width) {
+        constexpr int W = decltype(width)::value;
+        float wi[W], gr[W], m[W], v[W];
+        ldw<W>(w + i, wi);
+        ldw<W>(grad + i, gr);
+        ldw<W>(exp_avg + i, m);
+        ldw<W>(exp_avg_sq + i, v);
+        for (int k = 0; k < W; ++k) wi[k] = step(wi[k], gr[k], m[k], v[k]);
+        stw<W>(exp_avg + i, m);
+        stw<W>(exp_avg_sq + i, v);
+        stw<W>(w + i, wi);
     });
 }
 

@@ -389,11 +389,14 @@ impl CudaKernels {
         }
     }
 
-    /// One block per item (grid-stride over more than [`MAX_GRID`] items).
-    fn grid_rows(&self, rows: usize) -> Launch {
+    /// One block per row of `cols` elements of `dtype` (grid-stride over more than [`MAX_GRID`] rows),
+    /// with threads enough for one 16-byte vector each (the row kernels' step), rounded up to a power
+    /// of two from 32 to the device's block size: a short row leaves no warp idle in a long block.
+    fn grid_rows(&self, rows: usize, cols: usize, dtype: DType) -> Launch {
+        let vectors = cols.div_ceil(16 / dtype.size());
         Launch {
             grid: (rows.clamp(1, MAX_GRID) as u32, 1, 1),
-            block: (self.block() as u32, 1, 1),
+            block: (vectors.next_power_of_two().clamp(32, self.block()) as u32, 1, 1),
             shared_bytes: 0,
         }
     }
@@ -688,7 +691,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("rms_norm_fwd_{}", x.dtype.suffix()),
-            self.grid_rows(n),
+            self.grid_rows(n, hidden, x.dtype),
             &[
                 Arg::Ptr(out.ptr),
                 Arg::Ptr(rstd.ptr),
@@ -733,7 +736,7 @@ impl CudaKernels {
         let t = x.dtype.suffix();
         self.launch(
             &format!("rms_norm_bwd_dx_{t}"),
-            self.grid_rows(n),
+            self.grid_rows(n, hidden, x.dtype),
             &[
                 Arg::Ptr(grad_x.ptr),
                 Arg::Ptr(grad_out.ptr),
@@ -819,7 +822,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("rotary_{}", x.dtype.suffix()),
-            self.grid_rows(n),
+            self.grid_rows(n, num_heads * (head_size / 2), x.dtype),
             &[
                 Arg::Ptr(x.ptr),
                 Arg::I32(int(row_stride, "row_stride")?),
@@ -994,7 +997,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("swiglu_fwd_{}", out.dtype.suffix()),
-            self.grid_rows(n),
+            self.grid_rows(n, inter, out.dtype),
             &[
                 Arg::Ptr(out.ptr),
                 Arg::Ptr(gate_up.ptr),
@@ -1028,7 +1031,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("swiglu_bwd_{}", gate_up.dtype.suffix()),
-            self.grid_rows(n),
+            self.grid_rows(n, inter, gate_up.dtype),
             &[
                 Arg::Ptr(grad_gate_up.ptr),
                 Arg::Ptr(grad_out.ptr),
@@ -1063,7 +1066,7 @@ impl CudaKernels {
         }
         self.launch(
             &format!("cross_entropy_{}", logits.dtype.suffix()),
-            self.grid_rows(n),
+            self.grid_rows(n, vocab, logits.dtype),
             &[
                 Arg::Ptr(logits.ptr),
                 Arg::Ptr(row_loss.ptr),

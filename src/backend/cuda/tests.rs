@@ -320,8 +320,10 @@ fn rms_norm_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(4);
-        // 150 rows: three chunks of the two-pass weight gradient, the last one partial.
-        for (n, hidden) in [(13, 40), (6, 16), (3, 100), (150, 8), (5, 9)] {
+        // 150 rows: three chunks of the two-pass weight gradient, the last one partial. Widths 520, 40,
+        // 16, 8: 16-byte vectors in both types (520: several per thread); 100: in f32 only; 9: one
+        // element at a time.
+        for (n, hidden) in [(3, 520), (13, 40), (6, 16), (3, 100), (150, 8), (5, 9)] {
             for dtype in DTYPES {
                 let x = stored(&rng.vec(n * hidden, 2.0), dtype);
                 let w = stored(&rng.vec(hidden, 1.5), dtype);
@@ -379,8 +381,9 @@ fn rotary_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(5);
-        // Head size 8: two pairs at a time; 6: an odd half, one pair at a time.
-        for (seq, heads, kv_heads, hs) in [(9, 4, 2, 8), (5, 2, 1, 6)] {
+        // Head size 16: vectors of pairs in both types (8 bf16, 4 f32); 8: vectors in f32, one pair
+        // at a time in bf16; 6: an odd half, one pair at a time.
+        for (seq, heads, kv_heads, hs) in [(7, 2, 2, 16), (9, 4, 2, 8), (5, 2, 1, 6)] {
             let stride = (heads + 2 * kv_heads) * hs;
             let n = 2 * seq;
             let half = hs / 2;
@@ -420,7 +423,8 @@ fn swiglu_matches_cpu() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(6);
         // An even width: two columns at a time; an odd one: one at a time.
-        for (n, inter) in [(11, 20), (5, 7)] {
+        // 24: 16-byte vectors in both types; 20: in f32 only; 7: one element at a time.
+        for (n, inter) in [(6, 24), (11, 20), (5, 7)] {
             for dtype in DTYPES {
                 let gu = stored(&rng.vec(n * 2 * inter, 4.0), dtype);
                 let mut out = vec![0.0; n * inter];
@@ -457,8 +461,8 @@ fn cross_entropy_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(7);
-        // An even vocabulary: two logits at a time; an odd one: one at a time.
-        for (n, vocab) in [(9, 70), (4, 37)] {
+        // 72: 16-byte vectors of logits in both types; 70 and 37: one logit at a time.
+        for (n, vocab) in [(9, 72), (3, 70), (4, 37)] {
             let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
             let dt = DevBuf::from_u32(&gpu, &targets).unwrap();
             let dloss = DevBuf::zeros(&gpu, n, DType::F32).unwrap();
@@ -667,8 +671,8 @@ fn adamw_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(9);
-        // An odd length: pairs and a last element alone; step 4 updates elements 1.. only, whose
-        // views are not pair-aligned (one element at a time).
+        // An odd length: vectors of four and a last element alone; step 4 updates elements 1.. only,
+        // whose views are not 16-byte aligned (one element at a time).
         let n = 301;
         let mut w = rng.vec(n, 1.0);
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
