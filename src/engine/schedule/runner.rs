@@ -336,6 +336,32 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             Op::Reduce {
                 stage,
                 buffer,
+                accumulate: false,
+            } if self.comm.world_size() == 1
+                && self.layout.num_grad_buffers() == self.layout.stages.len()
+                && self.grad_buffers[buffer].len() == self.shards[stage].grad.len() =>
+            {
+                // One rank, a grad buffer per stage: the reduce-scatter would copy the buffer into the
+                // shard unchanged. The two allocations trade places instead (same size, so every byte
+                // count stays true), and only the new buffer (the old shard) is zeroed: no collective. No job still refers to either: the
+                // buffer's last reduce finished before the backward that just filled it, and this is
+                // the stage's first reduce of the batch.
+                std::mem::swap(&mut self.grad_buffers[buffer], &mut self.shards[stage].grad);
+                let buf = self.grad_buffers[buffer].clone();
+                let kernels = self.kernels.clone();
+                self.grad_handles[buffer] = self.stream.submit(move || {
+                    // SAFETY: as for the reduce below; nothing else uses the old shard until the next
+                    // backward, which waits for this handle.
+                    kernels.zero_master(unsafe { buf.get_mut() });
+                    if !ordered {
+                        kernels.synchronize();
+                    }
+                    Ok(())
+                });
+            }
+            Op::Reduce {
+                stage,
+                buffer,
                 accumulate,
             } => {
                 let comm = self.comm.clone();
