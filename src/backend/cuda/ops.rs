@@ -628,12 +628,10 @@ impl CudaKernels {
             let seg_start = order + 4 * n_order as u64;
             let run_seg = seg_start + 4 * n_seg as u64;
             let partial = run_seg + 4 * n_run as u64;
+            // One upload (each waits for the device): the three arrays back to back, as laid out above.
+            let indices: Vec<u32> = [&segs.order[..], &segs.seg_start, &segs.run_seg].concat();
             // SAFETY: the three arrays and the partials fit the scratch view (its length is their sum).
-            unsafe {
-                self.gpu.upload(order, bytes_of(&segs.order))?;
-                self.gpu.upload(seg_start, bytes_of(&segs.seg_start))?;
-                self.gpu.upload(run_seg, bytes_of(&segs.run_seg))?;
-            }
+            unsafe { self.gpu.upload(order, bytes_of(&indices))? };
             self.launch(
                 &format!("embedding_bwd_partial_{}", grad_out.dtype.suffix()),
                 grid(num_segs),
