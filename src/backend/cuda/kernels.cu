@@ -207,6 +207,19 @@ __device__ V block_reduce(V v, V* red, Op op) {
     return r;
 }
 __device__ float block_sum(float v, float* red) { return block_reduce(v, red, SumOp()); }
+// The block's sum by a butterfly of shuffles in each warp (every lane ends with the same value: float
+// addition commutes), then the warps' sums in warp order, read by every thread: two barriers instead of
+// one per halving. blockDim.x must be a multiple of 32 (one-dimensional blocks); `red` holds
+// blockDim.x / 32 floats.
+__device__ float block_sum_warps(float v, float* red) {
+    for (int m = 16; m > 0; m >>= 1) v += shfl_xor(v, m);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / 32; ++w) s += red[w];
+    __syncthreads();
+    return s;
+}
 __device__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp()); }
 __device__ double block_sum_double(double v, double* red) { return block_reduce(v, red, SumOp()); }
 
@@ -434,6 +447,96 @@ extern "C" __global__ void rms_norm_bwd_dx_bf16(bf16* grad_x, const bf16* grad_o
     rms_norm_bwd_dx_impl(grad_x, grad_out, x, weight, rstd, n, hidden, accumulate);
 }
 
+// RMSNorm backward in one pass over the rows (the input gradient and the weight gradient's partial sums
+// together, so grad_out and x are read from memory once): block b takes rows_per_block consecutive rows,
+// computes each one's grad_x as rms_norm_bwd_dx (+= with `accumulate`), and writes partial[b][j], the
+// sum over its rows in order of grad_out * x * rstd (the chunk sums of rms_norm_bwd_dw, rows_per_block
+// rows to a chunk). A thread owns the same columns in every row (at most RMS_DW_GROUPS steps of W
+// elements: the launcher checks hidden <= RMS_DW_GROUPS * W * blockDim.x, with W = Vec16<T>::N when the
+// rows allow vectors and 1 otherwise) and keeps their sums in registers.
+#define RMS_DW_GROUPS 2
+template <int W, class T>
+__device__ void rms_norm_bwd_rows(T* grad_x, float* partial, const T* grad_out, const T* x, const T* weight,
+                                  const float* rstd, int n, int hidden, int rows_per_block, int accumulate,
+                                  float* red) {
+    const float inv_c = 1.0f / (float)hidden;
+    float dw[RMS_DW_GROUPS][W];
+#pragma unroll
+    for (int q = 0; q < RMS_DW_GROUPS; ++q)
+#pragma unroll
+        for (int k = 0; k < W; ++k) dw[q][k] = 0.0f;
+    const int r0 = blockIdx.x * rows_per_block;
+    const int r1 = r0 + rows_per_block < n ? r0 + rows_per_block : n;
+    for (int row = r0; row < r1; ++row) {
+        const long long base = (long long)row * hidden;
+        const float r = rstd[row];
+        float d = 0.0f;
+#pragma unroll
+        for (int q = 0; q < RMS_DW_GROUPS; ++q) {
+            const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
+            if (j < hidden) {
+                float wt[W], g[W], v[W];
+                ldw<W>(weight + j, wt);
+                ldw<W>(grad_out + base + j, g);
+                ldw<W>(x + base + j, v);
+                for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
+            }
+        }
+        d = block_sum_warps(d, red);
+        const float coef = d * r * r * r * inv_c;
+#pragma unroll
+        for (int q = 0; q < RMS_DW_GROUPS; ++q) {
+            const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
+            if (j < hidden) {
+                float wt[W], g[W], v[W];
+                ldw<W>(weight + j, wt);
+                ldw<W>(grad_out + base + j, g);
+                ldw<W>(x + base + j, v);
+                for (int k = 0; k < W; ++k) {
+                    dw[q][k] += g[k] * v[k] * r;
+                    g[k] = r * (wt[k] * g[k]) - v[k] * coef;
+                }
+                T* gx = grad_x + base + j;
+                if (accumulate) {
+                    float old[W];
+                    ldw<W>(gx, old);
+                    for (int k = 0; k < W; ++k) g[k] = old[k] + g[k];
+                }
+                stw<W>(gx, g);
+            }
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < RMS_DW_GROUPS; ++q) {
+        const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
+        if (j < hidden) for (int k = 0; k < W; ++k) partial[(long long)blockIdx.x * hidden + j + k] = dw[q][k];
+    }
+}
+template <class T>
+__device__ void rms_norm_bwd_impl(T* grad_x, float* partial, const T* grad_out, const T* x, const T* weight,
+                                  const float* rstd, int n, int hidden, int rows_per_block, int accumulate) {
+    __shared__ float red[MAX_BLOCK / 32];
+    const bool vec = hidden % Vec16<T>::N == 0 && vec_aligned(grad_x) && vec_aligned(grad_out) && vec_aligned(x) &&
+                     vec_aligned(weight);
+    if (vec) {
+        rms_norm_bwd_rows<Vec16<T>::N>(grad_x, partial, grad_out, x, weight, rstd, n, hidden, rows_per_block,
+                                       accumulate, red);
+    } else {
+        rms_norm_bwd_rows<1>(grad_x, partial, grad_out, x, weight, rstd, n, hidden, rows_per_block, accumulate, red);
+    }
+}
+extern "C" __global__ void rms_norm_bwd_f32(float* grad_x, float* partial, const float* grad_out, const float* x,
+                                            const float* weight, const float* rstd, int n, int hidden,
+                                            int rows_per_block, int accumulate) {
+    rms_norm_bwd_impl(grad_x, partial, grad_out, x, weight, rstd, n, hidden, rows_per_block, accumulate);
+}
+extern "C" __global__ void rms_norm_bwd_bf16(bf16* grad_x, float* partial, const bf16* grad_out, const bf16* x,
+                                             const bf16* weight, const float* rstd, int n, int hidden,
+                                             int rows_per_block, int accumulate) {
+    rms_norm_bwd_impl(grad_x, partial, grad_out, x, weight, rstd, n, hidden, rows_per_block, accumulate);
+}
+
+// Without room in registers for a row's columns (hidden above RMS_DW_GROUPS steps): the two kernels below.
 // grad_weight (hidden) fp32 += sum over rows of g * x * rstd, in two deterministic passes so the whole
 // GPU works on it: pass 1 (grid: column blocks x row chunks) writes partial[chunk][col], the sum of the
 // chunk's rows in order; pass 2 (one thread per column) adds the chunks in order into grad_weight.
@@ -461,12 +564,23 @@ extern "C" __global__ void rms_norm_bwd_dw_bf16(float* partial, const bf16* grad
                                                 const float* rstd, int n, int hidden, int rows_per_chunk) {
     rms_norm_bwd_dw_impl(partial, grad_out, x, rstd, n, hidden, rows_per_chunk);
 }
-// out[j] += sum over chunks c (in order) of partial[c][j].
+// out[j] += the sum over chunks c of partial[c][j]. Blocks of (32, SUM_LANES) threads: block b takes
+// columns 32b .. 32b + 31; lane y of a column adds chunks y, y + SUM_LANES, ... in order, then lane 0
+// adds the lanes' sums in lane order (a fixed order, so deterministic; several loads in flight per
+// column rather than a chain of `chunks`).
+#define SUM_LANES 8
 extern "C" __global__ void sum_chunks_f32(float* out, const float* partial, int chunks, int cols) {
-    for (long long j = global_thread(); j < cols; j += global_stride()) {
-        float acc = 0.0f;
-        for (int c = 0; c < chunks; ++c) acc += partial[(long long)c * cols + j];
-        out[j] += acc;
+    __shared__ float lanes[SUM_LANES][33];
+    const int j = blockIdx.x * 32 + threadIdx.x, y = threadIdx.y;
+    float acc = 0.0f;
+    if (j < cols)
+        for (int c = y; c < chunks; c += SUM_LANES) acc += partial[(long long)c * cols + j];
+    lanes[y][threadIdx.x] = acc;
+    __syncthreads();
+    if (y == 0 && j < cols) {
+        float s = 0.0f;
+        for (int l = 0; l < SUM_LANES; ++l) s += lanes[l][threadIdx.x];
+        out[j] += s;
     }
 }
 
@@ -1898,7 +2012,7 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     EMU_ATTN_FAMILY(X, tc) EMU_ATTN_FAMILY(X, mma) EMU_ATTN_FAMILY(X, mma64)                                  \
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
     X(embedding_bwd_partial_f32) X(embedding_bwd_partial_bf16) X(embedding_bwd_sum) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
-    X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
+    X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rms_norm_bwd_f32) X(rms_norm_bwd_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \

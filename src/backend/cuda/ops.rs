@@ -275,8 +275,17 @@ pub struct CudaKernels {
     attention: AttentionKernels,
 }
 
-/// Rows per chunk of the two-pass column sums (RMSNorm weight gradient).
+/// Rows per chunk of the two-pass column sums (RMSNorm weight gradient, rows too wide for the fused
+/// backward).
 const ROWS_PER_CHUNK: usize = 64;
+/// Blocks of the fused RMSNorm backward (each takes a run of consecutive rows; about one wave of an
+/// H100 at four blocks per multiprocessor, few enough that the chunk sums stay small).
+const RMS_BWD_BLOCKS: usize = 1024;
+/// `RMS_DW_GROUPS` of `kernels.cu`: the 16-byte steps (or single columns) a thread of the fused
+/// RMSNorm backward owns per row.
+const RMS_DW_GROUPS: usize = 2;
+/// `SUM_LANES` of `kernels.cu`: chunk lanes per column of `sum_chunks_f32`.
+const SUM_LANES: u32 = 8;
 /// Most positions per segment of the embedding backward's first pass.
 const EMBEDDING_SEGMENT: usize = 32;
 
@@ -732,9 +741,60 @@ impl CudaKernels {
         }
         let (ni, hi) = (int(n, "rows")?, int(hidden, "hidden")?);
         let t = x.dtype.suffix();
+        let rows = self.grid_rows(n, hidden, x.dtype);
+        // The kernels' choice: 16-byte steps when every row is whole vectors and every pointer aligned.
+        let per_vector = 16 / x.dtype.size();
+        let vec = hidden.is_multiple_of(per_vector)
+            && [grad_x.ptr, grad_out.ptr, x.ptr, weight.ptr]
+                .iter()
+                .all(|p| p % 16 == 0);
+        let width = if vec { per_vector } else { 1 };
+        let sum_chunks = |partial: super::DevPtr, chunks: usize| {
+            self.launch(
+                "sum_chunks_f32",
+                Launch {
+                    grid: (hidden.div_ceil(32) as u32, 1, 1),
+                    block: (32, SUM_LANES, 1),
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(grad_weight.ptr),
+                    Arg::Ptr(partial),
+                    Arg::I32(chunks as i32),
+                    Arg::I32(hi),
+                ],
+            )
+        };
+        if hidden <= RMS_DW_GROUPS * width * rows.block.0 as usize {
+            // One pass: each block's rows give their input gradients and one chunk of weight-gradient sums.
+            let rows_per_block = n.div_ceil(RMS_BWD_BLOCKS);
+            let chunks = n.div_ceil(rows_per_block);
+            return self.with_scratch(chunks * hidden, |partial| {
+                self.launch(
+                    &format!("rms_norm_bwd_{t}"),
+                    Launch {
+                        grid: (chunks as u32, 1, 1),
+                        ..rows
+                    },
+                    &[
+                        Arg::Ptr(grad_x.ptr),
+                        Arg::Ptr(partial.ptr),
+                        Arg::Ptr(grad_out.ptr),
+                        Arg::Ptr(x.ptr),
+                        Arg::Ptr(weight.ptr),
+                        Arg::Ptr(rstd.ptr),
+                        Arg::I32(ni),
+                        Arg::I32(hi),
+                        Arg::I32(rows_per_block as i32),
+                        Arg::I32(accumulate as i32),
+                    ],
+                )?;
+                sum_chunks(partial.ptr, chunks)
+            });
+        }
         self.launch(
             &format!("rms_norm_bwd_dx_{t}"),
-            self.grid_rows(n, hidden, x.dtype),
+            rows,
             &[
                 Arg::Ptr(grad_x.ptr),
                 Arg::Ptr(grad_out.ptr),
@@ -771,16 +831,7 @@ impl CudaKernels {
                     Arg::I32(ROWS_PER_CHUNK as i32),
                 ],
             )?;
-            self.launch(
-                "sum_chunks_f32",
-                self.grid_1d(hidden),
-                &[
-                    Arg::Ptr(grad_weight.ptr),
-                    Arg::Ptr(partial.ptr),
-                    Arg::I32(chunks as i32),
-                    Arg::I32(hi),
-                ],
-            )
+            sum_chunks(partial.ptr, chunks)
         })
     }
 
