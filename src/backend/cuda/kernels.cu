@@ -191,8 +191,8 @@ struct MaxOp {
     __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
-// `op` over the block's `v` (tree order over thread indices), returned to every thread.
-// `red` is a shared array of at least blockDim.x elements.
+// `op` over the block's `v` (tree order over thread indices), returned to every thread (the double sums:
+// no double shuffles in the emulator). `red` is a shared array of at least blockDim.x elements.
 template <class V, class Op>
 __device__ V block_reduce(V v, V* red, Op op) {
     const int t = threadIdx.x;
@@ -206,21 +206,22 @@ __device__ V block_reduce(V v, V* red, Op op) {
     __syncthreads();
     return r;
 }
-__device__ float block_sum(float v, float* red) { return block_reduce(v, red, SumOp()); }
-// The block's sum by a butterfly of shuffles in each warp (every lane ends with the same value: float
-// addition commutes), then the warps' sums in warp order, read by every thread: two barriers instead of
-// one per halving. blockDim.x must be a multiple of 32 (one-dimensional blocks); `red` holds
-// blockDim.x / 32 floats.
-__device__ float block_sum_warps(float v, float* red) {
-    for (int m = 16; m > 0; m >>= 1) v += shfl_xor(v, m);
+// `op` over the block's `v`, returned to every thread: a butterfly of shuffles in each warp (every lane
+// ends with the same value, as `op` commutes), then the warps' results in warp order, read by every
+// thread; two barriers rather than one per halving. blockDim.x must be a multiple of 32 (one-dimensional
+// blocks); `red` holds at least blockDim.x / 32 floats.
+template <class Op>
+__device__ float block_reduce_warps(float v, float* red, Op op) {
+    for (int m = 16; m > 0; m >>= 1) v = op(v, shfl_xor(v, m));
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
     __syncthreads();
-    float s = 0.0f;
-    for (int w = 0; w < (int)blockDim.x / 32; ++w) s += red[w];
+    float r = red[0];
+    for (int w = 1; w < (int)blockDim.x / 32; ++w) r = op(r, red[w]);
     __syncthreads();
-    return s;
+    return r;
 }
-__device__ float block_max(float v, float* red) { return block_reduce(v, red, MaxOp()); }
+__device__ float block_sum(float v, float* red) { return block_reduce_warps(v, red, SumOp()); }
+__device__ float block_max(float v, float* red) { return block_reduce_warps(v, red, MaxOp()); }
 __device__ double block_sum_double(double v, double* red) { return block_reduce(v, red, SumOp()); }
 
 // Vector loops: a thread takes N = Vec16<T>::N consecutive elements per step (16 bytes of T) where the
@@ -482,7 +483,7 @@ __device__ void rms_norm_bwd_rows(T* grad_x, float* partial, const T* grad_out, 
                 for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
             }
         }
-        d = block_sum_warps(d, red);
+        d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
 #pragma unroll
         for (int q = 0; q < RMS_DW_GROUPS; ++q) {
