@@ -779,6 +779,17 @@ fn run_training(
         r => r,
     };
     let summary = r?;
+    // How often the host waited for the GPU per step (the last logged interval): each wait lets it run dry.
+    let last_metrics = std::fs::read_to_string(cfg.run.experiment_dir.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        });
+    if let Some(w) = last_metrics.as_ref().and_then(|m| m["device_waits_per_step"].as_f64()) {
+        println!("host waits for the GPU per step: {w:.1}");
+    }
     let mem_path = cfg.run.experiment_dir.join("memory.json");
     let memory = std::fs::read(&mem_path)
         .ok()
