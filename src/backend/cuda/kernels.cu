@@ -397,8 +397,41 @@ extern "C" __global__ void rms_norm_fwd_bf16(bf16* out, float* rstd, const bf16*
     rms_norm_fwd_impl(out, rstd, x, weight, n, hidden, eps);
 }
 
-// grad_x (n, hidden) = r * w * g - x * r^3 / hidden * sum(w * g * x), one block per row; with
-// `accumulate`, grad_x += that (one rounding of the sum: the residual stream's gradient and the norm's).
+// The two halves of a row of the RMSNorm backward at columns j .. j + W of the row at `base`: the row's
+// dot term sum(w * g * x), and grad_x = r * w * g - x * coef (coef = r^3 / hidden * the row's dot), added
+// to the old grad_x with `accumulate` (one rounding of the sum: the residual stream's gradient and the
+// norm's). With `dw`, also dw[k] += g * x * r (the weight gradient's terms, in that order).
+template <int W, class T>
+__device__ __forceinline__ float rms_bwd_dot(const T* weight, const T* grad_out, const T* x, long long base, int j) {
+    float wt[W], g[W], v[W];
+    ldw<W>(weight + j, wt);
+    ldw<W>(grad_out + base + j, g);
+    ldw<W>(x + base + j, v);
+    float d = 0.0f;
+    for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
+    return d;
+}
+template <int W, class T>
+__device__ __forceinline__ void rms_bwd_dx(T* grad_x, const T* grad_out, const T* x, const T* weight, long long base,
+                                           int j, float r, float coef, int accumulate, float* dw) {
+    float wt[W], g[W], v[W];
+    ldw<W>(weight + j, wt);
+    ldw<W>(grad_out + base + j, g);
+    ldw<W>(x + base + j, v);
+    for (int k = 0; k < W; ++k) {
+        if (dw) dw[k] += g[k] * v[k] * r;
+        g[k] = r * (wt[k] * g[k]) - v[k] * coef;
+    }
+    T* gx = grad_x + base + j;
+    if (accumulate) {
+        float old[W];
+        ldw<W>(gx, old);
+        for (int k = 0; k < W; ++k) g[k] = old[k] + g[k];
+    }
+    stw<W>(gx, g);
+}
+
+// grad_x (n, hidden) as rms_bwd_dx, one block per row.
 template <class T>
 __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, const T* weight,
                                      const float* rstd, int n, int hidden, int accumulate) {
@@ -411,29 +444,12 @@ __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, c
         const float r = rstd[row];
         float d = 0.0f;
         row_vec<T>(hidden, vec, [&](int j, auto w) {
-            constexpr int W = decltype(w)::value;
-            float wt[W], g[W], v[W];
-            ldw<W>(weight + j, wt);
-            ldw<W>(grad_out + base + j, g);
-            ldw<W>(x + base + j, v);
-            for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
+            d += rms_bwd_dot<decltype(w)::value>(weight, grad_out, x, base, j);
         });
         d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
         row_vec<T>(hidden, vec, [&](int j, auto w) {
-            constexpr int W = decltype(w)::value;
-            float wt[W], g[W], v[W];
-            ldw<W>(weight + j, wt);
-            ldw<W>(grad_out + base + j, g);
-            ldw<W>(x + base + j, v);
-            for (int k = 0; k < W; ++k) g[k] = r * (wt[k] * g[k]) - v[k] * coef;
-            T* gx = grad_x + base + j;
-            if (accumulate) {
-                float old[W];
-                ldw<W>(gx, old);
-                for (int k = 0; k < W; ++k) g[k] = old[k] + g[k];
-            }
-            stw<W>(gx, g);
+            rms_bwd_dx<decltype(w)::value>(grad_x, grad_out, x, weight, base, j, r, coef, accumulate, nullptr);
         });
     }
 }
@@ -475,36 +491,14 @@ __device__ void rms_norm_bwd_rows(T* grad_x, float* partial, const T* grad_out, 
 #pragma unroll
         for (int q = 0; q < RMS_DW_GROUPS; ++q) {
             const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
-            if (j < hidden) {
-                float wt[W], g[W], v[W];
-                ldw<W>(weight + j, wt);
-                ldw<W>(grad_out + base + j, g);
-                ldw<W>(x + base + j, v);
-                for (int k = 0; k < W; ++k) d += wt[k] * g[k] * v[k];
-            }
+            if (j < hidden) d += rms_bwd_dot<W>(weight, grad_out, x, base, j);
         }
         d = block_sum(d, red);
         const float coef = d * r * r * r * inv_c;
 #pragma unroll
         for (int q = 0; q < RMS_DW_GROUPS; ++q) {
             const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
-            if (j < hidden) {
-                float wt[W], g[W], v[W];
-                ldw<W>(weight + j, wt);
-                ldw<W>(grad_out + base + j, g);
-                ldw<W>(x + base + j, v);
-                for (int k = 0; k < W; ++k) {
-                    dw[q][k] += g[k] * v[k] * r;
-                    g[k] = r * (wt[k] * g[k]) - v[k] * coef;
-                }
-                T* gx = grad_x + base + j;
-                if (accumulate) {
-                    float old[W];
-                    ldw<W>(gx, old);
-                    for (int k = 0; k < W; ++k) g[k] = old[k] + g[k];
-                }
-                stw<W>(gx, g);
-            }
+            if (j < hidden) rms_bwd_dx<W>(grad_x, grad_out, x, weight, base, j, r, coef, accumulate, dw[q]);
         }
     }
 #pragma unroll
