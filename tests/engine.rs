@@ -263,6 +263,17 @@ fn collectives_per_step_match_the_formula() {
             assert_eq!(st.all_gather_elements, steps * elems, "zero {zero} df {df} bf {bf}");
             // Two scalar all-reduces per step: the loss and the squared gradient norm.
             assert_eq!(st.all_reduce_calls, 2 * steps);
+            // `plan` predicts the same traffic per step.
+            let row = &fast_llm_rs::plan::plan(&cfg, None).unwrap().rows[0];
+            let what = format!("plan, world {world} zero {zero} df {df} bf {bf}");
+            assert_eq!(steps * row.reduce_scatter_calls, st.reduce_scatter_calls, "{what}");
+            assert_eq!(
+                steps * row.reduce_scatter_elements,
+                st.reduce_scatter_elements,
+                "{what}"
+            );
+            assert_eq!(steps * row.all_gather_calls, st.all_gather_calls, "{what}");
+            assert_eq!(steps * row.all_gather_elements, st.all_gather_elements, "{what}");
         }
     }
 }

@@ -241,6 +241,17 @@ impl MultiStageLayout {
         self.grad_buffer_sizes.len()
     }
 
+    /// Whether a reduce of `stage` is a swap rather than a collective: with one rank, a grad buffer per
+    /// stage (so each buffer has its stage's size, the shard's) and a reduce that writes the shard
+    /// rather than adding to it, the grad buffer and the grad shard trade places (the runner) and no
+    /// reduce-scatter runs (`plan`'s counts).
+    pub fn reduce_swaps(&self, stage: usize, accumulate: bool) -> bool {
+        !accumulate
+            && self.data_parallel == 1
+            && self.num_grad_buffers() == self.num_stages()
+            && self.grad_buffer_sizes[self.grad_buffer_of[stage]] == self.stages[stage].shard
+    }
+
     /// Sum of padded stage sizes.
     pub fn padded_params(&self) -> usize {
         self.stages.iter().map(|s| s.padded).sum()

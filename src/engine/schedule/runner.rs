@@ -337,10 +337,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 stage,
                 buffer,
                 accumulate: false,
-            } if self.comm.world_size() == 1
-                && self.layout.num_grad_buffers() == self.layout.stages.len()
-                && self.grad_buffers[buffer].len() == self.shards[stage].grad.len() =>
-            {
+            } if self.layout.reduce_swaps(stage, false) => {
                 // One rank, a grad buffer per stage: the reduce-scatter would copy the buffer into the
                 // shard unchanged. The two allocations trade places instead (same size, so every byte
                 // count stays true), and only the new buffer (the old shard) is zeroed: no collective. No job still refers to either: the
