@@ -86,16 +86,10 @@ struct __align__(16) V16 {
     unsigned w[4];
 };
 #ifndef FAST_LLM_EMU
-// 16-byte accesses kept whole (a copy of the struct may be split into four 4-byte accesses).
-template <>
-__device__ __forceinline__ V16 ld_vec<V16>(const void* p) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    return V16{{u.x, u.y, u.z, u.w}};
-}
+// A 16-byte store written out: nvcc splits a store of the struct, or of a uint4, into four 4-byte
+// stores when it cannot see the alignment (one that `vec_aligned` checked at run time). Loads stay whole.
 template <>
 __device__ __forceinline__ void st_vec<V16>(void* p, V16 v) {
-    // Written out: a plain uint4 store is still split into four when the compiler cannot see the
-    // alignment (one that `vec_aligned` checked at run time).
     asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3])
                  : "memory");
 }
@@ -361,7 +355,7 @@ extern "C" __global__ void embedding_bwd_sum(float* grad_table, const float* par
 template <class T>
 __device__ void rms_norm_fwd_impl(T* out, float* rstd, const T* x, const T* weight, int n, int hidden,
                                   float eps) {
-    __shared__ float red[MAX_BLOCK];
+    __shared__ float red[MAX_BLOCK / 32];
     const float inv_c = 1.0f / (float)hidden;
     const bool vec =
         hidden % Vec16<T>::N == 0 && vec_aligned(out) && vec_aligned(x) && vec_aligned(weight);
@@ -435,7 +429,7 @@ __device__ __forceinline__ void rms_bwd_dx(T* grad_x, const T* grad_out, const T
 template <class T>
 __device__ void rms_norm_bwd_dx_impl(T* grad_x, const T* grad_out, const T* x, const T* weight,
                                      const float* rstd, int n, int hidden, int accumulate) {
-    __shared__ float red[MAX_BLOCK];
+    __shared__ float red[MAX_BLOCK / 32];
     const float inv_c = 1.0f / (float)hidden;
     const bool vec = hidden % Vec16<T>::N == 0 && vec_aligned(grad_x) && vec_aligned(grad_out) && vec_aligned(x) &&
                      vec_aligned(weight);
@@ -504,7 +498,7 @@ __device__ void rms_norm_bwd_rows(T* grad_x, float* partial, const T* grad_out, 
 #pragma unroll
     for (int q = 0; q < RMS_DW_GROUPS; ++q) {
         const int j = (q * (int)blockDim.x + (int)threadIdx.x) * W;
-        if (j < hidden) for (int k = 0; k < W; ++k) partial[(long long)blockIdx.x * hidden + j + k] = dw[q][k];
+        if (j < hidden) stw<W>(partial + (long long)blockIdx.x * hidden + j, dw[q]);
     }
 }
 template <class T>
@@ -718,7 +712,7 @@ extern "C" __global__ void swiglu_bwd_bf16(bf16* grad_gate_up, const bf16* grad_
 template <class T>
 __device__ void cross_entropy_impl(T* logits, float* row_loss, const unsigned* targets, int n, int vocab,
                                    float grad_scale, int write_grad) {
-    __shared__ float red[MAX_BLOCK];
+    __shared__ float red[MAX_BLOCK / 32];
     const bool vec = vocab % Vec16<T>::N == 0 && vec_aligned(logits);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         T* x = logits + (long long)row * vocab;

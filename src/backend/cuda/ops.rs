@@ -286,6 +286,11 @@ const RMS_BWD_BLOCKS: usize = 1024;
 const RMS_DW_GROUPS: usize = 2;
 /// `SUM_LANES` of `kernels.cu`: chunk lanes per column of `sum_chunks_f32`.
 const SUM_LANES: u32 = 8;
+/// Elements of `dtype` per 16-byte access of the elementwise and row kernels (`Vec16<T>::N` in
+/// `kernels.cu`): 8 bf16 or 4 f32.
+fn vec16(dtype: DType) -> usize {
+    16 / dtype.size()
+}
 /// Most positions per segment of the embedding backward's first pass.
 const EMBEDDING_SEGMENT: usize = 32;
 
@@ -402,7 +407,7 @@ impl CudaKernels {
     /// with threads enough for one 16-byte vector each (the row kernels' step), rounded up to a power
     /// of two from 32 to the device's block size: a short row leaves no warp idle in a long block.
     fn grid_rows(&self, rows: usize, cols: usize, dtype: DType) -> Launch {
-        let vectors = cols.div_ceil(16 / dtype.size());
+        let vectors = cols.div_ceil(vec16(dtype));
         Launch {
             grid: (rows.clamp(1, MAX_GRID) as u32, 1, 1),
             block: (vectors.next_power_of_two().clamp(32, self.block()) as u32, 1, 1),
@@ -743,7 +748,7 @@ impl CudaKernels {
         let t = x.dtype.suffix();
         let rows = self.grid_rows(n, hidden, x.dtype);
         // The kernels' choice: 16-byte steps when every row is whole vectors and every pointer aligned.
-        let per_vector = 16 / x.dtype.size();
+        let per_vector = vec16(x.dtype);
         let vec = hidden.is_multiple_of(per_vector)
             && [grad_x.ptr, grad_out.ptr, x.ptr, weight.ptr]
                 .iter()

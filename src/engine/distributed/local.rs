@@ -778,8 +778,8 @@ impl LocalCommunicator {
         for j in (0..self.group.world_size).filter(|&j| !(in_place && j == self.rank)) {
             // SAFETY: arrival completed; rank `j` published a shard of `s` elements (validated) and
             // neither frees nor writes it before the completion point below (the mover is fenced
-            // first, or queues on the stream that runs every later write); slot `j` of `out` is in bounds (`out_len` = D·s, validated) and disjoint from
-            // every published shard.
+            // first, or queues on the stream that runs every later write); slot `j` of `out` is in
+            // bounds (`out_len` = D·s, validated) and disjoint from every published shard.
             let (src, dst) = (self.desc(j, seq).ptr as *const f32, out.add(j * s));
             match &self.mover {
                 Some(m) => m.copy(dst, src, s),

@@ -336,13 +336,13 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             Op::Reduce {
                 stage,
                 buffer,
-                accumulate: false,
-            } if self.layout.reduce_swaps(stage, false) => {
+                accumulate,
+            } if self.layout.reduce_swaps(stage, accumulate) => {
                 // One rank, a grad buffer per stage: the reduce-scatter would copy the buffer into the
                 // shard unchanged. The two allocations trade places instead (same size, so every byte
-                // count stays true), and only the new buffer (the old shard) is zeroed: no collective. No job still refers to either: the
-                // buffer's last reduce finished before the backward that just filled it, and this is
-                // the stage's first reduce of the batch.
+                // count stays true), and only the new buffer (the old shard) is zeroed: no collective.
+                // No job still refers to either: the buffer's last reduce finished before the backward
+                // that just filled it, and this is the stage's first reduce of the batch.
                 std::mem::swap(&mut self.grad_buffers[buffer], &mut self.shards[stage].grad);
                 let buf = self.grad_buffers[buffer].clone();
                 let kernels = self.kernels.clone();
