@@ -22,6 +22,18 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), ConfigError> {
     validate_base_model(&cfg.model.base_model)?;
     validate_multi_stage(&cfg.model.multi_stage)?;
     validate_distributed(&cfg.model.distributed)?;
+    // Fast-LLM's `false` keeps the gradient buffers in the training dtype. With float32 compute that
+    // is fp32 anyway; with bfloat16 it would mean bf16 gradient buffers, which this engine does not
+    // have (every gradient is accumulated and reduced in fp32).
+    require(
+        cfg.model.multi_stage.full_precision_gradients
+            || cfg.model.distributed.compute_dtype != ComputeDtype::Bfloat16,
+        "model.multi_stage.full_precision_gradients",
+        false,
+        "bfloat16 gradient buffers are not supported (gradients are accumulated and reduced in fp32; \
+         accepted with bfloat16 compute: true)",
+        "set it to true or remove it",
+    )?;
     if let Some(pretrained) = &cfg.pretrained {
         validate_pretrained(pretrained)?;
     }
@@ -616,6 +628,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cfg.model.distributed.compute_dtype, ComputeDtype::Bfloat16);
+    }
+
+    #[test]
+    fn bfloat16_gradient_buffers_are_refused() {
+        let bf16 = ["model.distributed.compute_dtype=bfloat16", "model.distributed.use_cuda=true"];
+        assert_refused(
+            &[bf16[0], bf16[1], "model.multi_stage.full_precision_gradients=false"],
+            &[
+                "model.multi_stage.full_precision_gradients = false",
+                "bfloat16 gradient buffers are not supported",
+                "set it to true or remove it",
+            ],
+        );
+        // With float32 compute the gradient buffers are fp32 either way.
+        let cfg = example(&["model.multi_stage.full_precision_gradients=false"]).unwrap();
+        assert!(!cfg.model.multi_stage.full_precision_gradients);
+        assert!(example(&[bf16[0], bf16[1], "model.multi_stage.full_precision_gradients=true"]).is_ok());
     }
 
     #[test]
