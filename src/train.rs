@@ -564,8 +564,8 @@ fn train_local(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<TrainSu
     let timeout = Duration::from_secs_f64(cfg.model.distributed.timeout);
     let results = run_ranks(world, timeout, |comm| {
         // On a GPU the collectives move data with device copies and kernels (buffers are managed memory).
-        let comm = match &setup.device {
-            Some(d) => comm.with_mover(d.mover()),
+        let comm = match setup.device.as_ref().and_then(|d| d.mover()) {
+            Some(m) => comm.with_mover(m),
             None => comm,
         };
         let local = Arc::new(comm);

@@ -324,6 +324,64 @@ fn emulated_gpu_resume_is_bitwise_identical_to_a_straight_run() {
     assert_eq!(all, straight, "resumed losses differ from the straight run");
 }
 
+/// The engine's other way of running on a GPU, with a communicator that does not queue on the compute
+/// stream (NCCL has a stream of its own): it waits for the device once per stage boundary, before the
+/// collective, and the restore's cast and the reduce's zeroing run in stream order without a wait of
+/// their own. `FAST_LLM_RS_HOST_COLLECTIVES=1` makes the local ranks sharing the emulated GPU move
+/// their collectives' data on the host, off the stream: with items slowed on the asynchronous emulator
+/// (where a missing wait lets the host read a buffer before the kernels wrote it), 2 ranks in bf16 give
+/// the stream-ordered run's losses bit for bit, at ZeRO-1 and ZeRO-3, and wait more often (the knob
+/// took effect).
+#[test]
+fn a_communicator_off_the_compute_stream_waits_once_per_stage_boundary() {
+    if !emulator_available() {
+        return;
+    }
+    let data = common::corpus_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |zero: &str, host: bool| {
+        let o = common::ov(&[
+            ("training.train_iters", "3".into()),
+            ("model.distributed.world_size", "2".into()),
+            ("model.multi_stage.zero_stage", zero.into()),
+            ("model.distributed.use_cuda", "true".into()),
+            ("model.distributed.compute_dtype", "bfloat16".into()),
+        ]);
+        let exp = tmp.path().join(format!("z{zero}-{host}"));
+        let knob = if host { "1" } else { "0" };
+        let (code, err, losses) = train_env(
+            &exp,
+            data.path(),
+            &o,
+            Some("emulator"),
+            &[
+                ("FAST_LLM_RS_EMU_DELAY_US", "20"),
+                ("FAST_LLM_RS_HOST_COLLECTIVES", knob),
+            ],
+        );
+        assert_eq!(code, 0, "ZeRO-{zero}, host moves {host}: {err}");
+        assert_eq!(losses.len(), 3);
+        let waits: f64 = std::fs::read_to_string(exp.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["phase"] == "training")
+            .map(|v| v["device_waits_per_step"].as_f64().unwrap())
+            .sum();
+        (losses, waits)
+    };
+    for zero in ["1", "3"] {
+        let (ordered, ordered_waits) = run(zero, false);
+        let (host, host_waits) = run(zero, true);
+        println!("ZeRO-{zero}: host waits over 3 steps {ordered_waits} stream-ordered, {host_waits} host-moved");
+        assert_eq!(host, ordered, "ZeRO-{zero}: losses host-moved vs stream-ordered");
+        assert!(
+            host_waits > ordered_waits,
+            "ZeRO-{zero}: FAST_LLM_RS_HOST_COLLECTIVES=1 did not add waits"
+        );
+    }
+}
+
 /// On a GPU shared by the local ranks, collectives queue on the compute stream, so a stage boundary
 /// (a restore or reduce) makes the host wait for nothing: the host waits per step (reported as
 /// `device_waits_per_step`) are the same with 4 stages as with 2, for 1 and 2 ranks, and the losses

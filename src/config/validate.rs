@@ -26,8 +26,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), ConfigError> {
     // is fp32 anyway; with bfloat16 it would mean bf16 gradient buffers, which this engine does not
     // have (every gradient is accumulated and reduced in fp32).
     require(
-        cfg.model.multi_stage.full_precision_gradients
-            || cfg.model.distributed.compute_dtype != ComputeDtype::Bfloat16,
+        cfg.model.multi_stage.full_precision_gradients || cfg.model.distributed.compute_dtype != ComputeDtype::Bfloat16,
         "model.multi_stage.full_precision_gradients",
         false,
         "bfloat16 gradient buffers are not supported (gradients are accumulated and reduced in fp32; \
@@ -632,7 +631,10 @@ mod tests {
 
     #[test]
     fn bfloat16_gradient_buffers_are_refused() {
-        let bf16 = ["model.distributed.compute_dtype=bfloat16", "model.distributed.use_cuda=true"];
+        let bf16 = [
+            "model.distributed.compute_dtype=bfloat16",
+            "model.distributed.use_cuda=true",
+        ];
         assert_refused(
             &[bf16[0], bf16[1], "model.multi_stage.full_precision_gradients=false"],
             &[

@@ -396,9 +396,15 @@ impl Device {
 
     /// The local communicator's data mover on this device (collective copies and sums as device
     /// copies and kernels, so buffers in managed memory stay on the GPU), queued on the stream of
-    /// [`Device::kernels`].
-    pub fn mover(&self) -> Arc<dyn crate::engine::distributed::local::DataMover> {
-        Arc::new(GpuMover(ops::CudaKernels::new(self.gpu.clone())))
+    /// [`Device::kernels`]. None with `FAST_LLM_RS_HOST_COLLECTIVES=1`: the collectives then read and
+    /// write the managed buffers from the host, off the compute stream, so the engine waits for the
+    /// device at each stage boundary, as it does with NCCL (a stream of its own); tests run that path
+    /// on the emulator, where a missing wait races the queued kernels.
+    pub fn mover(&self) -> Option<Arc<dyn crate::engine::distributed::local::DataMover>> {
+        if std::env::var("FAST_LLM_RS_HOST_COLLECTIVES").is_ok_and(|v| v == "1") {
+            return None;
+        }
+        Some(Arc::new(GpuMover(ops::CudaKernels::new(self.gpu.clone()))))
     }
 
     /// Bytes of GPU memory held now and at most so far (real GPUs only).

@@ -296,14 +296,30 @@ impl<T: Element<Master = f32>> RankEngine<T> {
         self.weight_state.invalidate();
     }
 
-    fn issue(&mut self, op: Op) {
-        // A host-side communicator reads and writes the buffers on the host: kernels still running on
-        // a device may be using them (the restore's target was just released by the last compute step,
-        // the reduce's source was just written by it). A stream-ordered one queues its moves behind
-        // those kernels instead, so neither this wait nor the ones in the jobs below are needed: the
-        // device keeps running across stage boundaries.
-        let ordered = self.comm.stream_ordered();
-        if !ordered {
+    fn issue(&mut self, op: Op, waited: &mut Duration) -> anyhow::Result<()> {
+        // Mixed precision (Fast-LLM's way): a restore first casts the master shard into this rank's
+        // slot of the buffer, here, in the order of the compute work: on a device the cast queues
+        // behind the last kernels reading the buffer, and the job below only moves data.
+        if let Op::Restore { stage, buffer } = op {
+            if std::mem::size_of::<T>() != std::mem::size_of::<f32>() {
+                // The buffer's last restore job is over (every compute step using it waited for it).
+                check(self.weight_handles[buffer].wait(), waited)?;
+                let own = self.layout.stages[stage].shard_range(self.rank());
+                // SAFETY: the schedule issues a restore only once every compute step using this buffer
+                // is done, and no job uses it (waited above); the shard is only written by the
+                // optimizer after all waits.
+                let (src, dst) = unsafe { (self.shards[stage].weight.get(), self.weight_buffers[buffer].get_mut()) };
+                self.kernels.cast_from_master(&mut dst[own], src);
+            }
+        }
+        // A host-side communicator reads and writes the buffers on the host (or on its own stream):
+        // kernels still running on a device may be using them (the restore's target was just released
+        // by the last compute step and written by the cast above, the reduce's source was just written
+        // by the backward). This wait is the only one: what the jobs below queue on the compute stream
+        // (the zeroing) comes before every later kernel using the buffer, and every later collective
+        // on it is issued after a wait like this one. A stream-ordered communicator queues its moves
+        // behind those kernels instead, so the device keeps running across stage boundaries.
+        if !self.comm.stream_ordered() {
             self.kernels.synchronize();
         }
         match op {
@@ -312,23 +328,16 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 let shard = self.shards[stage].weight.clone();
                 let buf = self.weight_buffers[buffer].clone();
                 let padded = self.layout.stages[stage].padded;
-                let own = self.layout.stages[stage].shard_range(self.rank());
-                let kernels = self.kernels.clone();
                 self.weight_handles[buffer] = self.stream.submit(move || {
-                    // SAFETY: the schedule issues a restore only once every compute step using this
-                    // buffer is done, and the shard is only written by the optimizer after all waits.
+                    // SAFETY: as for the cast above; nothing else touches the buffer until this
+                    // handle is waited for.
                     let (src, dst) = unsafe { (shard.get(), &mut buf.get_mut()[..padded]) };
                     if std::mem::size_of::<T>() == std::mem::size_of::<f32>() {
                         // f32 compute: the master shard is the compute shard.
                         comm.all_gather(src, as_words_mut(dst))
                     } else {
-                        // Mixed precision (Fast-LLM's way): cast the master shard into this rank's slot
-                        // of the buffer, then all-gather the buffer in place as 4-byte words (a stage is
-                        // padded to 32·D elements, so every slot is a whole number of words).
-                        kernels.cast_from_master(&mut dst[own], src);
-                        if !ordered {
-                            kernels.synchronize();
-                        }
+                        // The cast filled this rank's slot: all-gather the buffer in place as 4-byte
+                        // words (a stage is padded to 32·D elements, so every slot is whole words).
                         comm.all_gather_in_place(as_words_mut(dst))
                     }
                 });
@@ -350,9 +359,6 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     // SAFETY: as for the reduce below; nothing else uses the old shard until the next
                     // backward, which waits for this handle.
                     kernels.zero_master(unsafe { buf.get_mut() });
-                    if !ordered {
-                        kernels.synchronize();
-                    }
                     Ok(())
                 });
             }
@@ -374,14 +380,12 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     // Every rank's moves reading this buffer are done (or, stream-ordered, queued
                     // ahead of the zeroing).
                     kernels.zero_master(src);
-                    if !ordered {
-                        kernels.synchronize();
-                    }
                     r
                 });
             }
             _ => unreachable!(),
         }
+        Ok(())
     }
 
     /// Run one batch: forward (and backward when `train`) of every local micro-batch.
@@ -401,7 +405,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
         let bf = self.breadth_first;
         for op in ops {
             match op {
-                Op::Restore { .. } | Op::Reduce { .. } => self.issue(op),
+                Op::Restore { .. } | Op::Reduce { .. } => self.issue(op, &mut waited)?,
                 Op::Forward { stage, micro_batch } => {
                     let wb = self.layout.weight_buffer_of[stage];
                     check(self.weight_handles[wb].wait(), &mut waited)?;
