@@ -87,7 +87,9 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
     let df = cfg.schedule.depth_first_micro_batches as usize;
     let state = layout.state_bytes();
     let activations = model.activation_bytes(b, bf, bytes);
+    // A step after the first: the optimizer step before it may have left the buffers current.
     let mut w = WeightBufferState::new(layout.num_weight_buffers());
+    w.after_optimizer_step(&layout);
     let ops = plan_batch(&layout, df, bf, true, &mut w);
     let (mut ag, mut agc, mut rs, mut rsc) = (0u64, 0u64, 0u64, 0u64);
     for op in ops {

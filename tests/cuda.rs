@@ -296,32 +296,106 @@ fn emulated_gpu_resume_is_bitwise_identical_to_a_straight_run() {
     }
     let data = common::corpus_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let ov = |iters: &str, interval: &str| {
-        common::ov(&[
-            ("training.train_iters", iters.into()),
-            ("training.checkpoint.interval", interval.into()),
-            ("model.distributed.world_size", "2".into()),
-            ("model.multi_stage.zero_stage", "3".into()),
+    // 1 rank with ZeRO-1: the optimizer writes the bf16 weight buffers, which a load must replace.
+    for (world, zero) in [("2", "3"), ("1", "1")] {
+        let ov = |iters: &str, interval: &str| {
+            common::ov(&[
+                ("training.train_iters", iters.into()),
+                ("training.checkpoint.interval", interval.into()),
+                ("model.distributed.world_size", world.into()),
+                ("model.multi_stage.zero_stage", zero.into()),
+                ("model.distributed.use_cuda", "true".into()),
+                ("model.distributed.compute_dtype", "bfloat16".into()),
+            ])
+        };
+        let run = format!("{world} ranks, ZeRO-{zero}");
+        let (code, err, straight) = train(
+            &tmp.path().join(format!("straight{world}")),
+            data.path(),
+            &ov("4", "null"),
+            Some("emulator"),
+        );
+        assert_eq!(code, 0, "{run}, straight run: {err}");
+        assert_eq!(straight.len(), 4, "{run}: {straight:?}");
+        let exp = tmp.path().join(format!("resumed{world}"));
+        let (code, err, first) = train(&exp, data.path(), &ov("2", "2"), Some("emulator"));
+        assert_eq!(code, 0, "{run}, first half: {err}");
+        assert_eq!(first[..], straight[..2], "{run}");
+        let (code, err, all) = train(&exp, data.path(), &ov("4", "2"), Some("emulator"));
+        assert_eq!(code, 0, "{run}, resumed run: {err}");
+        // metrics.jsonl holds both halves: steps 1-2 from the first run, 3-4 from the resumed one.
+        assert_eq!(all, straight, "{run}: resumed losses differ from the straight run");
+    }
+}
+
+/// Mixed precision on one rank with a weight buffer per stage (ZeRO-1's default): the optimizer step
+/// stores the new bf16 weights into the buffers as it updates the f32 shards, so only the first step
+/// restores (casts); the losses equal those of one shared weight buffer (a restore and its cast before
+/// every stage) bit for bit. Counted from the profile: casts and the two AdamW kernels.
+#[test]
+fn one_rank_in_bf16_keeps_its_weight_buffers_across_steps() {
+    if !emulator_available() {
+        return;
+    }
+    let data = common::corpus_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |buffers: &str| {
+        let mut o = common::ov(&[
+            ("training.train_iters", "3".into()),
+            ("model.distributed.world_size", "1".into()),
+            ("model.multi_stage.zero_stage", "1".into()),
             ("model.distributed.use_cuda", "true".into()),
             ("model.distributed.compute_dtype", "bfloat16".into()),
-        ])
+        ]);
+        if buffers != "default" {
+            o.push(format!("model.multi_stage.num_weight_buffers={buffers}"));
+        }
+        let exp = tmp.path().join(buffers);
+        let (code, err, losses) = train_env(&exp, data.path(), &o, Some("emulator"), &[("FAST_LLM_RS_PROFILE", "1")]);
+        assert_eq!(code, 0, "{buffers} weight buffers: {err}");
+        assert_eq!(losses.len(), 3);
+        let profile: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(exp.join("profile.json")).unwrap()).unwrap();
+        let calls = |op: &str| -> u64 {
+            profile["ops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["op"] == op)
+                .map(|r| r["calls"].as_u64().unwrap())
+                .sum()
+        };
+        // The stage count, from `plan` on the same config.
+        let out = Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
+            .args(["plan", "--config", exp.join("input.yaml").to_str().unwrap(), "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stages = plan["stage_parameters"].as_array().unwrap().len() as u64;
+        let counts = [
+            calls("cast_f32_to_bf16"),
+            calls("adamw_f32_to_bf16"),
+            calls("adamw_f32"),
+        ];
+        (losses, counts, stages)
     };
-    let (code, err, straight) = train(
-        &tmp.path().join("straight"),
-        data.path(),
-        &ov("4", "null"),
-        Some("emulator"),
+    let (own, [own_casts, own_fused, own_plain], stages) = run("default");
+    let (shared, [shared_casts, shared_fused, shared_plain], _) = run("1");
+    println!(
+        "casts over 3 steps: {own_casts} with a buffer per stage ({stages} stages), {shared_casts} with one; \
+         AdamW launches fused/plain {own_fused}/{own_plain} and {shared_fused}/{shared_plain}"
     );
-    assert_eq!(code, 0, "straight run: {err}");
-    assert_eq!(straight.len(), 4, "{straight:?}");
-    let exp = tmp.path().join("resumed");
-    let (code, err, first) = train(&exp, data.path(), &ov("2", "2"), Some("emulator"));
-    assert_eq!(code, 0, "first half: {err}");
-    assert_eq!(first[..], straight[..2]);
-    let (code, err, all) = train(&exp, data.path(), &ov("4", "2"), Some("emulator"));
-    assert_eq!(code, 0, "resumed run: {err}");
-    // metrics.jsonl holds both halves: steps 1-2 from the first run, 3-4 from the resumed one.
-    assert_eq!(all, straight, "resumed losses differ from the straight run");
+    assert_eq!(own, shared, "losses with a weight buffer per stage vs one");
+    assert!(
+        own_fused > 0 && own_plain == 0,
+        "the optimizer did not write the buffers"
+    );
+    assert!(shared_fused == 0 && shared_plain == own_fused);
+    // One cast per stage in the first step only; with one buffer every step restores each stage at
+    // least once.
+    assert_eq!(own_casts, stages);
+    assert!(shared_casts >= 3 * stages);
 }
 
 /// The engine's other way of running on a GPU, with a communicator that does not queue on the compute

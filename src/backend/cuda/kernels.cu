@@ -1925,10 +1925,21 @@ ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_TILE)
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
 // g = grad * grad_scale; w -= lr*wd*w; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
 // w -= lr * (m / bias_corr_1) / (sqrt(v / bias_corr_2) + eps), with bias_corr_k = 1 - beta_k^step
-// computed on the host in f64 and rounded to fp32.
-extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg, float* exp_avg_sq, long long n,
-                                     float lr, float beta_1, float beta_2, float eps, float weight_decay,
-                                     float grad_scale, float bias_corr_1, float bias_corr_2) {
+// computed on the host in f64 and rounded to fp32. With CAST (`adamw_f32_to_bf16`) the new weights
+// are also stored as bf16 to `out` (the weight buffer's compute copy: the next restore's cast, fused),
+// 8 elements per step so that the bf16 stores are 16 bytes too.
+template <bool CAST>
+struct AdamStepElem {
+    typedef float T;
+};
+template <>
+struct AdamStepElem<true> {
+    typedef bf16 T;
+};
+template <bool CAST>
+__device__ void adamw_impl(float* w, const float* grad, float* exp_avg, float* exp_avg_sq, bf16* out, long long n,
+                           float lr, float beta_1, float beta_2, float eps, float weight_decay, float grad_scale,
+                           float bias_corr_1, float bias_corr_2) {
     const float lr_wd = lr * weight_decay;
     const float one_m_b1 = 1.0f - beta_1, one_m_b2 = 1.0f - beta_2;
     // New (w, m, v) of one element from its (w, grad, m, v).
@@ -1939,8 +1950,9 @@ extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg
         v = beta_2 * v + one_m_b2 * g * g;
         return wi - lr * (m / bias_corr_1) / (sqrtf(v / bias_corr_2) + eps);
     };
-    const bool vec = vec_aligned(w) && vec_aligned(grad) && vec_aligned(exp_avg) && vec_aligned(exp_avg_sq);
-    for_vec<float>(n, vec, [&](long long i, auto width) {
+    const bool vec = vec_aligned(w) && vec_aligned(grad) && vec_aligned(exp_avg) && vec_aligned(exp_avg_sq) &&
+                     (!CAST || vec_aligned(out));
+    for_vec<typename AdamStepElem<CAST>::T>(n, vec, [&](long long i, auto width) {
         constexpr int W = decltype(width)::value;
         float wi[W], gr[W], m[W], v[W];
         ldw<W>(w + i, wi);
@@ -1951,7 +1963,21 @@ extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg
         stw<W>(exp_avg + i, m);
         stw<W>(exp_avg_sq + i, v);
         stw<W>(w + i, wi);
+        if constexpr (CAST) stw<W>(out + i, wi);
     });
+}
+extern "C" __global__ void adamw_f32(float* w, const float* grad, float* exp_avg, float* exp_avg_sq, long long n,
+                                     float lr, float beta_1, float beta_2, float eps, float weight_decay,
+                                     float grad_scale, float bias_corr_1, float bias_corr_2) {
+    adamw_impl<false>(w, grad, exp_avg, exp_avg_sq, nullptr, n, lr, beta_1, beta_2, eps, weight_decay, grad_scale,
+                      bias_corr_1, bias_corr_2);
+}
+extern "C" __global__ void adamw_f32_to_bf16(float* w, const float* grad, float* exp_avg, float* exp_avg_sq,
+                                             bf16* out, long long n, float lr, float beta_1, float beta_2,
+                                             float eps, float weight_decay, float grad_scale, float bias_corr_1,
+                                             float bias_corr_2) {
+    adamw_impl<true>(w, grad, exp_avg, exp_avg_sq, out, n, lr, beta_1, beta_2, eps, weight_decay, grad_scale,
+                     bias_corr_1, bias_corr_2);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2004,5 +2030,5 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rms_norm_bwd_f32) X(rms_norm_bwd_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
-    X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32)              \
+    X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32) X(adamw_f32_to_bf16) \
     X(sum_squares_partial_f32) X(sum_squares_partial_bf16) X(sum_doubles)

@@ -1136,13 +1136,16 @@ impl CudaKernels {
     }
 
     /// AdamW on fp32 `w`, `grad`, `exp_avg`, `exp_avg_sq` (see [`Kernels::adamw`]); the bias
-    /// corrections are computed here in f64 and rounded to fp32, as the CPU backend does.
+    /// corrections are computed here in f64 and rounded to fp32, as the CPU backend does. With `out`
+    /// (bf16, `w`'s length) the new weights are also stored there rounded to bf16, in the same pass
+    /// ([`Kernels::adamw_cast`]).
     pub fn adamw(
         &self,
         w: DevView,
         grad: DevView,
         exp_avg: DevView,
         exp_avg_sq: DevView,
+        out: Option<DevView>,
         p: AdamStep,
     ) -> Result<(), GpuError> {
         for (v, what) in [
@@ -1154,6 +1157,10 @@ impl CudaKernels {
             expect_dtype(v, DType::F32, &format!("adamw: {what}"))?;
             expect_len(v, w.len, &format!("adamw: {what}"))?;
         }
+        if let Some(out) = &out {
+            expect_dtype(out, DType::Bf16, "adamw: out")?;
+            expect_len(out, w.len, "adamw: out")?;
+        }
         if p.step == 0 {
             return Err(invalid("adamw: step is 1-based".into()));
         }
@@ -1162,25 +1169,30 @@ impl CudaKernels {
         }
         let bc1 = (1.0 - (p.beta_1 as f64).powf(p.step as f64)) as f32;
         let bc2 = (1.0 - (p.beta_2 as f64).powf(p.step as f64)) as f32;
-        self.launch(
-            "adamw_f32",
-            self.grid_1d(w.len),
-            &[
-                Arg::Ptr(w.ptr),
-                Arg::Ptr(grad.ptr),
-                Arg::Ptr(exp_avg.ptr),
-                Arg::Ptr(exp_avg_sq.ptr),
-                Arg::I64(long(w.len)),
-                Arg::F32(p.lr),
-                Arg::F32(p.beta_1),
-                Arg::F32(p.beta_2),
-                Arg::F32(p.epsilon),
-                Arg::F32(p.weight_decay),
-                Arg::F32(p.grad_scale),
-                Arg::F32(bc1),
-                Arg::F32(bc2),
-            ],
-        )
+        let mut args = vec![
+            Arg::Ptr(w.ptr),
+            Arg::Ptr(grad.ptr),
+            Arg::Ptr(exp_avg.ptr),
+            Arg::Ptr(exp_avg_sq.ptr),
+        ];
+        args.extend(out.map(|o| Arg::Ptr(o.ptr)));
+        args.extend([
+            Arg::I64(long(w.len)),
+            Arg::F32(p.lr),
+            Arg::F32(p.beta_1),
+            Arg::F32(p.beta_2),
+            Arg::F32(p.epsilon),
+            Arg::F32(p.weight_decay),
+            Arg::F32(p.grad_scale),
+            Arg::F32(bc1),
+            Arg::F32(bc2),
+        ]);
+        let name = if out.is_some() {
+            "adamw_f32_to_bf16"
+        } else {
+            "adamw_f32"
+        };
+        self.launch(name, self.grid_1d(w.len), &args)
     }
 
     /// Sum of squares of `x` in f64: fixed per-block partial sums, then one block adds them in a

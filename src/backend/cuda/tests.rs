@@ -671,13 +671,15 @@ fn attention_matches_cpu() {
     }
 }
 
+/// AdamW against the CPU backend; the fused variant (`adamw_f32_to_bf16`, the optimizer writing the
+/// weight buffer's bf16 copy) gives the plain kernel's w, m and v bit for bit, and the bf16 of its w.
 #[test]
 fn adamw_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
         let mut rng = Rng(9);
-        // An odd length: vectors of four and a last element alone; step 4 updates elements 1.. only,
-        // whose views are not 16-byte aligned (one element at a time).
+        // An odd length: vectors of four (eight fused) and the last elements alone; step 4 updates
+        // elements 1.. only, whose views are not 16-byte aligned (one element at a time).
         let n = 301;
         let mut w = rng.vec(n, 1.0);
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
@@ -685,6 +687,12 @@ fn adamw_matches_cpu() {
             buf(&gpu, &w, DType::F32),
             buf(&gpu, &m, DType::F32),
             buf(&gpu, &v, DType::F32),
+        );
+        let (fw, fm, fv, out) = (
+            buf(&gpu, &w, DType::F32),
+            buf(&gpu, &m, DType::F32),
+            buf(&gpu, &v, DType::F32),
+            buf(&gpu, &vec![0.0; n], DType::Bf16),
         );
         for step in 1..=4u64 {
             let r = if step < 4 { 0..n } else { 1..n };
@@ -714,11 +722,19 @@ fn adamw_matches_cpu() {
             );
             let dg = buf(&gpu, &g, DType::F32);
             let at = |b: &DevBuf| b.view().slice(r.clone());
-            k.adamw(at(&dw), dg.view(), at(&dm), at(&dv), p).unwrap();
+            k.adamw(at(&dw), dg.view(), at(&dm), at(&dv), None, p).unwrap();
+            k.adamw(at(&fw), dg.view(), at(&fm), at(&fv), Some(at(&out)), p)
+                .unwrap();
         }
         check("adamw_f32 w", &read(&dw), &w, TOL_F32);
         check("adamw_f32 exp_avg", &read(&dm), &m, TOL_F32);
         check("adamw_f32 exp_avg_sq", &read(&dv), &v, TOL_F32);
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (name, fused, plain) in [("w", &fw, &dw), ("exp_avg", &fm, &dm), ("exp_avg_sq", &fv, &dv)] {
+            assert_eq!(bits(&read(fused)), bits(&read(plain)), "adamw_f32_to_bf16 {name}");
+        }
+        let rounded: Vec<f32> = read(&fw).iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(bits(&read(&out)), bits(&rounded), "adamw_f32_to_bf16 out");
     }
 }
 

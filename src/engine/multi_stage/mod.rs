@@ -241,6 +241,15 @@ impl MultiStageLayout {
         self.grad_buffer_sizes.len()
     }
 
+    /// Whether the optimizer step writes the compute copy of the new weights into the weight buffers
+    /// itself: with mixed precision (the buffers hold a rounded copy of the f32 shard, made by a
+    /// restore's cast), one rank (the shard is the whole stage) and a weight buffer per stage, AdamW
+    /// stores the rounded weights as it updates the shard, every buffer stays current across steps,
+    /// and no restore runs after the first (the runner, and `plan`'s counts).
+    pub fn optimizer_writes_weight_buffers(&self) -> bool {
+        self.compute_bytes != 4 && self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
+    }
+
     /// Whether a reduce of `stage` is a swap rather than a collective: with one rank, a grad buffer per
     /// stage (so each buffer has its stage's size, the shard's) and a reduce that writes the shard
     /// rather than adding to it, the grad buffer and the grad shard trade places (the runner) and no

@@ -76,6 +76,18 @@ impl WeightBufferState {
     pub fn invalidate(&mut self) {
         self.occupant.iter_mut().for_each(|o| *o = None);
     }
+
+    /// After an optimizer step: every buffer is stale, unless the step wrote each stage's new weights
+    /// into its own buffer ([`MultiStageLayout::optimizer_writes_weight_buffers`]).
+    pub fn after_optimizer_step(&mut self, layout: &MultiStageLayout) {
+        if layout.optimizer_writes_weight_buffers() {
+            for (stage, &b) in layout.weight_buffer_of.iter().enumerate() {
+                self.occupant[b] = Some(stage);
+            }
+        } else {
+            self.invalidate();
+        }
+    }
 }
 
 /// Plan one batch. `train` adds the backward steps and reductions. Updates `weights`.
@@ -266,6 +278,38 @@ mod tests {
         // The weights stay valid: a second batch without an optimizer step restores nothing.
         let ops = plan(&l, 4, 1, true, &mut w);
         assert_eq!(count_collectives(&ops, s).0, vec![0; s]);
+    }
+
+    /// After an optimizer step, only a bf16 rank alone with a weight buffer per stage (whose optimizer
+    /// wrote the new weights into the buffers) plans no restore; with f32 buffers, a second rank, or a
+    /// shared buffer, every stage is restored again.
+    #[test]
+    fn after_a_step_only_buffers_the_optimizer_wrote_skip_their_restore() {
+        let m = Llama::new(ModelShape::tiny(3));
+        let restores = |ranks: usize, compute_bytes: usize, nw: Option<u64>| {
+            let ms = MultiStageConfig {
+                zero_stage: Some(1),
+                num_weight_buffers: nw,
+                ..Default::default()
+            };
+            let l = MultiStageLayout::new(&m, &ms, ranks, compute_bytes);
+            let mut w = WeightBufferState::new(l.num_weight_buffers());
+            let count = |w: &mut WeightBufferState| -> usize {
+                count_collectives(&plan(&l, 2, 1, true, w), l.num_stages())
+                    .0
+                    .iter()
+                    .sum()
+            };
+            let first = count(&mut w);
+            w.after_optimizer_step(&l);
+            (l.optimizer_writes_weight_buffers(), first, count(&mut w))
+        };
+        let s = layout(1, None, None).num_stages();
+        assert_eq!(restores(1, 2, None), (true, s, 0));
+        assert_eq!(restores(1, 4, None), (false, s, s));
+        assert_eq!(restores(2, 2, None), (false, s, s));
+        let (writes, first, next) = restores(1, 2, Some(1));
+        assert!(!writes && first > s && next == first);
     }
 
     #[test]

@@ -494,8 +494,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
         let norm = self.grad_norm()?;
         let scale = clip_factor(norm, a.max_norm) as f32;
         let rank = self.rank();
+        let write_buffers = self.layout.optimizer_writes_weight_buffers();
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
-            let base = s.shard_range(rank).start;
+            let own = s.shard_range(rank);
             // SAFETY: no job is pending (all handles waited in `run_batch`).
             let (w, g, m, v) = unsafe {
                 (
@@ -505,28 +506,35 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     sh.exp_avg_sq.get_mut(),
                 )
             };
+            // This rank's slot of the stage's own weight buffer, when the step writes it (its padding
+            // keeps the zeros of the first restore's cast).
+            // SAFETY: as above; no compute step runs during the optimizer step.
+            let mut buffer = write_buffers.then(|| unsafe {
+                &mut self.weight_buffers[self.layout.weight_buffer_of[s.index]].get_mut()[own.clone()]
+            });
             let segments = s.shard_segments(rank).into_iter().map(|(p, r)| {
                 let wd = if p.weight_decay { a.weight_decay } else { 0.0 };
-                (r.start - base..r.end - base, wd)
+                (r.start - own.start..r.end - own.start, wd)
             });
             for (r, wd) in merge_adjacent(segments) {
-                self.kernels.adamw(
-                    &mut w[r.clone()],
-                    &g[r.clone()],
-                    &mut m[r.clone()],
-                    &mut v[r],
+                let (w, g, m, v) = (&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+                let (lr, b1, b2, eps, wd) = (
                     a.lr as f32,
                     a.beta_1 as f32,
                     a.beta_2 as f32,
                     a.epsilon as f32,
                     wd as f32,
-                    scale,
-                    a.step,
                 );
+                match buffer.as_deref_mut() {
+                    Some(out) => self
+                        .kernels
+                        .adamw_cast(w, g, m, v, &mut out[r], lr, b1, b2, eps, wd, scale, a.step),
+                    None => self.kernels.adamw(w, g, m, v, lr, b1, b2, eps, wd, scale, a.step),
+                }
             }
         }
         self.kernels.synchronize();
-        self.weight_state.invalidate();
+        self.weight_state.after_optimizer_step(&self.layout);
         Ok(norm)
     }
 
