@@ -206,7 +206,7 @@ fn bench(threads: usize) -> f64 {
     let tadam = time(|| {
         step += 1;
         Kernels::<f32>::adamw(
-            &k, &mut pw, &pg, &mut pm, &mut pv, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step,
+            &k, &mut pw, &pg, &mut pm, &mut pv, None, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0, step,
         )
     });
     let tsq = time(|| {

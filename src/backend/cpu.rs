@@ -2081,6 +2081,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         grad: &[T],
         exp_avg: &mut [T],
         exp_avg_sq: &mut [T],
+        out: Option<&mut [T]>,
         lr: T,
         beta_1: T,
         beta_2: T,
@@ -2116,6 +2117,10 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
             };
             unsafe { adamw_range(w, m, v, &grad[s..e], c) };
         });
+        if let Some(out) = out {
+            assert_eq!(out.len(), n, "adamw: out shape");
+            self.cast_from_master(out, w);
+        }
     }
 
     fn sum_squares(&self, x: &[T]) -> f64 {

@@ -299,7 +299,9 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// AdamW (decoupled weight decay, PyTorch semantics) on one contiguous range of master weights:
     /// `w -= lr*wd*w; m = b1*m + (1-b1)*g*gs; v = b2*v + (1-b2)*(g*gs)^2;`
     /// `w -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)` where `gs` = `grad_scale` (clipping factor)
-    /// and `t` = `step` (1-based).
+    /// and `t` = `step` (1-based). With `out` (`w`'s length), then `out = w` rounded to the compute
+    /// type: the copy a restore would cast into the weight buffer, made while `w` is at hand (a device
+    /// does both in one pass).
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
@@ -307,6 +309,7 @@ pub trait Kernels<T: Element>: Send + Sync {
         grad: &[T::Master],
         exp_avg: &mut [T::Master],
         exp_avg_sq: &mut [T::Master],
+        out: Option<&mut [T]>,
         lr: T::Master,
         beta_1: T::Master,
         beta_2: T::Master,
@@ -315,40 +318,6 @@ pub trait Kernels<T: Element>: Send + Sync {
         grad_scale: T::Master,
         step: u64,
     );
-
-    /// [`Kernels::adamw`], then `out = w` rounded to the compute type (the copy a restore would cast
-    /// into the weight buffer, made here while `w` is at hand; a device fuses the two).
-    #[allow(clippy::too_many_arguments)]
-    fn adamw_cast(
-        &self,
-        w: &mut [T::Master],
-        grad: &[T::Master],
-        exp_avg: &mut [T::Master],
-        exp_avg_sq: &mut [T::Master],
-        out: &mut [T],
-        lr: T::Master,
-        beta_1: T::Master,
-        beta_2: T::Master,
-        epsilon: T::Master,
-        weight_decay: T::Master,
-        grad_scale: T::Master,
-        step: u64,
-    ) {
-        self.adamw(
-            w,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            lr,
-            beta_1,
-            beta_2,
-            epsilon,
-            weight_decay,
-            grad_scale,
-            step,
-        );
-        self.cast_from_master(out, w);
-    }
 
     /// `x = 0` on master-precision data (a grad buffer after its reduce).
     fn zero_master(&self, x: &mut [T::Master]) {

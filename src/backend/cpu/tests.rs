@@ -782,13 +782,30 @@ fn adamw_matches_pytorch_formulas() {
     for step in 1..=5u64 {
         let g = rng.vec(n, 1.0);
         torch_adamw(&mut wr, &g, &mut mr, &mut vr, lr, b1, b2, eps, wd, gs, step);
-        Kernels::<f64>::adamw(&k64(2), &mut wk, &g, &mut mk, &mut vk, lr, b1, b2, eps, wd, gs, step);
+        Kernels::<f64>::adamw(
+            &k64(2),
+            &mut wk,
+            &g,
+            &mut mk,
+            &mut vk,
+            None,
+            lr,
+            b1,
+            b2,
+            eps,
+            wd,
+            gs,
+            step,
+        );
+        // With the compute copy requested: on the CPU the compute type is the master's, a plain copy.
+        let mut copy = vec![f32::NAN; n];
         Kernels::<f32>::adamw(
             &CpuKernels::new(2),
             &mut w32,
             &to32(&g),
             &mut m32,
             &mut v32,
+            Some(&mut copy),
             lr as f32,
             b1 as f32,
             b2 as f32,
@@ -797,6 +814,7 @@ fn adamw_matches_pytorch_formulas() {
             gs as f32,
             step,
         );
+        assert_eq!(bits(&copy), bits(&w32), "adamw copy step {step}");
         assert_close(&format!("adamw w step {step}"), &wk, &wr, 1e-12);
         assert_close(&format!("adamw m step {step}"), &mk, &mr, 1e-12);
         assert_close(&format!("adamw v step {step}"), &vk, &vr, 1e-12);
@@ -948,7 +966,9 @@ fn determinism_row_kernels() {
     assert_deterministic("adamw", |kern| {
         let (mut w, mut m, mut v) = (x[..300_001].to_vec(), vec![0.0f32; 300_001], vec![0.0f32; 300_001]);
         for step in 1..=3 {
-            Kernels::<f32>::adamw(kern, &mut w, &g, &mut m, &mut v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step);
+            Kernels::<f32>::adamw(
+                kern, &mut w, &g, &mut m, &mut v, None, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, step,
+            );
         }
         (bits(&w), bits(&m), bits(&v))
     });

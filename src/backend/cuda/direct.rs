@@ -358,6 +358,7 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         grad: &[f32],
         exp_avg: &mut [f32],
         exp_avg_sq: &mut [f32],
+        out: Option<&mut [T]>,
         lr: f32,
         beta_1: f32,
         beta_2: f32,
@@ -375,45 +376,17 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
             grad_scale,
             step,
         };
-        ok(
-            self.kernels
-                .adamw(master(w), master(grad), master(exp_avg), master(exp_avg_sq), None, p),
-            "adamw",
-        );
-    }
-
-    fn adamw_cast(
-        &self,
-        w: &mut [f32],
-        grad: &[f32],
-        exp_avg: &mut [f32],
-        exp_avg_sq: &mut [f32],
-        out: &mut [T],
-        lr: f32,
-        beta_1: f32,
-        beta_2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        grad_scale: f32,
-        step: u64,
-    ) {
-        let p = AdamStep {
-            lr,
-            beta_1,
-            beta_2,
-            epsilon,
-            weight_decay,
-            grad_scale,
-            step,
+        // A bf16 copy comes from the same kernel; an f32 one is a plain copy of the master after it.
+        let (fused, copy) = match out {
+            Some(o) if T::DTYPE == DType::Bf16 => (Some(view(o)), None),
+            o => (None, o),
         };
-        // bf16: one kernel updates and rounds; f32: the compute copy is a plain copy of the master.
-        let fused = (T::DTYPE == DType::Bf16).then(|| view(out));
         ok(
             self.kernels
                 .adamw(master(w), master(grad), master(exp_avg), master(exp_avg_sq), fused, p),
             "adamw",
         );
-        if fused.is_none() {
+        if let Some(out) = copy {
             self.cast_from_master(out, w);
         }
     }

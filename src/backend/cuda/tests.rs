@@ -712,6 +712,7 @@ fn adamw_matches_cpu() {
                 &g,
                 &mut m[r.clone()],
                 &mut v[r.clone()],
+                None,
                 p.lr,
                 p.beta_1,
                 p.beta_2,

@@ -525,12 +525,8 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     a.epsilon as f32,
                     wd as f32,
                 );
-                match buffer.as_deref_mut() {
-                    Some(out) => self
-                        .kernels
-                        .adamw_cast(w, g, m, v, &mut out[r], lr, b1, b2, eps, wd, scale, a.step),
-                    None => self.kernels.adamw(w, g, m, v, lr, b1, b2, eps, wd, scale, a.step),
-                }
+                let out = buffer.as_deref_mut().map(|b| &mut b[r]);
+                self.kernels.adamw(w, g, m, v, out, lr, b1, b2, eps, wd, scale, a.step);
             }
         }
         self.kernels.synchronize();
@@ -625,6 +621,7 @@ mod tests {
                     &g[r.clone()],
                     &mut m[r.clone()],
                     &mut v[r],
+                    None,
                     1e-2,
                     0.9,
                     0.95,
