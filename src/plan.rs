@@ -98,7 +98,7 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
                 ag += layout.stages[stage].padded as u64;
                 agc += 1;
             }
-            Op::Reduce { stage, accumulate, .. } if !layout.reduce_swaps(stage, accumulate) => {
+            Op::Reduce { stage, .. } if !layout.grad_buffers_are_shards() => {
                 rs += layout.stages[stage].padded as u64;
                 rsc += 1;
             }

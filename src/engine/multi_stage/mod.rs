@@ -250,15 +250,13 @@ impl MultiStageLayout {
         self.compute_bytes != 4 && self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
     }
 
-    /// Whether a reduce of `stage` is a swap rather than a collective: with one rank, a grad buffer per
-    /// stage (so each buffer has its stage's size, the shard's) and a reduce that writes the shard
-    /// rather than adding to it, the grad buffer and the grad shard trade places (the runner) and no
-    /// reduce-scatter runs (`plan`'s counts).
-    pub fn reduce_swaps(&self, stage: usize, accumulate: bool) -> bool {
-        !accumulate
-            && self.data_parallel == 1
-            && self.num_grad_buffers() == self.num_stages()
-            && self.grad_buffer_sizes[self.grad_buffer_of[stage]] == self.stages[stage].shard
+    /// Whether each stage's grad shard is its grad buffer: with one rank (the shard is the whole stage)
+    /// and a grad buffer per stage, the backward accumulates straight into the shard, which the
+    /// optimizer reads. No separate grad buffer is allocated (`state_bytes` counts none), a reduce does
+    /// nothing (no collective: `plan`'s counts), and the runner zeroes the shards when a training batch
+    /// starts instead of zeroing the buffers after their reduce.
+    pub fn grad_buffers_are_shards(&self) -> bool {
+        self.data_parallel == 1 && self.num_grad_buffers() == self.num_stages()
     }
 
     /// Sum of padded stage sizes.
@@ -287,7 +285,11 @@ impl MultiStageLayout {
             grad_shard: 4 * shard,
             optimizer_state: 8 * shard,
             weight_buffers: self.weight_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>() * self.compute_bytes as u64,
-            grad_buffers: 4 * self.grad_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>(),
+            grad_buffers: if self.grad_buffers_are_shards() {
+                0
+            } else {
+                4 * self.grad_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>()
+            },
         }
     }
 
@@ -308,12 +310,19 @@ impl MultiStageLayout {
             ));
         }
         let b = self.state_bytes();
+        let grad_buffers = if self.grad_buffers_are_shards() {
+            "grad buffers: the grad shards".to_string()
+        } else {
+            format!(
+                "{} grad buffers ({:.2} MiB)",
+                self.num_grad_buffers(),
+                mib(b.grad_buffers)
+            )
+        };
         lines.push(format!(
-            "Allocating {} weight buffers ({:.2} MiB), {} grad buffers ({:.2} MiB), shards: weights {:.2} MiB, grads {:.2} MiB, optimizer state {:.2} MiB",
+            "Allocating {} weight buffers ({:.2} MiB), {grad_buffers}, shards: weights {:.2} MiB, grads {:.2} MiB, optimizer state {:.2} MiB",
             self.num_weight_buffers(),
             mib(b.weight_buffers),
-            self.num_grad_buffers(),
-            mib(b.grad_buffers),
             mib(b.weight_shard),
             mib(b.grad_shard),
             mib(b.optimizer_state)

@@ -198,11 +198,17 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             .iter()
             .map(|&n| SyncBuf::zeros_in(&mem, n))
             .collect();
-        let grad_buffers = layout
-            .grad_buffer_sizes
-            .iter()
-            .map(|&n| SyncBuf::zeros_in(&mem, n))
-            .collect();
+        // One rank with a grad buffer per stage: each stage's shard is its buffer (buffer `s` is stage
+        // `s`'s), no second allocation.
+        let grad_buffers = if layout.grad_buffers_are_shards() {
+            shards.iter().map(|sh| sh.grad.clone()).collect()
+        } else {
+            layout
+                .grad_buffer_sizes
+                .iter()
+                .map(|&n| SyncBuf::zeros_in(&mem, n))
+                .collect()
+        };
         let all_layers = 0..model.layers.len();
         let acts: Vec<_> = (0..breadth_first)
             .map(|_| model.alloc_acts_in(&mem, batch, all_layers.clone()))
@@ -297,6 +303,11 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     }
 
     fn issue(&mut self, op: Op, waited: &mut Duration) -> anyhow::Result<()> {
+        if matches!(op, Op::Reduce { .. }) && self.layout.grad_buffers_are_shards() {
+            // The backward accumulated into the shard itself: nothing to move (the shards are zeroed
+            // when the next training batch starts).
+            return Ok(());
+        }
         // Mixed precision (Fast-LLM's way): a restore first casts the master shard into this rank's
         // slot of the buffer, here, in the order of the compute work: on a device the cast queues
         // behind the last kernels reading the buffer, and the job below only moves data.
@@ -346,26 +357,6 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 stage,
                 buffer,
                 accumulate,
-            } if self.layout.reduce_swaps(stage, accumulate) => {
-                // One rank, a grad buffer per stage: the reduce-scatter would copy the buffer into the
-                // shard unchanged. The two allocations trade places instead (same size, so every byte
-                // count stays true), and only the new buffer (the old shard) is zeroed: no collective.
-                // No job still refers to either: the buffer's last reduce finished before the backward
-                // that just filled it, and this is the stage's first reduce of the batch.
-                std::mem::swap(&mut self.grad_buffers[buffer], &mut self.shards[stage].grad);
-                let buf = self.grad_buffers[buffer].clone();
-                let kernels = self.kernels.clone();
-                self.grad_handles[buffer] = self.stream.submit(move || {
-                    // SAFETY: as for the reduce below; nothing else uses the old shard until the next
-                    // backward, which waits for this handle.
-                    kernels.zero_master(unsafe { buf.get_mut() });
-                    Ok(())
-                });
-            }
-            Op::Reduce {
-                stage,
-                buffer,
-                accumulate,
             } => {
                 let comm = self.comm.clone();
                 let shard = self.shards[stage].grad.clone();
@@ -401,6 +392,20 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             &mut self.weight_state,
         );
         let mut waited = Duration::ZERO;
+        if train && self.layout.grad_buffers_are_shards() {
+            // The grad shards are the grad buffers: they start the batch at zero (the optimizer read
+            // the last batch's gradients; `gather_grads` could read them until now). As jobs, like the
+            // zeroing after a reduce: the first backward into each waits for its handle.
+            for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
+                let (grad, kernels) = (sh.grad.clone(), self.kernels.clone());
+                self.grad_handles[self.layout.grad_buffer_of[s.index]] = self.stream.submit(move || {
+                    // SAFETY: no job uses the shard (all handles were waited for at the end of the last
+                    // batch) and no kernel until the backward, which waits for this handle.
+                    kernels.zero_master(unsafe { grad.get_mut() });
+                    Ok(())
+                });
+            }
+        }
         let mut losses = vec![0f64; self.micro_batches()];
         let bf = self.breadth_first;
         for op in ops {
