@@ -241,6 +241,14 @@ impl MultiStageLayout {
         self.grad_buffer_sizes.len()
     }
 
+    /// Whether each stage's weight shard is its weight buffer: with f32 compute (the buffer would be
+    /// an exact copy), one rank (the shard is the whole stage) and a weight buffer per stage, the
+    /// layers read the shard the optimizer updates. No separate weight buffer is allocated
+    /// (`state_bytes` counts none) and a restore does nothing (no collective: `plan`'s counts).
+    pub fn weight_buffers_are_shards(&self) -> bool {
+        self.compute_bytes == 4 && self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
+    }
+
     /// Whether the optimizer step writes the compute copy of the new weights into the weight buffers
     /// itself: with mixed precision (the buffers hold a rounded copy of the f32 shard, made by a
     /// restore's cast), one rank (the shard is the whole stage) and a weight buffer per stage, AdamW
@@ -284,7 +292,11 @@ impl MultiStageLayout {
             weight_shard: 4 * shard,
             grad_shard: 4 * shard,
             optimizer_state: 8 * shard,
-            weight_buffers: self.weight_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>() * self.compute_bytes as u64,
+            weight_buffers: if self.weight_buffers_are_shards() {
+                0
+            } else {
+                self.weight_buffer_sizes.iter().map(|&x| x as u64).sum::<u64>() * self.compute_bytes as u64
+            },
             grad_buffers: if self.grad_buffers_are_shards() {
                 0
             } else {
@@ -319,10 +331,17 @@ impl MultiStageLayout {
                 mib(b.grad_buffers)
             )
         };
+        let weight_buffers = if self.weight_buffers_are_shards() {
+            "weight buffers: the weight shards".to_string()
+        } else {
+            format!(
+                "{} weight buffers ({:.2} MiB)",
+                self.num_weight_buffers(),
+                mib(b.weight_buffers)
+            )
+        };
         lines.push(format!(
-            "Allocating {} weight buffers ({:.2} MiB), {grad_buffers}, shards: weights {:.2} MiB, grads {:.2} MiB, optimizer state {:.2} MiB",
-            self.num_weight_buffers(),
-            mib(b.weight_buffers),
+            "Allocating {weight_buffers}, {grad_buffers}, shards: weights {:.2} MiB, grads {:.2} MiB, optimizer state {:.2} MiB",
             mib(b.weight_shard),
             mib(b.grad_shard),
             mib(b.optimizer_state)

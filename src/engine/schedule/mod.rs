@@ -78,9 +78,10 @@ impl WeightBufferState {
     }
 
     /// After an optimizer step: every buffer is stale, unless the step wrote each stage's new weights
-    /// into its own buffer ([`MultiStageLayout::optimizer_writes_weight_buffers`]).
+    /// into its own buffer ([`MultiStageLayout::optimizer_writes_weight_buffers`]) or the buffers are
+    /// the shards it updated ([`MultiStageLayout::weight_buffers_are_shards`]).
     pub fn after_optimizer_step(&mut self, layout: &MultiStageLayout) {
-        if layout.optimizer_writes_weight_buffers() {
+        if layout.optimizer_writes_weight_buffers() || layout.weight_buffers_are_shards() {
             for (stage, &b) in layout.weight_buffer_of.iter().enumerate() {
                 self.occupant[b] = Some(stage);
             }
@@ -280,9 +281,9 @@ mod tests {
         assert_eq!(count_collectives(&ops, s).0, vec![0; s]);
     }
 
-    /// After an optimizer step, only a bf16 rank alone with a weight buffer per stage (whose optimizer
-    /// wrote the new weights into the buffers) plans no restore; with f32 buffers, a second rank, or a
-    /// shared buffer, every stage is restored again.
+    /// After an optimizer step, a rank alone with a weight buffer per stage plans no restore (in bf16
+    /// the optimizer wrote the new weights into the buffers, in f32 the buffers are the shards); with a
+    /// second rank or a shared buffer every stage is restored again.
     #[test]
     fn after_a_step_only_buffers_the_optimizer_wrote_skip_their_restore() {
         let m = Llama::new(ModelShape::tiny(3));
@@ -306,7 +307,9 @@ mod tests {
         };
         let s = layout(1, None, None).num_stages();
         assert_eq!(restores(1, 2, None), (true, s, 0));
-        assert_eq!(restores(1, 4, None), (false, s, s));
+        // f32 on one rank: the buffers are the shards themselves (the runner's restores do nothing).
+        assert_eq!(restores(1, 4, None), (false, s, 0));
+        assert_eq!(restores(2, 4, None), (false, s, s));
         assert_eq!(restores(2, 2, None), (false, s, s));
         let (writes, first, next) = restores(1, 2, Some(1));
         assert!(!writes && first > s && next == first);

@@ -193,11 +193,24 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 );
             }
         }
-        let weight_buffers = layout
-            .weight_buffer_sizes
-            .iter()
-            .map(|&n| SyncBuf::zeros_in(&mem, n))
-            .collect();
+        // f32 on one rank with a weight buffer per stage: each stage's shard is its buffer (T is f32
+        // there, so the downcast holds).
+        let weight_buffers = if layout.weight_buffers_are_shards() {
+            shards
+                .iter()
+                .map(|sh| {
+                    let any: Arc<dyn std::any::Any + Send + Sync> = sh.weight.clone();
+                    any.downcast::<SyncBuf<T>>()
+                        .expect("f32 compute: the weight shard is a compute buffer")
+                })
+                .collect()
+        } else {
+            layout
+                .weight_buffer_sizes
+                .iter()
+                .map(|&n| SyncBuf::zeros_in(&mem, n))
+                .collect()
+        };
         // One rank with a grad buffer per stage: each stage's shard is its buffer (buffer `s` is stage
         // `s`'s), no second allocation.
         let grad_buffers = if layout.grad_buffers_are_shards() {
@@ -303,10 +316,13 @@ impl<T: Element<Master = f32>> RankEngine<T> {
     }
 
     fn issue(&mut self, op: Op, waited: &mut Duration) -> anyhow::Result<()> {
-        if matches!(op, Op::Reduce { .. }) && self.layout.grad_buffers_are_shards() {
+        match op {
             // The backward accumulated into the shard itself: nothing to move (the shards are zeroed
             // when the next training batch starts).
-            return Ok(());
+            Op::Reduce { .. } if self.layout.grad_buffers_are_shards() => return Ok(()),
+            // The layers read the shard itself.
+            Op::Restore { .. } if self.layout.weight_buffers_are_shards() => return Ok(()),
+            _ => {}
         }
         // Mixed precision (Fast-LLM's way): a restore first casts the master shard into this rank's
         // slot of the buffer, here, in the order of the compute work: on a device the cast queues
