@@ -84,23 +84,19 @@ fn memory_report_matches_the_formula() {
                 train(&cfg, &quiet()).unwrap();
                 let p: Vec<u64> = stage_sizes(&cfg).iter().map(|&n| padded(n, world)).collect();
                 let psi: u64 = p.iter().sum();
-                // One rank with a weight (grad) buffer per stage: the shards are the buffers (f32).
-                let weight_ring = if zero >= 3 { 2.min(p.len()) } else { p.len() };
-                let weight_buffers = if world == 1 && weight_ring == p.len() {
-                    0
-                } else if zero >= 3 {
-                    ring(&p, 2)
-                } else {
-                    4 * psi
+                // Buffers of one kind: a ring of 2 from `ring_stage` on, else one per stage; none on one
+                // rank with one per stage (f32 here: the shards are the buffers).
+                let buffers = |ring_stage: u8| {
+                    let one_per_stage = zero < ring_stage || p.len() <= 2;
+                    if world == 1 && one_per_stage {
+                        0
+                    } else if zero >= ring_stage {
+                        ring(&p, 2)
+                    } else {
+                        4 * psi
+                    }
                 };
-                let grad_ring = if zero >= 2 { 2.min(p.len()) } else { p.len() };
-                let grad_buffers = if world == 1 && grad_ring == p.len() {
-                    0
-                } else if zero >= 2 {
-                    ring(&p, 2)
-                } else {
-                    4 * psi
-                };
+                let (weight_buffers, grad_buffers) = (buffers(3), buffers(2));
                 let mem = read_memory(exp.path());
                 let ranks = mem["ranks"].as_array().unwrap();
                 assert_eq!(ranks.len(), world);

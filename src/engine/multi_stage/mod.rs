@@ -322,24 +322,26 @@ impl MultiStageLayout {
             ));
         }
         let b = self.state_bytes();
-        let grad_buffers = if self.grad_buffers_are_shards() {
-            "grad buffers: the grad shards".to_string()
-        } else {
-            format!(
-                "{} grad buffers ({:.2} MiB)",
-                self.num_grad_buffers(),
-                mib(b.grad_buffers)
-            )
+        // Buffers of one kind: the shards themselves, or a count and their bytes.
+        let buffers = |kind: &str, are_shards: bool, count: usize, bytes: u64| {
+            if are_shards {
+                format!("{kind} buffers: the {kind} shards")
+            } else {
+                format!("{count} {kind} buffers ({:.2} MiB)", mib(bytes))
+            }
         };
-        let weight_buffers = if self.weight_buffers_are_shards() {
-            "weight buffers: the weight shards".to_string()
-        } else {
-            format!(
-                "{} weight buffers ({:.2} MiB)",
-                self.num_weight_buffers(),
-                mib(b.weight_buffers)
-            )
-        };
+        let weight_buffers = buffers(
+            "weight",
+            self.weight_buffers_are_shards(),
+            self.num_weight_buffers(),
+            b.weight_buffers,
+        );
+        let grad_buffers = buffers(
+            "grad",
+            self.grad_buffers_are_shards(),
+            self.num_grad_buffers(),
+            b.grad_buffers,
+        );
         lines.push(format!(
             "Allocating {weight_buffers}, {grad_buffers}, shards: weights {:.2} MiB, grads {:.2} MiB, optimizer state {:.2} MiB",
             mib(b.weight_shard),
