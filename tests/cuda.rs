@@ -40,18 +40,44 @@ fn train_env(
         .env_remove("FAST_LLM_RS_PROFILE");
     cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
-    let losses = std::fs::read_to_string(exp.join("metrics.jsonl"))
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        training_values(exp, "loss"),
+    )
+}
+
+/// The field `key` of every training record in `exp`'s metrics.jsonl (none if there is no file).
+fn training_values(exp: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(exp.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["phase"] == "training")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        losses,
-    )
+        .map(|v| v[key].as_f64().unwrap_or_else(|| panic!("{key} in a training record")))
+        .collect()
+}
+
+/// `(operation, calls)` of every row of the device profile a `FAST_LLM_RS_PROFILE=1` run wrote in `exp`.
+fn profile_calls(exp: &Path) -> Vec<(String, u64)> {
+    let profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("profile.json")).unwrap()).unwrap();
+    profile["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["op"].as_str().unwrap().to_string(), r["calls"].as_u64().unwrap()))
+        .collect()
+}
+
+/// `fast-llm-rs plan --json` on the config at `cfg`.
+fn plan_json(cfg: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
+        .args(["plan", "--config", cfg.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn emulator_available() -> bool {
@@ -214,13 +240,7 @@ fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
     );
     // `plan` predicts the mixed-precision engine's allocations exactly (bf16 buffers and activations,
     // f32 statistics, log-sum-exps instead of softmax matrices).
-    let cfg = tmp.path().join("bf16-2").join("input.yaml");
-    let out = Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
-        .args(["plan", "--config", cfg.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = plan_json(&tmp.path().join("bf16-2").join("input.yaml"));
     let planned = plan["zero_stages"]["zero_stage_3"]["ranks"].as_array().unwrap();
     for (p, m) in planned.iter().zip(b["ranks"].as_array().unwrap()) {
         for key in [
@@ -262,13 +282,9 @@ fn the_attention_setting_picks_the_kernels_that_run() {
         env.extend(family.map(|f| ("FAST_LLM_RS_ATTENTION", f)));
         let (code, err, _) = train_env(&exp, data.path(), &o, Some("emulator"), &env);
         assert_eq!(code, 0, "{family:?}: {err}");
-        let profile: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(exp.join("profile.json")).unwrap()).unwrap();
-        let mut names: Vec<String> = profile["ops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["op"].as_str().unwrap().to_string())
+        let mut names: Vec<String> = profile_calls(&exp)
+            .into_iter()
+            .map(|(op, _)| op)
             .filter(|n| n.starts_with("attn_"))
             .collect();
         names.sort();
@@ -354,24 +370,10 @@ fn one_rank_in_bf16_keeps_its_weight_buffers_across_steps() {
         let (code, err, losses) = train_env(&exp, data.path(), &o, Some("emulator"), &[("FAST_LLM_RS_PROFILE", "1")]);
         assert_eq!(code, 0, "{buffers} weight buffers: {err}");
         assert_eq!(losses.len(), 3);
-        let profile: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(exp.join("profile.json")).unwrap()).unwrap();
-        let calls = |op: &str| -> u64 {
-            profile["ops"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|r| r["op"] == op)
-                .map(|r| r["calls"].as_u64().unwrap())
-                .sum()
-        };
+        let profile = profile_calls(&exp);
+        let calls = |op: &str| -> u64 { profile.iter().filter(|(o, _)| o == op).map(|(_, c)| c).sum() };
         // The stage count, from `plan` on the same config.
-        let out = Command::new(env!("CARGO_BIN_EXE_fast-llm-rs"))
-            .args(["plan", "--config", exp.join("input.yaml").to_str().unwrap(), "--json"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let plan = plan_json(&exp.join("input.yaml"));
         let stages = plan["stage_parameters"].as_array().unwrap().len() as u64;
         let counts = [
             calls("cast_f32_to_bf16"),
@@ -435,14 +437,9 @@ fn a_communicator_off_the_compute_stream_waits_once_per_stage_boundary() {
         );
         assert_eq!(code, 0, "ZeRO-{zero}, host moves {host}: {err}");
         assert_eq!(losses.len(), 3);
-        let waits: f64 = std::fs::read_to_string(exp.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["phase"] == "training")
-            .map(|v| v["device_waits_per_step"].as_f64().unwrap())
-            .sum();
-        (losses, waits)
+        let waits = training_values(&exp, "device_waits_per_step");
+        assert_eq!(waits.len(), 3);
+        (losses, waits.iter().sum::<f64>())
     };
     for zero in ["1", "3"] {
         let (ordered, ordered_waits) = run(zero, false);
@@ -484,13 +481,7 @@ fn stage_boundaries_do_not_make_the_host_wait_for_the_gpu() {
             &[("FAST_LLM_RS_EMU_DELAY_US", "20")],
         );
         assert_eq!(code, 0, "{world} ranks, {layers_per_stage} layers per stage: {err}");
-        let waits: Vec<f64> = std::fs::read_to_string(exp.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["phase"] == "training")
-            .map(|v| v["device_waits_per_step"].as_f64().expect("device_waits_per_step"))
-            .collect();
+        let waits = training_values(&exp, "device_waits_per_step");
         assert_eq!(waits.len(), 3);
         (losses, waits)
     };

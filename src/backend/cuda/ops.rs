@@ -1138,7 +1138,7 @@ impl CudaKernels {
     /// AdamW on fp32 `w`, `grad`, `exp_avg`, `exp_avg_sq` (see [`Kernels::adamw`]); the bias
     /// corrections are computed here in f64 and rounded to fp32, as the CPU backend does. With `out`
     /// (bf16, `w`'s length) the new weights are also stored there rounded to bf16, in the same pass
-    /// ([`Kernels::adamw_cast`]).
+    /// (the compute copy of [`Kernels::adamw`]).
     pub fn adamw(
         &self,
         w: DevView,

@@ -246,7 +246,7 @@ impl MultiStageLayout {
     /// layers read the shard the optimizer updates. No separate weight buffer is allocated
     /// (`state_bytes` counts none) and a restore does nothing (no collective: `plan`'s counts).
     pub fn weight_buffers_are_shards(&self) -> bool {
-        self.compute_bytes == 4 && self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
+        self.compute_bytes == 4 && self.one_rank_with_a_weight_buffer_per_stage()
     }
 
     /// Whether the optimizer step writes the compute copy of the new weights into the weight buffers
@@ -255,7 +255,13 @@ impl MultiStageLayout {
     /// stores the rounded weights as it updates the shard, every buffer stays current across steps,
     /// and no restore runs after the first (the runner, and `plan`'s counts).
     pub fn optimizer_writes_weight_buffers(&self) -> bool {
-        self.compute_bytes != 4 && self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
+        self.compute_bytes != 4 && self.one_rank_with_a_weight_buffer_per_stage()
+    }
+
+    /// One rank (a shard is its whole stage) and a weight buffer per stage (buffer `s` is stage `s`'s,
+    /// of its size): a stage's buffer can hold its weights for good.
+    fn one_rank_with_a_weight_buffer_per_stage(&self) -> bool {
+        self.data_parallel == 1 && self.num_weight_buffers() == self.num_stages()
     }
 
     /// Whether each stage's grad shard is its grad buffer: with one rank (the shard is the whole stage)

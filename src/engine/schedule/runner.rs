@@ -516,6 +516,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
         let scale = clip_factor(norm, a.max_norm) as f32;
         let rank = self.rank();
         let write_buffers = self.layout.optimizer_writes_weight_buffers();
+        let (lr, b1, b2, eps) = (a.lr as f32, a.beta_1 as f32, a.beta_2 as f32, a.epsilon as f32);
         for (s, sh) in self.layout.stages.iter().zip(&self.shards) {
             let own = s.shard_range(rank);
             // SAFETY: no job is pending (all handles waited in `run_batch`).
@@ -539,15 +540,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
             });
             for (r, wd) in merge_adjacent(segments) {
                 let (w, g, m, v) = (&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
-                let (lr, b1, b2, eps, wd) = (
-                    a.lr as f32,
-                    a.beta_1 as f32,
-                    a.beta_2 as f32,
-                    a.epsilon as f32,
-                    wd as f32,
-                );
                 let out = buffer.as_deref_mut().map(|b| &mut b[r]);
-                self.kernels.adamw(w, g, m, v, out, lr, b1, b2, eps, wd, scale, a.step);
+                self.kernels
+                    .adamw(w, g, m, v, out, lr, b1, b2, eps, wd as f32, scale, a.step);
             }
         }
         self.kernels.synchronize();
