@@ -375,9 +375,9 @@ fn row(name: &str, dt: DType, r: Result<f64, GpuError>, bytes: f64, flops: f64) 
             } else {
                 rate(bytes / t, "B")
             };
-            println!("{name:<26} {:<5} {:>10.3} {fig:>17}", dname(dt), t * 1e3);
+            println!("{name:<36} {:<5} {:>10.3} {fig:>17}", dname(dt), t * 1e3);
         }
-        Err(e) => println!("{name:<26} {:<5} error: {e}", dname(dt)),
+        Err(e) => println!("{name:<36} {:<5} error: {e}", dname(dt)),
     }
 }
 
@@ -391,7 +391,7 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
         "kernels: {n} tokens ({b} x {}), hidden {h}, {} heads of {}, MLP {}, vocab {}",
         s.seq, s.heads, s.head_size, s.inter, s.vocab
     ));
-    println!("{:<26} {:<5} {:>10} {:>17}", "kernel", "type", "ms", "throughput");
+    println!("{:<36} {:<5} {:>10} {:>17}", "kernel", "type", "ms", "throughput");
     let g = &ctx.dev.gpu;
     let bud = budget(ctx);
     for dt in dtypes() {
@@ -525,22 +525,25 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             let gout = buf(ctx, d.out_len(), dt, 11, 1.0)?;
             let gqkv = DevBuf::zeros(g, d.qkv_len(), dt)?;
             let delta = DevBuf::zeros(g, d.lse_len(), DType::F32)?;
-            // bf16 runs the tensor-core kernels where they apply: both families (mma, wmma) and the
+            // bf16 runs the tensor-core kernels where they apply: every family (mma and mma64 store ds
+            // for dq, their -recompute variants recompute s and dp instead; wmma) and the
             // one-thread-per-row kernels (what f32 and other shapes run) are timed side by side.
             let family = |a: AttentionKernels| CudaKernels::new(g.clone()).with_attention(a);
-            let (mma, mma64, wmma, simple) = (
-                family(AttentionKernels::Mma),
-                family(AttentionKernels::Mma64),
-                family(AttentionKernels::Wmma),
-                family(AttentionKernels::Simple),
-            );
+            let simple = family(AttentionKernels::Simple);
+            let families: Vec<(&str, CudaKernels)> = AttentionKernels::VALUES
+                .iter()
+                // At head size 128 the mma64 families run the mma kernels.
+                .filter(|(_, a)| {
+                    d.head_size <= 64 || !matches!(a, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute)
+                })
+                .filter(|(_, a)| *a != AttentionKernels::Simple)
+                .map(|&(name, a)| (name, family(a)))
+                .collect();
             let variants: Vec<(String, &CudaKernels)> = if dt == DType::Bf16 {
-                let mut v = vec![(format!("attention{label} (mma)"), &mma)];
-                // At head size 128 mma64 runs the mma kernels.
-                if d.head_size <= 64 {
-                    v.push((format!("attention{label} (mma64)"), &mma64));
-                }
-                v.push((format!("attention{label} (wmma)"), &wmma));
+                let mut v: Vec<(String, &CudaKernels)> = families
+                    .iter()
+                    .map(|(name, k)| (format!("attention{label} ({name})"), k))
+                    .collect();
                 v.push((format!("attention{label} (simple)"), &simple));
                 v
             } else {
@@ -581,7 +584,7 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                     }
                     Ok([0, 1, 2].map(|i| max_rel_diff(&got[0][i], &got[1][i])))
                 };
-                for (name, fast) in [("mma", &mma), ("wmma", &wmma)] {
+                for (name, fast) in &families {
                     match agree(fast) {
                         Ok([o, l, gq]) => println!(
                             "attention{label} bf16 {name} vs simple: max relative difference out {o:.2e}, \

@@ -25,7 +25,8 @@
 #       the real GPU to the emulator when a driver is present; PASS needs the "real GPU:" line);
 #   (c) examples/shakespeare.yaml, 20 steps, 2 ranks, ZeRO-3: use_cuda true vs false, every step's
 #       loss within 1e-4 relative;
-#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the attention families: mma, mma64, wmma,
+#   (d) bench_gpu: kernels (GEMM TFLOP/s, kernel times, the attention families: mma, mma64, their
+#       -recompute variants (dq without the stored ds), wmma,
 #       simple, at llama-1b's and llama-125m's attention shapes), train llama-125m 20 steps, train llama-1b 10
 #       steps (loss, tokens/s, MFU, memory), 2 ranks on one GPU vs 1 rank, llama-125m 10 steps with the
 #       mma64 attention family;

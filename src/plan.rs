@@ -4,6 +4,11 @@
 //! activation sizes of the model, the schedule planner), so the model-state bytes equal the engine's
 //! `memory.json` exactly and the activation figure is the engine's workspace size.
 
+use crate::backend::cuda::ops::{
+    ds_elems_per_sequence, ds_sequences_per_launch, tensor_core_attention_applies, AttentionKernels, AttnDims,
+    DS_SCRATCH_BYTES,
+};
+use crate::backend::cuda::DType;
 use crate::config::{validate::global_batch_tokens, ComputeDtype, MultiStageConfig, TrainConfig};
 use crate::engine::multi_stage::MultiStageLayout;
 use crate::engine::schedule::{plan as plan_batch, Op, WeightBufferState};
@@ -64,6 +69,9 @@ pub struct Plan {
     pub device_memory: Option<u64>,
     /// Advice, in the seed's order (micro-batch and sequence length, then zero_stage, then buffers).
     pub recommendation: Option<String>,
+    /// GPU scratch of the attention backward's stored ds per rank, outside the rows' figures
+    /// ([`attention_ds_scratch`] with `FAST_LLM_RS_ATTENTION`'s family).
+    pub attention_ds_scratch: Option<u64>,
 }
 
 fn compute_bytes(cfg: &TrainConfig) -> usize {
@@ -126,6 +134,34 @@ pub fn plan_row(cfg: &TrainConfig, model: &Llama, ms: &MultiStageConfig) -> Plan
     }
 }
 
+/// The attention shape of one micro-batch of `cfg` (sequences of `data.sequence_length` tokens).
+pub fn attention_dims(cfg: &TrainConfig, shape: &ModelShape) -> AttnDims {
+    let seq = cfg.data.sequence_length as usize;
+    AttnDims {
+        batch: (cfg.data.micro_batch_size as usize / seq.max(1)).max(1),
+        seq,
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        head_size: shape.head_size,
+    }
+}
+
+/// Bytes of GPU scratch the attention backward of the family `kind` takes per rank for its stored ds
+/// (`use_cuda` in bf16 with the tensor-core kernels; see `AttentionKernels::Mma`), outside the engine's
+/// buffers; None when it stores none.
+pub fn attention_ds_scratch(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels) -> Option<u64> {
+    let d = attention_dims(cfg, shape);
+    let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
+    if !(cfg.model.distributed.use_cuda
+        && bf16
+        && kind.stores_ds()
+        && tensor_core_attention_applies(DType::Bf16, d.head_size, d.seq))
+    {
+        return None;
+    }
+    ds_sequences_per_launch(&d, DS_SCRATCH_BYTES).map(|n| (n * ds_elems_per_sequence(&d) * 2) as u64)
+}
+
 /// Plan a validated config. `device_memory` in bytes.
 pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Plan> {
     let mut model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
@@ -150,6 +186,8 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
         }
     }
     let recommendation = device_memory.map(|mem| recommend(cfg, &model, mem));
+    let attention = AttentionKernels::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let attention_ds_scratch = attention_ds_scratch(cfg, &model.shape, attention);
     Ok(Plan {
         world_size: world,
         global_batch_tokens: global_batch_tokens(cfg),
@@ -157,6 +195,7 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
         rows,
         device_memory,
         recommendation,
+        attention_ds_scratch,
     })
 }
 
@@ -274,6 +313,13 @@ pub fn render(p: &Plan) -> String {
             }
         ));
     }
+    if let Some(b) = p.attention_ds_scratch {
+        out.push_str(&format!(
+            "GPU scratch outside these figures: {} per rank for the attention backward's stored ds \
+             (FAST_LLM_RS_ATTENTION=mma-recompute takes none)\n",
+            gib(b)
+        ));
+    }
     if let Some(rec) = &p.recommendation {
         out.push_str(&format!("Recommendation: {rec}\n"));
     }
@@ -320,6 +366,7 @@ pub fn to_json(p: &Plan) -> serde_json::Value {
         "configured": p.rows[0],
         "zero_stages": per_stage,
         "recommendation": p.recommendation,
+        "attention_ds_scratch": p.attention_ds_scratch,
     })
 }
 

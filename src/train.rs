@@ -255,9 +255,10 @@ fn attention_line(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels)
             .to_string()
     } else if tensor_core_attention_applies(dtype, shape.head_size, seq) {
         format!(
-            "Attention: tensor-core kernels ({}; bf16, head size {}, sequence {seq})",
+            "Attention: tensor-core kernels ({}; bf16, head size {}, sequence {seq}){}",
             kind.name(),
-            shape.head_size
+            shape.head_size,
+            stored_ds_note(cfg, shape, kind)
         )
     } else {
         format!(
@@ -267,6 +268,30 @@ fn attention_line(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels)
             if bf16 { "bfloat16" } else { "float32" },
             shape.head_size
         )
+    }
+}
+
+/// What the tensor-core family `kind`'s backward does for dq at this shape: reads the stored ds (with
+/// its scratch), or recomputes it.
+fn stored_ds_note(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels) -> String {
+    use crate::backend::cuda::ops::{ds_elems_per_sequence, ds_sequences_per_launch, DS_SCRATCH_BYTES};
+    if !kind.stores_ds() {
+        return "; dq recomputed".to_string();
+    }
+    let d = crate::plan::attention_dims(cfg, shape);
+    let mib = |bytes: usize| bytes as f64 / (1u64 << 20) as f64;
+    let per = ds_elems_per_sequence(&d) * 2;
+    match ds_sequences_per_launch(&d, DS_SCRATCH_BYTES) {
+        Some(n) => format!(
+            "; dq from the stored ds: {n} of {} sequences per launch, {:.1} MiB of GPU scratch",
+            d.batch,
+            mib(n * per)
+        ),
+        None => format!(
+            "; dq recomputed: one sequence's ds ({:.0} MiB) is over the {:.0} MiB scratch limit",
+            mib(per),
+            mib(DS_SCRATCH_BYTES)
+        ),
     }
 }
 
@@ -1122,9 +1147,27 @@ mod tests {
         };
         let shape = |c: &TrainConfig| ModelShape::from_config(&c.model.base_model).unwrap();
         let line = |c: &TrainConfig| attention_line(c, &shape(c), AttentionKernels::Mma);
+        // 4 heads of 128 at 2048: 32 row blocks, 528 tiles of 64 x 64 bf16 per head, 16.5 MiB per
+        // sequence; one sequence per micro-batch.
         assert_eq!(
             line(&cfg("bfloat16", "128", "2048")),
-            "Attention: tensor-core kernels (mma; bf16, head size 128, sequence 2048)"
+            "Attention: tensor-core kernels (mma; bf16, head size 128, sequence 2048); dq from the stored ds: \
+             1 of 1 sequences per launch, 16.5 MiB of GPU scratch"
+        );
+        let recompute = attention_line(
+            &cfg("bfloat16", "128", "2048"),
+            &shape(&cfg("bfloat16", "128", "2048")),
+            AttentionKernels::MmaRecompute,
+        );
+        assert!(
+            recompute.ends_with("(mma-recompute; bf16, head size 128, sequence 2048); dq recomputed"),
+            "{recompute}"
+        );
+        // 4 heads at 65536: 1024 row blocks, 524,800 tiles per head, 16,400 MiB per sequence.
+        let long = line(&cfg("bfloat16", "128", "65536"));
+        assert!(
+            long.ends_with("; dq recomputed: one sequence's ds (16400 MiB) is over the 1024 MiB scratch limit"),
+            "{long}"
         );
         let c = cfg("bfloat16", "64", "1024");
         assert!(attention_line(&c, &shape(&c), AttentionKernels::Wmma).contains("(wmma; bf16, head size 64"));

@@ -256,10 +256,8 @@ fn emulated_bf16_training_follows_f32_and_two_ranks_follow_one() {
     }
 }
 
-/// A checkpoint written and loaded by the CUDA engine (bf16 compute, f32 master shards in device
-/// memory, ZeRO-3 on 2 ranks): stopping after step 2 and resuming gives every later loss of the
-/// straight run bit for bit (the emulator is deterministic, and its stream is asynchronous, so a save
-/// or load that read or wrote a buffer before the device finished would show here).
+/// `FAST_LLM_RS_ATTENTION` picks the attention kernels that run, by the device profile's launches:
+/// `mma` and `mma64` store ds for dq, their `-recompute` variants and `wmma` recompute it.
 #[test]
 fn the_attention_setting_picks_the_kernels_that_run() {
     if !emulator_available() {
@@ -290,21 +288,32 @@ fn the_attention_setting_picks_the_kernels_that_run() {
         names.sort();
         names
     };
-    let kernels = |infix: &str| -> Vec<String> {
+    let kernels = |infix: &str, stored_ds: bool| -> Vec<String> {
+        let bwd = if stored_ds {
+            ["bwd_dkvs", "bwd_dqs"]
+        } else {
+            ["bwd_dkv", "bwd_dq"]
+        };
         ["attn_bwd_delta_bf16".to_string()]
             .into_iter()
-            .chain(["bwd_dkv", "bwd_dq", "fwd"].map(|k| format!("attn_{k}_{infix}_d32")))
+            .chain(bwd.into_iter().chain(["fwd"]).map(|k| format!("attn_{k}_{infix}_d32")))
             .collect()
     };
-    assert_eq!(launched(None), kernels("mma"));
-    assert_eq!(launched(Some("mma64")), kernels("mma64"));
-    assert_eq!(launched(Some("wmma")), kernels("tc"));
+    assert_eq!(launched(None), kernels("mma", true));
+    assert_eq!(launched(Some("mma64")), kernels("mma64", true));
+    assert_eq!(launched(Some("mma-recompute")), kernels("mma", false));
+    assert_eq!(launched(Some("mma64-recompute")), kernels("mma64", false));
+    assert_eq!(launched(Some("wmma")), kernels("tc", false));
     let simple: Vec<String> = ["bwd_delta", "bwd_dkv", "bwd_dq", "fwd"]
         .map(|k| format!("attn_{k}_bf16"))
         .into();
     assert_eq!(launched(Some("simple")), simple);
 }
 
+/// A checkpoint written and loaded by the CUDA engine (bf16 compute, f32 master shards in device
+/// memory, ZeRO-3 on 2 ranks): stopping after step 2 and resuming gives every later loss of the
+/// straight run bit for bit (the emulator is deterministic, and its stream is asynchronous, so a save
+/// or load that read or wrote a buffer before the device finished would show here).
 #[test]
 fn emulated_gpu_resume_is_bitwise_identical_to_a_straight_run() {
     if !emulator_available() {

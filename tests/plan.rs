@@ -199,3 +199,39 @@ fn plan_json_uses_the_memory_json_keys_and_values() {
         assert!(planned["activations_peak"].as_u64().unwrap() > 0);
     }
 }
+
+/// The GPU scratch of the attention backward's stored ds, by the formula: per sequence of a micro-batch
+/// and query head, one 64 x 64 bf16 tile per (query block, key block) pair at or below the diagonal;
+/// none without the tensor-core kernels (f32, the CPU), and none when one sequence's ds is over 1 GiB.
+#[test]
+fn plan_counts_the_attention_ds_scratch() {
+    let cfg = |overrides: &[(&str, &str)]| {
+        let o: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        load_config(Path::new("examples/llama-1b.yaml"), &o).unwrap()
+    };
+    let tiles = |seq: u64| (seq / 64) * (seq / 64 + 1) / 2;
+    let formula = |sequences: u64, heads: u64, seq: u64| sequences * heads * tiles(seq) * 64 * 64 * 2;
+    // llama-1b: 8 sequences of 2048 tokens, 16 heads: 528 MiB.
+    let p = plan(&cfg(&[]), None).unwrap();
+    assert_eq!(p.attention_ds_scratch, Some(formula(8, 16, 2048)));
+    assert_eq!(formula(8, 16, 2048), 528 << 20);
+    // 4 sequences of 4096 tokens: 264 MiB per sequence, 3 of them within 1 GiB per launch.
+    let long = cfg(&[("data.sequence_length", "4096")]);
+    assert_eq!(
+        plan(&long, None).unwrap().attention_ds_scratch,
+        Some(formula(3, 16, 4096))
+    );
+    // 16 heads at 16384 tokens: 4,104 MiB for one sequence, over the limit: dq is recomputed.
+    let over = cfg(&[("data.sequence_length", "16384")]);
+    assert_eq!(plan(&over, None).unwrap().attention_ds_scratch, None);
+    for off in [
+        &[("model.distributed.compute_dtype", "float32")][..],
+        &[
+            ("model.distributed.use_cuda", "false"),
+            ("model.distributed.compute_dtype", "float32"),
+        ],
+        &[("data.sequence_length", "2000"), ("data.micro_batch_size", "16000")],
+    ] {
+        assert_eq!(plan(&cfg(off), None).unwrap().attention_ds_scratch, None, "{off:?}");
+    }
+}

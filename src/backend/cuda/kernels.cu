@@ -1817,6 +1817,22 @@ __device__ void attn_bwd_dq_mma_impl(bf16* grad_qkv, const bf16* grad_out, const
     mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
 }
 
+// The stored-ds backward (`attn_bwd_dkvs_*` then `attn_bwd_dqs_*`): the dK/dV kernel also stores ds^T
+// (bf16), and the query gradient is dq = ds k read back from it, instead of the dQ kernel's three
+// products (s and dp recomputed): 5 products in all instead of 7, for a scratch of one bf16 tile of
+// MMA_ROWS x MMA_ROWS per (query block, key block) pair at or below the diagonal, per sequence and query
+// head. Deterministic: dq sums its key tiles in order. Tile (qb, kb), kb <= qb, of head h of sequence b
+// starts at element `ds_tile` and holds ds^T: MMA_ROWS rows of keys, each of MMA_ROWS queries.
+//
+// Which entries are written: the dK/dV kernel stores every tile of QT queries a warp does not skip
+// (masked entries as 0, since p = 0 there), and skips only tiles wholly before its 16 keys. The dQ
+// kernel below reads a key tile into the A fragments of a warp only when the tile starts at or before
+// the warp's last row, with the same tile size (QT = KEYS): such entries were all stored. Entries of a
+// diagonal tile that no warp stores are staged in shared memory but never loaded into a fragment.
+__device__ __forceinline__ long long ds_tile(int b, int h, int heads, int seq, int qb, int kb) {
+    const long long nb = seq / MMA_ROWS, tri = nb * (nb + 1) / 2;
+    return (((long long)b * heads + h) * tri + (long long)qb * (qb + 1) / 2 + kb) * (MMA_ROWS * MMA_ROWS);
+}
 // Dynamic shared memory of the dK/dV kernel with tiles of QT queries (`mma_dkv_shared_bytes` in ops.rs
 // computes the same): the block's k and v rows, two buffers of q and dO rows, two of lse and delta.
 template <int D, int QT>
@@ -1830,9 +1846,10 @@ constexpr int mma_dkv_shared_bytes() {
 // QT queries from the block's first key on, double-buffered (q, dO, lse and delta of the next tile
 // are copied while the warps work on this one): s^T = k.q^T, dp^T = v.dO^T, p^T = exp(s^T * scale - lse),
 // ds^T = p^T (dp^T - delta); dv += p^T dO, dk += ds^T q. A warp skips the tiles wholly before its keys.
-template <int D, int QT>
+template <int D, int QT, bool STORE_DS = false>
 __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv, const float* lse,
-                                      const float* delta, int seq, int heads, int kv_heads, float scale) {
+                                      const float* delta, int seq, int heads, int kv_heads, float scale,
+                                      bf16* ds = nullptr) {
     static_assert(MMA_ROWS % QT == 0, "a row block is a whole number of query tiles");
     constexpr int LD = D + 8;
     DYNAMIC_SHARED(smem, (mma_dkv_shared_bytes<D, QT>()));
@@ -1906,6 +1923,16 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - q_delta[col]);
             }
+        if (STORE_DS) {
+            // ds^T of this warp's 16 keys and the tile's queries, as the bf16 the products below use,
+            // into the (query block, key block) tile of the head's stored ds (`ds_tile`).
+            const int hq = gk * group + it / per_head;
+            bf16* t = ds + ds_tile(b, hq, heads, seq, q0 / MMA_ROWS, blk.rows) + (q0 % MMA_ROWS);
+            for (int nt = 0; nt < QT / 8; ++nt) {
+                st_pair(t + (warp * 16 + g) * MMA_ROWS + nt * 8 + 2 * qd, dp[nt][0], dp[nt][1]);
+                st_pair(t + (warp * 16 + g + 8) * MMA_ROWS + nt * 8 + 2 * qd, dp[nt][2], dp[nt][3]);
+            }
+        }
         mma_acc_rows<D, QT>(dv, s, g_sm, LD);
         mma_acc_rows<D, QT>(dk, dp, q_sm, LD);
     }
@@ -1914,12 +1941,86 @@ __device__ void attn_bwd_dkv_mma_impl(bf16* grad_qkv, const bf16* grad_out, cons
     mma_write_rows<D>(grad_qkv + rows + (long long)(heads + kv_heads + gk) * D, stride, dv, 1.0f);
 }
 
+// The A fragment of the 16x16 tile whose transpose is at p in shared memory (row-major, leading
+// dimension ld): `ldmatrix.trans` of the transposed 8x8 blocks.
+__device__ __forceinline__ void ldsm_a_t(unsigned* a, const bf16* p, int ld) {
+    const int lane = threadIdx.x % 32, j = lane / 8, i = lane % 8;
+    ldsm_x4<true>(a, p + ((j / 2) * 8 + i) * ld + (j % 2) * 8);
+}
+
+// Query gradient from the stored ds. Grid (heads, batch, seq / MMA_ROWS), block 128: per key tile of
+// KEYS keys (k rows and the block's ds^T rows staged by the block, double-buffered): dq += ds k. A warp
+// skips the keys wholly after its rows.
+template <int D, int KEYS>
+__device__ void attn_bwd_dqs_mma_impl(bf16* grad_qkv, const bf16* ds, const bf16* qkv, int seq, int heads,
+                                      int kv_heads, float scale) {
+    static_assert(MMA_ROWS % KEYS == 0, "a row block is a whole number of key tiles");
+    constexpr int LD = D + 8, LDS = MMA_ROWS + 8;
+    __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
+    __shared__ __align__(16) bf16 s_buf[2][KEYS * LDS];
+    const int warp = threadIdx.x / 32;
+    const TcBlock blk = tc_query_block();
+    const int h = blk.y, b = blk.b, grp = h / (heads / kv_heads);
+    const long long stride = (long long)(heads + 2 * kv_heads) * D;
+    const bf16* base = qkv + (long long)b * seq * stride;
+    const bf16* kbase = base + (long long)(heads + grp) * D;
+    const int q0 = blk.rows * MMA_ROWS + warp * 16;
+    auto stage = [&](int kb) {
+        const int k0 = kb * KEYS;
+        cp_async_rows<D, KEYS>(k_buf[kb & 1], kbase + (long long)k0 * stride, stride);
+        cp_async_rows<MMA_ROWS, KEYS>(
+            s_buf[kb & 1], ds + ds_tile(b, h, heads, seq, blk.rows, k0 / MMA_ROWS) + (k0 % MMA_ROWS) * MMA_ROWS,
+            MMA_ROWS);
+        cp_async_commit();
+    };
+    float dq[D / 8][4];
+    for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
+    const int tiles = (blk.rows + 1) * MMA_ROWS / KEYS;
+    stage(0);
+    for (int kb = 0; kb < tiles; ++kb) {
+        mma_tile_ready(kb, tiles, stage);
+        if (kb * KEYS > q0 + 15) continue;  // warp-uniform: every key of the tile is after every row
+        const bf16 *k_sm = k_buf[kb & 1], *s_sm = s_buf[kb & 1] + warp * 16;
+        for (int kk = 0; kk < KEYS / 16; ++kk) {
+            unsigned a[4];
+            ldsm_a_t(a, s_sm + kk * 16 * LDS, LDS);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned b0[2], b1[2];
+                ldsm_b2<true>(b0, b1, k_sm + kk * 16 * LD + dt * 8, LD);
+                mma16816(dq[dt], a, b0);
+                mma16816(dq[dt + 1], a, b1);
+            }
+        }
+    }
+    mma_write_rows<D>(grad_qkv + ((long long)b * seq + q0) * stride + (long long)h * D, stride, dq, scale);
+}
+
+// The stored-ds entry points of the mma family F for head size D and tile T.
+#define ATTN_DS_KERNELS(F, D, T)                                                                              \
+    extern "C" __global__ void attn_bwd_dkvs_##F##_d##D(bf16* grad_qkv, bf16* ds, const bf16* grad_out,       \
+                                                        const bf16* qkv, const float* lse, const float* delta,  \
+                                                        int batch, int seq, int heads, int kv_heads,            \
+                                                        int head_size, float scale) {                           \
+        attn_bwd_dkv_mma_impl<D, T, true>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale, ds); \
+    }                                                                                                         \
+    extern "C" __global__ void attn_bwd_dqs_##F##_d##D(bf16* grad_qkv, const bf16* ds, const bf16* qkv,        \
+                                                       int batch, int seq, int heads, int kv_heads,             \
+                                                       int head_size, float scale) {                            \
+        attn_bwd_dqs_mma_impl<D, T>(grad_qkv, ds, qkv, seq, heads, kv_heads, scale);                          \
+    }
+
 ATTN_TC_KERNELS(mma, mma, 32, 32, MMA_TILE)
 ATTN_TC_KERNELS(mma, mma, 64, 64, MMA_TILE)
 ATTN_TC_KERNELS(mma, mma, 128, 128, MMA_TILE)
 ATTN_TC_KERNELS(mma64, mma, 32, 32, 64)
 ATTN_TC_KERNELS(mma64, mma, 64, 64, 64)
 ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_TILE)
+ATTN_DS_KERNELS(mma, 32, MMA_TILE)
+ATTN_DS_KERNELS(mma, 64, MMA_TILE)
+ATTN_DS_KERNELS(mma, 128, MMA_TILE)
+ATTN_DS_KERNELS(mma64, 32, 64)
+ATTN_DS_KERNELS(mma64, 64, 64)
+ATTN_DS_KERNELS(mma64, 128, MMA_TILE)
 
 // ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:
@@ -2023,8 +2124,12 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     X(attn_fwd_##F##_d32) X(attn_fwd_##F##_d64) X(attn_fwd_##F##_d128) X(attn_bwd_dq_##F##_d32)               \
     X(attn_bwd_dq_##F##_d64) X(attn_bwd_dq_##F##_d128) X(attn_bwd_dkv_##F##_d32) X(attn_bwd_dkv_##F##_d64)     \
     X(attn_bwd_dkv_##F##_d128)
+#define EMU_DS_FAMILY(X, F)                                                                                   \
+    X(attn_bwd_dkvs_##F##_d32) X(attn_bwd_dkvs_##F##_d64) X(attn_bwd_dkvs_##F##_d128) X(attn_bwd_dqs_##F##_d32) \
+    X(attn_bwd_dqs_##F##_d64) X(attn_bwd_dqs_##F##_d128)
 #define EMU_KERNELS(X)                                                                                        \
     EMU_ATTN_FAMILY(X, tc) EMU_ATTN_FAMILY(X, mma) EMU_ATTN_FAMILY(X, mma64)                                  \
+    EMU_DS_FAMILY(X, mma) EMU_DS_FAMILY(X, mma64)                                                             \
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
     X(embedding_bwd_partial_f32) X(embedding_bwd_partial_bf16) X(embedding_bwd_sum) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
     X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rms_norm_bwd_f32) X(rms_norm_bwd_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \

@@ -158,7 +158,7 @@ const TC_ROWS: usize = 64;
 /// The staged tile of the mma kernels (`MMA_TILE` in `kernels.cu`): keys per tile in the forward and
 /// dQ kernels, queries per tile in the dK/dV kernel; 64 for the `mma64` family at head sizes 32 and 64.
 pub fn mma_tile(kind: AttentionKernels, head_size: usize) -> usize {
-    if kind == AttentionKernels::Mma64 && head_size <= 64 {
+    if matches!(kind, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute) && head_size <= 64 {
         64
     } else {
         32
@@ -181,19 +181,28 @@ pub enum AttentionKernels {
     Simple,
     /// `nvcuda::wmma` 16x16x16 tiles, scores and probabilities through shared memory (`wmma`).
     Wmma,
-    /// `mma.sync` m16n8k16, scores and probabilities in registers (`mma`, the default).
+    /// `mma.sync` m16n8k16, scores and probabilities in registers (`mma`, the default). The backward
+    /// stores ds (bf16) from the dK/dV kernel and reads it back for dq = ds k: 5 products where
+    /// recomputing s and dp for dq takes 7, for a bounded scratch ([`DS_SCRATCH_BYTES`]).
     Mma,
     /// As `mma` with tiles of 64 instead of 32 (keys in the forward and dQ kernels, queries in dK/dV) at
     /// head sizes 32 and 64 (`mma64`; the same kernels as `mma` at 128): half the barriers per row of the
     /// other side, more registers.
     Mma64,
+    /// `mma` with the dQ kernel recomputing s and dp instead of reading the stored ds (`mma-recompute`:
+    /// no scratch; 7 products in the backward).
+    MmaRecompute,
+    /// `mma64` with the dQ kernel recomputing s and dp (`mma64-recompute`).
+    Mma64Recompute,
 }
 
 impl AttentionKernels {
     /// The accepted values of `FAST_LLM_RS_ATTENTION`.
-    pub const VALUES: [(&'static str, AttentionKernels); 4] = [
+    pub const VALUES: [(&'static str, AttentionKernels); 6] = [
         ("mma", AttentionKernels::Mma),
         ("mma64", AttentionKernels::Mma64),
+        ("mma-recompute", AttentionKernels::MmaRecompute),
+        ("mma64-recompute", AttentionKernels::Mma64Recompute),
         ("wmma", AttentionKernels::Wmma),
         ("simple", AttentionKernels::Simple),
     ];
@@ -236,9 +245,22 @@ impl AttentionKernels {
         match self {
             Self::Simple => None,
             Self::Wmma => Some("tc"),
-            Self::Mma => Some("mma"),
-            Self::Mma64 => Some("mma64"),
+            Self::Mma | Self::MmaRecompute => Some("mma"),
+            Self::Mma64 | Self::Mma64Recompute => Some("mma64"),
         }
+    }
+
+    /// Whether this is an `mma.sync` family (its dK/dV kernel takes dynamic shared memory).
+    fn is_mma(self) -> bool {
+        matches!(
+            self,
+            Self::Mma | Self::Mma64 | Self::MmaRecompute | Self::Mma64Recompute
+        )
+    }
+
+    /// Whether the backward stores ds for the query gradient (where [`ds_chunk`] allows it).
+    pub fn stores_ds(self) -> bool {
+        matches!(self, Self::Mma | Self::Mma64)
     }
 }
 
@@ -254,6 +276,24 @@ pub fn tensor_core_attention_applies(dtype: DType, head_size: usize, seq: usize)
     dtype == DType::Bf16 && matches!(head_size, 32 | 64 | 128) && seq.is_multiple_of(TC_ROWS)
 }
 
+/// Most bytes of the stored-ds scratch (see [`AttentionKernels::Mma`]): the backward runs over chunks of
+/// sequences whose ds fits, and recomputes dq (the `-recompute` kernels) when one sequence's does not.
+pub const DS_SCRATCH_BYTES: usize = 1 << 30;
+
+/// bf16 elements of the stored ds of one sequence: a `TC_ROWS` x `TC_ROWS` tile per query head and
+/// (query block, key block) pair at or below the diagonal (`ds_tile` in `kernels.cu`).
+pub fn ds_elems_per_sequence(d: &AttnDims) -> usize {
+    let blocks = d.seq / TC_ROWS;
+    d.heads * blocks * (blocks + 1) / 2 * TC_ROWS * TC_ROWS
+}
+
+/// Sequences per launch of the stored-ds attention backward at `d` within `limit` bytes of scratch (as
+/// many as fit, at most the batch), or None when one sequence's ds is over the limit.
+pub fn ds_sequences_per_launch(d: &AttnDims, limit: usize) -> Option<usize> {
+    let per = ds_elems_per_sequence(d) * DType::Bf16.size();
+    (per <= limit).then(|| (limit / per.max(1)).min(d.batch).max(1))
+}
+
 /// Grid of the tensor-core attention kernels: (`ys` heads, batch, row blocks), 4 warps per block. The
 /// row block is slowest so that the kernels can start the heaviest causal blocks first (`TcBlock` in
 /// `kernels.cu`).
@@ -265,11 +305,27 @@ fn tc_grid(d: &AttnDims, ys: usize) -> Launch {
     }
 }
 
+/// The device views of an attention backward (see [`CudaKernels::attention_backward`]).
+struct AttnBackwardViews {
+    grad_qkv: DevView,
+    delta: DevView,
+    grad_out: DevView,
+    qkv: DevView,
+    lse: DevView,
+}
+
 /// The kernels of `kernels.cu` on one device, with typed arguments (see the module docs).
 pub struct CudaKernels {
     gpu: Arc<dyn Gpu>,
     /// fp32 scratch (column-sum partials, per-row losses; grown on demand, stream order makes reuse safe).
     scratch: std::sync::Mutex<Option<DevBuf>>,
+    /// bf16 scratch of the stored-ds attention backward (grown on demand, at most `ds_scratch_limit`
+    /// bytes).
+    pub(super) ds_scratch: std::sync::Mutex<Option<DevBuf>>,
+    /// Most bytes of `ds_scratch` ([`DS_SCRATCH_BYTES`] unless [`CudaKernels::with_ds_scratch_limit`]).
+    ds_scratch_limit: usize,
+    /// Set when `ds_scratch` could not be allocated: dq is recomputed from then on.
+    ds_unavailable: std::sync::atomic::AtomicBool,
     /// The attention kernel family where the tensor-core ones apply (`mma` unless
     /// [`CudaKernels::with_attention`]; `train` passes `FAST_LLM_RS_ATTENTION` through [`super::Device`]).
     attention: AttentionKernels,
@@ -336,6 +392,9 @@ impl CudaKernels {
         Self {
             gpu,
             scratch: std::sync::Mutex::new(None),
+            ds_scratch: std::sync::Mutex::new(None),
+            ds_scratch_limit: DS_SCRATCH_BYTES,
+            ds_unavailable: std::sync::atomic::AtomicBool::new(false),
             attention: AttentionKernels::Mma,
         }
     }
@@ -344,6 +403,24 @@ impl CudaKernels {
     pub fn with_attention(mut self, kind: AttentionKernels) -> Self {
         self.attention = kind;
         self
+    }
+
+    /// These launchers with at most `bytes` of stored-ds scratch (tests run the chunks and the fallback).
+    pub fn with_ds_scratch_limit(mut self, bytes: usize) -> Self {
+        self.ds_scratch_limit = bytes;
+        self
+    }
+
+    /// Sequences per launch of the stored-ds attention backward of `dtype` at `d` (as many as the scratch
+    /// limit holds), or None when it does not run: a family that recomputes dq, a shape without the
+    /// tensor-core kernels, or one sequence's ds over the limit.
+    pub fn ds_chunk(&self, dtype: DType, d: &AttnDims) -> Option<usize> {
+        let applies = self.attention.stores_ds()
+            && tensor_core_attention_applies(dtype, d.head_size, d.seq)
+            && !self.ds_unavailable.load(std::sync::atomic::Ordering::Relaxed);
+        applies
+            .then(|| ds_sequences_per_launch(d, self.ds_scratch_limit))
+            .flatten()
     }
 
     /// A scratch view of at least `len` fp32 elements (the lock is held while it is used).
@@ -1010,17 +1087,33 @@ impl CudaKernels {
             Arg::I32(hs),
             Arg::F32(scale),
         ];
-        let (dq, dkv, dq_grid, dkv_grid) = match tensor_core_attention(&qkv, &d, self.attention) {
+        let tensor_core = tensor_core_attention(&qkv, &d, self.attention);
+        let dkv_shared = |hs: usize| {
+            if self.attention.is_mma() {
+                mma_dkv_shared_bytes(hs, mma_tile(self.attention, hs))
+            } else {
+                0
+            }
+        };
+        if let (Some((infix, hs)), Some(chunk)) = (tensor_core, self.ds_chunk(qkv.dtype, &d)) {
+            let views = AttnBackwardViews {
+                grad_qkv,
+                delta,
+                grad_out,
+                qkv,
+                lse,
+            };
+            if self.attention_backward_stored_ds(views, d, scale, infix, chunk, dkv_shared(hs))? {
+                return Ok(());
+            }
+        }
+        let (dq, dkv, dq_grid, dkv_grid) = match tensor_core {
             Some((infix, hs)) => (
                 format!("attn_bwd_dq_{infix}_d{hs}"),
                 format!("attn_bwd_dkv_{infix}_d{hs}"),
                 tc_grid(&d, d.heads),
                 Launch {
-                    shared_bytes: if matches!(self.attention, AttentionKernels::Mma | AttentionKernels::Mma64) {
-                        mma_dkv_shared_bytes(hs, mma_tile(self.attention, hs))
-                    } else {
-                        0
-                    },
+                    shared_bytes: dkv_shared(hs),
                     ..tc_grid(&d, d.kv_heads)
                 },
             ),
@@ -1033,6 +1126,90 @@ impl CudaKernels {
         };
         self.launch(&dq, dq_grid, &args)?;
         self.launch(&dkv, dkv_grid, &args)
+    }
+
+    /// The stored-ds attention backward after the delta kernel: per chunk of `chunk` sequences, the
+    /// dK/dV kernel stores ds into the scratch, then dq = ds k (`attn_bwd_dkvs_*`, `attn_bwd_dqs_*`).
+    /// False, with nothing launched, when the scratch cannot be allocated: it says so once, and from
+    /// then on these launchers recompute dq.
+    fn attention_backward_stored_ds(
+        &self,
+        v: AttnBackwardViews,
+        d: AttnDims,
+        scale: f32,
+        infix: &str,
+        chunk: usize,
+        dkv_shared: u32,
+    ) -> Result<bool, GpuError> {
+        let (dkv, dq) = (
+            format!("attn_bwd_dkvs_{infix}_d{}", d.head_size),
+            format!("attn_bwd_dqs_{infix}_d{}", d.head_size),
+        );
+        let per_seq = ds_elems_per_sequence(&d);
+        let (qkv_seq, out_seq, rows_seq) = (d.qkv_len() / d.batch, d.out_len() / d.batch, d.heads * d.seq);
+        let (s, h, kvh, hs) = (
+            int(d.seq, "seq")?,
+            d.heads as i32,
+            d.kv_heads as i32,
+            d.head_size as i32,
+        );
+        let mut slot = self.ds_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|b| b.len() < chunk * per_seq) {
+            *slot = None; // free the old one first (it synchronizes)
+            match DevBuf::zeros(&self.gpu, chunk * per_seq, DType::Bf16) {
+                Ok(b) => *slot = Some(b),
+                Err(e) => {
+                    self.ds_unavailable.store(true, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!(
+                        "attention: no room for the stored-ds scratch ({:.1} MiB: {e}); the backward recomputes dq \
+                         from now on (as FAST_LLM_RS_ATTENTION={}-recompute)",
+                        (chunk * per_seq * 2) as f64 / (1u64 << 20) as f64,
+                        infix
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let ds = slot.as_ref().expect("allocated above").view();
+        for first in (0..d.batch).step_by(chunk) {
+            let n = chunk.min(d.batch - first);
+            let part = |view: &DevView, per: usize| view.slice(first * per..(first + n) * per).ptr;
+            let c = AttnDims { batch: n, ..d };
+            let grad_qkv = part(&v.grad_qkv, qkv_seq);
+            let qkv = part(&v.qkv, qkv_seq);
+            let dkv_args = [
+                Arg::Ptr(grad_qkv),
+                Arg::Ptr(ds.ptr),
+                Arg::Ptr(part(&v.grad_out, out_seq)),
+                Arg::Ptr(qkv),
+                Arg::Ptr(part(&v.lse, rows_seq)),
+                Arg::Ptr(part(&v.delta, rows_seq)),
+                Arg::I32(n as i32),
+                Arg::I32(s),
+                Arg::I32(h),
+                Arg::I32(kvh),
+                Arg::I32(hs),
+                Arg::F32(scale),
+            ];
+            let dkv_grid = Launch {
+                shared_bytes: dkv_shared,
+                ..tc_grid(&c, d.kv_heads)
+            };
+            self.launch(&dkv, dkv_grid, &dkv_args)?;
+            let dq_args = [
+                Arg::Ptr(grad_qkv),
+                Arg::Ptr(ds.ptr),
+                Arg::Ptr(qkv),
+                Arg::I32(n as i32),
+                Arg::I32(s),
+                Arg::I32(h),
+                Arg::I32(kvh),
+                Arg::I32(hs),
+                Arg::F32(scale),
+            ];
+            self.launch(&dq, tc_grid(&c, d.heads), &dq_args)?;
+        }
+        Ok(true)
     }
 
     /// SwiGLU: `out (n, inter) = silu(gate) * up` from `gate_up (n, 2*inter)`.
@@ -1291,7 +1468,9 @@ mod tests {
         }
         let e = AttentionKernels::parse("flash").unwrap_err();
         assert!(
-            e.contains("FAST_LLM_RS_ATTENTION") && e.contains("\"flash\"") && e.contains("mma, mma64, wmma, simple"),
+            e.contains("FAST_LLM_RS_ATTENTION")
+                && e.contains("\"flash\"")
+                && e.contains("mma, mma64, mma-recompute, mma64-recompute, wmma, simple"),
             "{e}"
         );
         // The tensor-core families name their kernels; the simple one has none.
@@ -1299,5 +1478,14 @@ mod tests {
         assert_eq!(AttentionKernels::Mma64.infix(), Some("mma64"));
         assert_eq!(AttentionKernels::Wmma.infix(), Some("tc"));
         assert_eq!(AttentionKernels::Simple.infix(), None);
+        // The -recompute variants run their family's kernels, without storing ds.
+        assert_eq!(AttentionKernels::MmaRecompute.infix(), Some("mma"));
+        assert_eq!(AttentionKernels::Mma64Recompute.infix(), Some("mma64"));
+        for (_, kind) in AttentionKernels::VALUES {
+            assert_eq!(
+                kind.stores_ds(),
+                matches!(kind, AttentionKernels::Mma | AttentionKernels::Mma64)
+            );
+        }
     }
 }

@@ -7,7 +7,9 @@
 //! with `--nocapture` to see each measured error.
 
 use super::emulator::EmuGpu;
-use super::ops::{bf16_round, tensor_core_attention_applies, AdamStep, AttentionKernels, AttnDims, CudaKernels};
+use super::ops::{
+    bf16_round, ds_elems_per_sequence, tensor_core_attention_applies, AdamStep, AttentionKernels, AttnDims, CudaKernels,
+};
 use super::Device;
 use super::{Arg, DType, DevBuf, Gpu, GpuError, Launch};
 use crate::backend::cpu::CpuKernels;
@@ -564,8 +566,23 @@ fn attention_errors_with(
         d.head_size,
     );
 
-    let scale = d.scale() * scale_factor;
-    let (dq, dgo) = (buf(gpu, &qkv, dtype), buf(gpu, &go, dtype));
+    let [dout, dlse, dgq] = device_attention(&k, d, dtype, &qkv, &go, d.scale() * scale_factor);
+    (
+        rel_err(&dout, &out),
+        rel_err(&dlse, &reference_lse(&qkv, d)),
+        rel_err(&dgq, &gq),
+    )
+}
+
+/// Attention forward and backward through `k`: out, lse and grad_qkv. Where the backward stores ds, its
+/// scratch starts as NaN, so an entry read without having been stored shows in grad_qkv.
+fn device_attention(k: &CudaKernels, d: AttnDims, dtype: DType, qkv: &[f32], go: &[f32], scale: f32) -> [Vec<f32>; 3] {
+    let gpu = k.gpu();
+    if let Some(chunk) = k.ds_chunk(dtype, &d) {
+        let nan = vec![f32::NAN; chunk * ds_elems_per_sequence(&d)];
+        *k.ds_scratch.lock().unwrap() = Some(buf(gpu, &nan, DType::Bf16));
+    }
+    let (dq, dgo) = (buf(gpu, qkv, dtype), buf(gpu, go, dtype));
     let dout = DevBuf::zeros(gpu, d.out_len(), dtype).unwrap();
     let dlse = DevBuf::zeros(gpu, d.lse_len(), DType::F32).unwrap();
     k.attention_forward_scaled(dout.view(), dlse.view(), dq.view(), d, scale)
@@ -583,11 +600,7 @@ fn attention_errors_with(
         scale,
     )
     .unwrap();
-    (
-        rel_err(&read(&dout), &out),
-        rel_err(&read(&dlse), &reference_lse(&qkv, d)),
-        rel_err(&read(&dgq), &gq),
-    )
+    [read(&dout), read(&dlse), read(&dgq)]
 }
 
 const ATTN_SHAPES: [AttnDims; 7] = [
@@ -668,6 +681,187 @@ fn attention_matches_cpu() {
                 assert!(bwd <= tol(dtype), "{what}: backward error {bwd:e}");
             }
         }
+    }
+}
+
+/// The stored-ds backward in chunks of sequences gives the whole batch's gradients bit for bit, and
+/// recomputes dq (the `-recompute` kernels, within tolerance of it) when one sequence's ds is over the
+/// scratch limit; the scratch holds one chunk's ds.
+#[test]
+fn stored_ds_backward_runs_in_chunks_within_its_scratch_limit() {
+    let d = AttnDims {
+        batch: 3,
+        seq: 128,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 64,
+    };
+    let per_seq = ds_elems_per_sequence(&d);
+    assert_eq!(
+        per_seq,
+        4 * 3 * 64 * 64,
+        "2 row blocks: 3 tiles at or below the diagonal per head"
+    );
+    for gpu in test_gpus() {
+        let mut rng = Rng(31);
+        let (qkv, go) = (
+            stored(&rng.vec(d.qkv_len(), 1.0), DType::Bf16),
+            stored(&rng.vec(d.out_len(), 1.0), DType::Bf16),
+        );
+        let grads = |kind: AttentionKernels, limit: usize| {
+            let k = CudaKernels::new(gpu.clone())
+                .with_attention(kind)
+                .with_ds_scratch_limit(limit);
+            let [_, _, gq] = device_attention(&k, d, DType::Bf16, &qkv, &go, d.scale());
+            let scratch = k.ds_scratch.lock().unwrap().as_ref().map(|b| b.len());
+            (gq, scratch)
+        };
+        let whole = grads(AttentionKernels::Mma64, usize::MAX);
+        assert_eq!(whole.1, Some(3 * per_seq), "one chunk of the whole batch");
+        let chunked = grads(AttentionKernels::Mma64, 2 * per_seq * 2 - 1);
+        assert_eq!(chunked.1, Some(per_seq), "chunks of one sequence");
+        assert!(
+            whole.0.iter().zip(&chunked.0).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "chunks of one sequence differ from the whole batch"
+        );
+        let over = grads(AttentionKernels::Mma64, per_seq * 2 - 1);
+        assert_eq!(over.1, None, "over the limit: no ds scratch");
+        let recompute = grads(AttentionKernels::Mma64Recompute, usize::MAX);
+        assert_eq!(recompute.1, None, "the -recompute kernels store no ds");
+        assert!(
+            over.0.iter().zip(&recompute.0).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "over the limit, the backward is the -recompute kernels'"
+        );
+        // The same products on the same bf16 ds, in the same order: equal but where the hardware's
+        // fp32 sums of s^T and s differ in rounding (the emulator: no element).
+        let diff = rel_err(&whole.0, &recompute.0);
+        let differ = whole
+            .0
+            .iter()
+            .zip(&recompute.0)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        println!(
+            "stored ds vs recomputed dq: {differ} of {} elements differ, max relative difference {diff:.3e}",
+            whole.0.len()
+        );
+        assert!(diff <= TOL_BF16, "stored ds vs recompute: {diff:e}");
+        assert!(
+            differ * 100 <= whole.0.len(),
+            "stored ds vs recompute: {differ} elements differ"
+        );
+    }
+}
+
+/// A device whose allocations of `refuse` bytes fail, as a full GPU's do (counted); everything else is
+/// the inner device's.
+struct Refusing {
+    inner: Arc<dyn Gpu>,
+    refuse: usize,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl Gpu for Refusing {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn alloc(&self, bytes: usize) -> Result<super::DevPtr, GpuError> {
+        if bytes == self.refuse {
+            self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(GpuError::Cuda {
+                op: "cuMemAlloc".into(),
+                msg: "out of memory (refused by the test)".into(),
+            });
+        }
+        self.inner.alloc(bytes)
+    }
+    unsafe fn free(&self, ptr: super::DevPtr) {
+        unsafe { self.inner.free(ptr) }
+    }
+    unsafe fn upload(&self, dst: super::DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        unsafe { self.inner.upload(dst, src) }
+    }
+    unsafe fn download(&self, dst: &mut [u8], src: super::DevPtr) -> Result<(), GpuError> {
+        unsafe { self.inner.download(dst, src) }
+    }
+    unsafe fn copy(&self, dst: super::DevPtr, src: super::DevPtr, bytes: usize) -> Result<(), GpuError> {
+        unsafe { self.inner.copy(dst, src, bytes) }
+    }
+    unsafe fn memset_zero(&self, dst: super::DevPtr, bytes: usize) -> Result<(), GpuError> {
+        unsafe { self.inner.memset_zero(dst, bytes) }
+    }
+    unsafe fn launch(&self, name: &str, cfg: Launch, args: &[Arg]) -> Result<(), GpuError> {
+        unsafe { self.inner.launch(name, cfg, args) }
+    }
+    unsafe fn gemm(&self, g: &super::Gemm) -> Result<(), GpuError> {
+        unsafe { self.inner.gemm(g) }
+    }
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.inner.synchronize()
+    }
+    fn host_waits(&self) -> u64 {
+        self.inner.host_waits()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+}
+
+/// When the stored-ds scratch cannot be allocated (a full GPU), the backward recomputes dq, giving the
+/// `-recompute` kernels' gradients, and does not try to allocate it again.
+#[test]
+fn attention_backward_recomputes_dq_when_the_ds_scratch_does_not_fit() {
+    let d = AttnDims {
+        batch: 2,
+        seq: 128,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 32,
+    };
+    for gpu in test_gpus() {
+        let mut rng = Rng(41);
+        let (qkv, go) = (
+            stored(&rng.vec(d.qkv_len(), 1.0), DType::Bf16),
+            stored(&rng.vec(d.out_len(), 1.0), DType::Bf16),
+        );
+        let reference = CudaKernels::new(gpu.clone()).with_attention(AttentionKernels::MmaRecompute);
+        let [_, _, want] = device_attention(&reference, d, DType::Bf16, &qkv, &go, d.scale());
+        let refusing = Arc::new(Refusing {
+            inner: gpu.clone(),
+            refuse: 2 * ds_elems_per_sequence(&d) * 2,
+            refused: Default::default(),
+        });
+        let k = CudaKernels::new(refusing.clone()).with_attention(AttentionKernels::Mma);
+        let g: Arc<dyn Gpu> = refusing.clone();
+        let (dqkv, dgo) = (buf(&g, &qkv, DType::Bf16), buf(&g, &go, DType::Bf16));
+        let out = DevBuf::zeros(&g, d.out_len(), DType::Bf16).unwrap();
+        let lse = DevBuf::zeros(&g, d.lse_len(), DType::F32).unwrap();
+        let grad = DevBuf::zeros(&g, d.qkv_len(), DType::Bf16).unwrap();
+        let delta = DevBuf::zeros(&g, d.lse_len(), DType::F32).unwrap();
+        k.attention_forward(out.view(), lse.view(), dqkv.view(), d).unwrap();
+        for call in 0..2 {
+            k.attention_backward(
+                grad.view(),
+                delta.view(),
+                dgo.view(),
+                out.view(),
+                dqkv.view(),
+                lse.view(),
+                d,
+            )
+            .unwrap();
+            let got = read(&grad);
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "call {call}: not the -recompute kernels' gradients"
+            );
+        }
+        assert_eq!(
+            refusing.refused.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one refused allocation"
+        );
+        assert!(k.ds_scratch.lock().unwrap().is_none());
     }
 }
 
