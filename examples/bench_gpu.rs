@@ -532,10 +532,6 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
             let simple = family(AttentionKernels::Simple);
             let families: Vec<(&str, CudaKernels)> = AttentionKernels::VALUES
                 .iter()
-                // At head size 128 the mma64 families run the mma kernels.
-                .filter(|(_, a)| {
-                    d.head_size <= 64 || !matches!(a, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute)
-                })
                 .filter(|(_, a)| *a != AttentionKernels::Simple)
                 .map(|&(name, a)| (name, family(a)))
                 .collect();

@@ -1486,9 +1486,9 @@ ATTN_TC_KERNELS(tc, tc, 128, 128)
 // The staged tile (the kernels' TILE): keys per tile in the forward and dQ kernels, queries per tile in
 // the dK/dV kernel (whose block keeps its k and v rows in shared memory and double-buffers its q and dO
 // tiles in dynamic shared memory). Tiles are double-buffered: the next one is copied (cp.async) while the
-// warps work on this one. The `mma64` family stages 64 at head sizes 32 and 64 (half the barriers and
-// softmax rescales per row, more registers; 64 keys of head size 128 are over the 48 KB of static shared
-// memory, so there it is the `mma` kernels).
+// warps work on this one. The `mma64` family stages 64 (half the barriers and softmax rescales per row,
+// more registers) in the forward, and in the dQ and dK/dV kernels at head sizes 32 and 64 (at 128 their
+// registers would spill: there they are the `mma` kernels).
 #define MMA_TILE 32
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -1671,16 +1671,26 @@ __device__ void mma_write_rows(bf16* dst, long long ld, float (*acc)[4], float s
     }
 }
 
-// Forward. Grid (heads, batch, seq / MMA_ROWS), block 128. Per tile of KEYS keys (k and v staged by
-// the block, double-buffered): s = q.k^T, online softmax, o += p v, all in registers. A warp skips the
-// tiles wholly after its rows.
+// Dynamic shared memory of the forward with tiles of KEYS keys (`mma_fwd_shared_bytes` in ops.rs
+// computes the same): two buffers of k rows and two of v rows.
+template <int D, int KEYS>
+constexpr int mma_fwd_shared_bytes() {
+    return 4 * KEYS * (D + 8) * 2;
+}
+
+// Forward. Grid (heads, batch, seq / MMA_ROWS), block 128, `mma_fwd_shared_bytes<D, KEYS>()` bytes of
+// dynamic shared memory (past 48 KiB for 64 keys of head size 128). Per tile of KEYS keys (k and v
+// staged by the block, double-buffered): s = q.k^T, online softmax, o += p v, all in registers. A warp
+// skips the tiles wholly after its rows.
 template <int D, int KEYS>
 __device__ void attn_fwd_mma_impl(bf16* out, float* lse, const bf16* qkv, int seq, int heads, int kv_heads,
                                   float scale) {
     static_assert(MMA_ROWS % KEYS == 0, "a row block is a whole number of key tiles");
     constexpr int LD = D + 8;
-    __shared__ __align__(16) bf16 k_buf[2][KEYS * LD];
-    __shared__ __align__(16) bf16 v_buf[2][KEYS * LD];
+    typedef bf16 Tile[KEYS * LD];
+    DYNAMIC_SHARED(smem, (mma_fwd_shared_bytes<D, KEYS>()));
+    Tile* k_buf = reinterpret_cast<Tile*>(smem);  // [2]
+    Tile* v_buf = k_buf + 2;                      // [2]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
     const TcBlock blk = tc_query_block();
     const int h = blk.y, b = blk.b, grp = h / (heads / kv_heads);
@@ -2009,12 +2019,31 @@ __device__ void attn_bwd_dqs_mma_impl(bf16* grad_qkv, const bf16* ds, const bf16
         attn_bwd_dqs_mma_impl<D, T>(grad_qkv, ds, qkv, seq, heads, kv_heads, scale);                          \
     }
 
-ATTN_TC_KERNELS(mma, mma, 32, 32, MMA_TILE)
-ATTN_TC_KERNELS(mma, mma, 64, 64, MMA_TILE)
-ATTN_TC_KERNELS(mma, mma, 128, 128, MMA_TILE)
-ATTN_TC_KERNELS(mma64, mma, 32, 32, 64)
-ATTN_TC_KERNELS(mma64, mma, 64, 64, 64)
-ATTN_TC_KERNELS(mma64, mma, 128, 128, MMA_TILE)
+// The entry points of the mma family F for head size D: the forward with tiles of FWD keys, the
+// backward with tiles of T (keys in dQ, queries in dK/dV).
+#define ATTN_MMA_KERNELS(F, D, FWD, T)                                                                          \
+    extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
+                                                   int heads, int kv_heads, int head_size, float scale) {          \
+        attn_fwd_mma_impl<D, FWD>(out, lse, qkv, seq, heads, kv_heads, scale);                                   \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,     \
+                                                      const float* lse, const float* delta, int batch, int seq,  \
+                                                      int heads, int kv_heads, int head_size, float scale) {     \
+        attn_bwd_dq_mma_impl<D, T>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);            \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
+                                                       const float* lse, const float* delta, int batch, int seq, \
+                                                       int heads, int kv_heads, int head_size, float scale) {    \
+        attn_bwd_dkv_mma_impl<D, T>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);           \
+    }
+ATTN_MMA_KERNELS(mma, 32, MMA_TILE, MMA_TILE)
+ATTN_MMA_KERNELS(mma, 64, MMA_TILE, MMA_TILE)
+ATTN_MMA_KERNELS(mma, 128, MMA_TILE, MMA_TILE)
+// mma64: 64 keys per forward tile at every head size (in dynamic shared memory past 48 KiB at 128); the
+// dQ and dK/dV kernels at head size 128 keep tiles of 32 (64 would spill their registers).
+ATTN_MMA_KERNELS(mma64, 32, 64, 64)
+ATTN_MMA_KERNELS(mma64, 64, 64, 64)
+ATTN_MMA_KERNELS(mma64, 128, 64, MMA_TILE)
 ATTN_DS_KERNELS(mma, 32, MMA_TILE)
 ATTN_DS_KERNELS(mma, 64, MMA_TILE)
 ATTN_DS_KERNELS(mma, 128, MMA_TILE)

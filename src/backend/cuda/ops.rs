@@ -155,14 +155,31 @@ fn long(x: usize) -> i64 {
 
 /// Rows per block of the tensor-core attention kernels (`TC_ROWS` and `MMA_ROWS` in `kernels.cu`).
 const TC_ROWS: usize = 64;
-/// The staged tile of the mma kernels (`MMA_TILE` in `kernels.cu`): keys per tile in the forward and
-/// dQ kernels, queries per tile in the dK/dV kernel; 64 for the `mma64` family at head sizes 32 and 64.
+/// The staged tile of the mma backward kernels (`MMA_TILE` in `kernels.cu`): keys per tile in the dQ
+/// kernels, queries per tile in the dK/dV kernels; 64 for the `mma64` families at head sizes 32 and 64
+/// (the forward's is [`mma_fwd_tile`]).
 pub fn mma_tile(kind: AttentionKernels, head_size: usize) -> usize {
     if matches!(kind, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute) && head_size <= 64 {
         64
     } else {
         32
     }
+}
+
+/// Keys per tile of the mma forward (`attn_fwd_mma_impl`'s KEYS in `kernels.cu`): 64 for the `mma64`
+/// families at every head size, 32 for `mma`.
+pub fn mma_fwd_tile(kind: AttentionKernels) -> usize {
+    if matches!(kind, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute) {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of the mma forward with tiles of `keys` keys (`mma_fwd_shared_bytes` in
+/// `kernels.cu`): two buffers of k rows and two of v rows (rows padded by 8 bf16).
+pub fn mma_fwd_shared_bytes(head_size: usize, keys: usize) -> u32 {
+    (4 * keys * (head_size + 8) * 2) as u32
 }
 
 /// Dynamic shared memory of the mma dK/dV kernel with tiles of `tile` queries (`mma_dkv_shared_bytes` in
@@ -185,9 +202,9 @@ pub enum AttentionKernels {
     /// stores ds (bf16) from the dK/dV kernel and reads it back for dq = ds k: 5 products where
     /// recomputing s and dp for dq takes 7, for a bounded scratch ([`DS_SCRATCH_BYTES`]).
     Mma,
-    /// As `mma` with tiles of 64 instead of 32 (keys in the forward and dQ kernels, queries in dK/dV) at
-    /// head sizes 32 and 64 (`mma64`; the same kernels as `mma` at 128): half the barriers per row of the
-    /// other side, more registers.
+    /// As `mma` with tiles of 64 instead of 32 (`mma64`): keys in the forward at every head size, and
+    /// keys in dQ and queries in dK/dV at head sizes 32 and 64 (at 128 the backward is `mma`'s): half
+    /// the barriers per row of the other side, more registers.
     Mma64,
     /// `mma` with the dQ kernel recomputing s and dp instead of reading the stored ds (`mma-recompute`:
     /// no scratch; 7 products in the backward).
@@ -993,7 +1010,17 @@ impl CudaKernels {
             return Ok(());
         }
         let (name, grid) = match tensor_core_attention(&qkv, &d, self.attention) {
-            Some((infix, hs)) => (format!("attn_fwd_{infix}_d{hs}"), tc_grid(&d, d.heads)),
+            Some((infix, hs)) => (
+                format!("attn_fwd_{infix}_d{hs}"),
+                Launch {
+                    shared_bytes: if self.attention.is_mma() {
+                        mma_fwd_shared_bytes(hs, mma_fwd_tile(self.attention))
+                    } else {
+                        0
+                    },
+                    ..tc_grid(&d, d.heads)
+                },
+            ),
             None => (format!("attn_fwd_{}", qkv.dtype.suffix()), self.grid_attn(&d, d.heads)),
         };
         self.launch(
