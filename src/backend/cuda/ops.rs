@@ -1204,37 +1204,31 @@ impl CudaKernels {
             let c = AttnDims { batch: n, ..d };
             let grad_qkv = part(&v.grad_qkv, qkv_seq);
             let qkv = part(&v.qkv, qkv_seq);
-            let dkv_args = [
-                Arg::Ptr(grad_qkv),
-                Arg::Ptr(ds.ptr),
-                Arg::Ptr(part(&v.grad_out, out_seq)),
-                Arg::Ptr(qkv),
-                Arg::Ptr(part(&v.lse, rows_seq)),
-                Arg::Ptr(part(&v.delta, rows_seq)),
+            // Both kernels' trailing arguments: batch, seq, heads, kv_heads, head_size, scale.
+            let shape = [
                 Arg::I32(n as i32),
                 Arg::I32(s),
                 Arg::I32(h),
                 Arg::I32(kvh),
                 Arg::I32(hs),
                 Arg::F32(scale),
+            ];
+            let dkv_ptrs = [
+                grad_qkv,
+                ds.ptr,
+                part(&v.grad_out, out_seq),
+                qkv,
+                part(&v.lse, rows_seq),
+                part(&v.delta, rows_seq),
             ];
             let dkv_grid = Launch {
                 shared_bytes: dkv_shared,
                 ..tc_grid(&c, d.kv_heads)
             };
-            self.launch(&dkv, dkv_grid, &dkv_args)?;
-            let dq_args = [
-                Arg::Ptr(grad_qkv),
-                Arg::Ptr(ds.ptr),
-                Arg::Ptr(qkv),
-                Arg::I32(n as i32),
-                Arg::I32(s),
-                Arg::I32(h),
-                Arg::I32(kvh),
-                Arg::I32(hs),
-                Arg::F32(scale),
-            ];
-            self.launch(&dq, tc_grid(&c, d.heads), &dq_args)?;
+            let args =
+                |ptrs: &[super::DevPtr]| -> Vec<Arg> { ptrs.iter().map(|&p| Arg::Ptr(p)).chain(shape).collect() };
+            self.launch(&dkv, dkv_grid, &args(&dkv_ptrs))?;
+            self.launch(&dq, tc_grid(&c, d.heads), &args(&[grad_qkv, ds.ptr, qkv]))?;
         }
         Ok(true)
     }
