@@ -186,8 +186,12 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
         }
     }
     let recommendation = device_memory.map(|mem| recommend(cfg, &model, mem));
-    let attention = AttentionKernels::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let attention_ds_scratch = attention_ds_scratch(cfg, &model.shape, attention);
+    let attention_ds_scratch = if cfg.model.distributed.use_cuda {
+        let attention = AttentionKernels::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+        attention_ds_scratch(cfg, &model.shape, attention)
+    } else {
+        None
+    };
     Ok(Plan {
         world_size: world,
         global_batch_tokens: global_batch_tokens(cfg),
