@@ -675,10 +675,17 @@ fn attention_matches_cpu() {
                 let (fwd, lse, bwd) = attention_errors_with(&gpu, *d, dtype, 8 + s as u64, 1.0, kind);
                 let what = format!("attention_{} ({}) {d:?}", dtype.suffix(), kind.name());
                 println!("{what}: max relative error out {fwd:.3e}, lse {lse:.3e}, grad_qkv {bwd:.3e}");
-                assert!(fwd <= tol(dtype), "{what}: forward error {fwd:e}");
+                // bf16 within half the 2e-2 (the errors are about 3e-3, the rounding of bf16
+                // outputs and probabilities): a tile's contribution left out (about 2e-2) stays visible.
+                let t = if dtype == DType::Bf16 {
+                    TOL_BF16 / 2.0
+                } else {
+                    tol(dtype)
+                };
+                assert!(fwd <= t, "{what}: forward error {fwd:e}");
                 // The log-sum-exp is fp32 arithmetic on the stored inputs in every dtype.
                 assert!(lse <= TOL_F32, "{what}: lse error {lse:e}");
-                assert!(bwd <= tol(dtype), "{what}: backward error {bwd:e}");
+                assert!(bwd <= t, "{what}: backward error {bwd:e}");
             }
         }
     }
