@@ -4,10 +4,7 @@
 //! activation sizes of the model, the schedule planner), so the model-state bytes equal the engine's
 //! `memory.json` exactly and the activation figure is the engine's workspace size.
 
-use crate::backend::cuda::ops::{
-    ds_elems_per_sequence, ds_sequences_per_launch, tensor_core_attention_applies, AttentionKernels, AttnDims,
-    DS_SCRATCH_BYTES,
-};
+use crate::backend::cuda::ops::{ds_elems_per_sequence, AttentionKernels, AttnDims, DS_SCRATCH_BYTES};
 use crate::backend::cuda::DType;
 use crate::config::{validate::global_batch_tokens, ComputeDtype, MultiStageConfig, TrainConfig};
 use crate::engine::multi_stage::MultiStageLayout;
@@ -151,15 +148,12 @@ pub fn attention_dims(cfg: &TrainConfig, shape: &ModelShape) -> AttnDims {
 /// buffers; None when it stores none.
 pub fn attention_ds_scratch(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels) -> Option<u64> {
     let d = attention_dims(cfg, shape);
-    let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
-    if !(cfg.model.distributed.use_cuda
-        && bf16
-        && kind.stores_ds()
-        && tensor_core_attention_applies(DType::Bf16, d.head_size, d.seq))
-    {
-        return None;
-    }
-    ds_sequences_per_launch(&d, DS_SCRATCH_BYTES).map(|n| (n * ds_elems_per_sequence(&d) * 2) as u64)
+    let dtype = DType::from(cfg.model.distributed.compute_dtype);
+    let sequences = kind.stored_ds_sequences(dtype, &d, DS_SCRATCH_BYTES);
+    let on_gpu = cfg.model.distributed.use_cuda;
+    on_gpu
+        .then(|| sequences.map(|n| (n * ds_elems_per_sequence(&d) * DType::Bf16.size()) as u64))
+        .flatten()
 }
 
 /// Plan a validated config. `device_memory` in bytes.

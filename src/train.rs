@@ -248,7 +248,7 @@ fn attention_line(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels)
     use crate::backend::cuda::ops::tensor_core_attention_applies;
     use crate::backend::cuda::DType;
     let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
-    let dtype = if bf16 { DType::Bf16 } else { DType::F32 };
+    let dtype = DType::from(cfg.model.distributed.compute_dtype);
     let seq = cfg.data.sequence_length as usize;
     if kind == AttentionKernels::Simple {
         "Attention: one-thread-per-row kernels (FAST_LLM_RS_ATTENTION=simple or FAST_LLM_RS_SIMPLE_ATTENTION is set)"

@@ -1449,26 +1449,27 @@ __device__ void attn_bwd_dkv_tc_impl(bf16* grad_qkv, const bf16* grad_out, const
 
 // The entry points of a tensor-core family F for head size D, with the same parameters as the
 // one-thread-per-row kernels (batch is the grid's y extent, head_size is D): attn_fwd_<IMPL>_impl,
-// attn_bwd_dq_<IMPL>_impl and attn_bwd_dkv_<IMPL>_impl with template arguments `...` (D, and for mma the
-// tile).
-#define ATTN_TC_KERNELS(F, IMPL, D, ...)                                                                         \
-    extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
-                                                   int heads, int kv_heads, int head_size, float scale) {          \
-        attn_fwd_##IMPL##_impl<__VA_ARGS__>(out, lse, qkv, seq, heads, kv_heads, scale);                         \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,     \
-                                                      const float* lse, const float* delta, int batch, int seq,  \
-                                                      int heads, int kv_heads, int head_size, float scale) {     \
-        attn_bwd_dq_##IMPL##_impl<__VA_ARGS__>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale); \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
-                                                       const float* lse, const float* delta, int batch, int seq, \
-                                                       int heads, int kv_heads, int head_size, float scale) {    \
-        attn_bwd_dkv_##IMPL##_impl<__VA_ARGS__>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale); \
+// attn_bwd_dq_<IMPL>_impl and attn_bwd_dkv_<IMPL>_impl, the forward with the template arguments FWD and
+// the backward with BWD (parenthesized lists: `(D)`, or `(D, tile)` for mma).
+#define ATTN_TEMPLATE_ARGS(...) __VA_ARGS__
+#define ATTN_TC_KERNELS(F, IMPL, D, FWD, BWD)                                                                                 \
+    extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,                \
+                                                   int heads, int kv_heads, int head_size, float scale) {                     \
+        attn_fwd_##IMPL##_impl<ATTN_TEMPLATE_ARGS FWD>(out, lse, qkv, seq, heads, kv_heads, scale);                           \
+    }                                                                                                                         \
+    extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,                  \
+                                                      const float* lse, const float* delta, int batch, int seq,               \
+                                                      int heads, int kv_heads, int head_size, float scale) {                  \
+        attn_bwd_dq_##IMPL##_impl<ATTN_TEMPLATE_ARGS BWD>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);  \
+    }                                                                                                                         \
+    extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,                 \
+                                                       const float* lse, const float* delta, int batch, int seq,              \
+                                                       int heads, int kv_heads, int head_size, float scale) {                 \
+        attn_bwd_dkv_##IMPL##_impl<ATTN_TEMPLATE_ARGS BWD>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale); \
     }
-ATTN_TC_KERNELS(tc, tc, 32, 32)
-ATTN_TC_KERNELS(tc, tc, 64, 64)
-ATTN_TC_KERNELS(tc, tc, 128, 128)
+ATTN_TC_KERNELS(tc, tc, 32, (32), (32))
+ATTN_TC_KERNELS(tc, tc, 64, (64), (64))
+ATTN_TC_KERNELS(tc, tc, 128, (128), (128))
 
 // ---------------------------------------------------------------------------------------------------
 // Causal attention on tensor cores through `mma.sync` m16n8k16 (bf16 in, fp32 accumulation), with the
@@ -2020,22 +2021,10 @@ __device__ void attn_bwd_dqs_mma_impl(bf16* grad_qkv, const bf16* ds, const bf16
     }
 
 // The entry points of the mma family F for head size D: the forward with tiles of FWD keys, the
-// backward with tiles of T (keys in dQ, queries in dK/dV).
-#define ATTN_MMA_KERNELS(F, D, FWD, T)                                                                          \
-    extern "C" __global__ void attn_fwd_##F##_d##D(bf16* out, float* lse, const bf16* qkv, int batch, int seq,    \
-                                                   int heads, int kv_heads, int head_size, float scale) {          \
-        attn_fwd_mma_impl<D, FWD>(out, lse, qkv, seq, heads, kv_heads, scale);                                   \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dq_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,     \
-                                                      const float* lse, const float* delta, int batch, int seq,  \
-                                                      int heads, int kv_heads, int head_size, float scale) {     \
-        attn_bwd_dq_mma_impl<D, T>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);            \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dkv_##F##_d##D(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,    \
-                                                       const float* lse, const float* delta, int batch, int seq, \
-                                                       int heads, int kv_heads, int head_size, float scale) {    \
-        attn_bwd_dkv_mma_impl<D, T>(grad_qkv, grad_out, qkv, lse, delta, seq, heads, kv_heads, scale);           \
-    }
+// backward (recomputing, and with the stored ds) with tiles of T (keys in dQ, queries in dK/dV).
+#define ATTN_MMA_KERNELS(F, D, FWD, T)           \
+    ATTN_TC_KERNELS(F, mma, D, (D, FWD), (D, T)) \
+    ATTN_DS_KERNELS(F, D, T)
 ATTN_MMA_KERNELS(mma, 32, MMA_TILE, MMA_TILE)
 ATTN_MMA_KERNELS(mma, 64, MMA_TILE, MMA_TILE)
 ATTN_MMA_KERNELS(mma, 128, MMA_TILE, MMA_TILE)
@@ -2044,12 +2033,6 @@ ATTN_MMA_KERNELS(mma, 128, MMA_TILE, MMA_TILE)
 ATTN_MMA_KERNELS(mma64, 32, 64, 64)
 ATTN_MMA_KERNELS(mma64, 64, 64, 64)
 ATTN_MMA_KERNELS(mma64, 128, 64, MMA_TILE)
-ATTN_DS_KERNELS(mma, 32, MMA_TILE)
-ATTN_DS_KERNELS(mma, 64, MMA_TILE)
-ATTN_DS_KERNELS(mma, 128, MMA_TILE)
-ATTN_DS_KERNELS(mma64, 32, 64)
-ATTN_DS_KERNELS(mma64, 64, 64)
-ATTN_DS_KERNELS(mma64, 128, MMA_TILE)
 
 // ---------------------------------------------------------------------------------------------------
 // AdamW on fp32 master weights, the CPU backend's formula in the same operation order:

@@ -34,6 +34,16 @@ pub enum DType {
     Bf16,
 }
 
+impl From<crate::config::ComputeDtype> for DType {
+    /// The element type of a run's activations and weight buffers (`model.distributed.compute_dtype`).
+    fn from(c: crate::config::ComputeDtype) -> Self {
+        match c {
+            crate::config::ComputeDtype::Float32 => DType::F32,
+            crate::config::ComputeDtype::Bfloat16 => DType::Bf16,
+        }
+    }
+}
+
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {

@@ -159,7 +159,7 @@ const TC_ROWS: usize = 64;
 /// kernels, queries per tile in the dK/dV kernels; 64 for the `mma64` families at head sizes 32 and 64
 /// (the forward's is [`mma_fwd_tile`]).
 pub fn mma_tile(kind: AttentionKernels, head_size: usize) -> usize {
-    if matches!(kind, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute) && head_size <= 64 {
+    if kind.is_mma64() && head_size <= 64 {
         64
     } else {
         32
@@ -169,7 +169,7 @@ pub fn mma_tile(kind: AttentionKernels, head_size: usize) -> usize {
 /// Keys per tile of the mma forward (`attn_fwd_mma_impl`'s KEYS in `kernels.cu`): 64 for the `mma64`
 /// families at every head size, 32 for `mma`.
 pub fn mma_fwd_tile(kind: AttentionKernels) -> usize {
-    if matches!(kind, AttentionKernels::Mma64 | AttentionKernels::Mma64Recompute) {
+    if kind.is_mma64() {
         64
     } else {
         32
@@ -275,9 +275,23 @@ impl AttentionKernels {
         )
     }
 
-    /// Whether the backward stores ds for the query gradient (where [`ds_chunk`] allows it).
+    /// Whether this is one of the `mma64` families (tiles of 64).
+    fn is_mma64(self) -> bool {
+        matches!(self, Self::Mma64 | Self::Mma64Recompute)
+    }
+
+    /// Whether the backward stores ds for the query gradient (where [`AttentionKernels::stored_ds_sequences`]
+    /// allows it).
     pub fn stores_ds(self) -> bool {
         matches!(self, Self::Mma | Self::Mma64)
+    }
+
+    /// Sequences per launch of this family's stored-ds backward of `dtype` at `d` within `limit` bytes of
+    /// scratch, or None when it does not run: a family that recomputes dq, a shape without the
+    /// tensor-core kernels, or one sequence's ds over the limit.
+    pub fn stored_ds_sequences(self, dtype: DType, d: &AttnDims, limit: usize) -> Option<usize> {
+        let applies = self.stores_ds() && tensor_core_attention_applies(dtype, d.head_size, d.seq);
+        applies.then(|| ds_sequences_per_launch(d, limit)).flatten()
     }
 }
 
@@ -428,15 +442,13 @@ impl CudaKernels {
         self
     }
 
-    /// Sequences per launch of the stored-ds attention backward of `dtype` at `d` (as many as the scratch
-    /// limit holds), or None when it does not run: a family that recomputes dq, a shape without the
-    /// tensor-core kernels, or one sequence's ds over the limit.
+    /// Sequences per launch of the stored-ds attention backward of `dtype` at `d`
+    /// ([`AttentionKernels::stored_ds_sequences`] within this scratch limit), or None when it does not
+    /// run, also once the scratch could not be allocated.
     pub fn ds_chunk(&self, dtype: DType, d: &AttnDims) -> Option<usize> {
-        let applies = self.attention.stores_ds()
-            && tensor_core_attention_applies(dtype, d.head_size, d.seq)
-            && !self.ds_unavailable.load(std::sync::atomic::Ordering::Relaxed);
-        applies
-            .then(|| ds_sequences_per_launch(d, self.ds_scratch_limit))
+        let available = !self.ds_unavailable.load(std::sync::atomic::Ordering::Relaxed);
+        available
+            .then(|| self.attention.stored_ds_sequences(dtype, d, self.ds_scratch_limit))
             .flatten()
     }
 
