@@ -83,8 +83,8 @@ guarded() {
   return "${PIPESTATUS[0]}"
 }
 
-# GPU_CHECK_EMULATOR=1: a dry run of this script on a machine without a GPU (1.5 to 3 minutes on 2 cores: the CUDA
-# emulator for (b), (c), (d) and (f), on smaller shapes; (e), NCCL, is skipped). CI runs it, so the
+# GPU_CHECK_EMULATOR=1: a dry run of this script on a machine without a GPU (1 to 3 minutes on 2 cores:
+# the CUDA emulator for (b), (c), (d) and (f), on smaller shapes; (e), NCCL, is skipped). CI runs it, so the
 # script and the binaries it drives are known to work end to end before a GPU session's one try.
 C_STEPS=20
 C_LIMIT=45
