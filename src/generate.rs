@@ -183,7 +183,8 @@ impl InferenceModel {
                     k.matmul(&mut x, act, down_w, n, c, s.inter, false, true, true);
                 }
                 LayerKind::Head => {
-                    let (norm_w, out_w) = w.split_at(c);
+                    // Tied: the output projection is the embedding table (layer 0's range).
+                    let (norm_w, out_w) = self.model.head_weights(w, &self.weights[self.ranges[0].clone()]);
                     let rows = if all_logits { 0..n } else { n - 1..n };
                     let m = rows.len();
                     let xin = &x[rows.start * c..rows.end * c];

@@ -331,9 +331,6 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     let b = base_model;
     let block = &b.decoder.block;
     let mixer = &block.mixer;
-    if b.tied_embedding_weight {
-        bail!("model.base_model.tied_embedding_weight = true: tied embeddings are not supported yet");
-    }
     if block.normalization.epsilon != b.head.normalization.epsilon {
         bail!(
             "model.base_model.head.normalization.epsilon ({}) differs from decoder.block.normalization.epsilon \
@@ -371,7 +368,7 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         "rope_theta": mixer.rotary.theta,
         "rope_scaling": null,
         "max_position_embeddings": opts.max_position_embeddings,
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": b.tied_embedding_weight,
         "hidden_act": "silu",
         "attention_bias": false,
         "attention_dropout": 0.0,
@@ -503,9 +500,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
         bail!("{p}: mlp_bias = true; MLP biases are not supported");
     }
     // transformers' LlamaConfig defaults tie_word_embeddings to false.
-    if cfg_bool(cfg, "tie_word_embeddings", path)? == Some(true) {
-        bail!("{p}: tie_word_embeddings = true: tied embeddings are not supported yet");
-    }
+    let tied = cfg_bool(cfg, "tie_word_embeddings", path)?.unwrap_or(false);
     if let Some(act) = cfg.get("hidden_act") {
         if act.as_str() != Some("silu") {
             bail!("{p}: hidden_act = {act}; only silu is supported");
@@ -540,7 +535,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
 
     let mut b = BaseModelConfig {
         hidden_size: hidden,
-        tied_embedding_weight: false,
+        tied_embedding_weight: tied,
         ..Default::default()
     };
     b.embeddings.vocab_size = vocab;
@@ -636,14 +631,17 @@ pub fn import_llama(dir: &Path) -> anyhow::Result<(BaseModelConfig, Vec<NamedTen
     let mut found: HashMap<String, usize> = HashMap::new();
     for (i, st) in parsed.iter().enumerate() {
         for name in st.names() {
-            if name.ends_with("rotary_emb.inv_freq") {
+            // Tied, transformers reads the output projection from the embedding table and ignores a
+            // stored `lm_head.weight` (some exports keep the copy): so do we.
+            if name.ends_with("rotary_emb.inv_freq") || (model.shape.tied_embeddings && name == "lm_head.weight") {
                 continue;
             }
             if !expected.contains(name) {
                 bail!(
-                    "{}: unexpected tensor {name}: not a parameter of this Llama ({} blocks, untied embeddings)",
+                    "{}: unexpected tensor {name}: not a parameter of this Llama ({} blocks, {} embeddings)",
                     dir.join(&files[i]).display(),
-                    model.shape.num_blocks
+                    model.shape.num_blocks,
+                    if model.shape.tied_embeddings { "tied" } else { "untied" }
                 );
             }
             if let Some(&j) = found.get(name) {

@@ -80,6 +80,16 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// Train with `overrides` in a fresh experiment holding a copy of `saved`'s checkpoints; the run must
+/// resume from its step-3 checkpoint.
+fn resume_copy(saved: &Path, overrides: &[String]) -> TrainSummary {
+    let exp = tempfile::tempdir().unwrap();
+    copy_dir(&checkpoints_root(saved), &checkpoints_root(exp.path()));
+    let s = train(&tiny_config(data_dir(), exp.path(), overrides), &opts()).unwrap();
+    assert_eq!(s.resumed_from, 3);
+    s
+}
+
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| ((x - y) / y).abs()).fold(0.0, f64::max)
@@ -183,11 +193,7 @@ fn resharding_to_other_world_sizes_zero_stages_and_stage_splits() {
     let saved = tempfile::tempdir().unwrap();
     three_steps(saved.path());
     for (world, zero, lps) in [(4, 3, 0.5), (1, 1, 2.0), (4, 2, 1.0)] {
-        let exp = tempfile::tempdir().unwrap();
-        copy_dir(&checkpoints_root(saved.path()), &checkpoints_root(exp.path()));
-        let cfg = tiny_config(data_dir(), exp.path(), &layout(world, zero, lps, 6));
-        let s = train(&cfg, &opts()).unwrap();
-        assert_eq!(s.resumed_from, 3);
+        let s = resume_copy(saved.path(), &layout(world, zero, lps, 6));
         let rel = max_rel(&s.losses, &straight.losses[3..]);
         assert!(
             rel < 1e-6,
@@ -334,4 +340,37 @@ fn corrupt_or_mismatched_checkpoints_are_refused() {
     );
     let e = format!("{:#}", train(&cfg, &opts()).unwrap_err());
     assert!(e.contains("model.base_model.decoder.num_blocks"), "{e}");
+}
+
+/// Tied embeddings: a checkpoint saved at world 2 / ZeRO-1 resumes at other layouts as the straight
+/// run continues (the table is one parameter, in the embedding stage's shards), and an untied config
+/// refuses it naming the field.
+#[test]
+fn tied_checkpoints_reshard_and_refuse_an_untied_config() {
+    let tied = [("model.base_model.tied_embedding_weight", "true")];
+    let straight_exp = tempfile::tempdir().unwrap();
+    let straight = train(
+        &tiny_config(data_dir(), straight_exp.path(), &with(layout(2, 1, 1.0, 6), &tied)),
+        &opts(),
+    )
+    .unwrap();
+    // Tied is another model: its run differs from the untied reference.
+    assert!(max_rel(&straight.losses, &reference().1.losses) > 1e-4);
+    let saved = tempfile::tempdir().unwrap();
+    let o = with(layout(2, 1, 1.0, 3), &[tied[0], ("training.checkpoint.interval", "3")]);
+    train(&tiny_config(data_dir(), saved.path(), &o), &opts()).unwrap();
+    for (world, zero, lps) in [(4, 3, 0.5), (1, 2, 2.0)] {
+        let s = resume_copy(saved.path(), &with(layout(world, zero, lps, 6), &tied));
+        let rel = max_rel(&s.losses, &straight.losses[3..]);
+        assert!(
+            rel < 1e-6,
+            "world {world} zero {zero} lps {lps}: losses differ by {rel:e}"
+        );
+    }
+    let exp = tempfile::tempdir().unwrap();
+    copy_dir(&checkpoints_root(saved.path()), &checkpoints_root(exp.path()));
+    let Err(err) = train(&tiny_config(data_dir(), exp.path(), &layout(2, 1, 1.0, 6)), &opts()) else {
+        panic!("an untied config must refuse a tied checkpoint");
+    };
+    assert!(format!("{err:#}").contains("tied_embedding_weight"), "{err:#}");
 }

@@ -13,7 +13,7 @@ use fast_llm_rs::model::{init, Batch, Llama, ModelShape};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn model() -> Llama {
+fn model(tied_embeddings: bool) -> Llama {
     Llama::new(ModelShape {
         hidden: 16,
         vocab: 40,
@@ -25,6 +25,7 @@ fn model() -> Llama {
         norm_eps: 1e-5,
         head_norm_eps: 1e-5,
         theta: 10000.0,
+        tied_embeddings,
     })
 }
 
@@ -59,7 +60,18 @@ fn reference(m: &Llama, b: Batch, micro_batches: usize) -> Vec<f64> {
 
 #[test]
 fn engine_gradient_equals_the_single_buffer_reference() {
-    let m = Arc::new(model());
+    engine_gradient_matches(false);
+}
+
+/// Tied embeddings: the head reads the embedding stage's buffers and its part of the table's gradient
+/// is reduced with the embedding's, under every ZeRO stage, ring and schedule.
+#[test]
+fn tied_engine_gradient_equals_the_single_buffer_reference() {
+    engine_gradient_matches(true);
+}
+
+fn engine_gradient_matches(tied: bool) {
+    let m = Arc::new(model(tied));
     let b = Batch { batch: 2, seq: 6 };
     for (world, df, bf) in [(1usize, 4usize, 1usize), (2, 2, 1), (2, 1, 2), (4, 1, 1), (1, 2, 2)] {
         let total = world * df * bf;
@@ -104,7 +116,7 @@ fn engine_gradient_equals_the_single_buffer_reference() {
                         / scale;
                     assert!(
                         err < 1e-4,
-                        "world {world} df {df} bf {bf} zero {zero} lps {lps}: rel err {err:e}"
+                        "tied {tied} world {world} df {df} bf {bf} zero {zero} lps {lps}: rel err {err:e}"
                     );
                 }
                 assert!(grads.iter().all(|g| g == &grads[0]), "ranks disagree");

@@ -365,12 +365,7 @@ fn unsupported_configs_are_refused() {
     let out = dir.path().join("hf");
     export_llama(&out, &base(), &weights(&base(), 9), HfDtype::F32).unwrap();
     let original: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    let cases: [(&str, Value, &str); 5] = [
-        (
-            "tie_word_embeddings",
-            json!(true),
-            "tied embeddings are not supported yet",
-        ),
+    let cases: [(&str, Value, &str); 4] = [
         (
             "rope_scaling",
             json!({"rope_type": "llama3", "factor": 8.0}),
@@ -541,9 +536,9 @@ fn full_forward_logits(m: &InferenceModel, tokens: &[u32]) -> Vec<f32> {
     let head = model.layers.len() - 1;
     assert_eq!(model.layers[head], LayerKind::Head);
     for l in 0..head {
-        model.forward_layer(&k, &rope, l, m.layer_weights(l), &mut acts, b, None);
+        model.forward_layer(&k, &rope, l, m.layer_weights(l), m.layer_weights(0), &mut acts, b, None);
     }
-    let (norm_w, out_w) = m.layer_weights(head).split_at(s.hidden);
+    let (norm_w, out_w) = model.head_weights(m.layer_weights(head), m.layer_weights(0));
     let n = tokens.len();
     let (mut normed, mut rstd) = (vec![0f32; n * s.hidden], vec![0f32; n]);
     k.rms_norm_forward(
@@ -730,4 +725,113 @@ fn distributed_checkpoints_convert_generate_and_initialize_training() {
     let cfg2 = tiny_config(data.path(), exp2.path(), &o2);
     let s = fast_llm_rs::train::train(&cfg2, &quiet).unwrap();
     assert!(s.final_weights == trained.final_weights);
+}
+
+/// `base()` with tied embeddings.
+fn tied_base() -> BaseModelConfig {
+    BaseModelConfig {
+        tied_embedding_weight: true,
+        ..base()
+    }
+}
+
+/// Untied tensors equal to tied ones: `lm_head.weight` is a copy of the embedding table.
+fn untie(tied: &[NamedTensor]) -> Vec<NamedTensor> {
+    let mut out = tied.to_vec();
+    let table = tied.iter().find(|t| t.0 == "model.embed_tokens.weight").unwrap();
+    out.push(("lm_head.weight".into(), table.1.clone(), table.2.clone()));
+    out
+}
+
+/// Tied embeddings through HuggingFace export/import, generation and pretrained training: the tied model
+/// is held to the untied one whose `lm_head.weight` is a copy of the table.
+#[test]
+fn tied_embeddings_round_trip_generate_and_train_like_an_untied_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let (b, w) = (tied_base(), weights(&tied_base(), 21));
+    assert!(w.iter().all(|t| t.0 != "lm_head.weight"));
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["tie_word_embeddings"], true);
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b2, b);
+    assert_bitwise(&w, &w2);
+    // A stored lm_head.weight (some exports keep the copy) is ignored, as transformers ignores it.
+    let mut with_head = w.clone();
+    let table = &w[0];
+    with_head.push(("lm_head.weight".into(), table.1.clone(), vec![7.0; table.2.len()]));
+    rewrite_f32(&out, &with_head);
+    assert_bitwise(&w, &import_llama(&out).unwrap().1);
+    // Untied, the same file's lm_head.weight is a parameter.
+    let untied_w = untie(&w);
+    assert_eq!(untied_w.len(), weights(&base(), 21).len());
+
+    // Generation: the tied model's logits are the untied copy's, the cache agrees with the full forward.
+    let tied = InferenceModel::new(&b, &w, 2).unwrap();
+    let untied = InferenceModel::new(&base(), &untied_w, 2).unwrap();
+    let tokens = test_tokens(9, b.embeddings.vocab_size as usize);
+    let full = full_forward_logits(&tied, &tokens);
+    assert!(max_diff(&full, &full_forward_logits(&untied, &tokens)) == 0.0);
+    let mut cache = tied.new_cache(tokens.len());
+    let cached = tied.forward(&mut cache, &tokens, true).unwrap();
+    assert!(max_diff(&cached, &full) < 1e-4);
+}
+
+/// Training with tied embeddings from pretrained weights: the first step's loss is the untied copy's
+/// (same forward), on every shard layout, and the runs then differ (the table gets both gradients).
+#[test]
+fn tied_training_starts_like_the_untied_copy_on_every_shard_layout() {
+    let data = corpus_dir();
+    let exp = tempfile::tempdir().unwrap();
+    let quiet = fast_llm_rs::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    // The same global batch (2 micro-batches) on every layout.
+    let run = |tied: bool, world: usize, zero: u8, lps: &str| {
+        let o = ov(&[
+            ("training.train_iters", "2".into()),
+            ("model.distributed.world_size", world.to_string()),
+            ("model.multi_stage.zero_stage", zero.to_string()),
+            ("model.multi_stage.layers_per_stage", lps.into()),
+            ("schedule.depth_first_micro_batches", (2 / world).to_string()),
+        ]);
+        let mut cfg = tiny_config(data.path(), exp.path(), &o);
+        let tied_cfg = BaseModelConfig {
+            tied_embedding_weight: true,
+            ..cfg.model.base_model.clone()
+        };
+        let w = weights(&tied_cfg, 23);
+        let hf = exp.path().join(if tied { "tied" } else { "untied" });
+        if tied {
+            export_llama(&hf, &tied_cfg, &w, HfDtype::F32).unwrap();
+            cfg.model.base_model = tied_cfg;
+        } else {
+            export_llama(&hf, &cfg.model.base_model, &untie(&w), HfDtype::F32).unwrap();
+        }
+        cfg.pretrained = Some(PretrainedConfig {
+            path: hf,
+            format: "llama".into(),
+        });
+        let table = w[0].2.len();
+        (fast_llm_rs::train::train(&cfg, &quiet).unwrap(), table)
+    };
+    let (reference, table) = run(false, 1, 1, "1");
+    for (world, zero, lps) in [(1, 1, "1"), (2, 3, "0.5"), (2, 2, "2")] {
+        let (tied, _) = run(true, world, zero, lps);
+        assert!(
+            (tied.losses[0] - reference.losses[0]).abs() < 1e-6,
+            "world {world} zero {zero}: {} vs {}",
+            tied.losses[0],
+            reference.losses[0]
+        );
+        assert!(
+            (tied.losses[1] - reference.losses[1]).abs() > 1e-5,
+            "second step equal: {:?}",
+            tied.losses
+        );
+        // One parameter fewer (no lm_head) and the table updated by both uses.
+        assert_eq!(tied.final_weights.len() + table, reference.final_weights.len());
+    }
 }

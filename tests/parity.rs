@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 struct Setting {
+    tied: bool,
     world: usize,
     zero: u8,
     buffers: Option<u64>,
@@ -36,6 +37,9 @@ fn run(data: &std::path::Path, s: &Setting) -> (TrainSummary, Vec<Vec<usize>>) {
         ("schedule.depth_first_micro_batches", s.depth_first.to_string()),
         ("schedule.breadth_first_micro_batches", s.breadth_first.to_string()),
     ]);
+    if s.tied {
+        o.push("model.base_model.tied_embedding_weight=true".into());
+    }
     if let Some(b) = s.buffers {
         o.push(format!("model.multi_stage.num_grad_buffers={b}"));
         o.push(format!("model.multi_stage.num_weight_buffers={b}"));
@@ -89,6 +93,17 @@ fn losses_rel(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn parity_matrix_across_zero_stages_buffers_stage_splits_and_schedules() {
+    parity_matrix(false);
+}
+
+/// Tied embeddings: the table's gradient gets the head's and the embedding's terms in the order of the
+/// schedule (both in one grad buffer, reduced once), so the grouping key adds the schedule.
+#[test]
+fn tied_parity_matrix_across_zero_stages_buffers_stage_splits_and_schedules() {
+    parity_matrix(true);
+}
+
+fn parity_matrix(tied: bool) {
     let data = corpus_dir();
     let mut references: BTreeMap<usize, TrainSummary> = BTreeMap::new();
     let mut checked_bitwise = 0;
@@ -101,6 +116,7 @@ fn parity_matrix_across_zero_stages_buffers_stage_splits_and_schedules() {
                 for layers_per_stage in [0.5, 1.0, 2.0] {
                     for (depth_first, breadth_first) in [(4, 1), (1, 4), (2, 2)] {
                         let s = Setting {
+                            tied,
                             world,
                             zero,
                             buffers,
@@ -111,7 +127,11 @@ fn parity_matrix_across_zero_stages_buffers_stage_splits_and_schedules() {
                         let (summary, grouping) = run(data.path(), &s);
                         assert_eq!(summary.losses.len(), 5);
                         assert!(summary.losses.iter().all(|l| l.is_finite()));
-                        let key = format!("{grouping:?}");
+                        let key = if tied {
+                            format!("{grouping:?} {depth_first}x{breadth_first}")
+                        } else {
+                            format!("{grouping:?}")
+                        };
                         let name = format!("{s:?}");
                         if let Some((reference, ref_name)) = by_grouping.get(&key) {
                             assert_eq!(summary.losses, reference.losses, "losses differ: {name} vs {ref_name}");
@@ -146,6 +166,7 @@ fn data_parallel_k_equals_depth_first_k_on_one_rank() {
     let single = run(
         data.path(),
         &Setting {
+            tied: false,
             world: 1,
             zero: 1,
             buffers: None,
@@ -160,6 +181,7 @@ fn data_parallel_k_equals_depth_first_k_on_one_rank() {
             let dp = run(
                 data.path(),
                 &Setting {
+                    tied: false,
                     world,
                     zero,
                     buffers: None,

@@ -128,6 +128,19 @@ fn fast_llm_mistral_config_parses_and_names_what_is_unsupported() {
     // Without the window, the same Fast-LLM config loads and plans (Mistral-7B: 7.24B parameters).
     let cfg = load_config(path, &["model.base_model.decoder.block.mixer.window_size=null".into()]).unwrap();
     assert_eq!(plan(&cfg, None).unwrap().rows[0].parameters, 7_241_732_096);
+    // Tied embeddings: the same model without its output projection (vocab 32000 x hidden 4096).
+    let tied = load_config(
+        path,
+        &[
+            "model.base_model.decoder.block.mixer.window_size=null".into(),
+            "model.base_model.tied_embedding_weight=true".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        plan(&tied, None).unwrap().rows[0].parameters,
+        7_241_732_096 - 32_000 * 4096
+    );
     // Other unsupported Fast-LLM features are named too.
     for (o, field) in [
         (
@@ -138,7 +151,6 @@ fn fast_llm_mistral_config_parses_and_names_what_is_unsupported() {
             "model.distributed.pipeline_parallel=2",
             "model.distributed.pipeline_parallel",
         ),
-        ("model.base_model.tied_embedding_weight=true", "tied"),
     ] {
         let e = load_config(
             path,

@@ -40,17 +40,14 @@ pub struct ModelShape {
     pub head_norm_eps: f64,
     /// Rotary base.
     pub theta: f64,
+    /// The output projection is the embedding table (`tied_embedding_weight`, HF `tie_word_embeddings`):
+    /// the head has no `lm_head.weight` and reads and accumulates into `model.embed_tokens.weight`.
+    pub tied_embeddings: bool,
 }
 
 impl ModelShape {
     /// From the validated config section.
     pub fn from_config(cfg: &BaseModelConfig) -> anyhow::Result<Self> {
-        if cfg.tied_embedding_weight {
-            anyhow::bail!(
-                "model.base_model.tied_embedding_weight = true: tied embeddings are not supported yet; \
-                 set it to false"
-            );
-        }
         let mixer = &cfg.decoder.block.mixer;
         Ok(Self {
             hidden: cfg.hidden_size as usize,
@@ -63,6 +60,7 @@ impl ModelShape {
             norm_eps: cfg.decoder.block.normalization.epsilon,
             head_norm_eps: cfg.head.normalization.epsilon,
             theta: mixer.rotary.theta,
+            tied_embeddings: cfg.tied_embedding_weight,
         })
     }
 
@@ -81,6 +79,7 @@ impl ModelShape {
             norm_eps: 1e-5,
             head_norm_eps: 1e-5,
             theta: 10000.0,
+            tied_embeddings: false,
         }
     }
 
@@ -360,15 +359,19 @@ impl Llama {
                     ),
                 ]
             }
-            LayerKind::Head => vec![
-                p("model.norm.weight".into(), vec![s.hidden], Init::Ones, false),
-                p(
-                    "lm_head.weight".into(),
-                    vec![s.vocab, s.hidden],
-                    Init::Normal(std),
-                    true,
-                ),
-            ],
+            LayerKind::Head => {
+                let mut params = vec![p("model.norm.weight".into(), vec![s.hidden], Init::Ones, false)];
+                // Tied: the output projection is the embedding table (no parameter of its own).
+                if !s.tied_embeddings {
+                    params.push(p(
+                        "lm_head.weight".into(),
+                        vec![s.vocab, s.hidden],
+                        Init::Normal(std),
+                        true,
+                    ));
+                }
+                params
+            }
         }
     }
 
@@ -549,18 +552,31 @@ impl Llama {
         let mut acts = self.alloc_acts::<T>(b, 0..self.layers.len());
         acts.tokens.copy_from_slice(tokens);
         acts.targets.copy_from_slice(targets);
+        // The embedding is layer 0: its range starts the buffer, and every later layer's follows it.
+        let table = &w[ranges[0].clone()];
         for (l, r) in ranges.iter().enumerate() {
-            self.forward_layer(k, &rope, l, &w[r.clone()], &mut acts, b, Some(loss_scale));
+            self.forward_layer(k, &rope, l, &w[r.clone()], table, &mut acts, b, Some(loss_scale));
         }
         if let Some(g) = grads {
             let mut scratch = self.alloc_scratch::<T>(b);
+            let (g_table, g_rest) = g.split_at_mut(ranges[0].end);
             for (l, r) in ranges.iter().enumerate().rev() {
+                let (g_layer, g_table): (&mut [T::Master], &mut [T::Master]) = if l == 0 {
+                    (&mut g_table[..], &mut [])
+                } else {
+                    (
+                        &mut g_rest[r.start - ranges[0].end..r.end - ranges[0].end],
+                        &mut g_table[..],
+                    )
+                };
                 self.backward_layer(
                     k,
                     &rope,
                     l,
                     &w[r.clone()],
-                    &mut g[r.clone()],
+                    g_layer,
+                    table,
+                    g_table,
                     &mut acts,
                     &mut scratch,
                     b,
@@ -572,7 +588,21 @@ impl Llama {
         acts.loss_sum
     }
 
-    /// Forward of layer `l` for one micro-batch. `weights` is the layer's parameter range.
+    /// The head's final-norm weight and output projection `(vocab, hidden)`: the rest of its range, or,
+    /// tied, the embedding table.
+    pub fn head_weights<'a, T>(&self, weights: &'a [T], table: &'a [T]) -> (&'a [T], &'a [T]) {
+        let (norm_w, rest) = weights.split_at(self.shape.hidden);
+        let out_w = if self.shape.tied_embeddings { table } else { rest };
+        assert_eq!(
+            out_w.len(),
+            self.shape.vocab * self.shape.hidden,
+            "head: output projection size"
+        );
+        (norm_w, out_w)
+    }
+
+    /// Forward of layer `l` for one micro-batch. `weights` is the layer's parameter range; `table` the
+    /// embedding table, which a tied head reads as its output projection (any slice otherwise).
     /// Reads `acts.hidden[l]` (or the tokens), writes `acts.hidden[l + 1]` (or the loss sum).
     /// `loss_scale`: for the head, `Some(s)` computes the loss gradient scaled by `s` into the saved
     /// logits (training); `None` computes the loss only (evaluation).
@@ -583,6 +613,7 @@ impl Llama {
         rope: &Rope<T>,
         l: usize,
         weights: &[T],
+        table: &[T],
         acts: &mut MicroBatchActs<T>,
         b: Batch,
         loss_scale: Option<T::Master>,
@@ -636,7 +667,7 @@ impl Llama {
                 k.matmul_residual(&mut after[0], input, &la.inner, down_w, n, c, s.inter, false, true);
             }
             LayerKind::Head => {
-                let (norm_w, out_w) = weights.split_at(c);
+                let (norm_w, out_w) = self.head_weights(weights, table);
                 k.rms_norm_forward(
                     &mut la.normed,
                     &mut la.rstd,
@@ -652,7 +683,9 @@ impl Llama {
     }
 
     /// Backward of layer `l` for one micro-batch. `grads` is the layer's range of the grad buffer
-    /// (accumulated into). Reads and overwrites `acts.grad_hidden` in place: on entry the gradient of
+    /// (accumulated into); `table` and `table_grad` the embedding table and its gradient, which a tied
+    /// head reads and accumulates into (any slices otherwise; the embedding layer itself uses `grads`).
+    /// Reads and overwrites `acts.grad_hidden` in place: on entry the gradient of
     /// the layer's output (unused for the head, which starts from its saved loss gradient), on exit the
     /// gradient of its input (unused after the embedding).
     #[allow(clippy::too_many_arguments)]
@@ -663,6 +696,8 @@ impl Llama {
         l: usize,
         weights: &[T],
         grads: &mut [T::Master],
+        table: &[T],
+        table_grad: &mut [T::Master],
         acts: &mut MicroBatchActs<T>,
         scratch: &mut Scratch<T>,
         b: Batch,
@@ -753,8 +788,10 @@ impl Llama {
                 k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c, true);
             }
             LayerKind::Head => {
-                let (norm_w, out_w) = weights.split_at(c);
+                let (norm_w, out_w) = self.head_weights(weights, table);
                 let (g_norm, g_out) = grads.split_at_mut(c);
+                let g_out = if s.tied_embeddings { table_grad } else { g_out };
+                assert_eq!(g_out.len(), s.vocab * c, "head: output projection gradient size");
                 // la.proj holds the scaled loss gradient d logits (n, vocab).
                 k.matmul_acc_master(g_out, &la.proj, &la.normed, s.vocab, c, n, true, false);
                 k.matmul(
@@ -779,7 +816,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuKernels;
 
-    fn tiny() -> Llama {
+    fn tiny(tied_embeddings: bool) -> Llama {
         Llama::new(ModelShape {
             hidden: 8,
             vocab: 13,
@@ -791,6 +828,7 @@ mod tests {
             norm_eps: 1e-5,
             head_norm_eps: 1e-5,
             theta: 10000.0,
+            tied_embeddings,
         })
     }
 
@@ -800,8 +838,8 @@ mod tests {
         m.forward_backward_flat(&CpuKernels::new(1), w, grads, tokens, targets, b, scale) * scale
     }
 
-    fn setup() -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
-        let m = tiny();
+    fn setup(tied: bool) -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
+        let m = tiny(tied);
         let b = Batch { batch: 2, seq: 5 };
         let mut w = Vec::new();
         for (p, spec) in m.all_params().iter().enumerate() {
@@ -823,8 +861,8 @@ mod tests {
 
     /// Max relative error of the analytic gradient against central differences, over every parameter
     /// element; `corrupt` lets a test break the analytic gradient on purpose.
-    fn gradient_error(corrupt: impl Fn(&mut [f64])) -> f64 {
-        let (m, mut w, tokens, targets, b) = setup();
+    fn gradient_error(tied: bool, corrupt: impl Fn(&mut [f64])) -> f64 {
+        let (m, mut w, tokens, targets, b) = setup(tied);
         let mut g = vec![0.0; w.len()];
         run(&m, &w, Some(&mut g), &tokens, &targets, b);
         corrupt(&mut g);
@@ -845,14 +883,43 @@ mod tests {
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        let err = gradient_error(|_| {});
-        assert!(err < 1e-6, "relative gradient error {err:e}");
+        for tied in [false, true] {
+            let err = gradient_error(tied, |_| {});
+            assert!(err < 1e-6, "tied {tied}: relative gradient error {err:e}");
+        }
+    }
+
+    /// Tied: the table's gradient is the sum of the embedding's and the head's parts. Dropping the
+    /// head's part (what a backward writing it elsewhere would leave) is caught.
+    #[test]
+    fn tied_gradient_check_catches_a_missing_head_contribution() {
+        let (m, w, tokens, targets, b) = setup(true);
+        assert!(m.all_params().iter().all(|p| p.name != "lm_head.weight"));
+        let table = m.flat_layer_ranges()[0].clone();
+        // The embedding's part alone: the same model untied, with the table copied into lm_head.
+        let untied = tiny(false);
+        let mut w2 = w.clone();
+        w2.extend_from_slice(&w[table.clone()]);
+        let mut g2 = vec![0.0; w2.len()];
+        run(&untied, &w2, Some(&mut g2), &tokens, &targets, b);
+        let embedding_only = g2[table.clone()].to_vec();
+        let err = gradient_error(true, |g| g[table.clone()].copy_from_slice(&embedding_only));
+        assert!(err > 1e-3, "missing head contribution not detected: {err:e}");
+        // And the untied model with equal tables has the same loss and the tied gradient is the sum.
+        let mut g = vec![0.0; w.len()];
+        let tied_loss = run(&m, &w, Some(&mut g), &tokens, &targets, b);
+        let untied_loss = run(&untied, &w2, None, &tokens, &targets, b);
+        assert!((tied_loss - untied_loss).abs() < 1e-12);
+        let head = w.len()..w2.len();
+        for (i, j) in table.zip(head) {
+            assert!((g[i] - (g2[i] + g2[j])).abs() < 1e-12, "element {i}");
+        }
     }
 
     #[test]
     fn whole_model_gradient_check_catches_a_broken_backward() {
         // Scale one tensor's gradient by 0.9, as a backward with a wrong factor would.
-        let (m, ..) = setup();
+        let (m, ..) = setup(false);
         let mut range = 0..0;
         let mut off = 0;
         for spec in m.all_params() {
@@ -861,7 +928,7 @@ mod tests {
             }
             off += spec.numel();
         }
-        let err = gradient_error(|g| g[range.clone()].iter_mut().for_each(|x| *x *= 0.9));
+        let err = gradient_error(false, |g| g[range.clone()].iter_mut().for_each(|x| *x *= 0.9));
         assert!(err > 1e-6, "broken gradient not detected: {err:e}");
     }
 }

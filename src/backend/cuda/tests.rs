@@ -1179,6 +1179,7 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
         norm_eps: 1e-5,
         head_norm_eps: 1e-5,
         theta: 10000.0,
+        tied_embeddings: false,
     }
 }
 

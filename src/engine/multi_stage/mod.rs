@@ -10,6 +10,9 @@
 //!   buffer is as large as the largest stage mapped to it.
 //! * `zero_stage` only sets the default buffer counts: 1 → one weight and one grad buffer per stage,
 //!   2 → a ring of 2 grad buffers, 3 → rings of 2 weight and 2 grad buffers. Explicit counts win.
+//! * Tied embeddings: the head (last stage) reads the embedding table and accumulates its gradient, so
+//!   the embedding stage keeps a weight and a grad buffer of its own for the whole batch (buffer 0 of
+//!   each kind); the counts above apply to the other stages, which use buffers `1 + (s - 1) % count`.
 
 use crate::config::MultiStageConfig;
 use crate::model::{Init, LayerKind, Llama};
@@ -147,6 +150,21 @@ pub struct MultiStageLayout {
     pub grad_buffer_sizes: Vec<usize>,
     /// Bytes per element of the weight buffers (4 for float32, 2 for bfloat16).
     pub compute_bytes: usize,
+    /// The head reads the embedding stage's buffers ([`MultiStageLayout::reads_embedding_table`]).
+    pub tied_embeddings: bool,
+}
+
+/// Stage -> buffer for `n` stages and `count` buffers requested: a ring (`s % count`), or, tied, buffer
+/// 0 for the embedding stage alone and a ring of `count` after it. Returns the map and the buffer count.
+fn assign_buffers(n: usize, count: usize, tied: bool) -> (Vec<usize>, usize) {
+    if tied && n > 1 {
+        let k = count.clamp(1, n - 1);
+        let of = std::iter::once(0).chain((1..n).map(|s| 1 + (s - 1) % k)).collect();
+        (of, 1 + k)
+    } else {
+        let k = count.clamp(1, n);
+        ((0..n).map(|s| s % k).collect(), k)
+    }
 }
 
 impl MultiStageLayout {
@@ -196,10 +214,12 @@ impl MultiStageLayout {
         let zero_stage = ms.zero_stage();
         let default_grad = if zero_stage >= 2 { 2 } else { n };
         let default_weight = if zero_stage >= 3 { 2 } else { n };
-        let nw = (ms.num_weight_buffers.map(|x| x as usize).unwrap_or(default_weight)).clamp(1, n);
-        let ng = (ms.num_grad_buffers.map(|x| x as usize).unwrap_or(default_grad)).clamp(1, n);
-        let weight_buffer_of: Vec<usize> = (0..n).map(|s| s % nw).collect();
-        let grad_buffer_of: Vec<usize> = (0..n).map(|s| s % ng).collect();
+        // Tied, the embedding stage's buffers come on top of the requested counts, which apply to the
+        // other stages (clamped to their number: one per stage stays one per stage).
+        let tied = model.shape.tied_embeddings;
+        let requested = |x: Option<u64>, default: usize| x.map(|x| x as usize).unwrap_or(default);
+        let (weight_buffer_of, nw) = assign_buffers(n, requested(ms.num_weight_buffers, default_weight), tied);
+        let (grad_buffer_of, ng) = assign_buffers(n, requested(ms.num_grad_buffers, default_grad), tied);
         let sizes = |of: &[usize], count: usize| -> Vec<usize> {
             (0..count)
                 .map(|b| {
@@ -223,7 +243,15 @@ impl MultiStageLayout {
             weight_buffer_sizes,
             grad_buffer_sizes,
             compute_bytes,
+            tied_embeddings: tied,
         }
+    }
+
+    /// Whether stage `stage` also reads the embedding table (weight buffer of stage 0) and accumulates
+    /// into its gradient (grad buffer of stage 0): the last stage, holding the head, with tied
+    /// embeddings. Stage 0 is the embedding alone, so its buffers are never another stage's.
+    pub fn reads_embedding_table(&self, stage: usize) -> bool {
+        self.tied_embeddings && stage > 0 && stage + 1 == self.num_stages()
     }
 
     /// Number of stages.

@@ -140,6 +140,23 @@ pub fn plan(
             weights.occupant[wb] = Some(stage);
         }
         weight_last_use[wb] = Some(i);
+        if layout.reads_embedding_table(stage) {
+            // A tied head reads the embedding stage's weight buffer (restored before the embedding's
+            // first forward, never another stage's) and accumulates into its grad buffer, whose one
+            // reduce follows the embedding's last backward.
+            let (wb0, gb0) = (layout.weight_buffer_of[0], layout.grad_buffer_of[0]);
+            debug_assert_eq!(
+                weights.occupant[wb0],
+                Some(0),
+                "the embedding's weights precede the head"
+            );
+            weight_last_use[wb0] = Some(i);
+            if backward {
+                debug_assert!(matches!(grad_occupant[gb0], None | Some(0)));
+                grad_occupant[gb0] = Some(0);
+                grad_last_use[gb0] = i;
+            }
+        }
         if backward {
             let gb = layout.grad_buffer_of[stage];
             if let Some(prev) = grad_occupant[gb] {
@@ -202,7 +219,14 @@ mod tests {
     use crate::model::{Llama, ModelShape};
 
     fn layout(zero: u8, nw: Option<u64>, ng: Option<u64>) -> MultiStageLayout {
-        let m = Llama::new(ModelShape::tiny(3));
+        layout_tied(zero, nw, ng, false)
+    }
+
+    fn layout_tied(zero: u8, nw: Option<u64>, ng: Option<u64>, tied: bool) -> MultiStageLayout {
+        let m = Llama::new(ModelShape {
+            tied_embeddings: tied,
+            ..ModelShape::tiny(3)
+        });
         let ms = MultiStageConfig {
             zero_stage: Some(zero),
             num_weight_buffers: nw,
@@ -227,7 +251,10 @@ mod tests {
                     held[buffer] = Some(stage);
                 }
                 Op::Forward { stage, .. } => {
-                    assert_eq!(held[l.weight_buffer_of[stage]], Some(stage))
+                    assert_eq!(held[l.weight_buffer_of[stage]], Some(stage));
+                    if l.reads_embedding_table(stage) {
+                        assert_eq!(held[l.weight_buffer_of[0]], Some(0), "tied head without the table");
+                    }
                 }
                 Op::Backward { stage, .. } => {
                     assert_eq!(held[l.weight_buffer_of[stage]], Some(stage));
@@ -235,6 +262,13 @@ mod tests {
                     assert!(grad_pending[gb].is_none() || grad_pending[gb] == Some(stage));
                     grad_pending[gb] = Some(stage);
                     backward_count[stage] += 1;
+                    if l.reads_embedding_table(stage) {
+                        // The head's part of the table's gradient, reduced with the embedding's.
+                        assert_eq!(held[l.weight_buffer_of[0]], Some(0), "tied head without the table");
+                        let gb0 = l.grad_buffer_of[0];
+                        assert!(matches!(grad_pending[gb0], None | Some(0)), "table grad buffer taken");
+                        grad_pending[gb0] = Some(0);
+                    }
                 }
                 Op::Reduce {
                     stage,
@@ -255,18 +289,57 @@ mod tests {
 
     #[test]
     fn plans_are_valid_for_every_setting() {
-        for zero in [1, 2, 3] {
-            for nw in [None, Some(1), Some(3)] {
-                for ng in [None, Some(1), Some(3)] {
-                    let l = layout(zero, nw, ng);
-                    for (df, bf) in [(1, 1), (4, 1), (1, 4), (2, 2)] {
-                        let mut w = WeightBufferState::new(l.num_weight_buffers());
-                        let ops = plan(&l, df, bf, true, &mut w);
-                        check_plan(&l, &ops, df, bf);
+        for tied in [false, true] {
+            for zero in [1, 2, 3] {
+                for nw in [None, Some(1), Some(3)] {
+                    for ng in [None, Some(1), Some(3)] {
+                        let l = layout_tied(zero, nw, ng, tied);
+                        for (df, bf) in [(1, 1), (4, 1), (1, 4), (2, 2)] {
+                            let mut w = WeightBufferState::new(l.num_weight_buffers());
+                            let ops = plan(&l, df, bf, true, &mut w);
+                            check_plan(&l, &ops, df, bf);
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Tied: the embedding stage has buffer 0 of each kind to itself (the head uses it across the whole
+    /// batch), the requested counts apply to the other stages, and its gradient is reduced once per
+    /// batch even where a ring reduces the others per micro-batch.
+    #[test]
+    fn tied_embedding_stage_keeps_its_own_buffers() {
+        for zero in [1, 2, 3] {
+            for nw in [None, Some(1), Some(2), Some(9)] {
+                let l = layout_tied(zero, nw, nw, true);
+                let n = l.num_stages();
+                for of in [&l.weight_buffer_of, &l.grad_buffer_of] {
+                    assert_eq!(of[0], 0);
+                    assert!(of[1..].iter().all(|&b| b > 0), "zero {zero} nw {nw:?}: {of:?}");
+                }
+                let untied = layout(zero, nw, nw);
+                let others = |c: usize| 1 + c.min(n - 1);
+                assert_eq!(
+                    l.num_weight_buffers(),
+                    others(untied.num_weight_buffers()),
+                    "zero {zero} nw {nw:?}"
+                );
+                assert_eq!(
+                    l.num_grad_buffers(),
+                    others(untied.num_grad_buffers()),
+                    "zero {zero} nw {nw:?}"
+                );
+                let mut w = WeightBufferState::new(l.num_weight_buffers());
+                let (_, reduces) = count_collectives(&plan(&l, 4, 1, true, &mut w), n);
+                assert_eq!(reduces[0], 1, "zero {zero} nw {nw:?}");
+            }
+        }
+        // One buffer of each kind per stage stays one per stage.
+        assert_eq!(
+            layout_tied(1, None, None, true).num_weight_buffers(),
+            layout(1, None, None).num_stages()
+        );
     }
 
     #[test]

@@ -430,6 +430,11 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                 Op::Forward { stage, micro_batch } => {
                     let wb = self.layout.weight_buffer_of[stage];
                     check(self.weight_handles[wb].wait(), &mut waited)?;
+                    let tied = self.layout.reads_embedding_table(stage);
+                    let wb0 = self.layout.weight_buffer_of[0];
+                    if tied {
+                        check(self.weight_handles[wb0].wait(), &mut waited)?;
+                    }
                     let acts = &mut self.acts[micro_batch % bf];
                     if stage == 0 {
                         // An earlier micro-batch's kernels may still read this slot's tokens.
@@ -440,11 +445,20 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     // SAFETY: the restore into `wb` has completed (waited above); no job writes it
                     // until a later restore, issued only after this step.
                     let weights = unsafe { self.weight_buffers[wb].get() };
+                    // A tied head's output projection: the embedding stage's weights (its own buffer,
+                    // restored before the embedding's first forward and waited for above).
+                    // SAFETY: as above.
+                    let table: &[T] = if tied {
+                        unsafe { self.weight_buffers[wb0].get() }
+                    } else {
+                        &[]
+                    };
+                    let table = &table[..if tied { self.layout.stages[0].num_params } else { 0 }];
                     for (j, l) in st.layers.clone().enumerate() {
                         let w = &weights[st.layer_ranges[j].clone()];
                         let scale = train.then_some(loss_scale);
                         self.model
-                            .forward_layer(&*self.kernels, &self.rope, l, w, acts, self.batch, scale);
+                            .forward_layer(&*self.kernels, &self.rope, l, w, table, acts, self.batch, scale);
                         if self.model.layers[l] == LayerKind::Head {
                             losses[micro_batch] = acts.loss_sum;
                         }
@@ -455,10 +469,30 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     let gb = self.layout.grad_buffer_of[stage];
                     check(self.weight_handles[wb].wait(), &mut waited)?;
                     check(self.grad_handles[gb].wait(), &mut waited)?;
+                    let tied = self.layout.reads_embedding_table(stage);
+                    let (wb0, gb0) = (self.layout.weight_buffer_of[0], self.layout.grad_buffer_of[0]);
+                    if tied {
+                        check(self.weight_handles[wb0].wait(), &mut waited)?;
+                        check(self.grad_handles[gb0].wait(), &mut waited)?;
+                    }
                     let acts = &mut self.acts[micro_batch % bf];
                     let st = &self.layout.stages[stage];
                     // SAFETY: as for the forward; the grad buffer's previous reduce has completed.
                     let (weights, grads) = unsafe { (self.weight_buffers[wb].get(), self.grad_buffers[gb].get_mut()) };
+                    // A tied head also accumulates into the embedding stage's grad buffer: not this
+                    // stage's (stage 0 has its own buffers), reduced after the embedding's last backward.
+                    // SAFETY: as above (its last reduce or zeroing was waited for).
+                    let table_len = if tied { self.layout.stages[0].num_params } else { 0 };
+                    let (table, table_grad): (&[T], &mut [f32]) = if tied {
+                        unsafe {
+                            (
+                                &self.weight_buffers[wb0].get()[..table_len],
+                                &mut self.grad_buffers[gb0].get_mut()[..table_len],
+                            )
+                        }
+                    } else {
+                        (&[], &mut [])
+                    };
                     for (j, l) in st.layers.clone().enumerate().rev() {
                         let r = st.layer_ranges[j].clone();
                         self.model.backward_layer(
@@ -467,6 +501,8 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                             l,
                             &weights[r.clone()],
                             &mut grads[r],
+                            table,
+                            &mut *table_grad,
                             acts,
                             &mut self.scratch,
                             self.batch,
