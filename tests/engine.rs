@@ -34,7 +34,8 @@ fn stage_sizes(cfg: &TrainConfig) -> Vec<usize> {
         let (w, n) = match layer {
             LayerKind::Attention(_) => (0.5, attn),
             LayerKind::Mlp(_) => (0.5, mlp),
-            LayerKind::Head => (1.0, s.hidden + s.vocab * s.hidden),
+            // Tied, the head's matrix is the embedding table (stage 0).
+            LayerKind::Head => (1.0, s.hidden + if s.tied_embeddings { 0 } else { s.vocab * s.hidden }),
             LayerKind::Embedding => unreachable!(),
         };
         acc += w;
@@ -66,6 +67,16 @@ fn read_memory(dir: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn memory_report_matches_the_formula() {
+    memory_report_matches(false);
+}
+
+/// Tied embeddings: the embedding stage has a buffer of each kind to itself, the ring covers the others.
+#[test]
+fn tied_memory_report_matches_the_formula() {
+    memory_report_matches(true);
+}
+
+fn memory_report_matches(tied: bool) {
     let data = corpus_dir();
     for world in [1usize, 2, 4] {
         for zero in [1u8, 2, 3] {
@@ -78,20 +89,24 @@ fn memory_report_matches_the_formula() {
                         ("model.distributed.world_size", world.to_string()),
                         ("model.multi_stage.zero_stage", zero.to_string()),
                         ("model.multi_stage.layers_per_stage", lps.to_string()),
+                        ("model.base_model.tied_embedding_weight", tied.to_string()),
                         ("training.train_iters", "1".into()),
                     ]),
                 );
                 train(&cfg, &quiet()).unwrap();
                 let p: Vec<u64> = stage_sizes(&cfg).iter().map(|&n| padded(n, world)).collect();
                 let psi: u64 = p.iter().sum();
+                // The stages a ring covers: all, or (tied) all but the embedding's, which has its own.
+                let ringed = if tied { &p[1..] } else { &p[..] };
+                let own = 4 * (psi - ringed.iter().sum::<u64>());
                 // Buffers of one kind: a ring of 2 from `ring_stage` on, else one per stage; none on one
                 // rank with one per stage (f32 here: the shards are the buffers).
                 let buffers = |ring_stage: u8| {
-                    let one_per_stage = zero < ring_stage || p.len() <= 2;
+                    let one_per_stage = zero < ring_stage || ringed.len() <= 2;
                     if world == 1 && one_per_stage {
                         0
                     } else if zero >= ring_stage {
-                        ring(&p, 2)
+                        own + ring(ringed, 2)
                     } else {
                         4 * psi
                     }
