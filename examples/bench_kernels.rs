@@ -140,7 +140,7 @@ fn bench(threads: usize) -> f64 {
     let mut probs = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
     let mut scratch = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
     let mut gqkv = vec![0.0f32; TOKENS * qkv_w];
-    let taf = time(|| k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE));
+    let taf = time(|| k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE, None));
     let tab = time(|| {
         k.attention_backward(
             &mut gqkv,
@@ -154,6 +154,7 @@ fn bench(threads: usize) -> f64 {
             HEADS,
             KV_HEADS,
             HEAD_SIZE,
+            None,
         )
     });
     // Useful (causal) flops: QK^T and PV forward, 4 products backward, on the lower triangle.
@@ -298,7 +299,7 @@ fn bench_attention_shape(spec: &str) {
         (t[0], t[reps / 2])
     };
     let (fmin, fmed) = stats(Box::new(|| {
-        k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs)
+        k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, None)
     }));
     let (bmin, bmed) = stats(Box::new(|| {
         k.attention_backward(
@@ -313,6 +314,7 @@ fn bench_attention_shape(spec: &str) {
             heads,
             kv,
             hs,
+            None,
         )
     }));
     let causal = (batch * heads) as f64 * (seq * (seq + 1) / 2) as f64 * hs as f64 * 2.0;
@@ -355,7 +357,7 @@ fn main() {
         let mut scratch = vec![0.0f32; BATCH * HEADS * SEQ * SEQ];
         let mut gqkv = vec![0.0f32; TOKENS * qkv_w];
         for _ in 0..200 {
-            k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE);
+            k.attention_forward(&mut out, &mut probs, &qkv, BATCH, SEQ, HEADS, KV_HEADS, HEAD_SIZE, None);
             k.attention_backward(
                 &mut gqkv,
                 &mut scratch,
@@ -368,6 +370,7 @@ fn main() {
                 HEADS,
                 KV_HEADS,
                 HEAD_SIZE,
+                None,
             );
         }
         return;

@@ -26,6 +26,7 @@ fn model(tied_embeddings: bool) -> Llama {
         head_norm_eps: 1e-5,
         theta: 10000.0,
         tied_embeddings,
+        window: None,
     })
 }
 

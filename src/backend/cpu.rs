@@ -331,15 +331,22 @@ struct AttnShape {
     heads: usize,
     kv_heads: usize,
     head_size: usize,
+    /// Keys a query attends, itself included (the sliding window; `seq` without one).
+    window: usize,
 }
 
 impl AttnShape {
+    /// First key query `i` attends.
+    fn first_key(&self, i: usize) -> usize {
+        (i + 1).saturating_sub(self.window)
+    }
     fn check(&self) {
         assert!(
             self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             "heads must be a multiple of kv_heads"
         );
         assert!(self.head_size > 0);
+        assert!(self.window > 0 || self.seq == 0, "the attention window must be >= 1");
     }
     /// Length of `qkv` (and `grad_qkv`).
     fn qkv_len(&self) -> usize {
@@ -526,10 +533,13 @@ unsafe fn attention_forward_head<T: Element>(
             scale,
             Parallelism::None,
         );
-        // Causal softmax over 0..=i; the rest of the row is zero.
+        // Causal softmax over the window first_key(i)..=i; the rest of the row is zero (the backward
+        // relies on it: dS = P (dP - rowsum(dP P)) is then zero outside the window too).
         for i in r0..r1 {
             let row = std::slice::from_raw_parts_mut(p.add(i * seq), seq);
-            let (live, masked) = row.split_at_mut(i + 1);
+            let (before, row) = row.split_at_mut(s.first_key(i));
+            before.fill(T::ZERO);
+            let (live, masked) = row.split_at_mut(i + 1 - before.len());
             let mx = max(live);
             for x in live.iter_mut() {
                 *x = exp(*x - mx);
@@ -1345,7 +1355,10 @@ mod attn_x86 {
             let r1 = (r0 + rb).min(seq);
             causal_scores::<S>(r0, r1, hs, q, qs, k, qs, p, seq, scale, panel);
             for i in r0..r1 {
-                softmax_row::<S>(p.add(i * seq), i + 1, seq);
+                // The window first_key(i)..=i; zero before it (the backward relies on it).
+                let lo = s.first_key(i);
+                std::ptr::write_bytes(p.add(i * seq), 0, lo);
+                softmax_row::<S>(p.add(i * seq + lo), i + 1 - lo, seq - lo);
             }
             // O = P V, each tile stopping at its last live key.
             let mut i0 = r0;
@@ -1929,6 +1942,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         heads: usize,
         kv_heads: usize,
         head_size: usize,
+        window: Option<usize>,
     ) {
         let s = AttnShape {
             batch,
@@ -1936,6 +1950,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
             heads,
             kv_heads,
             head_size,
+            window: window.map_or(seq, |w| w.min(seq)),
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_forward: qkv shape");
@@ -1976,6 +1991,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
         heads: usize,
         kv_heads: usize,
         head_size: usize,
+        window: Option<usize>,
     ) {
         let s = AttnShape {
             batch,
@@ -1983,6 +1999,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
             heads,
             kv_heads,
             head_size,
+            window: window.map_or(seq, |w| w.min(seq)),
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_backward: qkv shape");

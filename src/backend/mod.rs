@@ -250,6 +250,8 @@ pub trait Kernels<T: Element>: Send + Sync {
     /// Causal self-attention with grouped KV heads.
     /// `qkv (batch*seq, (heads + 2*kv_heads) * head_size)`: each row is `[q heads | k heads | v heads]`;
     /// query head `h` uses kv head `h / (heads / kv_heads)`. Scale `1/sqrt(head_size)`.
+    /// `window: Some(w)` (sliding window, Fast-LLM's `window_size`): query `i` attends keys
+    /// `i - w < j <= i` (flash-attn's window `(w - 1, 0)`); `None`: every key `j <= i`.
     /// Writes `out (batch*seq, heads*head_size)` and saves the softmax `probs (batch, heads, seq, seq)`
     /// (the log-sum-exp `(batch, heads, seq)` when [`Kernels::fused_attention`]).
     #[allow(clippy::too_many_arguments)]
@@ -263,6 +265,7 @@ pub trait Kernels<T: Element>: Send + Sync {
         heads: usize,
         kv_heads: usize,
         head_size: usize,
+        window: Option<usize>,
     );
 
     /// Backward of [`Kernels::attention_forward`]: writes (overwrites) `grad_qkv` (same shape as `qkv`).
@@ -282,6 +285,7 @@ pub trait Kernels<T: Element>: Send + Sync {
         heads: usize,
         kv_heads: usize,
         head_size: usize,
+        window: Option<usize>,
     );
 
     /// SwiGLU: `gate_up (n, 2*inter)` rows are `[gate | up]`; `out (n, inter) = silu(gate) * up`.

@@ -43,6 +43,9 @@ pub struct ModelShape {
     /// The output projection is the embedding table (`tied_embedding_weight`, HF `tie_word_embeddings`):
     /// the head has no `lm_head.weight` and reads and accumulates into `model.embed_tokens.weight`.
     pub tied_embeddings: bool,
+    /// Sliding-window attention (`window_size`): a token attends its `window` latest keys, itself
+    /// included. `None`: every earlier key.
+    pub window: Option<usize>,
 }
 
 impl ModelShape {
@@ -61,6 +64,7 @@ impl ModelShape {
             head_norm_eps: cfg.head.normalization.epsilon,
             theta: mixer.rotary.theta,
             tied_embeddings: cfg.tied_embedding_weight,
+            window: mixer.window_size.map(|w| w as usize),
         })
     }
 
@@ -80,6 +84,7 @@ impl ModelShape {
             head_norm_eps: 1e-5,
             theta: 10000.0,
             tied_embeddings: false,
+            window: None,
         }
     }
 
@@ -654,6 +659,7 @@ impl Llama {
                     s.heads,
                     s.kv_heads,
                     s.head_size,
+                    s.window,
                 );
                 k.matmul_residual(&mut after[0], input, &la.inner, o_w, n, c, s.attn_width(), false, true);
             }
@@ -735,6 +741,7 @@ impl Llama {
                     s.heads,
                     s.kv_heads,
                     s.head_size,
+                    s.window,
                 );
                 k.rotary(
                     d_qkv,
@@ -816,7 +823,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuKernels;
 
-    fn tiny(tied_embeddings: bool) -> Llama {
+    fn tiny(tied_embeddings: bool, window: Option<usize>) -> Llama {
         Llama::new(ModelShape {
             hidden: 8,
             vocab: 13,
@@ -829,6 +836,7 @@ mod tests {
             head_norm_eps: 1e-5,
             theta: 10000.0,
             tied_embeddings,
+            window,
         })
     }
 
@@ -838,8 +846,8 @@ mod tests {
         m.forward_backward_flat(&CpuKernels::new(1), w, grads, tokens, targets, b, scale) * scale
     }
 
-    fn setup(tied: bool) -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
-        let m = tiny(tied);
+    fn setup(tied: bool, window: Option<usize>) -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
+        let m = tiny(tied, window);
         let b = Batch { batch: 2, seq: 5 };
         let mut w = Vec::new();
         for (p, spec) in m.all_params().iter().enumerate() {
@@ -861,8 +869,8 @@ mod tests {
 
     /// Max relative error of the analytic gradient against central differences, over every parameter
     /// element; `corrupt` lets a test break the analytic gradient on purpose.
-    fn gradient_error(tied: bool, corrupt: impl Fn(&mut [f64])) -> f64 {
-        let (m, mut w, tokens, targets, b) = setup(tied);
+    fn gradient_error(tied: bool, window: Option<usize>, corrupt: impl Fn(&mut [f64])) -> f64 {
+        let (m, mut w, tokens, targets, b) = setup(tied, window);
         let mut g = vec![0.0; w.len()];
         run(&m, &w, Some(&mut g), &tokens, &targets, b);
         corrupt(&mut g);
@@ -883,27 +891,42 @@ mod tests {
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        for tied in [false, true] {
-            let err = gradient_error(tied, |_| {});
-            assert!(err < 1e-6, "tied {tied}: relative gradient error {err:e}");
+        // Sequences of 5: a window of 2 masks most earlier keys.
+        for (tied, window) in [(false, None), (true, None), (false, Some(2)), (true, Some(1))] {
+            let err = gradient_error(tied, window, |_| {});
+            assert!(err < 1e-6, "tied {tied} window {window:?}: relative gradient error {err:e}");
         }
+    }
+
+    /// A window covering the sequence is full causal attention, bit for bit; a shorter one changes
+    /// the loss (and the finite-difference check above holds for it).
+    #[test]
+    fn a_window_covering_the_sequence_is_full_attention() {
+        let (m, w, tokens, targets, b) = setup(false, None);
+        let full = run(&m, &w, None, &tokens, &targets, b);
+        for window in [b.seq, b.seq + 3] {
+            let covering = run(&tiny(false, Some(window)), &w, None, &tokens, &targets, b);
+            assert_eq!(covering.to_bits(), full.to_bits(), "window {window}");
+        }
+        let short = run(&tiny(false, Some(2)), &w, None, &tokens, &targets, b);
+        assert!((short - full).abs() > 1e-6, "{short} vs {full}");
     }
 
     /// Tied: the table's gradient is the sum of the embedding's and the head's parts. Dropping the
     /// head's part (what a backward writing it elsewhere would leave) is caught.
     #[test]
     fn tied_gradient_check_catches_a_missing_head_contribution() {
-        let (m, w, tokens, targets, b) = setup(true);
+        let (m, w, tokens, targets, b) = setup(true, None);
         assert!(m.all_params().iter().all(|p| p.name != "lm_head.weight"));
         let table = m.flat_layer_ranges()[0].clone();
         // The embedding's part alone: the same model untied, with the table copied into lm_head.
-        let untied = tiny(false);
+        let untied = tiny(false, None);
         let mut w2 = w.clone();
         w2.extend_from_slice(&w[table.clone()]);
         let mut g2 = vec![0.0; w2.len()];
         run(&untied, &w2, Some(&mut g2), &tokens, &targets, b);
         let embedding_only = g2[table.clone()].to_vec();
-        let err = gradient_error(true, |g| g[table.clone()].copy_from_slice(&embedding_only));
+        let err = gradient_error(true, None, |g| g[table.clone()].copy_from_slice(&embedding_only));
         assert!(err > 1e-3, "missing head contribution not detected: {err:e}");
         // And the untied model with equal tables has the same loss and the tied gradient is the sum.
         let mut g = vec![0.0; w.len()];
@@ -919,7 +942,7 @@ mod tests {
     #[test]
     fn whole_model_gradient_check_catches_a_broken_backward() {
         // Scale one tensor's gradient by 0.9, as a backward with a wrong factor would.
-        let (m, ..) = setup(false);
+        let (m, ..) = setup(false, None);
         let mut range = 0..0;
         let mut off = 0;
         for spec in m.all_params() {
@@ -928,7 +951,7 @@ mod tests {
             }
             off += spec.numel();
         }
-        let err = gradient_error(false, |g| g[range.clone()].iter_mut().for_each(|x| *x *= 0.9));
+        let err = gradient_error(false, None, |g| g[range.clone()].iter_mut().for_each(|x| *x *= 0.9));
         assert!(err > 1e-6, "broken gradient not detected: {err:e}");
     }
 }

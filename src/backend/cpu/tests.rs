@@ -124,7 +124,12 @@ fn naive_matmul(c: &mut [f64], a: &[f64], b: &[f64], m: usize, n: usize, k: usiz
 }
 
 /// Attention with explicit loops: returns (out, probs).
-fn naive_attention(qkv: &[f64], batch: usize, seq: usize, heads: usize, kv: usize, hs: usize) -> (Vec<f64>, Vec<f64>) {
+/// `window`: query `i` scores keys `i - w < j <= i` only.
+fn naive_attention(
+    qkv: &[f64],
+    (batch, seq, heads, kv, hs): (usize, usize, usize, usize, usize),
+    window: Option<usize>,
+) -> (Vec<f64>, Vec<f64>) {
     let stride = (heads + 2 * kv) * hs;
     let mut out = vec![0.0; batch * seq * heads * hs];
     let mut probs = vec![0.0; batch * heads * seq * seq];
@@ -135,7 +140,8 @@ fn naive_attention(qkv: &[f64], batch: usize, seq: usize, heads: usize, kv: usiz
             for i in 0..seq {
                 let q = &qkv[(b * seq + i) * stride + h * hs..][..hs];
                 let mut scores = vec![f64::NEG_INFINITY; seq];
-                for (j, sc) in scores.iter_mut().enumerate().take(i + 1) {
+                let first = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                for (j, sc) in scores.iter_mut().enumerate().take(i + 1).skip(first) {
                     let k = &qkv[(b * seq + j) * stride + (heads + g) * hs..][..hs];
                     *sc = dot(q, k) * scale;
                 }
@@ -468,15 +474,25 @@ fn rotary_forward_backward() {
 // ---------------------------------------------------------------------------------------------
 
 fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, check_grad: bool) {
+    windowed_attention_case((batch, seq, heads, kv, hs), None, check_grad);
+}
+
+/// [`attention_case`] with a sliding window: f64 against the loop reference (and finite differences),
+/// f32 against f64.
+fn windowed_attention_case(
+    (batch, seq, heads, kv, hs): (usize, usize, usize, usize, usize),
+    window: Option<usize>,
+    check_grad: bool,
+) {
     let k = k64(1);
     let mut rng = Rng::new(7 + seq as u64);
     let stride = (heads + 2 * kv) * hs;
     let qkv = rng.vec(batch * seq * stride, 1.5);
-    let (want_out, want_probs) = naive_attention(&qkv, batch, seq, heads, kv, hs);
+    let (want_out, want_probs) = naive_attention(&qkv, (batch, seq, heads, kv, hs), window);
     let mut out = vec![0.0; batch * seq * heads * hs];
     let mut probs = vec![f64::NAN; batch * heads * seq * seq]; // garbage must be overwritten
-    k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs);
-    let tag = format!("attention b{batch} s{seq} h{heads} kv{kv} d{hs}");
+    k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, window);
+    let tag = format!("attention b{batch} s{seq} h{heads} kv{kv} d{hs} window {window:?}");
     assert_close(&format!("{tag} out"), &out, &want_out, 1e-13);
     assert_close(&format!("{tag} probs"), &probs, &want_probs, 1e-13);
 
@@ -495,12 +511,13 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
         heads,
         kv,
         hs,
+        window,
     );
     if check_grad {
         assert_grad(&format!("{tag} grad"), &qkv, &grad, |x| {
             let mut out = vec![0.0; batch * seq * heads * hs];
             let mut probs = vec![0.0; batch * heads * seq * seq];
-            k.attention_forward(&mut out, &mut probs, x, batch, seq, heads, kv, hs);
+            k.attention_forward(&mut out, &mut probs, x, batch, seq, heads, kv, hs, window);
             dot(&out, &w)
         });
     } else {
@@ -512,7 +529,7 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
     let qkv32 = to32(&qkv);
     let mut out32 = vec![0.0f32; out.len()];
     let mut probs32 = vec![0.0f32; probs.len()];
-    k32.attention_forward(&mut out32, &mut probs32, &qkv32, batch, seq, heads, kv, hs);
+    k32.attention_forward(&mut out32, &mut probs32, &qkv32, batch, seq, heads, kv, hs, window);
     f32_vs_f64(&format!("{tag} out"), &out32, &out);
     f32_vs_f64(&format!("{tag} probs"), &probs32, &probs);
     let mut grad32 = vec![0.0f32; qkv.len()];
@@ -529,6 +546,7 @@ fn attention_case(batch: usize, seq: usize, heads: usize, kv: usize, hs: usize, 
         heads,
         kv,
         hs,
+        window,
     );
     f32_vs_f64(&format!("{tag} grad"), &grad32, &grad);
 }
@@ -571,6 +589,38 @@ fn attention_head_sizes_forward() {
     attention_case(1, 17, 2, 1, 264, false);
 }
 
+#[test]
+fn attention_sliding_window_gradients_and_forward() {
+    // Windows of one key (each token sees only itself), shorter than a block, spanning blocks, and
+    // covering the whole sequence; GQA and MQA; the f32 SIMD head sizes.
+    windowed_attention_case((2, 5, 4, 2, 4), Some(2), true);
+    windowed_attention_case((1, 6, 2, 2, 4), Some(1), true);
+    windowed_attention_case((1, 70, 2, 1, 2), Some(17), true);
+    windowed_attention_case((1, 4, 3, 1, 2), Some(9), true);
+    windowed_attention_case((1, 600, 2, 1, 8), Some(100), false);
+    windowed_attention_case((2, 77, 4, 1, 32), Some(1), false);
+    windowed_attention_case((1, 129, 2, 1, 64), Some(64), false);
+}
+
+/// A window of one key: each token's output is its own value row (softmax over one score).
+#[test]
+fn a_window_of_one_returns_each_tokens_value() {
+    let (batch, seq, heads, kv, hs) = (2, 9, 4, 2, 8);
+    let stride = (heads + 2 * kv) * hs;
+    let qkv = rand32(&mut Rng::new(3), batch * seq * stride, 2.0);
+    let mut out = vec![f32::NAN; batch * seq * heads * hs];
+    let mut probs = vec![f32::NAN; batch * heads * seq * seq];
+    CpuKernels::new(1).attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, Some(1));
+    for t in 0..batch * seq {
+        for h in 0..heads {
+            let v = &qkv[t * stride + (heads + kv + h / (heads / kv)) * hs..][..hs];
+            let o = &out[t * heads * hs + h * hs..][..hs];
+            let err = o.iter().zip(v).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-6, "token {t} head {h}: differs from its value row by {err:e}");
+        }
+    }
+}
+
 /// Runs f32 attention forward and backward on buffers pre-filled with NaN, through `path`;
 /// returns (out, probs, grad).
 #[allow(clippy::type_complexity)]
@@ -579,6 +629,7 @@ fn attention_f32(
     qkv: &[f32],
     gout: &[f32],
     shape: (usize, usize, usize, usize, usize),
+    window: Option<usize>,
     threads: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (batch, seq, heads, kv, hs) = shape;
@@ -586,7 +637,7 @@ fn attention_f32(
     super::ATTN_PATH.with(|f| f.set(path));
     let mut out = vec![f32::NAN; gout.len()];
     let mut probs = vec![f32::NAN; batch * heads * seq * seq];
-    k.attention_forward(&mut out, &mut probs, qkv, batch, seq, heads, kv, hs);
+    k.attention_forward(&mut out, &mut probs, qkv, batch, seq, heads, kv, hs, window);
     let mut grad = vec![f32::NAN; qkv.len()];
     let mut scratch = vec![f32::NAN; probs.len()];
     k.attention_backward(
@@ -601,6 +652,7 @@ fn attention_f32(
         heads,
         kv,
         hs,
+        window,
     );
     super::ATTN_PATH.with(|f| f.set(super::AttnPath::Auto));
     (out, probs, grad)
@@ -628,14 +680,16 @@ fn attention_simd_matches_generic_f32() {
         let mut rng = Rng::new(100 + i as u64);
         let qkv = rand32(&mut rng, batch * seq * (heads + 2 * kv) * hs, 2.0);
         let gout = rand32(&mut rng, batch * seq * heads * hs, 1.0);
-        let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, 1);
+        // Full causal, and a sliding window of about a third of the sequence.
+        for window in [None, Some(seq / 3 + 1)] {
+        let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, window, 1);
         for path in [AttnPath::Auto, AttnPath::Avx2] {
-            let fast = attention_f32(path, &qkv, &gout, shape, 1);
-            let tag = format!("attention {path:?} vs generic {shape:?}");
+            let fast = attention_f32(path, &qkv, &gout, shape, window, 1);
+            let tag = format!("attention {path:?} vs generic {shape:?} window {window:?}");
             assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
             assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
             assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
-            // The masked part of probs is exactly zero.
+            // The masked part of probs is exactly zero: above the diagonal and before the window.
             for bh in 0..batch * heads {
                 for r in 0..seq {
                     let row = &fast.1[(bh * seq + r) * seq..][..seq];
@@ -643,16 +697,22 @@ fn attention_simd_matches_generic_f32() {
                         row[r + 1..].iter().all(|&x| x == 0.0),
                         "{tag}: probs above the diagonal"
                     );
+                    let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
+                    assert!(
+                        row[..first].iter().all(|&x| x == 0.0),
+                        "{tag}: probs before the window"
+                    );
                 }
             }
             // Bitwise identical across thread counts.
             for threads in [2, 4] {
-                let t = attention_f32(path, &qkv, &gout, shape, threads);
+                let t = attention_f32(path, &qkv, &gout, shape, window, threads);
                 assert!(
                     bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
                     "{tag}: results differ between 1 and {threads} threads"
                 );
             }
+        }
         }
     }
 }
@@ -898,7 +958,7 @@ fn determinism_attention() {
     assert_deterministic("attention fwd/bwd", |kern| {
         let mut out = vec![0.0f32; gout.len()];
         let mut probs = vec![0.0f32; batch * heads * seq * seq];
-        kern.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs);
+        kern.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, None);
         let mut grad = vec![0.0f32; qkv.len()];
         let mut scratch = vec![0.0f32; probs.len()];
         kern.attention_backward(
@@ -913,6 +973,7 @@ fn determinism_attention() {
             heads,
             kv,
             hs,
+            None,
         );
         (bits(&out), bits(&probs), bits(&grad))
     });

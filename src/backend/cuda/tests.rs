@@ -550,6 +550,7 @@ fn attention_errors_with(
         d.heads,
         d.kv_heads,
         d.head_size,
+        None,
     );
     let (mut gq, mut scratch) = (vec![0.0; d.qkv_len()], vec![0.0; probs_len]);
     cpu().attention_backward(
@@ -564,6 +565,7 @@ fn attention_errors_with(
         d.heads,
         d.kv_heads,
         d.head_size,
+        None,
     );
 
     let [dout, dlse, dgq] = device_attention(&k, d, dtype, &qkv, &go, d.scale() * scale_factor);
@@ -1180,6 +1182,7 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
         head_norm_eps: 1e-5,
         theta: 10000.0,
         tied_embeddings: false,
+        window: None,
     }
 }
 
