@@ -237,19 +237,21 @@ impl InferenceModel {
 }
 
 /// Causal attention of the new rows (`qkv (n, qkv_width)`, positions `start..start+n`) over the
-/// cached keys/values `(start+n, kv_heads*head_size)`. Writes `out (n, heads*head_size)`.
+/// cached keys/values `(start+n, kv_heads*head_size)`, within the sliding window if the model has one
+/// (position `p` attends `p - w < j <= p`). Writes `out (n, heads*head_size)`.
 fn cached_attention(out: &mut [f32], qkv: &[f32], kc: &[f32], vc: &[f32], start: usize, s: &ModelShape) {
     let (hs, qw, kvw) = (s.head_size, s.qkv_width(), s.kv_heads * s.head_size);
     let group = s.heads / s.kv_heads;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     let row = |(i, o): (usize, &mut [f32])| {
         let p = start + i;
-        let mut scores = vec![0f32; p + 1];
+        let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let mut scores = vec![0f32; p + 1 - first];
         for h in 0..s.heads {
             let g = h / group;
             let q = &qkv[i * qw + h * hs..i * qw + (h + 1) * hs];
             let mut mx = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
+            for (j, sc) in (first..).zip(scores.iter_mut()) {
                 let kj = &kc[j * kvw + g * hs..j * kvw + (g + 1) * hs];
                 *sc = q.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                 mx = mx.max(*sc);
@@ -262,7 +264,7 @@ fn cached_attention(out: &mut [f32], qkv: &[f32], kc: &[f32], vc: &[f32], start:
             let inv = 1.0 / sum;
             let oh = &mut o[h * hs..(h + 1) * hs];
             oh.fill(0.0);
-            for (j, &pj) in scores.iter().enumerate() {
+            for (j, &pj) in (first..).zip(&scores) {
                 let vj = &vc[j * kvw + g * hs..j * kvw + (g + 1) * hs];
                 let pj = pj * inv;
                 for (a, &b) in oh.iter_mut().zip(vj) {

@@ -354,9 +354,14 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     if mixer.add_linear_biases == Some(true) || block.mlp.add_linear_biases == Some(true) {
         bail!("linear biases cannot be exported (not supported)");
     }
-    Ok(json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    // A sliding window makes it a Mistral (same tensors; transformers' Llama has no window).
+    let (arch, model_type) = match mixer.window_size {
+        Some(_) => ("MistralForCausalLM", "mistral"),
+        None => ("LlamaForCausalLM", "llama"),
+    };
+    let mut cfg = json!({
+        "architectures": [arch],
+        "model_type": model_type,
         "hidden_size": b.hidden_size,
         "intermediate_size": block.mlp.intermediate_size,
         "num_attention_heads": mixer.heads,
@@ -377,7 +382,11 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         "pretraining_tp": 1,
         "use_cache": true,
         "torch_dtype": opts.dtype.torch_name(),
-    }))
+    });
+    if let Some(w) = mixer.window_size {
+        cfg["sliding_window"] = json!(w);
+    }
+    Ok(cfg)
 }
 
 /// Check that `tensors` are exactly the parameters of `model`, in model order, with their shapes.
@@ -477,16 +486,32 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     if !cfg.is_object() {
         bail!("{p}: not a JSON object");
     }
-    if let Some(mt) = cfg.get("model_type").and_then(Value::as_str) {
-        if mt != "llama" {
-            bail!("{p}: model_type = '{mt}'; only 'llama' checkpoints can be imported");
+    // Mistral is a Llama with a sliding window (same tensor names and shapes).
+    let model_type = cfg.get("model_type").and_then(Value::as_str);
+    if let Some(mt) = model_type {
+        if mt != "llama" && mt != "mistral" {
+            bail!("{p}: model_type = '{mt}'; only 'llama' and 'mistral' checkpoints can be imported");
         }
     }
     if let Some(archs) = cfg.get("architectures").and_then(Value::as_array) {
-        if !archs.iter().any(|a| a.as_str() == Some("LlamaForCausalLM")) {
-            bail!("{p}: architectures = {archs:?}; only LlamaForCausalLM can be imported");
+        let known = ["LlamaForCausalLM", "MistralForCausalLM"];
+        if !archs.iter().any(|a| a.as_str().is_some_and(|a| known.contains(&a))) {
+            bail!("{p}: architectures = {archs:?}; only LlamaForCausalLM and MistralForCausalLM can be imported");
         }
     }
+    // transformers' MistralConfig defaults sliding_window to 4096 when the key is absent; null means
+    // none. LlamaConfig has no window (a stray key is ignored, as transformers does).
+    let window = match model_type {
+        Some("mistral") => match cfg.get("sliding_window") {
+            None => Some(4096),
+            Some(Value::Null) => None,
+            Some(_) => match cfg_u64(cfg, "sliding_window", path)? {
+                Some(0) => bail!("{p}: sliding_window = 0; a window holds at least the token itself (>= 1)"),
+                w => w,
+            },
+        },
+        _ => None,
+    };
     if cfg.get("rope_scaling").is_some_and(|v| !v.is_null()) {
         bail!(
             "{p}: rope_scaling = {} is set; rotary scaling (llama3, yarn, linear, dynamic) is not supported",
@@ -545,6 +570,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     block.mixer.head_groups = kv;
     block.mixer.head_size = head_dim;
     block.mixer.rotary.theta = theta;
+    block.mixer.window_size = window;
     block.mlp.intermediate_size = inter;
     block.normalization.epsilon = eps;
     b.head.normalization.epsilon = eps;

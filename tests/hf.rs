@@ -373,7 +373,7 @@ fn unsupported_configs_are_refused() {
         ),
         ("attention_bias", json!(true), "attention_bias"),
         ("hidden_act", json!("gelu"), "hidden_act"),
-        ("model_type", json!("mistral"), "model_type"),
+        ("model_type", json!("qwen2"), "model_type"),
     ];
     for (key, value, words) in cases {
         let mut cfg = original.clone();
@@ -833,5 +833,68 @@ fn tied_training_starts_like_the_untied_copy_on_every_shard_layout() {
         );
         // One parameter fewer (no lm_head) and the table updated by both uses.
         assert_eq!(tied.final_weights.len() + table, reference.final_weights.len());
+    }
+}
+
+/// Sliding-window attention: exported as a HuggingFace Mistral (`sliding_window`) and imported back
+/// (a missing key is transformers' default 4096, null is none, 0 is refused); the KV-cache decode
+/// keeps to the window past its length, as the training forward does.
+#[test]
+fn sliding_window_models_round_trip_as_mistral_and_decode_within_the_window() {
+    let window = 4;
+    let mut b = base();
+    b.decoder.block.mixer.window_size = Some(window as u64);
+    let w = weights(&b, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "mistral");
+    assert_eq!(cfg["architectures"], json!(["MistralForCausalLM"]));
+    assert_eq!(cfg["sliding_window"], window);
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b2, b);
+    assert_bitwise(&w, &w2);
+    let with_window = |value: Option<Value>| {
+        let mut c = cfg.clone();
+        match value {
+            None => {
+                c.as_object_mut().unwrap().remove("sliding_window");
+            }
+            Some(v) => c["sliding_window"] = v,
+        }
+        std::fs::write(out.join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+        import_llama(&out)
+    };
+    let imported = |value| with_window(value).unwrap().0.decoder.block.mixer.window_size;
+    assert_eq!(imported(None), Some(4096));
+    assert_eq!(imported(Some(Value::Null)), None);
+    assert_mentions(&err_text(with_window(Some(json!(0)))), &["sliding_window", ">= 1"]);
+
+    // The window's model agrees with full attention while the window covers every earlier key (bit
+    // for bit: the same products), and differs after.
+    let m = InferenceModel::new(&b, &w, 2).unwrap();
+    let v = m.model.shape.vocab;
+    let tokens = test_tokens(13, v);
+    let full = full_forward_logits(&m, &tokens);
+    let unwindowed = full_forward_logits(&InferenceModel::new(&base(), &w, 2).unwrap(), &tokens);
+    assert!(max_diff(&full[..window * v], &unwindowed[..window * v]) == 0.0);
+    for i in window + 1..tokens.len() {
+        let d = max_diff(&full[i * v..(i + 1) * v], &unwindowed[i * v..(i + 1) * v]);
+        assert!(d > 1e-4, "position {i}: the window changed nothing ({d:e})");
+    }
+    // Decoding token by token, and after a prefill, gives the training forward's logits.
+    let mut cache = m.new_cache(tokens.len());
+    for (i, &t) in tokens.iter().enumerate() {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        let d = max_diff(&l, &full[i * v..(i + 1) * v]);
+        assert!(d < 1e-4, "position {i}: max |diff| {d:e}");
+    }
+    let mut cache = m.new_cache(tokens.len());
+    let pre = m.forward(&mut cache, &tokens[..7], true).unwrap();
+    assert!(max_diff(&pre, &full[..7 * v]) < 1e-4);
+    for (i, &t) in tokens.iter().enumerate().skip(7) {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        assert!(max_diff(&l, &full[i * v..(i + 1) * v]) < 1e-4, "position {i}");
     }
 }

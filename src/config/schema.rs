@@ -303,8 +303,8 @@ impl Default for BaseModelConfig {
 
 impl BaseModelConfig {
     /// Every architecture field that differs between two configs: `(field path, ours, theirs)`, in
-    /// declaration order. Fields that validation pins to one value (normalization type, biases,
-    /// sliding window) are not compared. Used for checkpoints and pretrained weights.
+    /// declaration order. Fields that validation pins to one value (normalization type, biases) are
+    /// not compared. Used for checkpoints and pretrained weights.
     pub fn architecture_differences(&self, theirs: &BaseModelConfig) -> Vec<(String, String, String)> {
         let mut d = Vec::new();
         let mut cmp = |field: &str, a: String, b: String| {
@@ -334,6 +334,12 @@ impl BaseModelConfig {
             "decoder.block.mixer.heads",
             ab.mixer.heads.to_string(),
             bb.mixer.heads.to_string(),
+        );
+        let window = |w: Option<u64>| w.map_or("null".to_string(), |w| w.to_string());
+        cmp(
+            "decoder.block.mixer.window_size",
+            window(ab.mixer.window_size),
+            window(bb.mixer.window_size),
         );
         cmp(
             "decoder.block.mixer.head_groups",
