@@ -894,7 +894,10 @@ mod tests {
         // Sequences of 5: a window of 2 masks most earlier keys.
         for (tied, window) in [(false, None), (true, None), (false, Some(2)), (true, Some(1))] {
             let err = gradient_error(tied, window, |_| {});
-            assert!(err < 1e-6, "tied {tied} window {window:?}: relative gradient error {err:e}");
+            assert!(
+                err < 1e-6,
+                "tied {tied} window {window:?}: relative gradient error {err:e}"
+            );
         }
     }
 

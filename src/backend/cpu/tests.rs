@@ -682,37 +682,34 @@ fn attention_simd_matches_generic_f32() {
         let gout = rand32(&mut rng, batch * seq * heads * hs, 1.0);
         // Full causal, and a sliding window of about a third of the sequence.
         for window in [None, Some(seq / 3 + 1)] {
-        let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, window, 1);
-        for path in [AttnPath::Auto, AttnPath::Avx2] {
-            let fast = attention_f32(path, &qkv, &gout, shape, window, 1);
-            let tag = format!("attention {path:?} vs generic {shape:?} window {window:?}");
-            assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
-            assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
-            assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
-            // The masked part of probs is exactly zero: above the diagonal and before the window.
-            for bh in 0..batch * heads {
-                for r in 0..seq {
-                    let row = &fast.1[(bh * seq + r) * seq..][..seq];
+            let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, window, 1);
+            for path in [AttnPath::Auto, AttnPath::Avx2] {
+                let fast = attention_f32(path, &qkv, &gout, shape, window, 1);
+                let tag = format!("attention {path:?} vs generic {shape:?} window {window:?}");
+                assert_close(&format!("{tag} out"), &wide(&fast.0), &wide(&slow.0), 1e-5);
+                assert_close(&format!("{tag} probs"), &wide(&fast.1), &wide(&slow.1), 1e-5);
+                assert_close(&format!("{tag} grad"), &wide(&fast.2), &wide(&slow.2), 1e-5);
+                // The masked part of probs is exactly zero: above the diagonal and before the window.
+                for bh in 0..batch * heads {
+                    for r in 0..seq {
+                        let row = &fast.1[(bh * seq + r) * seq..][..seq];
+                        assert!(
+                            row[r + 1..].iter().all(|&x| x == 0.0),
+                            "{tag}: probs above the diagonal"
+                        );
+                        let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
+                        assert!(row[..first].iter().all(|&x| x == 0.0), "{tag}: probs before the window");
+                    }
+                }
+                // Bitwise identical across thread counts.
+                for threads in [2, 4] {
+                    let t = attention_f32(path, &qkv, &gout, shape, window, threads);
                     assert!(
-                        row[r + 1..].iter().all(|&x| x == 0.0),
-                        "{tag}: probs above the diagonal"
-                    );
-                    let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
-                    assert!(
-                        row[..first].iter().all(|&x| x == 0.0),
-                        "{tag}: probs before the window"
+                        bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
+                        "{tag}: results differ between 1 and {threads} threads"
                     );
                 }
             }
-            // Bitwise identical across thread counts.
-            for threads in [2, 4] {
-                let t = attention_f32(path, &qkv, &gout, shape, window, threads);
-                assert!(
-                    bits(&t.0) == bits(&fast.0) && bits(&t.1) == bits(&fast.1) && bits(&t.2) == bits(&fast.2),
-                    "{tag}: results differ between 1 and {threads} threads"
-                );
-            }
-        }
         }
     }
 }
