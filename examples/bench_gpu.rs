@@ -505,6 +505,7 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 heads: s.heads,
                 kv_heads: s.heads,
                 head_size: s.head_size,
+                window: None,
             },
         )];
         if dt == DType::Bf16 && !ctx.tiny {
@@ -514,6 +515,7 @@ fn ops(ctx: &Ctx) -> anyhow::Result<()> {
                 heads: 12,
                 kv_heads: 12,
                 head_size: 64,
+                window: None,
             };
             attention_shapes.push((" 125m", d));
         }

@@ -88,11 +88,13 @@ guarded() {
 # script and the binaries it drives are known to work end to end before a GPU session's one try.
 C_STEPS=20
 C_LIMIT=45
+B_LIMIT=120
 C_EXTRA=()
 if [ "${GPU_CHECK_EMULATOR:-0}" = 1 ]; then
   export FAST_LLM_RS_GPU=emulator
   C_STEPS=3
   C_LIMIT=240
+  B_LIMIT=300  # the emulator runs every kernel test on the CPU (about 90 s on 2 cores)
   C_EXTRA=(data.micro_batch_size=64 data.sequence_length=32)
 else
   unset FAST_LLM_RS_GPU
@@ -142,7 +144,7 @@ grep -m1 "CUDA Version" "$LOGS/env.txt" >>"$SUMMARY"
 
 # ---------------------------------------------------------------- (b) unit tests
 header "(b) CUDA unit tests on the real GPU (lib-tests backend::cuda --test-threads=1)"
-T=$(limit 120)
+T=$(limit $B_LIMIT)
 if [ "$T" -eq 0 ]; then fail "(b) skipped: out of time"; else
   # Full log in unit_tests.log; here only the GPU line, skips, failures and the result.
   timeout -k 10 "$T" "$CARRY/lib-tests" backend::cuda --test-threads=1 --nocapture >"$LOGS/unit_tests.log" 2>&1

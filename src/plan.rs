@@ -140,6 +140,7 @@ pub fn attention_dims(cfg: &TrainConfig, shape: &ModelShape) -> AttnDims {
         heads: shape.heads,
         kv_heads: shape.kv_heads,
         head_size: shape.head_size,
+        window: shape.window,
     }
 }
 

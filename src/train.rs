@@ -250,10 +250,18 @@ fn attention_line(cfg: &TrainConfig, shape: &ModelShape, kind: AttentionKernels)
     let bf16 = cfg.model.distributed.compute_dtype == ComputeDtype::Bfloat16;
     let dtype = DType::from(cfg.model.distributed.compute_dtype);
     let seq = cfg.data.sequence_length as usize;
+    let d = crate::plan::attention_dims(cfg, shape);
     if kind == AttentionKernels::Simple {
         "Attention: one-thread-per-row kernels (FAST_LLM_RS_ATTENTION=simple or FAST_LLM_RS_SIMPLE_ATTENTION is set)"
             .to_string()
-    } else if tensor_core_attention_applies(dtype, shape.head_size, seq) {
+    } else if d.windowed() {
+        format!(
+            "Attention: one-thread-per-row kernels, much slower: the tensor-core ones have no sliding window \
+             (model.base_model.decoder.block.mixer.window_size = {} < data.sequence_length = {seq}; null or \
+             >= the sequence selects them)",
+            d.window.unwrap_or(0)
+        )
+    } else if tensor_core_attention_applies(dtype, &d) {
         format!(
             "Attention: tensor-core kernels ({}; bf16, head size {}, sequence {seq}){}",
             kind.name(),

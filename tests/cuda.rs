@@ -1,7 +1,7 @@
 //! `model.distributed.use_cuda: true` end to end, through the binary: on the CUDA emulator
 //! (`FAST_LLM_RS_GPU=emulator`: the real kernel source compiled as C++, so this runs without a GPU)
 //! the losses of every step equal the CPU run's within 1e-5 for ZeRO-1 and ZeRO-3 with two ranks (and
-//! ZeRO-3 with tied embeddings) and ZeRO-1 with one; without a
+//! ZeRO-3 with tied embeddings, ZeRO-1 with a sliding window) and ZeRO-1 with one; without a
 //! GPU the run stops before training with one readable line.
 
 mod common;
@@ -100,12 +100,14 @@ fn emulated_gpu_training_matches_the_cpu_for_zero_1_and_3() {
     let data = common::corpus_dir();
     let tmp = tempfile::tempdir().unwrap();
     // One rank with ZeRO-1 too: there the grad buffers and shards trade places instead of a reduce.
-    // Tied embeddings with ZeRO-3: the head reads the embedding stage's buffers on the device.
-    for (world, zero, tied) in [
-        ("2", "1", false),
-        ("2", "3", false),
-        ("1", "1", false),
-        ("2", "3", true),
+    // Tied embeddings with ZeRO-3: the head reads the embedding stage's buffers on the device. A
+    // sliding window shorter than the sequence: the one-thread-per-row kernels with their window.
+    for (world, zero, tied, window) in [
+        ("2", "1", false, "null"),
+        ("2", "3", false, "null"),
+        ("1", "1", false, "null"),
+        ("2", "3", true, "null"),
+        ("2", "1", false, "5"),
     ] {
         let base = common::ov(&[
             ("training.train_iters", "3".into()),
@@ -114,8 +116,9 @@ fn emulated_gpu_training_matches_the_cpu_for_zero_1_and_3() {
             ("model.multi_stage.layers_per_stage", "1".into()),
             ("schedule.depth_first_micro_batches", "2".into()),
             ("model.base_model.tied_embedding_weight", tied.to_string()),
+            ("model.base_model.decoder.block.mixer.window_size", window.into()),
         ]);
-        let name = format!("{world}-{zero}-{tied}");
+        let name = format!("{world}-{zero}-{tied}-{window}");
         let (code, err, cpu) = train(&tmp.path().join(format!("cpu{name}")), data.path(), &base, None);
         assert_eq!(code, 0, "cpu run: {err}");
         let mut gpu_ov = base.clone();
@@ -129,7 +132,7 @@ fn emulated_gpu_training_matches_the_cpu_for_zero_1_and_3() {
             let rel = (g - c).abs() / c.abs();
             assert!(
                 rel < 1e-5,
-                "{world} ranks, ZeRO-{zero}, tied {tied} step {}: gpu {g} cpu {c} ({rel:e})",
+                "{world} ranks, ZeRO-{zero}, tied {tied}, window {window} step {}: gpu {g} cpu {c} ({rel:e})",
                 step + 1
             );
         }

@@ -451,8 +451,8 @@ pub struct MixerConfig {
     /// Rotary position embedding.
     pub rotary: RotaryConfig,
     /// Sliding-window attention (Mistral): a token attends the `window_size` latest keys, itself
-    /// included (flash-attn's window `(window_size - 1, 0)`). Default null: every earlier key. >= 1;
-    /// with `use_cuda`, null or >= `data.sequence_length` (the GPU kernels have no window).
+    /// included (flash-attn's window `(window_size - 1, 0)`). Default null: every earlier key. >= 1.
+    /// On a GPU a window shorter than the sequence runs the one-thread-per-row attention kernels.
     pub window_size: Option<u64>,
     /// Biases on q/k/v/o: not supported (must be false).
     pub add_linear_biases: Option<bool>,

@@ -33,20 +33,6 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), ConfigError> {
          accepted with bfloat16 compute: true)",
         "set it to true or remove it",
     )?;
-    // The GPU's attention kernels attend every earlier key; a window covering the whole sequence is
-    // the same attention.
-    let window = cfg.model.base_model.decoder.block.mixer.window_size;
-    require(
-        !cfg.model.distributed.use_cuda || window.is_none_or(|w| w >= cfg.data.sequence_length),
-        "model.base_model.decoder.block.mixer.window_size",
-        window.map_or("null".into(), |w| w.to_string()),
-        &format!(
-            "sliding-window attention shorter than the sequence ({}) runs on the CPU backend only (accepted \
-             with use_cuda: null or >= data.sequence_length)",
-            cfg.data.sequence_length
-        ),
-        "train on the CPU (model.distributed.use_cuda=false), or set window_size >= data.sequence_length",
-    )?;
     if let Some(pretrained) = &cfg.pretrained {
         validate_pretrained(pretrained)?;
     }
@@ -749,26 +735,8 @@ mod tests {
             &[&format!("{b}.mixer.window_size=0")],
             &[&format!("{b}.mixer.window_size = 0"), ">= 1"],
         );
-        // The GPU kernels have no window: one shorter than the sequence is refused there.
         assert!(example(&[&format!("{b}.mixer.window_size=1")]).is_ok());
-        assert_refused(
-            &[
-                &format!("{b}.mixer.window_size=512"),
-                "data.sequence_length=1024",
-                "model.distributed.use_cuda=true",
-            ],
-            &[
-                &format!("{b}.mixer.window_size = 512"),
-                "CPU backend only",
-                "use_cuda=false",
-            ],
-        );
-        assert!(example(&[
-            &format!("{b}.mixer.window_size=1024"),
-            "data.sequence_length=1024",
-            "model.distributed.use_cuda=true"
-        ])
-        .is_ok());
+        assert!(example(&[&format!("{b}.mixer.window_size=512"), "model.distributed.use_cuda=true"]).is_ok());
         assert_refused(
             &[&format!("{b}.mixer.add_linear_biases=true")],
             &[&format!("{b}.mixer.add_linear_biases = true"), "not supported"],

@@ -790,11 +790,20 @@ __device__ void attn_stage(float* tile_a, float* tile_b, const T* src_a, const T
     }
 }
 
+// First key query row `i` attends under a sliding window of `window` keys (itself included; `window`
+// >= seq is full causal attention).
+__device__ __forceinline__ int attn_first_key(int i, int window) { return i - window + 1 > 0 ? i - window + 1 : 0; }
+
+// First key tile a block whose first query row is `row0` needs (block-uniform: later rows start later).
+__device__ __forceinline__ int attn_first_tile(int row0, int window) {
+    return attn_first_key(row0, window) / ATTN_TILE * ATTN_TILE;
+}
+
 // Forward. Grid (ceil(seq / blockDim.x), heads, batch); one thread per query row with an online
-// softmax over key tiles staged in shared memory.
+// softmax over key tiles staged in shared memory, keys attn_first_key(i) ..= i.
 template <class T>
 __device__ void attn_fwd_impl(T* out, float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads,
-                              int head_size, float scale) {
+                              int head_size, float scale, int window) {
     __shared__ float k_tile[ATTN_TILE * MAX_HEAD];
     __shared__ float v_tile[ATTN_TILE * MAX_HEAD];
     (void)batch;  // the grid's z extent
@@ -814,17 +823,20 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* qkv, int batch, int s
     }
     for (int d = 0; d < head_size; ++d) acc[d] = 0.0f;
     float m = neg_inf(), l = 0.0f;
-    // Keys 0 ..= the block's last query row (block-uniform bound).
+    const int lo = attn_first_key(i, window);
+    // Keys from the block's first window ..= the block's last query row (block-uniform bounds).
     int last = row0 + (int)blockDim.x - 1;
     if (last > seq - 1) last = seq - 1;
-    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE) {
+    for (int t0 = attn_first_tile(row0, window); t0 <= last; t0 += ATTN_TILE) {
         attn_stage(k_tile, v_tile, kp, vp, stride, t0, seq, head_size);
         __syncthreads();
-        if (live && t0 <= i) {
+        // The row's keys in this tile: j0 .. cnt (never empty when the condition holds).
+        if (live && t0 <= i && t0 + ATTN_TILE > lo) {
             int cnt = i - t0 + 1;
             if (cnt > ATTN_TILE) cnt = ATTN_TILE;
+            const int j0 = lo > t0 ? lo - t0 : 0;
             float tile_max = neg_inf();
-            for (int jj = 0; jj < cnt; ++jj) {
+            for (int jj = j0; jj < cnt; ++jj) {
                 const float* kr = k_tile + jj * MAX_HEAD;
                 float dot = 0.0f;
                 for (int d = 0; d < head_size; ++d) dot += q[d] * kr[d];
@@ -835,7 +847,7 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* qkv, int batch, int s
             const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
             l *= corr;
             for (int d = 0; d < head_size; ++d) acc[d] *= corr;
-            for (int jj = 0; jj < cnt; ++jj) {
+            for (int jj = j0; jj < cnt; ++jj) {
                 const float p = expf(s[jj] - m_new);
                 l += p;
                 const float* vr = v_tile + jj * MAX_HEAD;
@@ -853,12 +865,12 @@ __device__ void attn_fwd_impl(T* out, float* lse, const T* qkv, int batch, int s
     }
 }
 extern "C" __global__ void attn_fwd_f32(float* out, float* lse, const float* qkv, int batch, int seq, int heads,
-                                        int kv_heads, int head_size, float scale) {
-    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale);
+                                        int kv_heads, int head_size, float scale, int window) {
+    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 extern "C" __global__ void attn_fwd_bf16(bf16* out, float* lse, const bf16* qkv, int batch, int seq, int heads,
-                                         int kv_heads, int head_size, float scale) {
-    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale);
+                                         int kv_heads, int head_size, float scale, int window) {
+    attn_fwd_impl(out, lse, qkv, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 
 // delta (batch, heads, seq) = rowsum(grad_out * out) per head: one warp per (b, h, i), its lanes across
@@ -889,12 +901,12 @@ extern "C" __global__ void attn_bwd_delta_bf16(float* delta, const bf16* grad_ou
 }
 
 // Query gradient, written into the q part of grad_qkv. Grid (ceil(seq / blockDim.x), heads, batch),
-// one thread per query row i: over keys j <= i, p = exp(q.k * scale - lse), dp = dO.v,
-// ds = p * (dp - delta), dq += ds * k; finally dq *= scale.
+// one thread per query row i: over keys attn_first_key(i) <= j <= i, p = exp(q.k * scale - lse),
+// dp = dO.v, ds = p * (dp - delta), dq += ds * k; finally dq *= scale.
 template <class T>
 __device__ void attn_bwd_dq_impl(T* grad_qkv, const T* grad_out, const T* qkv, const float* lse,
                                  const float* delta, int batch, int seq, int heads, int kv_heads, int head_size,
-                                 float scale) {
+                                 float scale, int window) {
     __shared__ float k_tile[ATTN_TILE * MAX_HEAD];
     __shared__ float v_tile[ATTN_TILE * MAX_HEAD];
     (void)batch;  // the grid's z extent
@@ -922,15 +934,16 @@ __device__ void attn_bwd_dq_impl(T* grad_qkv, const T* grad_out, const T* qkv, c
         row_delta = delta[li];
     }
     for (int d = 0; d < head_size; ++d) dq[d] = 0.0f;
+    const int lo = attn_first_key(i, window);
     int last = row0 + (int)blockDim.x - 1;
     if (last > seq - 1) last = seq - 1;
-    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE) {
+    for (int t0 = attn_first_tile(row0, window); t0 <= last; t0 += ATTN_TILE) {
         attn_stage(k_tile, v_tile, kp, vp, stride, t0, seq, head_size);
         __syncthreads();
-        if (live && t0 <= i) {
+        if (live && t0 <= i && t0 + ATTN_TILE > lo) {
             int cnt = i - t0 + 1;
             if (cnt > ATTN_TILE) cnt = ATTN_TILE;
-            for (int jj = 0; jj < cnt; ++jj) {
+            for (int jj = lo > t0 ? lo - t0 : 0; jj < cnt; ++jj) {
                 const float* kr = k_tile + jj * MAX_HEAD;
                 const float* vr = v_tile + jj * MAX_HEAD;
                 float sc = 0.0f, dp = 0.0f;
@@ -952,24 +965,24 @@ __device__ void attn_bwd_dq_impl(T* grad_qkv, const T* grad_out, const T* qkv, c
 }
 extern "C" __global__ void attn_bwd_dq_f32(float* grad_qkv, const float* grad_out, const float* qkv,
                                            const float* lse, const float* delta, int batch, int seq, int heads,
-                                           int kv_heads, int head_size, float scale) {
-    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+                                           int kv_heads, int head_size, float scale, int window) {
+    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 extern "C" __global__ void attn_bwd_dq_bf16(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,
                                             const float* lse, const float* delta, int batch, int seq, int heads,
-                                            int kv_heads, int head_size, float scale) {
-    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+                                            int kv_heads, int head_size, float scale, int window) {
+    attn_bwd_dq_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 
 // Key and value gradients, written into the k and v parts of grad_qkv. Grid
 // (ceil(seq / blockDim.x), kv_heads, batch), one thread per key row j of kv head g: over the query
-// heads of the group in order, and for each over the query rows i >= j in order (staged in shared
-// tiles with their lse and delta): dv += p * dO_i, dk += p * (dO_i.v - delta_i) * q_i; finally
-// dk *= scale. A fixed order and one writer per element: deterministic without atomics.
+// heads of the group in order, and for each over the query rows j <= i < j + window in order (staged
+// in shared tiles with their lse and delta): dv += p * dO_i, dk += p * (dO_i.v - delta_i) * q_i;
+// finally dk *= scale. A fixed order and one writer per element: deterministic without atomics.
 template <class T>
 __device__ void attn_bwd_dkv_impl(T* grad_qkv, const T* grad_out, const T* qkv, const float* lse,
                                   const float* delta, int batch, int seq, int heads, int kv_heads, int head_size,
-                                  float scale) {
+                                  float scale, int window) {
     __shared__ float q_tile[ATTN_TILE * MAX_HEAD];
     __shared__ float o_tile[ATTN_TILE * MAX_HEAD];
     __shared__ float lse_tile[ATTN_TILE];
@@ -1003,8 +1016,10 @@ __device__ void attn_bwd_dkv_impl(T* grad_qkv, const T* grad_out, const T* qkv, 
         const T* gp = grad_out + (long long)b * seq * out_stride + (long long)h * head_size;
         const float* lse_bh = lse + ((long long)b * heads + h) * seq;
         const float* delta_bh = delta + ((long long)b * heads + h) * seq;
-        // Query rows from the block's first key row on (block-uniform bounds).
-        for (int t0 = row0; t0 < seq; t0 += ATTN_TILE) {
+        // Query rows from the block's first key row to the last one's window (block-uniform bounds).
+        long long rows_end = (long long)row0 + blockDim.x - 1 + window;
+        if (rows_end > seq) rows_end = seq;
+        for (int t0 = row0; t0 < rows_end; t0 += ATTN_TILE) {
             // Stage q and dO rows t0 .. t0+ATTN_TILE (different row strides), with their lse and delta.
             for (int e = threadIdx.x; e < ATTN_TILE * head_size; e += blockDim.x) {
                 const int r = e / head_size, d = e % head_size;
@@ -1026,7 +1041,7 @@ __device__ void attn_bwd_dkv_impl(T* grad_qkv, const T* grad_out, const T* qkv, 
             if (live) {
                 int first = j - t0;
                 if (first < 0) first = 0;
-                int end = seq - t0;
+                long long end = (j + (long long)window < seq ? j + (long long)window : seq) - t0;
                 if (end > ATTN_TILE) end = ATTN_TILE;
                 for (int ii = first; ii < end; ++ii) {
                     const float* qr = q_tile + ii * MAX_HEAD;
@@ -1057,13 +1072,13 @@ __device__ void attn_bwd_dkv_impl(T* grad_qkv, const T* grad_out, const T* qkv, 
 }
 extern "C" __global__ void attn_bwd_dkv_f32(float* grad_qkv, const float* grad_out, const float* qkv,
                                             const float* lse, const float* delta, int batch, int seq, int heads,
-                                            int kv_heads, int head_size, float scale) {
-    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+                                            int kv_heads, int head_size, float scale, int window) {
+    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 extern "C" __global__ void attn_bwd_dkv_bf16(bf16* grad_qkv, const bf16* grad_out, const bf16* qkv,
                                              const float* lse, const float* delta, int batch, int seq, int heads,
-                                             int kv_heads, int head_size, float scale) {
-    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale);
+                                             int kv_heads, int head_size, float scale, int window) {
+    attn_bwd_dkv_impl(grad_qkv, grad_out, qkv, lse, delta, batch, seq, heads, kv_heads, head_size, scale, window);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -46,9 +46,23 @@ pub struct AttnDims {
     pub kv_heads: usize,
     /// Values per head (at most [`MAX_HEAD_SIZE`]).
     pub head_size: usize,
+    /// Sliding window: query `i` attends keys `i - w < j <= i` (`None`: every `j <= i`). Only the
+    /// one-thread-per-row kernels have it ([`tensor_core_attention_applies`]).
+    pub window: Option<usize>,
 }
 
 impl AttnDims {
+    /// Whether the window leaves out some earlier key (it is shorter than the sequence).
+    pub fn windowed(&self) -> bool {
+        self.window.is_some_and(|w| w < self.seq)
+    }
+    /// The kernels' `window` argument: keys a query attends, itself included (the sequence without one).
+    fn window_arg(&self) -> Result<Arg, GpuError> {
+        Ok(Arg::I32(int(
+            self.window.map_or(self.seq, |w| w.min(self.seq)),
+            "window",
+        )?))
+    }
     /// Elements of `qkv` and `grad_qkv`: `(batch*seq, (heads + 2*kv_heads) * head_size)`.
     pub fn qkv_len(&self) -> usize {
         self.batch * self.seq * (self.heads + 2 * self.kv_heads) * self.head_size
@@ -77,6 +91,11 @@ impl AttnDims {
                 "attention: head_size {} is not supported by the CUDA kernels (1..={MAX_HEAD_SIZE})",
                 self.head_size
             )));
+        }
+        if self.window == Some(0) {
+            return Err(GpuError::Invalid(
+                "attention: the window must hold at least one key".into(),
+            ));
         }
         if self.heads > MAX_GRID || self.batch > MAX_GRID {
             return Err(GpuError::Invalid(format!(
@@ -190,8 +209,8 @@ pub fn mma_dkv_shared_bytes(head_size: usize, tile: usize) -> u32 {
 }
 
 /// The attention kernel family (`FAST_LLM_RS_ATTENTION`). The tensor-core families apply to bf16 with
-/// head size 32, 64 or 128 and a sequence that is a multiple of 64 ([`tensor_core_attention_applies`]);
-/// every other shape runs [`AttentionKernels::Simple`].
+/// head size 32, 64 or 128, a sequence that is a multiple of 64 and no sliding window shorter than it
+/// ([`tensor_core_attention_applies`]); every other shape runs [`AttentionKernels::Simple`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernels {
     /// One thread per query row, any shape and type (`simple`).
@@ -290,7 +309,7 @@ impl AttentionKernels {
     /// scratch, or None when it does not run: a family that recomputes dq, a shape without the
     /// tensor-core kernels, or one sequence's ds over the limit.
     pub fn stored_ds_sequences(self, dtype: DType, d: &AttnDims, limit: usize) -> Option<usize> {
-        let applies = self.stores_ds() && tensor_core_attention_applies(dtype, d.head_size, d.seq);
+        let applies = self.stores_ds() && tensor_core_attention_applies(dtype, d);
         applies.then(|| ds_sequences_per_launch(d, limit)).flatten()
     }
 }
@@ -299,12 +318,13 @@ impl AttentionKernels {
 /// (otherwise the one-thread-per-row kernels run).
 fn tensor_core_attention(qkv: &DevView, d: &AttnDims, kind: AttentionKernels) -> Option<(&'static str, usize)> {
     let infix = kind.infix()?;
-    tensor_core_attention_applies(qkv.dtype, d.head_size, d.seq).then_some((infix, d.head_size))
+    tensor_core_attention_applies(qkv.dtype, d).then_some((infix, d.head_size))
 }
 
-/// Whether attention of this element type, head size and sequence length runs the tensor-core kernels.
-pub fn tensor_core_attention_applies(dtype: DType, head_size: usize, seq: usize) -> bool {
-    dtype == DType::Bf16 && matches!(head_size, 32 | 64 | 128) && seq.is_multiple_of(TC_ROWS)
+/// Whether attention of this element type and shape runs the tensor-core kernels: bf16, head size 32,
+/// 64 or 128, a sequence that is a multiple of 64, and no sliding window shorter than the sequence.
+pub fn tensor_core_attention_applies(dtype: DType, d: &AttnDims) -> bool {
+    dtype == DType::Bf16 && matches!(d.head_size, 32 | 64 | 128) && d.seq.is_multiple_of(TC_ROWS) && !d.windowed()
 }
 
 /// Most bytes of the stored-ds scratch (see [`AttentionKernels::Mma`]): the backward runs over chunks of
@@ -1035,21 +1055,22 @@ impl CudaKernels {
             ),
             None => (format!("attn_fwd_{}", qkv.dtype.suffix()), self.grid_attn(&d, d.heads)),
         };
-        self.launch(
-            &name,
-            grid,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(lse.ptr),
-                Arg::Ptr(qkv.ptr),
-                Arg::I32(int(d.batch, "batch")?),
-                Arg::I32(int(d.seq, "seq")?),
-                Arg::I32(d.heads as i32),
-                Arg::I32(d.kv_heads as i32),
-                Arg::I32(d.head_size as i32),
-                Arg::F32(scale),
-            ],
-        )
+        let mut args = vec![
+            Arg::Ptr(out.ptr),
+            Arg::Ptr(lse.ptr),
+            Arg::Ptr(qkv.ptr),
+            Arg::I32(int(d.batch, "batch")?),
+            Arg::I32(int(d.seq, "seq")?),
+            Arg::I32(d.heads as i32),
+            Arg::I32(d.kv_heads as i32),
+            Arg::I32(d.head_size as i32),
+            Arg::F32(scale),
+        ];
+        // The one-thread-per-row kernels take the window (the tensor-core ones run without one).
+        if tensor_core_attention(&qkv, &d, self.attention).is_none() {
+            args.push(d.window_arg()?);
+        }
+        self.launch(&name, grid, &args)
     }
 
     /// Causal attention backward: overwrites `grad_qkv` from `grad_out`, the forward's `out` and
@@ -1113,7 +1134,7 @@ impl CudaKernels {
                 Arg::I32(hs),
             ],
         )?;
-        let args = [
+        let mut args = vec![
             Arg::Ptr(grad_qkv.ptr),
             Arg::Ptr(grad_out.ptr),
             Arg::Ptr(qkv.ptr),
@@ -1127,6 +1148,9 @@ impl CudaKernels {
             Arg::F32(scale),
         ];
         let tensor_core = tensor_core_attention(&qkv, &d, self.attention);
+        if tensor_core.is_none() {
+            args.push(d.window_arg()?);
+        }
         let dkv_shared = |hs: usize| {
             if self.attention.is_mma() {
                 mma_dkv_shared_bytes(hs, mma_tile(self.attention, hs))

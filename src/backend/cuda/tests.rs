@@ -506,7 +506,8 @@ fn reference_lse(qkv: &[f32], d: AttnDims) -> Vec<f32> {
             let g = h / (d.heads / d.kv_heads);
             for i in 0..d.seq {
                 let q = &qkv[(b * d.seq + i) * stride + h * d.head_size..][..d.head_size];
-                let scores: Vec<f64> = (0..=i)
+                let first = d.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let scores: Vec<f64> = (first..=i)
                     .map(|j| {
                         let kr = &qkv[(b * d.seq + j) * stride + (d.heads + g) * d.head_size..][..d.head_size];
                         q.iter().zip(kr).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
@@ -550,7 +551,7 @@ fn attention_errors_with(
         d.heads,
         d.kv_heads,
         d.head_size,
-        None,
+        d.window,
     );
     let (mut gq, mut scratch) = (vec![0.0; d.qkv_len()], vec![0.0; probs_len]);
     cpu().attention_backward(
@@ -565,7 +566,7 @@ fn attention_errors_with(
         d.heads,
         d.kv_heads,
         d.head_size,
-        None,
+        d.window,
     );
 
     let [dout, dlse, dgq] = device_attention(&k, d, dtype, &qkv, &go, d.scale() * scale_factor);
@@ -605,13 +606,14 @@ fn device_attention(k: &CudaKernels, d: AttnDims, dtype: DType, qkv: &[f32], go:
     [read(&dout), read(&dlse), read(&dgq)]
 }
 
-const ATTN_SHAPES: [AttnDims; 7] = [
+const ATTN_SHAPES: [AttnDims; 10] = [
     AttnDims {
         batch: 2,
         seq: 17,
         heads: 4,
         kv_heads: 2,
         head_size: 8,
+        window: None,
     },
     // More rows than a block of 32 threads and than a tile of 32 keys.
     AttnDims {
@@ -620,6 +622,7 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 2,
         kv_heads: 1,
         head_size: 8,
+        window: None,
     },
     AttnDims {
         batch: 1,
@@ -627,6 +630,7 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 2,
         kv_heads: 1,
         head_size: 128,
+        window: None,
     },
     // bf16 at these shapes runs the tensor-core kernels (head size 32/64/128, seq a multiple of 64):
     // each head size, with several row blocks (tiles wholly before the diagonal, skipped and masked
@@ -637,6 +641,7 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 4,
         kv_heads: 2,
         head_size: 32,
+        window: None,
     },
     AttnDims {
         batch: 1,
@@ -644,6 +649,7 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 4,
         kv_heads: 2,
         head_size: 64,
+        window: None,
     },
     AttnDims {
         batch: 2,
@@ -651,6 +657,7 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 4,
         kv_heads: 2,
         head_size: 128,
+        window: None,
     },
     AttnDims {
         batch: 1,
@@ -658,6 +665,33 @@ const ATTN_SHAPES: [AttnDims; 7] = [
         heads: 2,
         kv_heads: 2,
         head_size: 128,
+        window: None,
+    },
+    // Sliding windows (the one-thread-per-row kernels, also for bf16 at a tensor-core shape): shorter
+    // than a key tile, spanning tiles and blocks, and of one key.
+    AttnDims {
+        batch: 2,
+        seq: 45,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 8,
+        window: Some(7),
+    },
+    AttnDims {
+        batch: 1,
+        seq: 128,
+        heads: 4,
+        kv_heads: 2,
+        head_size: 32,
+        window: Some(40),
+    },
+    AttnDims {
+        batch: 1,
+        seq: 70,
+        heads: 2,
+        kv_heads: 1,
+        head_size: 16,
+        window: Some(1),
     },
 ];
 
@@ -670,7 +704,7 @@ fn attention_matches_cpu() {
     for gpu in test_gpus() {
         for (s, d) in ATTN_SHAPES.iter().enumerate() {
             for (dtype, kind) in DTYPES.into_iter().flat_map(|t| {
-                let kinds = if t == DType::Bf16 && tensor_core_attention_applies(t, d.head_size, d.seq) {
+                let kinds = if t == DType::Bf16 && tensor_core_attention_applies(t, d) {
                     AttentionKernels::VALUES.map(|(_, k)| k).to_vec()
                 } else {
                     vec![AttentionKernels::Simple]
@@ -717,6 +751,7 @@ fn stored_ds_backward_runs_in_chunks_within_its_scratch_limit() {
         heads: 4,
         kv_heads: 2,
         head_size: 64,
+        window: None,
     };
     let per_seq = ds_elems_per_sequence(&d);
     assert_eq!(
@@ -839,6 +874,7 @@ fn attention_backward_recomputes_dq_when_the_ds_scratch_does_not_fit() {
         heads: 4,
         kv_heads: 2,
         head_size: 32,
+        window: None,
     };
     for gpu in test_gpus() {
         let mut rng = Rng(41);
@@ -1161,6 +1197,7 @@ fn emulator_rejects_unknown_kernels_and_mismatched_arguments() {
         heads: 1,
         kv_heads: 1,
         head_size: 256,
+        window: None,
     };
     let q = DevBuf::zeros(&gpu, d.qkv_len(), DType::F32).unwrap();
     let o = DevBuf::zeros(&gpu, d.out_len(), DType::F32).unwrap();
