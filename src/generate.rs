@@ -245,7 +245,7 @@ fn cached_attention(out: &mut [f32], qkv: &[f32], kc: &[f32], vc: &[f32], start:
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     let row = |(i, o): (usize, &mut [f32])| {
         let p = start + i;
-        let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let first = crate::backend::first_attended_key(p, s.window);
         let mut scores = vec![0f32; p + 1 - first];
         for h in 0..s.heads {
             let g = h / group;

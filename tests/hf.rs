@@ -6,7 +6,7 @@ use common::{corpus_dir, ov, tiny_config};
 use fast_llm_rs::backend::cpu::CpuKernels;
 use fast_llm_rs::backend::Kernels;
 use fast_llm_rs::config::{BaseModelConfig, PretrainedConfig};
-use fast_llm_rs::generate::{argmax, GenerateOptions, InferenceModel, Sampling};
+use fast_llm_rs::generate::{argmax, GenerateOptions, InferenceModel, KvCache, Sampling};
 use fast_llm_rs::hf::{
     convert, export_llama, export_llama_with, import_llama, pretrained_tensors, tensors_from_flat, ConvertArgs,
     ExportOptions, HfDtype, NamedTensor, INDEX_FILE, SINGLE_FILE,
@@ -554,6 +554,27 @@ fn full_forward_logits(m: &InferenceModel, tokens: &[u32]) -> Vec<f32> {
     logits
 }
 
+/// Decoding `tokens` with the KV cache gives the training forward's logits `full` at every position:
+/// token by token from an empty cache, and after a prefill of `prefill` tokens (all logits), then token
+/// by token. Returns the second cache, full.
+fn cached_decode_matches(m: &InferenceModel, tokens: &[u32], full: &[f32], prefill: usize) -> KvCache {
+    let v = m.model.shape.vocab;
+    let mut cache = m.new_cache(tokens.len());
+    for (i, &t) in tokens.iter().enumerate() {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        let d = max_diff(&l, &full[i * v..(i + 1) * v]);
+        assert!(d < 1e-4, "position {i}: max |diff| {d:e}");
+    }
+    let mut cache = m.new_cache(tokens.len());
+    let pre = m.forward(&mut cache, &tokens[..prefill], true).unwrap();
+    assert!(max_diff(&pre, &full[..prefill * v]) < 1e-4);
+    for (i, &t) in tokens.iter().enumerate().skip(prefill) {
+        let l = m.forward(&mut cache, &[t], false).unwrap();
+        assert!(max_diff(&l, &full[i * v..(i + 1) * v]) < 1e-4, "position {i}");
+    }
+    cache
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -575,27 +596,12 @@ fn kv_cache_decode_matches_full_forward() {
     let scale = full.iter().fold(0f32, |a, x| a.max(x.abs()));
     assert!(scale > 0.5, "logits too small to be a meaningful test: {scale}");
 
-    // Token by token from an empty cache: each step's logits are the full forward's at that position.
-    let mut cache = m.new_cache(tokens.len());
-    for (i, &t) in tokens.iter().enumerate() {
-        let l = m.forward(&mut cache, &[t], false).unwrap();
-        let d = max_diff(&l, &full[i * v..(i + 1) * v]);
-        assert!(d < 1e-4, "position {i}: max |diff| {d:e}");
-    }
+    let mut cache = cached_decode_matches(&m, &tokens, &full, 11);
     assert_eq!(cache.len(), tokens.len());
     assert!(
         m.forward(&mut cache, &[0], false).is_err(),
         "a full cache must refuse more tokens"
     );
-
-    // Prefill of 11 (all logits), then decode the rest.
-    let mut cache = m.new_cache(tokens.len());
-    let pre = m.forward(&mut cache, &tokens[..11], true).unwrap();
-    assert!(max_diff(&pre, &full[..11 * v]) < 1e-4);
-    for (i, &t) in tokens.iter().enumerate().skip(11) {
-        let l = m.forward(&mut cache, &[t], false).unwrap();
-        assert!(max_diff(&l, &full[i * v..(i + 1) * v]) < 1e-4, "position {i}");
-    }
 
     // Whole-sequence prefill, last position only.
     let mut cache = m.new_cache(tokens.len());
@@ -884,17 +890,5 @@ fn sliding_window_models_round_trip_as_mistral_and_decode_within_the_window() {
         assert!(d > 1e-4, "position {i}: the window changed nothing ({d:e})");
     }
     // Decoding token by token, and after a prefill, gives the training forward's logits.
-    let mut cache = m.new_cache(tokens.len());
-    for (i, &t) in tokens.iter().enumerate() {
-        let l = m.forward(&mut cache, &[t], false).unwrap();
-        let d = max_diff(&l, &full[i * v..(i + 1) * v]);
-        assert!(d < 1e-4, "position {i}: max |diff| {d:e}");
-    }
-    let mut cache = m.new_cache(tokens.len());
-    let pre = m.forward(&mut cache, &tokens[..7], true).unwrap();
-    assert!(max_diff(&pre, &full[..7 * v]) < 1e-4);
-    for (i, &t) in tokens.iter().enumerate().skip(7) {
-        let l = m.forward(&mut cache, &[t], false).unwrap();
-        assert!(max_diff(&l, &full[i * v..(i + 1) * v]) < 1e-4, "position {i}");
-    }
+    cached_decode_matches(&m, &tokens, &full, 7);
 }

@@ -338,7 +338,7 @@ struct AttnShape {
 impl AttnShape {
     /// First key query `i` attends.
     fn first_key(&self, i: usize) -> usize {
-        (i + 1).saturating_sub(self.window)
+        super::first_attended_key(i, Some(self.window))
     }
     fn check(&self) {
         assert!(
@@ -1950,7 +1950,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
             heads,
             kv_heads,
             head_size,
-            window: window.map_or(seq, |w| w.min(seq)),
+            window: super::attended_keys(window, seq),
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_forward: qkv shape");
@@ -1999,7 +1999,7 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
             heads,
             kv_heads,
             head_size,
-            window: window.map_or(seq, |w| w.min(seq)),
+            window: super::attended_keys(window, seq),
         };
         s.check();
         assert_eq!(qkv.len(), s.qkv_len(), "attention_backward: qkv shape");

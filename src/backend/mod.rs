@@ -18,6 +18,17 @@ pub mod profile;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
+/// Keys a query attends under the sliding window `window` ([`Kernels::attention_forward`]) in sequences
+/// of `seq`, itself included: the window, or the whole sequence without one (or with a longer one).
+pub fn attended_keys(window: Option<usize>, seq: usize) -> usize {
+    window.map_or(seq, |w| w.min(seq))
+}
+
+/// First key query `i` attends under the sliding window `window` (0 without one).
+pub fn first_attended_key(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
 /// A floating-point element type the kernels run on: `f32` for training, `f64` for gradient checks,
 /// `bf16` for mixed-precision training on a GPU (weights and activations in bf16, everything else in
 /// its [`Element::Master`] type, f32).

@@ -54,12 +54,12 @@ pub struct AttnDims {
 impl AttnDims {
     /// Whether the window leaves out some earlier key (it is shorter than the sequence).
     pub fn windowed(&self) -> bool {
-        self.window.is_some_and(|w| w < self.seq)
+        crate::backend::attended_keys(self.window, self.seq) < self.seq
     }
     /// The kernels' `window` argument: keys a query attends, itself included (the sequence without one).
     fn window_arg(&self) -> Result<Arg, GpuError> {
         Ok(Arg::I32(int(
-            self.window.map_or(self.seq, |w| w.min(self.seq)),
+            crate::backend::attended_keys(self.window, self.seq),
             "window",
         )?))
     }

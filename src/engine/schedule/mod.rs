@@ -225,7 +225,6 @@ mod tests {
     fn layout_tied(zero: u8, nw: Option<u64>, ng: Option<u64>, tied: bool) -> MultiStageLayout {
         let m = Llama::new(ModelShape {
             tied_embeddings: tied,
-            window: None,
             ..ModelShape::tiny(3)
         });
         let ms = MultiStageConfig {

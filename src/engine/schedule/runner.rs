@@ -447,13 +447,12 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     let weights = unsafe { self.weight_buffers[wb].get() };
                     // A tied head's output projection: the embedding stage's weights (its own buffer,
                     // restored before the embedding's first forward and waited for above).
-                    // SAFETY: as above.
                     let table: &[T] = if tied {
-                        unsafe { self.weight_buffers[wb0].get() }
+                        // SAFETY: as above.
+                        unsafe { &self.weight_buffers[wb0].get()[..self.layout.stages[0].num_params] }
                     } else {
                         &[]
                     };
-                    let table = &table[..if tied { self.layout.stages[0].num_params } else { 0 }];
                     for (j, l) in st.layers.clone().enumerate() {
                         let w = &weights[st.layer_ranges[j].clone()];
                         let scale = train.then_some(loss_scale);
@@ -481,9 +480,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     let (weights, grads) = unsafe { (self.weight_buffers[wb].get(), self.grad_buffers[gb].get_mut()) };
                     // A tied head also accumulates into the embedding stage's grad buffer: not this
                     // stage's (stage 0 has its own buffers), reduced after the embedding's last backward.
-                    // SAFETY: as above (its last reduce or zeroing was waited for).
-                    let table_len = if tied { self.layout.stages[0].num_params } else { 0 };
                     let (table, table_grad): (&[T], &mut [f32]) = if tied {
+                        let table_len = self.layout.stages[0].num_params;
+                        // SAFETY: as above (its last reduce or zeroing was waited for).
                         unsafe {
                             (
                                 &self.weight_buffers[wb0].get()[..table_len],
