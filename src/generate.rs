@@ -107,7 +107,7 @@ impl InferenceModel {
             v: (0..s.num_blocks).map(|_| vec![0.0; capacity * kvw]).collect(),
             len: 0,
             capacity,
-            rope: Rope::new(capacity.max(1), s.head_size, s.theta),
+            rope: Rope::new(capacity.max(1), s.head_size, &s.rotary),
         }
     }
 

@@ -11,7 +11,7 @@
 //! interchange form between HuggingFace directories, our distributed checkpoints and the engine.
 
 use crate::config::{BaseModelConfig, PretrainedConfig, TrainConfig};
-use crate::model::{Llama, ModelShape};
+use crate::model::{Llama, ModelShape, Rotary};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -342,12 +342,7 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     if block.normalization.kind != "rms_norm" || b.head.normalization.kind != "rms_norm" {
         bail!("only rms_norm normalization can be exported to a HuggingFace Llama");
     }
-    if mixer.rotary.kind != "default" {
-        bail!(
-            "rotary type '{}' cannot be exported (only 'default')",
-            mixer.rotary.kind
-        );
-    }
+    let rope_scaling = rope_scaling_to_hf(&mixer.rotary)?;
     if !block.mlp.gated || block.mlp.activation != "silu" {
         bail!("only a gated silu MLP (SwiGLU) can be exported to a HuggingFace Llama");
     }
@@ -371,7 +366,7 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         "vocab_size": b.embeddings.vocab_size,
         "rms_norm_eps": block.normalization.epsilon,
         "rope_theta": mixer.rotary.theta,
-        "rope_scaling": null,
+        "rope_scaling": rope_scaling,
         "max_position_embeddings": opts.max_position_embeddings,
         "tie_word_embeddings": b.tied_embedding_weight,
         "hidden_act": "silu",
@@ -480,6 +475,163 @@ fn cfg_bool(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<bool>>
     cfg_value(cfg, key, path, Value::as_bool, "a boolean")
 }
 
+/// A `rotary:` section as transformers' `rope_scaling` (null for the default rotary). Every parameter
+/// is written, defaults applied, so transformers' own defaults (which differ for yarn's attention factor
+/// at scale factors <= 1) never apply.
+fn rope_scaling_to_hf(rotary: &crate::config::RotaryConfig) -> anyhow::Result<Value> {
+    Ok(match Rotary::from_config(rotary) {
+        Rotary::None => bail!(
+            "rotary type 'none' cannot be exported: a HuggingFace Llama always applies rotary embeddings"
+        ),
+        Rotary::Default { .. } => Value::Null,
+        Rotary::Llama3 {
+            scale_factor,
+            low_frequency_factor,
+            high_frequency_factor,
+            original_context_length,
+            ..
+        } => json!({
+            "rope_type": "llama3",
+            "factor": scale_factor,
+            "low_freq_factor": low_frequency_factor,
+            "high_freq_factor": high_frequency_factor,
+            "original_max_position_embeddings": original_context_length as u64,
+        }),
+        Rotary::Yarn {
+            scale_factor,
+            attention_factor,
+            beta_fast,
+            beta_slow,
+            original_context_length,
+            ..
+        } => json!({
+            "rope_type": "yarn",
+            "factor": scale_factor,
+            "attention_factor": attention_factor,
+            "beta_fast": beta_fast,
+            "beta_slow": beta_slow,
+            "original_max_position_embeddings": original_context_length as u64,
+        }),
+    })
+}
+
+/// The rotary embedding of a transformers config as a `rotary:` section. transformers 5 writes
+/// `rope_parameters` (`rope_type`, `rope_theta` and the scaling parameters in one object); earlier
+/// versions `rope_theta` and `rope_scaling` (null, or `rope_type`/`type` with the parameters). Types:
+/// `default`, `llama3`, `yarn`. transformers' defaults are made explicit: yarn's
+/// `original_max_position_embeddings` falls back to `max_position_embeddings`, a missing `factor` to
+/// their ratio, the attention factor to `get_mscale` (from `mscale` / `mscale_all_dim` when both are
+/// set), and a missing or zero `beta_fast` / `beta_slow` to 32 / 1.
+fn rotary_from_hf(cfg: &Value, path: &Path) -> anyhow::Result<crate::config::RotaryConfig> {
+    let p = path.display();
+    let (key, rs) = match (cfg.get("rope_parameters"), cfg.get("rope_scaling")) {
+        (Some(v), _) if !v.is_null() => ("rope_parameters", v),
+        (_, Some(v)) if !v.is_null() => ("rope_scaling", v),
+        _ => ("rope_scaling", &Value::Null),
+    };
+    if !rs.is_null() && !rs.is_object() {
+        bail!("{p}: {key} = {rs} is not an object");
+    }
+    let theta = match key {
+        "rope_parameters" => match rs.get("rope_theta") {
+            Some(v) => v
+                .as_f64()
+                .with_context(|| format!("{p}: rope_parameters.rope_theta = {v} is not a number"))?,
+            None => bail!(
+                "{p}: rope_parameters = {rs} has no rope_theta (per-layer-type rope parameters are not supported)"
+            ),
+        },
+        _ => cfg_f64(cfg, "rope_theta", path)?.unwrap_or(10000.0),
+    };
+    let partial = match rs.get("partial_rotary_factor") {
+        Some(v) if !v.is_null() => v.as_f64(),
+        _ => cfg_f64(cfg, "partial_rotary_factor", path)?,
+    };
+    if let Some(f) = partial.filter(|&f| f != 1.0) {
+        bail!("{p}: partial_rotary_factor = {f}; only rotary embeddings over the whole head (1.0) are supported");
+    }
+    let mut r = crate::config::RotaryConfig {
+        theta,
+        ..Default::default()
+    };
+    if rs.is_null() {
+        return Ok(r);
+    }
+    let kind = match rs.get("rope_type").or_else(|| rs.get("type")) {
+        None => "default",
+        Some(v) => v
+            .as_str()
+            .with_context(|| format!("{p}: {key}.rope_type = {v} is not a string"))?,
+    };
+    let get = |k: &str| -> anyhow::Result<Option<f64>> {
+        match rs.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("{p}: {key}.{k} = {v} is not a number")),
+        }
+    };
+    let need = |k: &str| -> anyhow::Result<f64> {
+        get(k)?.with_context(|| format!("{p}: {key}.{k} is missing (required by rope_type {kind})"))
+    };
+    let length = |k: &str, v: f64| -> anyhow::Result<u64> {
+        if v >= 1.0 && v.fract() == 0.0 && v <= u64::MAX as f64 {
+            Ok(v as u64)
+        } else {
+            bail!("{p}: {key}.{k} = {v} is not a positive integer")
+        }
+    };
+    match kind {
+        "default" => {}
+        "llama3" => {
+            r.kind = "llama3".into();
+            r.scale_factor = Some(need("factor")?);
+            r.low_frequency_factor = Some(need("low_freq_factor")?);
+            r.high_frequency_factor = Some(need("high_freq_factor")?);
+            let original = need("original_max_position_embeddings")?;
+            r.original_context_length = Some(length("original_max_position_embeddings", original)?);
+        }
+        "yarn" => {
+            if rs.get("truncate").and_then(Value::as_bool) == Some(false) {
+                bail!("{p}: {key}.truncate = false; only yarn's truncated (floored/ceiled) ramp is supported");
+            }
+            let max_positions = cfg_u64(cfg, "max_position_embeddings", path)?;
+            let original = match get("original_max_position_embeddings")? {
+                Some(v) => length("original_max_position_embeddings", v)?,
+                None => max_positions.with_context(|| {
+                    format!("{p}: yarn needs {key}.original_max_position_embeddings or max_position_embeddings")
+                })?,
+            };
+            let factor = match (get("factor")?, max_positions) {
+                (Some(f), _) => f,
+                (None, Some(m)) => m as f64 / original as f64,
+                (None, None) => need("factor")?,
+            };
+            let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let attention_factor = match (get("attention_factor")?, get("mscale")?, get("mscale_all_dim")?) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+                _ => mscale(1.0),
+            };
+            let nonzero = |v: Option<f64>, default: f64| v.filter(|&x| x != 0.0).unwrap_or(default);
+            r.kind = "yarn".into();
+            r.scale_factor = Some(factor);
+            r.attention_factor = Some(attention_factor);
+            r.beta_fast = Some(nonzero(get("beta_fast")?, 32.0));
+            r.beta_slow = Some(nonzero(get("beta_slow")?, 1.0));
+            r.original_context_length = Some(original);
+        }
+        other => bail!(
+            "{p}: {key}.rope_type = '{other}'; accepted: default, llama3, yarn (linear, dynamic and \
+             longrope scaling are not supported)"
+        ),
+    }
+    crate::config::validate_rotary(&r, "rotary")
+        .map_err(|e| anyhow::anyhow!("{p}: {key} = {rs} gives an invalid rotary section: {e}"))?;
+    Ok(r)
+}
+
 /// Map a HuggingFace Llama `config.json` to our architecture config, refusing what we do not support.
 pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<BaseModelConfig> {
     let p = path.display();
@@ -512,12 +664,6 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
         },
         _ => None,
     };
-    if cfg.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        bail!(
-            "{p}: rope_scaling = {} is set; rotary scaling (llama3, yarn, linear, dynamic) is not supported",
-            cfg["rope_scaling"]
-        );
-    }
     if cfg_bool(cfg, "attention_bias", path)? == Some(true) {
         bail!("{p}: attention_bias = true; attention biases are not supported");
     }
@@ -556,7 +702,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
         bail!("{p}: head_dim = {head_dim} must be even (rotary embedding)");
     }
     let eps = cfg_f64(cfg, "rms_norm_eps", path)?.unwrap_or(1e-6);
-    let theta = cfg_f64(cfg, "rope_theta", path)?.unwrap_or(10000.0);
+    let rotary = rotary_from_hf(cfg, path)?;
 
     let mut b = BaseModelConfig {
         hidden_size: hidden,
@@ -569,7 +715,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     block.mixer.heads = heads;
     block.mixer.head_groups = kv;
     block.mixer.head_size = head_dim;
-    block.mixer.rotary.theta = theta;
+    block.mixer.rotary = rotary;
     block.mixer.window_size = window;
     block.mlp.intermediate_size = inter;
     block.normalization.epsilon = eps;

@@ -24,7 +24,7 @@ fn model(tied_embeddings: bool) -> Llama {
         inter: 24,
         norm_eps: 1e-5,
         head_norm_eps: 1e-5,
-        theta: 10000.0,
+        rotary: fast_llm_rs::model::Rotary::Default { theta: 10000.0 },
         tied_embeddings,
         window: None,
     })

@@ -530,7 +530,7 @@ fn full_forward_logits(m: &InferenceModel, tokens: &[u32]) -> Vec<f32> {
         batch: 1,
         seq: tokens.len(),
     };
-    let rope = Rope::<f32>::new(b.seq, s.head_size, s.theta);
+    let rope = Rope::<f32>::new(b.seq, s.head_size, &s.rotary);
     let mut acts = model.alloc_acts::<f32>(b, 0..model.layers.len());
     acts.tokens.copy_from_slice(tokens);
     let head = model.layers.len() - 1;

@@ -11,4 +11,4 @@ pub mod validate;
 
 pub use load::{load_config, load_config_str, to_yaml, ConfigError};
 pub use schema::*;
-pub use validate::{global_batch_tokens, validate};
+pub use validate::{global_batch_tokens, validate, validate_rotary};

@@ -356,11 +356,16 @@ impl BaseModelConfig {
             ab.mixer.rotary.kind.clone(),
             bb.mixer.rotary.kind.clone(),
         );
-        cmp(
-            "decoder.block.mixer.rotary.theta",
-            ab.mixer.rotary.theta.to_string(),
-            bb.mixer.rotary.theta.to_string(),
+        // Every parameter of the type, defaults applied (an explicit default equals an absent field).
+        let (ra, rb) = (
+            crate::model::Rotary::from_config(&ab.mixer.rotary),
+            crate::model::Rotary::from_config(&bb.mixer.rotary),
         );
+        if ab.mixer.rotary.kind == bb.mixer.rotary.kind {
+            for ((name, x), (_, y)) in ra.parameters().into_iter().zip(rb.parameters()) {
+                cmp(&format!("decoder.block.mixer.rotary.{name}"), x.to_string(), y.to_string());
+            }
+        }
         cmp(
             "decoder.block.mlp.intermediate_size",
             ab.mlp.intermediate_size.to_string(),
@@ -472,15 +477,40 @@ impl Default for MixerConfig {
     }
 }
 
-/// `...mixer.rotary:`.
+/// `...mixer.rotary:` (Fast-LLM's rotary types; [`crate::model::Rotary`] has the formulas).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RotaryConfig {
-    /// `default` (Llama rotary). Other Fast-LLM types (`llama3`, `yarn`, `none`) are refused.
+    /// `default` (Llama rotary), `llama3` (Llama 3.1 frequency scaling), `yarn` (YaRN scaling with an
+    /// attention factor) or `none` (no position embedding).
     #[serde(rename = "type")]
     pub kind: String,
-    /// Rotary base. Default 10000, > 0.
+    /// Rotary base. Default 10000, > 0 (> 1 for yarn).
     pub theta: f64,
+    /// llama3, yarn: how many times slower the slowest pairs turn. Default 8, > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_factor: Option<f64>,
+    /// llama3: pairs with a wavelength above `original_context_length / low_frequency_factor` are fully
+    /// scaled. Default 1, > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_frequency_factor: Option<f64>,
+    /// llama3: pairs with a wavelength below `original_context_length / high_frequency_factor` are not
+    /// scaled. Default 4, > `low_frequency_factor`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub high_frequency_factor: Option<f64>,
+    /// llama3, yarn: the context length the model was pretrained with. Default 8192, >= 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_context_length: Option<u64>,
+    /// yarn: factor on cos and sin. Default `0.1 ln(scale_factor) + 1`, > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    /// yarn: pairs turning more than `beta_fast` times over the original context are not scaled.
+    /// Default 32, > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    /// yarn: pairs turning fewer than `beta_slow` times are fully scaled. Default 1, > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
 }
 
 impl Default for RotaryConfig {
@@ -488,7 +518,30 @@ impl Default for RotaryConfig {
         Self {
             kind: "default".into(),
             theta: 10000.0,
+            scale_factor: None,
+            low_frequency_factor: None,
+            high_frequency_factor: None,
+            original_context_length: None,
+            attention_factor: None,
+            beta_fast: None,
+            beta_slow: None,
         }
+    }
+}
+
+impl RotaryConfig {
+    /// The optional fields with the types they belong to: `(name, value, types)`.
+    pub fn type_fields(&self) -> [(&'static str, Option<f64>, &'static [&'static str]); 7] {
+        const BOTH: &[&str] = &["llama3", "yarn"];
+        [
+            ("scale_factor", self.scale_factor, BOTH),
+            ("low_frequency_factor", self.low_frequency_factor, &["llama3"]),
+            ("high_frequency_factor", self.high_frequency_factor, &["llama3"]),
+            ("original_context_length", self.original_context_length.map(|v| v as f64), BOTH),
+            ("attention_factor", self.attention_factor, &["yarn"]),
+            ("beta_fast", self.beta_fast, &["yarn"]),
+            ("beta_slow", self.beta_slow, &["yarn"]),
+        ]
     }
 }
 

@@ -326,20 +326,7 @@ fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
         "must be even and >= 2 (rotary embeddings rotate pairs)",
         "use an even head size, e.g. 64",
     )?;
-    require(
-        mixer.rotary.kind == "default",
-        &format!("{m}.rotary.type"),
-        &mixer.rotary.kind,
-        "only default (Llama rotary) is supported; llama3, yarn and none are not supported",
-        "set type: default",
-    )?;
-    require(
-        positive(mixer.rotary.theta),
-        &format!("{m}.rotary.theta"),
-        num(mixer.rotary.theta),
-        "must be > 0",
-        "set the rotary base, e.g. 10000",
-    )?;
+    validate_rotary(&mixer.rotary, &format!("{m}.rotary"))?;
     if let Some(window) = mixer.window_size {
         require(
             window >= 1,
@@ -393,6 +380,79 @@ fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
         &base.decoder.block.normalization,
     )?;
     validate_normalization(&format!("{P}.head.normalization"), &base.head.normalization)
+}
+
+/// `rotary:` (`r` is its field path): the type, its parameters' ranges, and no parameter of another type.
+pub fn validate_rotary(rotary: &RotaryConfig, r: &str) -> Result<(), ConfigError> {
+    const TYPES: [&str; 4] = ["default", "llama3", "yarn", "none"];
+    let kind = rotary.kind.as_str();
+    require(
+        TYPES.contains(&kind),
+        &format!("{r}.type"),
+        kind,
+        "accepted: default (Llama), llama3 (Llama 3.1 scaling), yarn (YaRN scaling), none",
+        "set one of them",
+    )?;
+    for (name, value, types) in rotary.type_fields() {
+        if let Some(v) = value {
+            require(
+                types.contains(&kind),
+                &format!("{r}.{name}"),
+                num(v),
+                &format!("a parameter of rotary type {}, not of {kind}", types.join(" and ")),
+                &format!("remove it, or set {r}.type to {}", types.join(" or ")),
+            )?;
+        }
+    }
+    if kind == "none" {
+        return Ok(());
+    }
+    require(
+        positive(rotary.theta) && (kind != "yarn" || rotary.theta > 1.0),
+        &format!("{r}.theta"),
+        num(rotary.theta),
+        if kind == "yarn" { "must be > 1 (yarn divides by ln theta)" } else { "must be > 0" },
+        "set the rotary base, e.g. 10000",
+    )?;
+    let positive_field = |name: &str, v: Option<f64>| {
+        require(
+            v.is_none_or(positive),
+            &format!("{r}.{name}"),
+            num(v.unwrap_or(0.0)),
+            "must be > 0",
+            "set a positive value or remove it for the default",
+        )
+    };
+    for (name, value, _) in rotary.type_fields() {
+        if name != "original_context_length" {
+            positive_field(name, value)?;
+        }
+    }
+    require(
+        rotary.original_context_length != Some(0),
+        &format!("{r}.original_context_length"),
+        0,
+        "must be >= 1",
+        "set the pretraining context length, e.g. 8192",
+    )?;
+    if kind == "llama3" {
+        let m = crate::model::Rotary::from_config(rotary);
+        if let crate::model::Rotary::Llama3 {
+            low_frequency_factor: low,
+            high_frequency_factor: high,
+            ..
+        } = m
+        {
+            require(
+                high > low,
+                &format!("{r}.high_frequency_factor"),
+                num(high),
+                &format!("must be > low_frequency_factor ({})", num(low)),
+                "raise high_frequency_factor or lower low_frequency_factor (Llama 3.1: 4 and 1)",
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn validate_multi_stage(ms: &MultiStageConfig) -> Result<(), ConfigError> {
@@ -518,6 +578,56 @@ mod tests {
         assert!(
             err.contains(": ") && err.contains("; "),
             "not `path = value: accepted; todo`: {err}"
+        );
+    }
+
+    #[test]
+    fn rotary_types_and_their_parameters() {
+        let r = "model.base_model.decoder.block.mixer.rotary";
+        let ov = |kv: &[&str]| kv.iter().map(|x| format!("{r}.{x}")).collect::<Vec<_>>();
+        let ok = |kv: &[&str]| {
+            let o = ov(kv);
+            example(&o.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let refused = |kv: &[&str], needles: &[&str]| {
+            let o = ov(kv);
+            assert_refused(&o.iter().map(String::as_str).collect::<Vec<_>>(), needles)
+        };
+        // Llama 3.1's section, and yarn with every parameter, load as written.
+        let cfg = ok(&[
+            "type=llama3",
+            "theta=500000",
+            "scale_factor=32",
+            "low_frequency_factor=1",
+            "high_frequency_factor=4",
+            "original_context_length=8192",
+        ])
+        .unwrap();
+        assert_eq!(cfg.model.base_model.decoder.block.mixer.rotary.scale_factor, Some(32.0));
+        assert!(ok(&["type=yarn", "attention_factor=1.2", "beta_fast=32", "beta_slow=1"]).is_ok());
+        assert!(ok(&["type=none"]).is_ok());
+        // A parameter of another type is named with its types.
+        refused(
+            &["type=llama3", "beta_fast=32"],
+            &[&format!("{r}.beta_fast = 32.0"), "a parameter of rotary type yarn, not of llama3"],
+        );
+        refused(
+            &["scale_factor=8"],
+            &[&format!("{r}.scale_factor = 8.0"), "llama3 and yarn, not of default"],
+        );
+        refused(
+            &["type=llama3", "low_frequency_factor=4", "high_frequency_factor=4"],
+            &[&format!("{r}.high_frequency_factor = 4.0"), "must be > low_frequency_factor (4.0)"],
+        );
+        refused(
+            &["type=llama3", "low_frequency_factor=8"],
+            &[&format!("{r}.high_frequency_factor = 4.0"), "must be > low_frequency_factor (8.0)"],
+        );
+        refused(&["type=yarn", "scale_factor=0"], &[&format!("{r}.scale_factor = 0.0"), "> 0"]);
+        refused(&["type=yarn", "theta=1"], &[&format!("{r}.theta = 1.0"), "> 1"]);
+        refused(
+            &["type=llama3", "original_context_length=0"],
+            &[&format!("{r}.original_context_length = 0"), ">= 1"],
         );
     }
 
@@ -772,11 +882,8 @@ mod tests {
             &[&format!("{b}.normalization.epsilon = 0.0"), "> 0"],
         );
         assert_refused(
-            &[&format!("{b}.mixer.rotary.type=yarn")],
-            &[
-                &format!("{b}.mixer.rotary.type = yarn"),
-                "only default (Llama rotary) is supported",
-            ],
+            &[&format!("{b}.mixer.rotary.type=ntk")],
+            &[&format!("{b}.mixer.rotary.type = ntk"), "accepted: default", "llama3", "yarn", "none"],
         );
         assert_refused(
             &[&format!("{b}.mixer.type=mamba")],

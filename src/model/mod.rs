@@ -11,6 +11,9 @@
 //! what lets `layers_per_stage: 0.5` put each half block in its own stage.
 
 pub mod init;
+pub mod rotary;
+
+pub use rotary::Rotary;
 
 use crate::backend::mem::{Buf, Memory};
 use crate::backend::{Element, Kernels};
@@ -38,8 +41,8 @@ pub struct ModelShape {
     pub norm_eps: f64,
     /// Final normalization epsilon.
     pub head_norm_eps: f64,
-    /// Rotary base.
-    pub theta: f64,
+    /// Rotary position embedding (type and parameters).
+    pub rotary: Rotary,
     /// The output projection is the embedding table (`tied_embedding_weight`, HF `tie_word_embeddings`):
     /// the head has no `lm_head.weight` and reads and accumulates into `model.embed_tokens.weight`.
     pub tied_embeddings: bool,
@@ -62,7 +65,7 @@ impl ModelShape {
             inter: cfg.decoder.block.mlp.intermediate_size as usize,
             norm_eps: cfg.decoder.block.normalization.epsilon,
             head_norm_eps: cfg.head.normalization.epsilon,
-            theta: mixer.rotary.theta,
+            rotary: Rotary::from_config(&mixer.rotary),
             tied_embeddings: cfg.tied_embedding_weight,
             window: mixer.window_size.map(|w| w as usize),
         })
@@ -82,7 +85,7 @@ impl ModelShape {
             inter: 12,
             norm_eps: 1e-5,
             head_norm_eps: 1e-5,
-            theta: 10000.0,
+            rotary: Rotary::Default { theta: 10000.0 },
             tied_embeddings: false,
             window: None,
         }
@@ -176,22 +179,21 @@ pub struct Rope<T: Element> {
 }
 
 impl<T: Element> Rope<T> {
-    /// Angles `pos * theta^(-2i/head_size)`, computed in f64, on the heap.
-    pub fn new(seq: usize, head_size: usize, theta: f64) -> Self {
-        Self::new_in(&crate::backend::mem::host(), seq, head_size, theta)
+    /// The tables of `rotary` for positions `0..seq` (angles `pos * frequency`, computed in f64), on the
+    /// heap.
+    pub fn new(seq: usize, head_size: usize, rotary: &Rotary) -> Self {
+        Self::new_in(&crate::backend::mem::host(), seq, head_size, rotary)
     }
 
     /// As [`Rope::new`], in `mem`.
-    pub fn new_in(mem: &Arc<dyn Memory>, seq: usize, head_size: usize, theta: f64) -> Self {
-        let half = head_size / 2;
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
+    pub fn new_in(mem: &Arc<dyn Memory>, seq: usize, head_size: usize, rotary: &Rotary) -> Self {
+        let frequencies = rotary.frequencies(head_size);
+        let mut cos = Vec::with_capacity(seq * frequencies.len());
+        let mut sin = Vec::with_capacity(seq * frequencies.len());
         for pos in 0..seq {
-            for i in 0..half {
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_size as f64);
-                let angle = pos as f64 * inv_freq;
-                cos.push(T::Master::from_f64(angle.cos()));
-                sin.push(T::Master::from_f64(angle.sin()));
+            for (c, s) in rotary.table_row(&frequencies, pos) {
+                cos.push(T::Master::from_f64(c));
+                sin.push(T::Master::from_f64(s));
             }
         }
         Self {
@@ -552,7 +554,7 @@ impl Llama {
         b: Batch,
         loss_scale: T::Master,
     ) -> f64 {
-        let rope = Rope::<T>::new(b.seq, self.shape.head_size, self.shape.theta);
+        let rope = Rope::<T>::new(b.seq, self.shape.head_size, &self.shape.rotary);
         let ranges = self.flat_layer_ranges();
         let mut acts = self.alloc_acts::<T>(b, 0..self.layers.len());
         acts.tokens.copy_from_slice(tokens);
@@ -824,6 +826,10 @@ mod tests {
     use crate::backend::cpu::CpuKernels;
 
     fn tiny(tied_embeddings: bool, window: Option<usize>) -> Llama {
+        tiny_with(tied_embeddings, window, Rotary::Default { theta: 10000.0 })
+    }
+
+    fn tiny_with(tied_embeddings: bool, window: Option<usize>, rotary: Rotary) -> Llama {
         Llama::new(ModelShape {
             hidden: 8,
             vocab: 13,
@@ -834,7 +840,7 @@ mod tests {
             inter: 12,
             norm_eps: 1e-5,
             head_norm_eps: 1e-5,
-            theta: 10000.0,
+            rotary,
             tied_embeddings,
             window,
         })
@@ -847,7 +853,10 @@ mod tests {
     }
 
     fn setup(tied: bool, window: Option<usize>) -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
-        let m = tiny(tied, window);
+        setup_model(tiny(tied, window))
+    }
+
+    fn setup_model(m: Llama) -> (Llama, Vec<f64>, Vec<u32>, Vec<u32>, Batch) {
         let b = Batch { batch: 2, seq: 5 };
         let mut w = Vec::new();
         for (p, spec) in m.all_params().iter().enumerate() {
@@ -870,7 +879,11 @@ mod tests {
     /// Max relative error of the analytic gradient against central differences, over every parameter
     /// element; `corrupt` lets a test break the analytic gradient on purpose.
     fn gradient_error(tied: bool, window: Option<usize>, corrupt: impl Fn(&mut [f64])) -> f64 {
-        let (m, mut w, tokens, targets, b) = setup(tied, window);
+        model_gradient_error(tiny(tied, window), corrupt)
+    }
+
+    fn model_gradient_error(m: Llama, corrupt: impl Fn(&mut [f64])) -> f64 {
+        let (m, mut w, tokens, targets, b) = setup_model(m);
         let mut g = vec![0.0; w.len()];
         run(&m, &w, Some(&mut g), &tokens, &targets, b);
         corrupt(&mut g);
@@ -899,6 +912,42 @@ mod tests {
                 "tied {tied} window {window:?}: relative gradient error {err:e}"
             );
         }
+    }
+
+    /// The scaled rotary types (llama3 blending pair 0 and fully scaling pair 1 of a head of 4; yarn
+    /// scaling pair 1 and multiplying cos/sin by 1.3, which the backward's transposed rotation must carry)
+    /// and no rotary: the gradient still matches central differences, and each changes the loss.
+    #[test]
+    fn rotary_types_gradients_match_finite_differences() {
+        let llama3 = Rotary::Llama3 {
+            theta: 10000.0,
+            scale_factor: 4.0,
+            low_frequency_factor: 1.0,
+            high_frequency_factor: 4.0,
+            original_context_length: 8.0,
+        };
+        let yarn = Rotary::Yarn {
+            theta: 10000.0,
+            scale_factor: 4.0,
+            attention_factor: 1.3,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            original_context_length: 16.0,
+        };
+        let (_, w, tokens, targets, b) = setup(false, None);
+        let default = run(&tiny(false, None), &w, None, &tokens, &targets, b);
+        for rotary in [llama3, yarn, Rotary::None] {
+            let err = model_gradient_error(tiny_with(false, None, rotary), |_| {});
+            assert!(err < 1e-6, "{rotary:?}: relative gradient error {err:e}");
+            let loss = run(&tiny_with(false, None, rotary), &w, None, &tokens, &targets, b);
+            assert!((loss - default).abs() > 1e-6, "{rotary:?}: loss {loss} = default {default}");
+        }
+        // The frequencies the tables use: llama3 blends pair 0 (wavelength 2π between 8/4 and 8/1) and
+        // divides pair 1 (wavelength 200π) by 4; yarn keeps pair 0 and divides pair 1.
+        let f = llama3.frequencies(4);
+        let t = (8.0 / (2.0 * std::f64::consts::PI) - 1.0) / 3.0;
+        assert!((f[0] - ((1.0 - t) / 4.0 + t)).abs() < 1e-15 && (f[1] - 0.01 / 4.0).abs() < 1e-15);
+        assert_eq!(yarn.frequencies(4), vec![1.0, 0.01 / 4.0]);
     }
 
     /// A window covering the sequence is full causal attention, bit for bit; a shorter one changes

@@ -1217,7 +1217,7 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
         inter: 24,
         norm_eps: 1e-5,
         head_norm_eps: 1e-5,
-        theta: 10000.0,
+        rotary: crate::model::Rotary::Default { theta: 10000.0 },
         tied_embeddings: false,
         window: None,
     }

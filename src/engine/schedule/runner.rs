@@ -229,7 +229,7 @@ impl<T: Element<Master = f32>> RankEngine<T> {
         let scratch = model.alloc_scratch_in(&mem, batch);
         // Measured from the allocations themselves (plan.rs predicts the same figure from the shapes).
         let activation_bytes = acts.iter().map(measured_bytes).sum::<u64>() + scratch_bytes(&scratch);
-        let rope = Rope::new_in(&mem, batch.seq, model.shape.head_size, model.shape.theta);
+        let rope = Rope::new_in(&mem, batch.seq, model.shape.head_size, &model.shape.rotary);
         Self {
             stream: CommStream::new(format!("rank-{rank}-comm")),
             weight_handles: vec![CommHandle::ready(); layout.num_weight_buffers()],
