@@ -368,8 +368,8 @@ fn unsupported_configs_are_refused() {
     let cases: [(&str, Value, &str); 4] = [
         (
             "rope_scaling",
-            json!({"rope_type": "llama3", "factor": 8.0}),
-            "rope_scaling",
+            json!({"rope_type": "linear", "factor": 8.0}),
+            "rope_scaling.rope_type = 'linear'",
         ),
         ("attention_bias", json!(true), "attention_bias"),
         ("hidden_act", json!("gelu"), "hidden_act"),
@@ -891,4 +891,105 @@ fn sliding_window_models_round_trip_as_mistral_and_decode_within_the_window() {
     }
     // Decoding token by token, and after a prefill, gives the training forward's logits.
     cached_decode_matches(&m, &tokens, &full, 7);
+}
+
+/// llama3 and yarn rotary scaling: exported as transformers' `rope_scaling` with every parameter,
+/// imported back to the same architecture, also from transformers 5's `rope_parameters` form; yarn's
+/// transformers defaults are made explicit; unsupported scalings are refused; the KV-cache decode uses
+/// the scaled tables like the training forward, and the scaling changes the logits.
+#[test]
+fn scaled_rotary_round_trips_in_both_transformers_forms_and_decodes() {
+    let mut llama3 = base();
+    let r = &mut llama3.decoder.block.mixer.rotary;
+    r.kind = "llama3".into();
+    r.scale_factor = Some(4.0);
+    r.low_frequency_factor = Some(1.0);
+    r.high_frequency_factor = Some(2.0);
+    r.original_context_length = Some(8);
+    let mut yarn = base();
+    let r = &mut yarn.decoder.block.mixer.rotary;
+    r.kind = "yarn".into();
+    r.scale_factor = Some(4.0);
+    r.original_context_length = Some(16);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let read_cfg = || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
+    let write_cfg = |c: &Value| std::fs::write(out.join("config.json"), serde_json::to_string(c).unwrap()).unwrap();
+    let w = weights(&base(), 29);
+    for (b, scaling) in [
+        (
+            &llama3,
+            json!({"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                   "original_max_position_embeddings": 8}),
+        ),
+        (
+            &yarn,
+            json!({"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.1 * 4f64.ln() + 1.0,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 16}),
+        ),
+    ] {
+        export_llama(&out, b, &w, HfDtype::F32).unwrap();
+        let cfg = read_cfg();
+        assert_eq!(cfg["rope_scaling"], scaling);
+        assert_eq!(cfg["rope_theta"], 5000.0);
+        let (b2, w2) = import_llama(&out).unwrap();
+        assert_eq!(b.architecture_differences(&b2), vec![]);
+        assert_bitwise(&w, &w2);
+        // transformers 5 writes one `rope_parameters` object holding the theta.
+        let mut v5 = cfg.clone();
+        let obj = v5.as_object_mut().unwrap();
+        obj.remove("rope_theta");
+        obj.remove("rope_scaling");
+        let mut params = scaling.clone();
+        params["rope_theta"] = json!(5000.0);
+        obj.insert("rope_parameters".into(), params);
+        write_cfg(&v5);
+        assert_eq!(b.architecture_differences(&import_llama(&out).unwrap().0), vec![]);
+    }
+    // transformers 5's default rotary: the theta lives in rope_parameters (10000 would be wrong here).
+    let mut v5 = read_cfg();
+    v5.as_object_mut().unwrap().remove("rope_theta");
+    v5["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 5000.0});
+    write_cfg(&v5);
+    assert_eq!(base().architecture_differences(&import_llama(&out).unwrap().0), vec![]);
+    // yarn with transformers' defaults: original context = max_position_embeddings, attention factor
+    // 0.1 ln(factor) + 1, beta 32 / 1.
+    let mut c = read_cfg();
+    c.as_object_mut().unwrap().remove("rope_parameters");
+    c["rope_theta"] = json!(5000.0);
+    c["max_position_embeddings"] = json!(16);
+    c["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+    write_cfg(&c);
+    assert_eq!(yarn.architecture_differences(&import_llama(&out).unwrap().0), vec![]);
+    // mscale / mscale_all_dim (DeepSeek's form) set the attention factor as their ratio.
+    c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0, "mscale": 2.0, "mscale_all_dim": 1.0});
+    write_cfg(&c);
+    let a = import_llama(&out).unwrap().0.decoder.block.mixer.rotary.attention_factor.unwrap();
+    assert!((a - (0.2 * 4f64.ln() + 1.0) / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15, "{a}");
+    for (scaling, words) in [
+        (json!({"rope_type": "dynamic", "factor": 2.0}), vec!["rope_type = 'dynamic'", "accepted"]),
+        (json!({"rope_type": "llama3", "factor": 8.0}), vec!["rope_scaling.low_freq_factor is missing"]),
+        (
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                   "original_max_position_embeddings": 8192}),
+            vec!["high_frequency_factor", "must be > low_frequency_factor"],
+        ),
+        (json!({"rope_type": "yarn", "factor": 4.0, "truncate": false}), vec!["truncate = false"]),
+        (json!({"rope_type": "default", "partial_rotary_factor": 0.5}), vec!["partial_rotary_factor = 0.5"]),
+    ] {
+        c["rope_scaling"] = scaling;
+        write_cfg(&c);
+        assert_mentions(&err_text(import_llama(&out)), &[&words[..], &["config.json"]].concat());
+    }
+
+    // Decoding with the KV cache uses the scaled tables like the training forward; the scaling is
+    // seen past the first position.
+    let unscaled = full_forward_logits(&InferenceModel::new(&base(), &w, 2).unwrap(), &test_tokens(12, 37));
+    for b in [&llama3, &yarn] {
+        let m = InferenceModel::new(b, &w, 2).unwrap();
+        let tokens = test_tokens(12, m.model.shape.vocab);
+        let full = full_forward_logits(&m, &tokens);
+        assert!(max_diff(&full, &unscaled) > 1e-3, "{:?}", m.model.shape.rotary);
+        cached_decode_matches(&m, &tokens, &full, 5);
+    }
 }
