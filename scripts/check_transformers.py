@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check an exported HuggingFace Llama directory against HuggingFace transformers.
 
-Loads DIR with `transformers.LlamaForCausalLM.from_pretrained(DIR, torch_dtype=torch.float32)`, runs
+Loads DIR with `transformers.AutoModelForCausalLM.from_pretrained(DIR, torch_dtype=torch.float32)` (Llama or Mistral), runs
 a fixed prompt through it and through our engine (`fast-llm-rs generate --dump-logits`), and prints:
 
 * the largest absolute difference between the two engines' logits over every prompt position;
@@ -75,7 +75,7 @@ def ours(args, workdir):
 def main():
     args = parse_args()
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM.from_pretrained(args.dir, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.dir, torch_dtype=torch.float32)
     model.eval()
     # Byte-level models have no end-of-sequence token: never stop early (HF's default eos id is 2).
     model.generation_config.eos_token_id = None

@@ -1100,8 +1100,10 @@ pub fn convert(a: &ConvertArgs) -> anyhow::Result<String> {
     };
     export_llama_with(&a.output_path, &base, &tensors, &opts)?;
     let params: usize = tensors.iter().map(|t| t.2.len()).sum();
+    // What `config.json` says the model is (a sliding window exports as a Mistral).
+    let model_type = hf_config(&base, &opts)?["model_type"].as_str().unwrap_or("llama").to_string();
     Ok(format!(
-        "converted {} ({}) to {} (llama, {}): {} tensors, {params} parameters",
+        "converted {} ({}) to {} ({model_type}, {}): {} tensors, {params} parameters",
         a.input_path.display(),
         a.input_format,
         a.output_path.display(),

@@ -390,13 +390,14 @@ fn rotary_matches_cpu() {
         let mut rng = Rng(5);
         // Head size 16: vectors of pairs in both types (8 bf16, 4 f32); 8: vectors in f32, one pair
         // at a time in bf16; 6: an odd half, one pair at a time.
-        for (seq, heads, kv_heads, hs) in [(7, 2, 2, 16), (9, 4, 2, 8), (5, 2, 1, 6)] {
+        // The second shape's tables are scaled by 1.3, as yarn's attention factor scales them.
+        for (seq, heads, kv_heads, hs, scale) in [(7, 2, 2, 16, 1.0), (9, 4, 2, 8, 1.3f32), (5, 2, 1, 6, 1.0)] {
             let stride = (heads + 2 * kv_heads) * hs;
             let n = 2 * seq;
             let half = hs / 2;
             let angles: Vec<f32> = rng.vec(seq * half, 3.0);
-            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let cos: Vec<f32> = angles.iter().map(|a| scale * a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| scale * a.sin()).collect();
             let (dc, ds) = (buf(&gpu, &cos, DType::F32), buf(&gpu, &sin, DType::F32));
             for dtype in DTYPES {
                 for inverse in [false, true] {
