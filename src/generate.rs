@@ -144,11 +144,15 @@ impl InferenceModel {
             match layer {
                 LayerKind::Embedding => k.embedding_forward(&mut x, tokens, w, c),
                 LayerKind::Attention(b) => {
-                    let (norm_w, rest) = w.split_at(c);
-                    let (qkv_w, o_w) = rest.split_at(qw * c);
+                    let (norm_w, qkv_w, o_w, qkv_b) = self.model.attention_weights(w);
                     k.rms_norm_forward(&mut normed, &mut rstd, &x, norm_w, c, s.norm_eps as f32);
                     let qkv = &mut proj[..n * qw];
                     k.matmul(qkv, &normed, qkv_w, n, qw, c, false, true, false);
+                    if let Some(bias) = qkv_b {
+                        for row in qkv.chunks_exact_mut(qw) {
+                            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                        }
+                    }
                     // Row i is at position start + i: offset the tables, one "sequence" of n rows.
                     let tab = start * half..(start + n) * half;
                     k.rotary(

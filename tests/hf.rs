@@ -47,7 +47,7 @@ fn weights(b: &BaseModelConfig, seed: u64) -> Vec<NamedTensor> {
                     let z = init::normal(seed, p as u64, e as u64) as f32;
                     match spec.init {
                         Init::Ones => 1.0 + 0.2 * z,
-                        Init::Normal(_) => 0.3 * z,
+                        Init::Normal(_) | Init::Zeros => 0.3 * z,
                     }
                 })
                 .collect();

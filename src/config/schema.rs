@@ -347,6 +347,11 @@ impl BaseModelConfig {
             bb.mixer.head_groups.to_string(),
         );
         cmp(
+            "decoder.block.mixer.query_layer.bias.enabled",
+            ab.mixer.qkv_bias().to_string(),
+            bb.mixer.qkv_bias().to_string(),
+        );
+        cmp(
             "decoder.block.mixer.head_size",
             ab.mixer.head_size.to_string(),
             bb.mixer.head_size.to_string(),
@@ -459,8 +464,57 @@ pub struct MixerConfig {
     /// included (flash-attn's window `(window_size - 1, 0)`). Default null: every earlier key. >= 1.
     /// On a GPU a window shorter than the sequence runs the one-thread-per-row attention kernels.
     pub window_size: Option<u64>,
-    /// Biases on q/k/v/o: not supported (must be false).
+    /// Biases on every linear layer of the attention, unless a layer's `bias.enabled` says otherwise
+    /// (Fast-LLM). Absent = false here. Biases on q/k/v (all three, as Qwen2) are supported; on the
+    /// output projection (`dense_layer`) they are not.
     pub add_linear_biases: Option<bool>,
+    /// Query projection (`bias.enabled`).
+    #[serde(skip_serializing_if = "LinearLayerConfig::is_unset")]
+    pub query_layer: LinearLayerConfig,
+    /// Key projection (`bias.enabled`).
+    #[serde(skip_serializing_if = "LinearLayerConfig::is_unset")]
+    pub key_layer: LinearLayerConfig,
+    /// Value projection (`bias.enabled`).
+    #[serde(skip_serializing_if = "LinearLayerConfig::is_unset")]
+    pub value_layer: LinearLayerConfig,
+    /// Output projection (`bias.enabled`: only false).
+    #[serde(skip_serializing_if = "LinearLayerConfig::is_unset")]
+    pub dense_layer: LinearLayerConfig,
+}
+
+impl MixerConfig {
+    /// Whether `layer` (`query_layer`, ...) has a bias: its `bias.enabled`, else `add_linear_biases`.
+    pub fn layer_bias(&self, layer: &LinearLayerConfig) -> bool {
+        layer.bias.enabled.or(self.add_linear_biases).unwrap_or(false)
+    }
+
+    /// Biases on the q, k and v projections (Qwen2). Validation requires the three alike.
+    pub fn qkv_bias(&self) -> bool {
+        self.layer_bias(&self.query_layer)
+    }
+}
+
+/// A linear layer of the mixer (Fast-LLM's `AffineLinearConfig`; only `bias.enabled` here).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearLayerConfig {
+    /// The layer's bias.
+    pub bias: BiasConfig,
+}
+
+impl LinearLayerConfig {
+    /// Nothing set (left out when a config is written).
+    pub fn is_unset(&self) -> bool {
+        self.bias.enabled.is_none()
+    }
+}
+
+/// `...bias:`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BiasConfig {
+    /// Null: follow the mixer's `add_linear_biases`.
+    pub enabled: Option<bool>,
 }
 
 impl Default for MixerConfig {
@@ -473,6 +527,10 @@ impl Default for MixerConfig {
             rotary: RotaryConfig::default(),
             window_size: None,
             add_linear_biases: None,
+            query_layer: LinearLayerConfig::default(),
+            key_layer: LinearLayerConfig::default(),
+            value_layer: LinearLayerConfig::default(),
+            dense_layer: LinearLayerConfig::default(),
         }
     }
 }

@@ -337,13 +337,35 @@ fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
             "set it to at least 1 or remove it",
         )?;
     }
-    require(
-        mixer.add_linear_biases != Some(true),
-        &format!("{m}.add_linear_biases"),
-        "true",
-        "attention biases are not supported (accepted: false or absent)",
-        "set add_linear_biases: false or remove it",
-    )?;
+    // Biases: q, k and v alike (Qwen2), none on the output projection.
+    let qkv = mixer.qkv_bias();
+    for (name, layer) in [("key_layer", &mixer.key_layer), ("value_layer", &mixer.value_layer)] {
+        require(
+            mixer.layer_bias(layer) == qkv,
+            &format!("{m}.{name}.bias.enabled"),
+            mixer.layer_bias(layer),
+            &format!(
+                "q, k and v biases must be alike (query_layer's is {qkv}): biases on all three (Qwen2) or none"
+            ),
+            "set query_layer, key_layer and value_layer bias.enabled to the same value",
+        )?;
+    }
+    if mixer.layer_bias(&mixer.dense_layer) {
+        let (path, value) = match mixer.dense_layer.bias.enabled {
+            Some(v) => (format!("{m}.dense_layer.bias.enabled"), v),
+            None => (format!("{m}.add_linear_biases"), true),
+        };
+        require(
+            false,
+            &path,
+            value,
+            "a bias on the attention output projection (dense_layer) is not supported",
+            &format!(
+                "set {m}.dense_layer.bias.enabled: false (for q/k/v biases as Qwen2, set query_layer, key_layer \
+                 and value_layer bias.enabled: true)"
+            ),
+        )?;
+    }
 
     let mlp = &base.decoder.block.mlp;
     let f = format!("{P}.decoder.block.mlp");
@@ -849,8 +871,38 @@ mod tests {
         assert!(example(&[&format!("{b}.mixer.window_size=512"), "model.distributed.use_cuda=true"]).is_ok());
         assert_refused(
             &[&format!("{b}.mixer.add_linear_biases=true")],
-            &[&format!("{b}.mixer.add_linear_biases = true"), "not supported"],
+            &[&format!("{b}.mixer.add_linear_biases = true"), "dense_layer", "not supported"],
         );
+        assert_refused(
+            &[&format!("{b}.mixer.dense_layer.bias.enabled=true")],
+            &[&format!("{b}.mixer.dense_layer.bias.enabled = true"), "not supported"],
+        );
+        assert_refused(
+            &[&format!("{b}.mixer.query_layer.bias.enabled=true")],
+            &[&format!("{b}.mixer.key_layer.bias.enabled = false"), "must be alike"],
+        );
+        assert_refused(
+            &[
+                &format!("{b}.mixer.add_linear_biases=true"),
+                &format!("{b}.mixer.dense_layer.bias.enabled=false"),
+                &format!("{b}.mixer.value_layer.bias.enabled=false"),
+            ],
+            &[&format!("{b}.mixer.value_layer.bias.enabled = false"), "must be alike"],
+        );
+        // Qwen2's q/k/v biases, in both of Fast-LLM's spellings.
+        let qwen2 = example(&[
+            &format!("{b}.mixer.query_layer.bias.enabled=true"),
+            &format!("{b}.mixer.key_layer.bias.enabled=true"),
+            &format!("{b}.mixer.value_layer.bias.enabled=true"),
+        ])
+        .unwrap();
+        assert!(qwen2.model.base_model.decoder.block.mixer.qkv_bias());
+        let qwen2 = example(&[
+            &format!("{b}.mixer.add_linear_biases=true"),
+            &format!("{b}.mixer.dense_layer.bias.enabled=false"),
+        ])
+        .unwrap();
+        assert!(qwen2.model.base_model.decoder.block.mixer.qkv_bias());
         assert_refused(
             &[&format!("{b}.mlp.add_linear_biases=true")],
             &[&format!("{b}.mlp.add_linear_biases = true"), "not supported"],

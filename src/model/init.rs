@@ -31,6 +31,7 @@ pub fn normal(seed: u64, p: u64, e: u64) -> f64 {
 pub fn init_value(seed: u64, p: usize, spec: &ParamSpec, e: usize) -> f64 {
     match spec.init {
         Init::Ones => 1.0,
+        Init::Zeros => 0.0,
         Init::Normal(std) => std * normal(seed, p as u64, e as u64),
     }
 }

@@ -49,6 +49,9 @@ pub struct ModelShape {
     /// Sliding-window attention (`window_size`): a token attends its `window` latest keys, itself
     /// included. `None`: every earlier key.
     pub window: Option<usize>,
+    /// Biases on the q, k and v projections (Qwen2): `self_attn.{q,k,v}_proj.bias`, after the layer's
+    /// weights, one fused `(qkv_width)` vector.
+    pub qkv_bias: bool,
 }
 
 impl ModelShape {
@@ -68,6 +71,7 @@ impl ModelShape {
             rotary: Rotary::from_config(&mixer.rotary),
             tied_embeddings: cfg.tied_embedding_weight,
             window: mixer.window_size.map(|w| w as usize),
+            qkv_bias: mixer.qkv_bias(),
         })
     }
 
@@ -88,6 +92,7 @@ impl ModelShape {
             rotary: Rotary::Default { theta: 10000.0 },
             tied_embeddings: false,
             window: None,
+            qkv_bias: false,
         }
     }
 
@@ -130,6 +135,8 @@ impl LayerKind {
 pub enum Init {
     /// All ones (normalization weights).
     Ones,
+    /// All zeros (biases, as transformers initializes them).
+    Zeros,
     /// Normal(0, std).
     Normal(f64),
 }
@@ -233,6 +240,8 @@ pub struct MicroBatchActs<T: Element> {
     pub layers: Vec<LayerActs<T>>,
     /// Gradient of the hidden state flowing backward `(n, c)`.
     pub grad_hidden: Buf<T>,
+    /// `(n)` ones with `qkv_bias` (the bias add and its gradient are products with it), else empty.
+    pub ones: Buf<T>,
     /// Sum of the token losses of this micro-batch (set by the head's forward).
     pub loss_sum: f64,
 }
@@ -304,7 +313,7 @@ impl Llama {
             }
             LayerKind::Attention(i) => {
                 let pre = format!("model.layers.{i}");
-                vec![
+                let mut params = vec![
                     p(
                         format!("{pre}.input_layernorm.weight"),
                         vec![s.hidden],
@@ -335,7 +344,17 @@ impl Llama {
                         Init::Normal(out_std),
                         true,
                     ),
-                ]
+                ];
+                if s.qkv_bias {
+                    for (name, rows) in [
+                        ("q", s.heads * s.head_size),
+                        ("k", s.kv_heads * s.head_size),
+                        ("v", s.kv_heads * s.head_size),
+                    ] {
+                        params.push(p(format!("{pre}.self_attn.{name}_proj.bias"), vec![rows], Init::Zeros, false));
+                    }
+                }
+                params
             }
             LayerKind::Mlp(i) => {
                 let pre = format!("model.layers.{i}");
@@ -437,6 +456,11 @@ impl Llama {
             hidden: (0..self.layers.len() + 1).map(|_| Buf::default()).collect(),
             layers: vec![LayerActs::default(); self.layers.len()],
             grad_hidden: z(n * self.shape.hidden),
+            ones: if self.shape.qkv_bias {
+                Buf::from_slice_in(mem, &vec![T::ONE; n])
+            } else {
+                Buf::default()
+            },
             loss_sum: 0.0,
         };
         for l in layers {
@@ -459,7 +483,7 @@ impl Llama {
     /// them (token ids counted as one element each, inputs and targets).
     pub fn acts_elems(&self, b: Batch, layers: std::ops::Range<usize>) -> usize {
         let n = b.tokens();
-        let mut total = 2 * n + n * self.shape.hidden;
+        let mut total = 2 * n + n * self.shape.hidden + if self.shape.qkv_bias { n } else { 0 };
         for l in layers {
             if l > 0 {
                 total += n * self.shape.hidden;
@@ -595,6 +619,18 @@ impl Llama {
         acts.loss_sum
     }
 
+    /// An attention layer's parameter range split into the norm weight, the fused q/k/v weight
+    /// `(qkv, c)`, the output projection `(c, attn)` and, with `qkv_bias`, the fused q/k/v bias.
+    pub fn attention_weights<'a, T>(&self, weights: &'a [T]) -> (&'a [T], &'a [T], &'a [T], Option<&'a [T]>) {
+        let s = &self.shape;
+        let c = s.hidden;
+        let (norm_w, rest) = weights.split_at(c);
+        let (qkv_w, rest) = rest.split_at(s.qkv_width() * c);
+        let (o_w, bias) = rest.split_at(s.attn_width() * c);
+        assert_eq!(bias.len(), if s.qkv_bias { s.qkv_width() } else { 0 }, "attention: parameter range size");
+        (norm_w, qkv_w, o_w, s.qkv_bias.then_some(bias))
+    }
+
     /// The head's final-norm weight and output projection `(vocab, hidden)`: the rest of its range, or,
     /// tied, the embedding table.
     pub fn head_weights<'a, T>(&self, weights: &'a [T], table: &'a [T]) -> (&'a [T], &'a [T]) {
@@ -637,11 +673,13 @@ impl Llama {
                 k.embedding_forward(&mut after[0], &acts.tokens, weights, c);
             }
             LayerKind::Attention(_) => {
-                let (norm_w, rest) = weights.split_at(c);
-                let qkv_w = &rest[..s.qkv_width() * c];
-                let o_w = &rest[s.qkv_width() * c..];
+                let (norm_w, qkv_w, o_w, qkv_b) = self.attention_weights(weights);
                 k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
+                if let Some(bias) = qkv_b {
+                    // proj += ones (n, 1) @ bias (1, qkv): the bias on every row.
+                    k.matmul(&mut la.proj, &acts.ones, bias, n, s.qkv_width(), 1, false, false, true);
+                }
                 k.rotary(
                     &mut la.proj,
                     s.qkv_width(),
@@ -721,11 +759,10 @@ impl Llama {
                 k.embedding_backward(grads, &acts.tokens, dh, c);
             }
             LayerKind::Attention(_) => {
-                let (norm_w, rest) = weights.split_at(c);
-                let qkv_w = &rest[..s.qkv_width() * c];
-                let o_w = &rest[s.qkv_width() * c..];
+                let (norm_w, qkv_w, o_w, _) = self.attention_weights(weights);
                 let (g_norm, g_rest) = grads.split_at_mut(c);
-                let (g_qkv, g_o) = g_rest.split_at_mut(s.qkv_width() * c);
+                let (g_qkv, g_rest) = g_rest.split_at_mut(s.qkv_width() * c);
+                let (g_o, g_bias) = g_rest.split_at_mut(s.attn_width() * c);
                 let d_inner = &mut scratch.d_inner[..n * s.attn_width()];
                 let d_qkv = &mut scratch.d_proj[..n * s.qkv_width()];
                 // out = x + inner @ o^T
@@ -756,6 +793,10 @@ impl Llama {
                     true,
                 );
                 k.matmul_acc_master(g_qkv, d_qkv, &la.normed, s.qkv_width(), c, n, true, false);
+                if s.qkv_bias {
+                    // bias grad += d_qkv^T (qkv, n) @ ones (n, 1): the column sums.
+                    k.matmul_acc_master(g_bias, d_qkv, &acts.ones, s.qkv_width(), 1, n, true, false);
+                }
                 k.matmul(
                     &mut scratch.d_normed,
                     d_qkv,
@@ -843,6 +884,7 @@ mod tests {
             rotary,
             tied_embeddings,
             window,
+            qkv_bias: false,
         })
     }
 
@@ -864,7 +906,8 @@ mod tests {
                 // Perturb the norm weights away from 1 so their gradients are generic.
                 let v = match spec.init {
                     Init::Ones => 1.0 + 0.3 * init::normal(3, p as u64, e as u64),
-                    Init::Normal(_) => 0.4 * init::normal(3, p as u64, e as u64),
+                    // Biases too, so their gradients are generic.
+                    Init::Normal(_) | Init::Zeros => 0.4 * init::normal(3, p as u64, e as u64),
                 };
                 w.push(v);
             }
@@ -948,6 +991,46 @@ mod tests {
         let t = (8.0 / (2.0 * std::f64::consts::PI) - 1.0) / 3.0;
         assert!((f[0] - ((1.0 - t) / 4.0 + t)).abs() < 1e-15 && (f[1] - 0.01 / 4.0).abs() < 1e-15);
         assert_eq!(yarn.frequencies(4), vec![1.0, 0.01 / 4.0]);
+    }
+
+    /// q/k/v biases (Qwen2): the gradient (biases' included) matches central differences; a backward
+    /// that drops the bias gradient is caught; the biases change the loss.
+    #[test]
+    fn qkv_bias_gradients_match_finite_differences() {
+        let biased = || {
+            let m = tiny(false, Some(3));
+            Llama::new(ModelShape {
+                qkv_bias: true,
+                ..m.shape
+            })
+        };
+        let m = biased();
+        let names: Vec<String> = m.layer_params(LayerKind::Attention(1)).into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names[names.len() - 3..],
+            ["model.layers.1.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.bias", "model.layers.1.self_attn.v_proj.bias"]
+        );
+        let err = model_gradient_error(biased(), |_| {});
+        assert!(err < 1e-6, "relative gradient error {err:e}");
+        let mut bias_ranges = Vec::new();
+        let mut off = 0;
+        for spec in m.all_params() {
+            if spec.name.ends_with("_proj.bias") {
+                bias_ranges.push(off..off + spec.numel());
+            }
+            off += spec.numel();
+        }
+        assert_eq!(bias_ranges.len(), 6);
+        let err = model_gradient_error(biased(), |g| {
+            g[bias_ranges[4].clone()].iter_mut().for_each(|x| *x = 0.0);
+        });
+        assert!(err > 1e-3, "a missing k bias gradient is not detected: {err:e}");
+        let (_, w, tokens, targets, b) = setup_model(biased());
+        let with = run(&m, &w, None, &tokens, &targets, b);
+        let mut w0 = w.clone();
+        bias_ranges.iter().for_each(|r| w0[r.clone()].iter_mut().for_each(|x| *x = 0.0));
+        let without = run(&m, &w0, None, &tokens, &targets, b);
+        assert!((with - without).abs() > 1e-4, "{with} vs {without}");
     }
 
     /// A window covering the sequence is full causal attention, bit for bit; a shorter one changes

@@ -1221,6 +1221,7 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
         rotary: crate::model::Rotary::Default { theta: 10000.0 },
         tied_embeddings: false,
         window: None,
+        qkv_bias: false,
     }
 }
 
@@ -1240,7 +1241,7 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
             for e in 0..spec.numel() {
                 let v = match spec.init {
                     Init::Ones => 1.0 + 0.3 * init::normal(5, p as u64, e as u64),
-                    Init::Normal(_) => 0.4 * init::normal(5, p as u64, e as u64),
+                    Init::Normal(_) | Init::Zeros => 0.4 * init::normal(5, p as u64, e as u64),
                 };
                 w.push(v as f32);
             }
