@@ -1231,8 +1231,12 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
 #[test]
 fn tiny_model_through_cuda_kernels_matches_cpu() {
     use crate::model::{init, Batch, Init, Llama};
-    for dev in test_devices().into_iter().filter(|d| d.memory.name() == "host") {
-        let mut m = Llama::new(tiny_shape(29));
+    let devices = test_devices().into_iter().filter(|d| d.memory.name() == "host");
+    for (dev, qkv_bias) in devices.flat_map(|d| [(d.clone(), false), (d, true)]) {
+        let mut m = Llama::new(crate::model::ModelShape {
+            qkv_bias,
+            ..tiny_shape(29)
+        });
         let b = Batch { batch: 2, seq: 7 };
         let mut w: Vec<f32> = Vec::new();
         let mut spans = Vec::new();
@@ -1259,12 +1263,16 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
         let mut g_dev = vec![0.0f32; w.len()];
         let l_dev = m.forward_backward_flat(&staged, &w, Some(&mut g_dev), &tokens, &targets, b, scale);
         let le = (l_dev - l_cpu).abs() / l_cpu.abs();
-        println!("tiny model loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
+        println!("tiny model (q/k/v biases {qkv_bias}) loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
         assert!(le <= TOL_F32, "loss {l_dev} vs {l_cpu}");
         let mut worst = 0.0f64;
         for (name, r) in &spans {
             let e = rel_err(&g_dev[r.clone()], &g_cpu[r.clone()]);
-            assert!(e <= TOL_F32, "gradient of {name}: relative error {e:e}");
+            // A bias added to every key shifts each query's scores by a constant (softmax ignores it)
+            // but for the rotation by position: its gradient is a small sum of cancelling terms, so
+            // its relative error is larger (about 1e-5 here) than the other tensors'.
+            let tol = if name.ends_with("k_proj.bias") { 5.0 * TOL_F32 } else { TOL_F32 };
+            assert!(e <= tol, "gradient of {name}: relative error {e:e}");
             worst = worst.max(e);
         }
         println!("tiny model gradients: worst per-tensor relative error {worst:.3e}");
