@@ -346,14 +346,26 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     if !block.mlp.gated || block.mlp.activation != "silu" {
         bail!("only a gated silu MLP (SwiGLU) can be exported to a HuggingFace Llama");
     }
-    if mixer.add_linear_biases == Some(true) || block.mlp.add_linear_biases == Some(true) {
-        bail!("linear biases cannot be exported (not supported)");
+    if block.mlp.add_linear_biases == Some(true) || mixer.layer_bias(&mixer.dense_layer) {
+        bail!("MLP and attention output biases cannot be exported (not supported)");
     }
-    // A sliding window makes it a Mistral (same tensors; transformers' Llama has no window).
-    let (arch, model_type) = match mixer.window_size {
-        Some(_) => ("MistralForCausalLM", "mistral"),
-        None => ("LlamaForCausalLM", "llama"),
+    // q/k/v biases make it a Qwen2, a sliding window (without them) a Mistral: the same tensors (and
+    // the biases), which transformers' Llama does not have.
+    let qwen2 = mixer.qkv_bias();
+    let (arch, model_type) = match (qwen2, mixer.window_size) {
+        (true, _) => ("Qwen2ForCausalLM", "qwen2"),
+        (false, Some(_)) => ("MistralForCausalLM", "mistral"),
+        (false, None) => ("LlamaForCausalLM", "llama"),
     };
+    if qwen2 && mixer.heads * mixer.head_size != b.hidden_size {
+        bail!(
+            "a model with q/k/v biases exports as a Qwen2, whose config has no head_dim: heads x head_size ({} x {}) \
+             must equal hidden_size ({})",
+            mixer.heads,
+            mixer.head_size,
+            b.hidden_size
+        );
+    }
     let mut cfg = json!({
         "architectures": [arch],
         "model_type": model_type,
@@ -378,7 +390,24 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         "use_cache": true,
         "torch_dtype": opts.dtype.torch_name(),
     });
-    if let Some(w) = mixer.window_size {
+    if qwen2 {
+        // Qwen2 slides on layers >= max_window_layers when use_sliding_window (transformers 5 also
+        // reads layer_types): a window on every layer is max_window_layers 0.
+        let n = b.decoder.num_blocks;
+        let kind = if mixer.window_size.is_some() { "sliding_attention" } else { "full_attention" };
+        let o = cfg.as_object_mut().expect("an object");
+        o.remove("head_dim");
+        o.remove("attention_bias");
+        o.remove("mlp_bias");
+        o.remove("pretraining_tp");
+        o.insert("use_sliding_window".into(), json!(mixer.window_size.is_some()));
+        o.insert("sliding_window".into(), json!(mixer.window_size));
+        o.insert(
+            "max_window_layers".into(),
+            json!(if mixer.window_size.is_some() { 0 } else { n }),
+        );
+        o.insert("layer_types".into(), json!(vec![kind; n as usize]));
+    } else if let Some(w) = mixer.window_size {
         cfg["sliding_window"] = json!(w);
     }
     Ok(cfg)
@@ -632,6 +661,35 @@ fn rotary_from_hf(cfg: &Value, path: &Path) -> anyhow::Result<crate::config::Rot
     Ok(r)
 }
 
+/// A Qwen2 config's sliding window, which must cover every layer or none: transformers 5's
+/// `layer_types` when present, else `use_sliding_window` (layers from `max_window_layers` on slide).
+fn qwen2_window(cfg: &Value, path: &Path) -> anyhow::Result<Option<u64>> {
+    let p = path.display();
+    let layers = cfg_u64(cfg, "num_hidden_layers", path)?.unwrap_or(0);
+    let sliding_layers = match cfg.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types.iter().filter(|t| t.as_str() == Some("sliding_attention")).count() as u64,
+        None if cfg_bool(cfg, "use_sliding_window", path)? == Some(true) => {
+            // transformers' Qwen2Config default max_window_layers: 28.
+            let first = cfg_u64(cfg, "max_window_layers", path)?.unwrap_or(28);
+            layers.saturating_sub(first)
+        }
+        None => 0,
+    };
+    if sliding_layers == 0 {
+        return Ok(None);
+    }
+    if sliding_layers != layers {
+        bail!(
+            "{p}: {sliding_layers} of {layers} layers use a sliding window (use_sliding_window / max_window_layers / \
+             layer_types); a window on some layers only is not supported"
+        );
+    }
+    match cfg_u64(cfg, "sliding_window", path)? {
+        Some(0) | None => bail!("{p}: sliding layers need sliding_window >= 1"),
+        w => Ok(w),
+    }
+}
+
 /// Map a HuggingFace Llama `config.json` to our architecture config, refusing what we do not support.
 pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<BaseModelConfig> {
     let p = path.display();
@@ -641,16 +699,21 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     // Mistral is a Llama with a sliding window (same tensor names and shapes).
     let model_type = cfg.get("model_type").and_then(Value::as_str);
     if let Some(mt) = model_type {
-        if mt != "llama" && mt != "mistral" {
-            bail!("{p}: model_type = '{mt}'; only 'llama' and 'mistral' checkpoints can be imported");
+        if !["llama", "mistral", "qwen2"].contains(&mt) {
+            bail!("{p}: model_type = '{mt}'; only 'llama', 'mistral' and 'qwen2' checkpoints can be imported");
         }
     }
     if let Some(archs) = cfg.get("architectures").and_then(Value::as_array) {
-        let known = ["LlamaForCausalLM", "MistralForCausalLM"];
+        let known = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
         if !archs.iter().any(|a| a.as_str().is_some_and(|a| known.contains(&a))) {
-            bail!("{p}: architectures = {archs:?}; only LlamaForCausalLM and MistralForCausalLM can be imported");
+            bail!(
+                "{p}: architectures = {archs:?}; only LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM \
+                 can be imported"
+            );
         }
     }
+    // Qwen2 is a Llama with q/k/v biases (always), a window on some layers at most.
+    let qwen2 = model_type == Some("qwen2");
     // transformers' MistralConfig defaults sliding_window to 4096 when the key is absent; null means
     // none. LlamaConfig has no window (a stray key is ignored, as transformers does).
     let window = match model_type {
@@ -662,6 +725,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
                 w => w,
             },
         },
+        Some("qwen2") => qwen2_window(cfg, path)?,
         _ => None,
     };
     if cfg_bool(cfg, "attention_bias", path)? == Some(true) {
@@ -717,6 +781,12 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     block.mixer.head_size = head_dim;
     block.mixer.rotary = rotary;
     block.mixer.window_size = window;
+    if qwen2 {
+        block.mixer.add_linear_biases = Some(false);
+        for layer in [&mut block.mixer.query_layer, &mut block.mixer.key_layer, &mut block.mixer.value_layer] {
+            layer.bias.enabled = Some(true);
+        }
+    }
     block.mlp.intermediate_size = inter;
     block.normalization.epsilon = eps;
     b.head.normalization.epsilon = eps;

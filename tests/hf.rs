@@ -993,3 +993,94 @@ fn scaled_rotary_round_trips_in_both_transformers_forms_and_decodes() {
         cached_decode_matches(&m, &tokens, &full, 5);
     }
 }
+
+/// q/k/v biases export as a Qwen2 (its config keys, the bias tensors) and import back bitwise; a
+/// window on every layer is Qwen2's `use_sliding_window` with `max_window_layers` 0 (and transformers
+/// 5's `layer_types`); a window on some layers only is refused; the biases are in the decode.
+#[test]
+fn qkv_biases_round_trip_as_qwen2_and_decode() {
+    let mut b = base();
+    b.hidden_size = 24; // 4 heads of 6: Qwen2 has no head_dim key.
+    b.decoder.block.mixer.add_linear_biases = Some(true);
+    b.decoder.block.mixer.dense_layer.bias.enabled = Some(false);
+    let w = weights(&b, 31);
+    assert!(w.iter().any(|t| t.0 == "model.layers.1.self_attn.v_proj.bias" && t.1 == vec![12]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    let read_cfg = || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
+    let write_cfg = |c: &Value| std::fs::write(out.join("config.json"), serde_json::to_string(c).unwrap()).unwrap();
+    let cfg = read_cfg();
+    assert_eq!(cfg["architectures"], json!(["Qwen2ForCausalLM"]));
+    assert_eq!(cfg["model_type"], "qwen2");
+    assert_eq!(cfg["use_sliding_window"], false);
+    assert_eq!(cfg["layer_types"], json!(["full_attention", "full_attention"]));
+    assert!(cfg.get("head_dim").is_none() && cfg.get("attention_bias").is_none());
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b.architecture_differences(&b2), vec![]);
+    assert!(b2.decoder.block.mixer.qkv_bias());
+    assert_bitwise(&w, &w2);
+
+    // Windows: every layer (either form), none (max_window_layers past the last layer), some (refused).
+    let window_of = |edit: &dyn Fn(&mut Value)| {
+        let mut c = cfg.clone();
+        edit(&mut c);
+        write_cfg(&c);
+        import_llama(&out).map(|(b, _)| b.decoder.block.mixer.window_size)
+    };
+    let v4 = |use_sw: bool, max_layers: u64| {
+        move |c: &mut Value| {
+            c.as_object_mut().unwrap().remove("layer_types");
+            c["use_sliding_window"] = json!(use_sw);
+            c["sliding_window"] = json!(5);
+            c["max_window_layers"] = json!(max_layers);
+        }
+    };
+    assert_eq!(window_of(&v4(true, 0)).unwrap(), Some(5));
+    assert_eq!(window_of(&v4(true, 2)).unwrap(), None);
+    assert_eq!(window_of(&v4(false, 0)).unwrap(), None);
+    assert_mentions(&err_text(window_of(&v4(true, 1))), &["1 of 2 layers", "not supported"]);
+    let v5 = |types: Value| {
+        move |c: &mut Value| {
+            c["layer_types"] = types.clone();
+            c["sliding_window"] = json!(7);
+        }
+    };
+    assert_eq!(window_of(&v5(json!(["sliding_attention", "sliding_attention"]))).unwrap(), Some(7));
+    assert_mentions(
+        &err_text(window_of(&v5(json!(["full_attention", "sliding_attention"])))),
+        &["1 of 2 layers"],
+    );
+    let mut bw = b.clone();
+    bw.decoder.block.mixer.window_size = Some(5);
+    export_llama(&out, &bw, &w, HfDtype::F32).unwrap();
+    let cfg_w = read_cfg();
+    assert_eq!(
+        (&cfg_w["use_sliding_window"], &cfg_w["sliding_window"], &cfg_w["max_window_layers"]),
+        (&json!(true), &json!(5), &json!(0))
+    );
+    assert_eq!(bw.architecture_differences(&import_llama(&out).unwrap().0), vec![]);
+
+    // Without head_dim in the config, heads x head_size must be the hidden size.
+    let mut odd = b.clone();
+    odd.hidden_size = 16;
+    assert_mentions(
+        &err_text(export_llama(&dir.path().join("odd"), &odd, &weights(&odd, 1), HfDtype::F32)),
+        &["Qwen2", "head_dim", "hidden_size (16)"],
+    );
+
+    // The decode adds the biases like the training forward; they change the logits.
+    let m = InferenceModel::new(&b, &w, 2).unwrap();
+    let tokens = test_tokens(10, m.model.shape.vocab);
+    let full = full_forward_logits(&m, &tokens);
+    cached_decode_matches(&m, &tokens, &full, 4);
+    let zeroed: Vec<NamedTensor> = w
+        .iter()
+        .map(|(n, s, v)| {
+            let v = if n.ends_with("_proj.bias") { vec![0.0; v.len()] } else { v.clone() };
+            (n.clone(), s.clone(), v)
+        })
+        .collect();
+    let without = full_forward_logits(&InferenceModel::new(&b, &zeroed, 2).unwrap(), &tokens);
+    assert!(max_diff(&full, &without) > 1e-3);
+}
