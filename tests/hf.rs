@@ -373,7 +373,7 @@ fn unsupported_configs_are_refused() {
         ),
         ("attention_bias", json!(true), "attention_bias"),
         ("hidden_act", json!("gelu"), "hidden_act"),
-        ("model_type", json!("qwen2"), "model_type"),
+        ("model_type", json!("gemma"), "model_type"),
     ];
     for (key, value, words) in cases {
         let mut cfg = original.clone();

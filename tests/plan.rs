@@ -244,3 +244,23 @@ fn plan_counts_the_attention_ds_scratch() {
         assert_eq!(plan(&cfg(off), None).unwrap().attention_ds_scratch, None, "{off:?}");
     }
 }
+
+/// The shipped configs of released models have their published parameter counts (the `total_size`
+/// of each HuggingFace safetensors index / model card, in parameters): Llama-3.2-1B (tied, llama3
+/// rotary) 1,235,814,400; Qwen2.5-0.5B (tied, q/k/v biases) 494,032,768; Mistral-7B 7,241,732,096.
+#[test]
+fn released_model_configs_have_their_published_parameter_counts() {
+    for (file, params) in [
+        ("llama-3.2-1b.yaml", 1_235_814_400usize),
+        ("qwen2.5-0.5b.yaml", 494_032_768),
+        ("mistral.yaml", 7_241_732_096),
+    ] {
+        let cfg = load_config(
+            Path::new(&format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"))),
+            &[],
+        )
+        .unwrap();
+        let p = plan(&cfg, None).unwrap();
+        assert_eq!(p.stage_parameters.iter().sum::<usize>(), params, "{file}");
+    }
+}

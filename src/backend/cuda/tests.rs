@@ -1282,7 +1282,8 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
 
 /// The multi-stage engine (2 ranks, ZeRO-2, two stages, two micro-batches per rank) trained for three
 /// AdamW steps through [`super::direct::DirectKernels`] against the same run on the CPU backend: the losses of every
-/// step and the final weights within 1e-5.
+/// step and the final weights within 1e-5. The model has q/k/v biases, so on a real GPU this also runs
+/// their products with the ones vector (`k = 1` and `n = 1` cuBLASLt products) in managed memory.
 #[test]
 fn engine_training_through_cuda_kernels_matches_cpu() {
     use crate::config::MultiStageConfig;
@@ -1294,7 +1295,10 @@ fn engine_training_through_cuda_kernels_matches_cpu() {
     use std::time::Duration;
 
     for dev in test_devices() {
-        let m = Arc::new(Llama::new(tiny_shape(40)));
+        let m = Arc::new(Llama::new(crate::model::ModelShape {
+            qkv_bias: true,
+            ..tiny_shape(40)
+        }));
         let b = Batch { batch: 2, seq: 6 };
         let (world, df) = (2usize, 2usize);
         let ms = MultiStageConfig {
