@@ -144,7 +144,12 @@ impl InferenceModel {
             match layer {
                 LayerKind::Embedding => k.embedding_forward(&mut x, tokens, w, c),
                 LayerKind::Attention(b) => {
-                    let (norm_w, qkv_w, o_w, qkv_b) = self.model.attention_weights(w);
+                    let crate::model::AttentionWeights {
+                        norm: norm_w,
+                        qkv: qkv_w,
+                        o: o_w,
+                        qkv_bias: qkv_b,
+                    } = self.model.attention_weights(w);
                     k.rms_norm_forward(&mut normed, &mut rstd, &x, norm_w, c, s.norm_eps as f32);
                     let qkv = &mut proj[..n * qw];
                     k.matmul(qkv, &normed, qkv_w, n, qw, c, false, true, false);

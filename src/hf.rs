@@ -394,7 +394,11 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         // Qwen2 slides on layers >= max_window_layers when use_sliding_window (transformers 5 also
         // reads layer_types): a window on every layer is max_window_layers 0.
         let n = b.decoder.num_blocks;
-        let kind = if mixer.window_size.is_some() { "sliding_attention" } else { "full_attention" };
+        let kind = if mixer.window_size.is_some() {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        };
         let o = cfg.as_object_mut().expect("an object");
         o.remove("head_dim");
         o.remove("attention_bias");
@@ -509,9 +513,9 @@ fn cfg_bool(cfg: &Value, key: &str, path: &Path) -> anyhow::Result<Option<bool>>
 /// at scale factors <= 1) never apply.
 fn rope_scaling_to_hf(rotary: &crate::config::RotaryConfig) -> anyhow::Result<Value> {
     Ok(match Rotary::from_config(rotary) {
-        Rotary::None => bail!(
-            "rotary type 'none' cannot be exported: a HuggingFace Llama always applies rotary embeddings"
-        ),
+        Rotary::None => {
+            bail!("rotary type 'none' cannot be exported: a HuggingFace Llama always applies rotary embeddings")
+        }
         Rotary::Default { .. } => Value::Null,
         Rotary::Llama3 {
             scale_factor,
@@ -637,7 +641,13 @@ fn rotary_from_hf(cfg: &Value, path: &Path) -> anyhow::Result<crate::config::Rot
                 (None, Some(m)) => m as f64 / original as f64,
                 (None, None) => need("factor")?,
             };
-            let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let mscale = |m: f64| {
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * factor.ln() + 1.0
+                }
+            };
             let attention_factor = match (get("attention_factor")?, get("mscale")?, get("mscale_all_dim")?) {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
@@ -783,7 +793,11 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     block.mixer.window_size = window;
     if qwen2 {
         block.mixer.add_linear_biases = Some(false);
-        for layer in [&mut block.mixer.query_layer, &mut block.mixer.key_layer, &mut block.mixer.value_layer] {
+        for layer in [
+            &mut block.mixer.query_layer,
+            &mut block.mixer.key_layer,
+            &mut block.mixer.value_layer,
+        ] {
             layer.bias.enabled = Some(true);
         }
     }
@@ -1171,7 +1185,10 @@ pub fn convert(a: &ConvertArgs) -> anyhow::Result<String> {
     export_llama_with(&a.output_path, &base, &tensors, &opts)?;
     let params: usize = tensors.iter().map(|t| t.2.len()).sum();
     // What `config.json` says the model is (a sliding window exports as a Mistral).
-    let model_type = hf_config(&base, &opts)?["model_type"].as_str().unwrap_or("llama").to_string();
+    let model_type = hf_config(&base, &opts)?["model_type"]
+        .as_str()
+        .unwrap_or("llama")
+        .to_string();
     Ok(format!(
         "converted {} ({}) to {} ({model_type}, {}): {} tensors, {params} parameters",
         a.input_path.display(),

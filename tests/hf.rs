@@ -913,7 +913,8 @@ fn scaled_rotary_round_trips_in_both_transformers_forms_and_decodes() {
     r.original_context_length = Some(16);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
-    let read_cfg = || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
+    let read_cfg =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
     let write_cfg = |c: &Value| std::fs::write(out.join("config.json"), serde_json::to_string(c).unwrap()).unwrap();
     let w = weights(&base(), 29);
     for (b, scaling) in [
@@ -964,18 +965,41 @@ fn scaled_rotary_round_trips_in_both_transformers_forms_and_decodes() {
     // mscale / mscale_all_dim (DeepSeek's form) set the attention factor as their ratio.
     c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0, "mscale": 2.0, "mscale_all_dim": 1.0});
     write_cfg(&c);
-    let a = import_llama(&out).unwrap().0.decoder.block.mixer.rotary.attention_factor.unwrap();
-    assert!((a - (0.2 * 4f64.ln() + 1.0) / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15, "{a}");
+    let a = import_llama(&out)
+        .unwrap()
+        .0
+        .decoder
+        .block
+        .mixer
+        .rotary
+        .attention_factor
+        .unwrap();
+    assert!(
+        (a - (0.2 * 4f64.ln() + 1.0) / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15,
+        "{a}"
+    );
     for (scaling, words) in [
-        (json!({"rope_type": "dynamic", "factor": 2.0}), vec!["rope_type = 'dynamic'", "accepted"]),
-        (json!({"rope_type": "llama3", "factor": 8.0}), vec!["rope_scaling.low_freq_factor is missing"]),
+        (
+            json!({"rope_type": "dynamic", "factor": 2.0}),
+            vec!["rope_type = 'dynamic'", "accepted"],
+        ),
+        (
+            json!({"rope_type": "llama3", "factor": 8.0}),
+            vec!["rope_scaling.low_freq_factor is missing"],
+        ),
         (
             json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
                    "original_max_position_embeddings": 8192}),
             vec!["high_frequency_factor", "must be > low_frequency_factor"],
         ),
-        (json!({"rope_type": "yarn", "factor": 4.0, "truncate": false}), vec!["truncate = false"]),
-        (json!({"rope_type": "default", "partial_rotary_factor": 0.5}), vec!["partial_rotary_factor = 0.5"]),
+        (
+            json!({"rope_type": "yarn", "factor": 4.0, "truncate": false}),
+            vec!["truncate = false"],
+        ),
+        (
+            json!({"rope_type": "default", "partial_rotary_factor": 0.5}),
+            vec!["partial_rotary_factor = 0.5"],
+        ),
     ] {
         c["rope_scaling"] = scaling;
         write_cfg(&c);
@@ -1004,11 +1028,14 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     b.decoder.block.mixer.add_linear_biases = Some(true);
     b.decoder.block.mixer.dense_layer.bias.enabled = Some(false);
     let w = weights(&b, 31);
-    assert!(w.iter().any(|t| t.0 == "model.layers.1.self_attn.v_proj.bias" && t.1 == vec![12]));
+    assert!(w
+        .iter()
+        .any(|t| t.0 == "model.layers.1.self_attn.v_proj.bias" && t.1 == vec![12]));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
     export_llama(&out, &b, &w, HfDtype::F32).unwrap();
-    let read_cfg = || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
+    let read_cfg =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap() };
     let write_cfg = |c: &Value| std::fs::write(out.join("config.json"), serde_json::to_string(c).unwrap()).unwrap();
     let cfg = read_cfg();
     assert_eq!(cfg["architectures"], json!(["Qwen2ForCausalLM"]));
@@ -1046,7 +1073,10 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
             c["sliding_window"] = json!(7);
         }
     };
-    assert_eq!(window_of(&v5(json!(["sliding_attention", "sliding_attention"]))).unwrap(), Some(7));
+    assert_eq!(
+        window_of(&v5(json!(["sliding_attention", "sliding_attention"]))).unwrap(),
+        Some(7)
+    );
     assert_mentions(
         &err_text(window_of(&v5(json!(["full_attention", "sliding_attention"])))),
         &["1 of 2 layers"],
@@ -1056,7 +1086,11 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     export_llama(&out, &bw, &w, HfDtype::F32).unwrap();
     let cfg_w = read_cfg();
     assert_eq!(
-        (&cfg_w["use_sliding_window"], &cfg_w["sliding_window"], &cfg_w["max_window_layers"]),
+        (
+            &cfg_w["use_sliding_window"],
+            &cfg_w["sliding_window"],
+            &cfg_w["max_window_layers"]
+        ),
         (&json!(true), &json!(5), &json!(0))
     );
     assert_eq!(bw.architecture_differences(&import_llama(&out).unwrap().0), vec![]);
@@ -1065,7 +1099,12 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     let mut odd = b.clone();
     odd.hidden_size = 16;
     assert_mentions(
-        &err_text(export_llama(&dir.path().join("odd"), &odd, &weights(&odd, 1), HfDtype::F32)),
+        &err_text(export_llama(
+            &dir.path().join("odd"),
+            &odd,
+            &weights(&odd, 1),
+            HfDtype::F32,
+        )),
         &["Qwen2", "head_dim", "hidden_size (16)"],
     );
 
@@ -1077,7 +1116,11 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     let zeroed: Vec<NamedTensor> = w
         .iter()
         .map(|(n, s, v)| {
-            let v = if n.ends_with("_proj.bias") { vec![0.0; v.len()] } else { v.clone() };
+            let v = if n.ends_with("_proj.bias") {
+                vec![0.0; v.len()]
+            } else {
+                v.clone()
+            };
             (n.clone(), s.clone(), v)
         })
         .collect();

@@ -368,7 +368,11 @@ impl BaseModelConfig {
         );
         if ab.mixer.rotary.kind == bb.mixer.rotary.kind {
             for ((name, x), (_, y)) in ra.parameters().into_iter().zip(rb.parameters()) {
-                cmp(&format!("decoder.block.mixer.rotary.{name}"), x.to_string(), y.to_string());
+                cmp(
+                    &format!("decoder.block.mixer.rotary.{name}"),
+                    x.to_string(),
+                    y.to_string(),
+                );
             }
         }
         cmp(
@@ -595,7 +599,11 @@ impl RotaryConfig {
             ("scale_factor", self.scale_factor, BOTH),
             ("low_frequency_factor", self.low_frequency_factor, &["llama3"]),
             ("high_frequency_factor", self.high_frequency_factor, &["llama3"]),
-            ("original_context_length", self.original_context_length.map(|v| v as f64), BOTH),
+            (
+                "original_context_length",
+                self.original_context_length.map(|v| v as f64),
+                BOTH,
+            ),
             ("attention_factor", self.attention_factor, &["yarn"]),
             ("beta_fast", self.beta_fast, &["yarn"]),
             ("beta_slow", self.beta_slow, &["yarn"]),

@@ -344,9 +344,7 @@ fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
             mixer.layer_bias(layer) == qkv,
             &format!("{m}.{name}.bias.enabled"),
             mixer.layer_bias(layer),
-            &format!(
-                "q, k and v biases must be alike (query_layer's is {qkv}): biases on all three (Qwen2) or none"
-            ),
+            &format!("q, k and v biases must be alike (query_layer's is {qkv}): biases on all three (Qwen2) or none"),
             "set query_layer, key_layer and value_layer bias.enabled to the same value",
         )?;
     }
@@ -433,7 +431,11 @@ pub fn validate_rotary(rotary: &RotaryConfig, r: &str) -> Result<(), ConfigError
         positive(rotary.theta) && (kind != "yarn" || rotary.theta > 1.0),
         &format!("{r}.theta"),
         num(rotary.theta),
-        if kind == "yarn" { "must be > 1 (yarn divides by ln theta)" } else { "must be > 0" },
+        if kind == "yarn" {
+            "must be > 1 (yarn divides by ln theta)"
+        } else {
+            "must be > 0"
+        },
         "set the rotary base, e.g. 10000",
     )?;
     let positive_field = |name: &str, v: Option<f64>| {
@@ -631,7 +633,10 @@ mod tests {
         // A parameter of another type is named with its types.
         refused(
             &["type=llama3", "beta_fast=32"],
-            &[&format!("{r}.beta_fast = 32.0"), "a parameter of rotary type yarn, not of llama3"],
+            &[
+                &format!("{r}.beta_fast = 32.0"),
+                "a parameter of rotary type yarn, not of llama3",
+            ],
         );
         refused(
             &["scale_factor=8"],
@@ -639,13 +644,22 @@ mod tests {
         );
         refused(
             &["type=llama3", "low_frequency_factor=4", "high_frequency_factor=4"],
-            &[&format!("{r}.high_frequency_factor = 4.0"), "must be > low_frequency_factor (4.0)"],
+            &[
+                &format!("{r}.high_frequency_factor = 4.0"),
+                "must be > low_frequency_factor (4.0)",
+            ],
         );
         refused(
             &["type=llama3", "low_frequency_factor=8"],
-            &[&format!("{r}.high_frequency_factor = 4.0"), "must be > low_frequency_factor (8.0)"],
+            &[
+                &format!("{r}.high_frequency_factor = 4.0"),
+                "must be > low_frequency_factor (8.0)",
+            ],
         );
-        refused(&["type=yarn", "scale_factor=0"], &[&format!("{r}.scale_factor = 0.0"), "> 0"]);
+        refused(
+            &["type=yarn", "scale_factor=0"],
+            &[&format!("{r}.scale_factor = 0.0"), "> 0"],
+        );
         refused(&["type=yarn", "theta=1"], &[&format!("{r}.theta = 1.0"), "> 1"]);
         refused(
             &["type=llama3", "original_context_length=0"],
@@ -871,7 +885,11 @@ mod tests {
         assert!(example(&[&format!("{b}.mixer.window_size=512"), "model.distributed.use_cuda=true"]).is_ok());
         assert_refused(
             &[&format!("{b}.mixer.add_linear_biases=true")],
-            &[&format!("{b}.mixer.add_linear_biases = true"), "dense_layer", "not supported"],
+            &[
+                &format!("{b}.mixer.add_linear_biases = true"),
+                "dense_layer",
+                "not supported",
+            ],
         );
         assert_refused(
             &[&format!("{b}.mixer.dense_layer.bias.enabled=true")],
@@ -935,7 +953,13 @@ mod tests {
         );
         assert_refused(
             &[&format!("{b}.mixer.rotary.type=ntk")],
-            &[&format!("{b}.mixer.rotary.type = ntk"), "accepted: default", "llama3", "yarn", "none"],
+            &[
+                &format!("{b}.mixer.rotary.type = ntk"),
+                "accepted: default",
+                "llama3",
+                "yarn",
+                "none",
+            ],
         );
         assert_refused(
             &[&format!("{b}.mixer.type=mamba")],

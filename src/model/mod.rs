@@ -174,6 +174,18 @@ pub struct Llama {
     pub fused_attention: bool,
 }
 
+/// The tensors of an attention layer's parameter range ([`Llama::attention_weights`]).
+pub struct AttentionWeights<'a, T> {
+    /// Pre-normalization weight `(c)`.
+    pub norm: &'a [T],
+    /// Fused q/k/v projection `(qkv, c)`.
+    pub qkv: &'a [T],
+    /// Output projection `(c, attn)`.
+    pub o: &'a [T],
+    /// Fused q/k/v bias `(qkv)`, with `qkv_bias`.
+    pub qkv_bias: Option<&'a [T]>,
+}
+
 /// Rotary tables `(seq, head_size/2)`.
 #[derive(Debug, Clone)]
 pub struct Rope<T: Element> {
@@ -351,7 +363,12 @@ impl Llama {
                         ("k", s.kv_heads * s.head_size),
                         ("v", s.kv_heads * s.head_size),
                     ] {
-                        params.push(p(format!("{pre}.self_attn.{name}_proj.bias"), vec![rows], Init::Zeros, false));
+                        params.push(p(
+                            format!("{pre}.self_attn.{name}_proj.bias"),
+                            vec![rows],
+                            Init::Zeros,
+                            false,
+                        ));
                     }
                 }
                 params
@@ -619,16 +636,24 @@ impl Llama {
         acts.loss_sum
     }
 
-    /// An attention layer's parameter range split into the norm weight, the fused q/k/v weight
-    /// `(qkv, c)`, the output projection `(c, attn)` and, with `qkv_bias`, the fused q/k/v bias.
-    pub fn attention_weights<'a, T>(&self, weights: &'a [T]) -> (&'a [T], &'a [T], &'a [T], Option<&'a [T]>) {
+    /// An attention layer's parameter range split into its tensors.
+    pub fn attention_weights<'a, T>(&self, weights: &'a [T]) -> AttentionWeights<'a, T> {
         let s = &self.shape;
         let c = s.hidden;
-        let (norm_w, rest) = weights.split_at(c);
-        let (qkv_w, rest) = rest.split_at(s.qkv_width() * c);
-        let (o_w, bias) = rest.split_at(s.attn_width() * c);
-        assert_eq!(bias.len(), if s.qkv_bias { s.qkv_width() } else { 0 }, "attention: parameter range size");
-        (norm_w, qkv_w, o_w, s.qkv_bias.then_some(bias))
+        let (norm, rest) = weights.split_at(c);
+        let (qkv, rest) = rest.split_at(s.qkv_width() * c);
+        let (o, bias) = rest.split_at(s.attn_width() * c);
+        assert_eq!(
+            bias.len(),
+            if s.qkv_bias { s.qkv_width() } else { 0 },
+            "attention: parameter range size"
+        );
+        AttentionWeights {
+            norm,
+            qkv,
+            o,
+            qkv_bias: s.qkv_bias.then_some(bias),
+        }
     }
 
     /// The head's final-norm weight and output projection `(vocab, hidden)`: the rest of its range, or,
@@ -673,7 +698,12 @@ impl Llama {
                 k.embedding_forward(&mut after[0], &acts.tokens, weights, c);
             }
             LayerKind::Attention(_) => {
-                let (norm_w, qkv_w, o_w, qkv_b) = self.attention_weights(weights);
+                let AttentionWeights {
+                    norm: norm_w,
+                    qkv: qkv_w,
+                    o: o_w,
+                    qkv_bias: qkv_b,
+                } = self.attention_weights(weights);
                 k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
                 if let Some(bias) = qkv_b {
@@ -759,7 +789,12 @@ impl Llama {
                 k.embedding_backward(grads, &acts.tokens, dh, c);
             }
             LayerKind::Attention(_) => {
-                let (norm_w, qkv_w, o_w, _) = self.attention_weights(weights);
+                let AttentionWeights {
+                    norm: norm_w,
+                    qkv: qkv_w,
+                    o: o_w,
+                    ..
+                } = self.attention_weights(weights);
                 let (g_norm, g_rest) = grads.split_at_mut(c);
                 let (g_qkv, g_rest) = g_rest.split_at_mut(s.qkv_width() * c);
                 let (g_o, g_bias) = g_rest.split_at_mut(s.attn_width() * c);
@@ -983,7 +1018,10 @@ mod tests {
             let err = model_gradient_error(tiny_with(false, None, rotary), |_| {});
             assert!(err < 1e-6, "{rotary:?}: relative gradient error {err:e}");
             let loss = run(&tiny_with(false, None, rotary), &w, None, &tokens, &targets, b);
-            assert!((loss - default).abs() > 1e-6, "{rotary:?}: loss {loss} = default {default}");
+            assert!(
+                (loss - default).abs() > 1e-6,
+                "{rotary:?}: loss {loss} = default {default}"
+            );
         }
         // The frequencies the tables use: llama3 blends pair 0 (wavelength 2π between 8/4 and 8/1) and
         // divides pair 1 (wavelength 200π) by 4; yarn keeps pair 0 and divides pair 1.
@@ -1005,10 +1043,18 @@ mod tests {
             })
         };
         let m = biased();
-        let names: Vec<String> = m.layer_params(LayerKind::Attention(1)).into_iter().map(|p| p.name).collect();
+        let names: Vec<String> = m
+            .layer_params(LayerKind::Attention(1))
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         assert_eq!(
             names[names.len() - 3..],
-            ["model.layers.1.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.bias", "model.layers.1.self_attn.v_proj.bias"]
+            [
+                "model.layers.1.self_attn.q_proj.bias",
+                "model.layers.1.self_attn.k_proj.bias",
+                "model.layers.1.self_attn.v_proj.bias"
+            ]
         );
         let err = model_gradient_error(biased(), |_| {});
         assert!(err < 1e-6, "relative gradient error {err:e}");
@@ -1028,7 +1074,9 @@ mod tests {
         let (_, w, tokens, targets, b) = setup_model(biased());
         let with = run(&m, &w, None, &tokens, &targets, b);
         let mut w0 = w.clone();
-        bias_ranges.iter().for_each(|r| w0[r.clone()].iter_mut().for_each(|x| *x = 0.0));
+        bias_ranges
+            .iter()
+            .for_each(|r| w0[r.clone()].iter_mut().for_each(|x| *x = 0.0));
         let without = run(&m, &w0, None, &tokens, &targets, b);
         assert!((with - without).abs() > 1e-4, "{with} vs {without}");
     }

@@ -250,7 +250,10 @@ mod tests {
         assert_eq!(ours.len(), theirs.len());
         for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
             // transformers computes in float32.
-            assert!((a - b).abs() <= 1e-6 * b.abs(), "{what} pair {i}: ours {a}, transformers {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "{what} pair {i}: ours {a}, transformers {b}"
+            );
         }
     }
 
@@ -286,6 +289,9 @@ mod tests {
                 assert!(s <= d && s >= d / 8.0 * (1.0 - 1e-12), "{kind} pair {i}: {s} vs {d}");
             }
         }
-        assert!(Rotary::from_config(&cfg("none")).frequencies(8).iter().all(|&f| f == 0.0));
+        assert!(Rotary::from_config(&cfg("none"))
+            .frequencies(8)
+            .iter()
+            .all(|&f| f == 0.0));
     }
 }

@@ -1271,7 +1271,11 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
             // A bias added to every key shifts each query's scores by a constant (softmax ignores it)
             // but for the rotation by position: its gradient is a small sum of cancelling terms, so
             // its relative error is larger (about 1e-5 here) than the other tensors'.
-            let tol = if name.ends_with("k_proj.bias") { 5.0 * TOL_F32 } else { TOL_F32 };
+            let tol = if name.ends_with("k_proj.bias") {
+                5.0 * TOL_F32
+            } else {
+                TOL_F32
+            };
             assert!(e <= tol, "gradient of {name}: relative error {e:e}");
             worst = worst.max(e);
         }
