@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --example bench_kernels [-- THREADS...]` (default: 1 2).
 //! Profiling aids: `BENCH_ONLY_MATMUL=THREADS` (200 gate_up products), `BENCH_ONLY_ATTN=1` (200
-//! attention forward+backward, 1 thread), `BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps]` (attention
+//! attention forward+backward, 1 thread), `BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps[,window]]` (attention
 //! alone on 1 thread: minimum and median thread CPU time over `reps` calls, default 50 — the minimum
 //! is the figure to compare on a shared machine).
 
@@ -275,9 +275,14 @@ fn bench_attention_shape(spec: &str) {
         .split(',')
         .map(|x| x.trim().parse().expect("BENCH_ATTN: integers"))
         .collect();
-    assert!(v.len() >= 5, "BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps]");
+    assert!(
+        v.len() >= 5,
+        "BENCH_ATTN=batch,seq,heads,kv_heads,head_size[,reps[,window]]"
+    );
     let (batch, seq, heads, kv, hs) = (v[0], v[1], v[2], v[3], v[4]);
     let reps = v.get(5).copied().unwrap_or(50).max(1);
+    // A sliding window (GF/s below still count the full causal work).
+    let window = v.get(6).copied();
     let k = CpuKernels::new(1);
     let tokens = batch * seq;
     let qkv = fill(tokens * (heads + 2 * kv) * hs, 4);
@@ -299,7 +304,7 @@ fn bench_attention_shape(spec: &str) {
         (t[0], t[reps / 2])
     };
     let (fmin, fmed) = stats(Box::new(|| {
-        k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, None)
+        k.attention_forward(&mut out, &mut probs, &qkv, batch, seq, heads, kv, hs, window)
     }));
     let (bmin, bmed) = stats(Box::new(|| {
         k.attention_backward(
@@ -314,12 +319,12 @@ fn bench_attention_shape(spec: &str) {
             heads,
             kv,
             hs,
-            None,
+            window,
         )
     }));
     let causal = (batch * heads) as f64 * (seq * (seq + 1) / 2) as f64 * hs as f64 * 2.0;
     println!(
-        "attention b{batch} s{seq} h{heads} kv{kv} d{hs}: fwd min {:.3} ms ({:.1} GF/s) median {:.3} ms | \
+        "attention b{batch} s{seq} h{heads} kv{kv} d{hs} window {window:?}: fwd min {:.3} ms ({:.1} GF/s) median {:.3} ms | \
          bwd min {:.3} ms ({:.1} GF/s) median {:.3} ms | fwd+bwd min {:.3} ms",
         fmin * 1e3,
         2.0 * causal / fmin * 1e-9,

@@ -1301,14 +1301,16 @@ mod attn_x86 {
         }
     }
 
-    /// Scores `c[i, j] = scale * a_i . x_j` for rows `i` in `r0..r1` and keys `j` in `0..r1` with
-    /// `j <= i` rounded out to whole tiles (`a`: rows of stride `a_rs`; `x`: keys of stride `x_rs`;
-    /// `c`: rows of stride `seq`), packing each panel of `2 W` keys once.
+    /// Scores `c[i, j] = scale * a_i . x_j` for rows `i` in `r0..r1` and keys `j` in the window
+    /// `i - window < j <= i`, rounded out to whole tiles (`a`: rows of stride `a_rs`; `x`: keys of
+    /// stride `x_rs`; `c`: rows of stride `seq`), packing each panel of `2 W` keys once. Panels start at
+    /// row `r0`'s first key; a panel's rows stop at the last one whose window reaches into it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn causal_scores<S: Simd>(
         r0: usize,
         r1: usize,
+        window: usize,
         hs: usize,
         a: *const f32,
         a_rs: usize,
@@ -1320,13 +1322,14 @@ mod attn_x86 {
         panel: *mut f32,
     ) {
         let nr = 2 * S::W;
-        let mut j0 = 0;
+        let mut j0 = (r0 + 1).saturating_sub(window);
         while j0 < r1 {
             let w = nr.min(r1 - j0);
             pack_panel(panel, nr, x.add(j0 * x_rs), x_rs, hs, w);
             let mut i0 = r0.max(j0);
-            while i0 < r1 {
-                let m = S::MR.min(r1 - i0);
+            let rows_end = r1.min(j0 + w - 1 + window);
+            while i0 < rows_end {
+                let m = S::MR.min(rows_end - i0);
                 let (ai, ci) = (a.add(i0 * a_rs), c.add(i0 * seq + j0));
                 tile_store::<S, 2>(m, hs, ai, a_rs, 1, panel, nr, ci, seq, scale, false, w);
                 i0 += m;
@@ -1353,25 +1356,26 @@ mod attn_x86 {
         let mut r0 = 0;
         while r0 < seq {
             let r1 = (r0 + rb).min(seq);
-            causal_scores::<S>(r0, r1, hs, q, qs, k, qs, p, seq, scale, panel);
+            causal_scores::<S>(r0, r1, s.window, hs, q, qs, k, qs, p, seq, scale, panel);
             for i in r0..r1 {
                 // The window first_key(i)..=i; zero before it (the backward relies on it).
                 let lo = s.first_key(i);
                 std::ptr::write_bytes(p.add(i * seq), 0, lo);
                 softmax_row::<S>(p.add(i * seq + lo), i + 1 - lo, seq - lo);
             }
-            // O = P V, each tile stopping at its last live key.
+            // O = P V, each tile from its first row's first key to its last live key.
             let mut i0 = r0;
             while i0 < r1 {
                 let m = S::MR.min(r1 - i0);
+                let kl = s.first_key(i0);
                 product_rows::<S>(
                     m,
                     hs,
-                    i0 + m,
-                    p.add(i0 * seq),
+                    i0 + m - kl,
+                    p.add(i0 * seq + kl),
                     seq,
                     1,
-                    v,
+                    v.add(kl * qs),
                     qs,
                     o.add(i0 * os),
                     os,
@@ -1409,26 +1413,31 @@ mod attn_x86 {
         let mut r0 = 0;
         while r0 < seq {
             let r1 = (r0 + rb).min(seq);
-            // dP = dO V^T, then dS = P (dP - rowsum(dP P)). Above the diagonal, dS is zeroed up to the
-            // end of the row's tile on the grid r0, r0 + MR, ..., which both the dQ row tiles and
-            // the dK column tiles below follow: they read no further.
-            causal_scores::<S>(r0, r1, hs, go, os, v, qs, ds, seq, 1.0, panel);
+            // dP = dO V^T, then dS = P (dP - rowsum(dP P)) over the window. Outside it, dS is zeroed
+            // up to the end of the row's tile on the grid r0, r0 + MR, ..., and back to MR - 1 keys
+            // before the window: the dQ row tiles and the dK column tiles below follow that grid and
+            // read no further (a tile of m <= MR rows starts at most m - 1 keys before a row's window).
+            causal_scores::<S>(r0, r1, s.window, hs, go, os, v, qs, ds, seq, 1.0, panel);
             for i in r0..r1 {
                 let tile_end = (r0 + ((i - r0) / mr + 1) * mr).min(r1);
-                dsoftmax_row::<S>(ds.add(i * seq), p.add(i * seq), i + 1, tile_end);
+                let lo = s.first_key(i);
+                let zero_from = (lo + 1).saturating_sub(mr);
+                std::ptr::write_bytes(ds.add(i * seq + zero_from), 0, lo - zero_from);
+                dsoftmax_row::<S>(ds.add(i * seq + lo), p.add(i * seq + lo), i + 1 - lo, tile_end - lo);
             }
-            // dQ = scale dS K.
+            // dQ = scale dS K, each tile from its first row's first key.
             let mut i0 = r0;
             while i0 < r1 {
                 let m = mr.min(r1 - i0);
+                let kl = s.first_key(i0);
                 product_rows::<S>(
                     m,
                     hs,
-                    i0 + m,
-                    ds.add(i0 * seq),
+                    i0 + m - kl,
+                    ds.add(i0 * seq + kl),
                     seq,
                     1,
-                    k,
+                    k.add(kl * qs),
                     qs,
                     dq.add(i0 * qs),
                     qs,
@@ -1439,14 +1448,14 @@ mod attn_x86 {
             }
             r0 = r1;
         }
-        // dV = P^T dO and dK = scale dS^T Q; key rows j only receive from query rows i >= j.
+        // dV = P^T dO and dK = scale dS^T Q; key rows j only receive from query rows j <= i < j + window.
         let mut r0 = 0;
         while r0 < seq {
             let r1 = (r0 + rb).min(seq);
             let mut j0 = r0;
             while j0 < r1 {
                 let m = mr.min(r1 - j0);
-                let depth = seq - j0;
+                let depth = seq.min(j0 + m - 1 + s.window) - j0;
                 let pj = p.add(j0 * seq + j0);
                 product_rows::<S>(
                     m,

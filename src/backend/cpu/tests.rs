@@ -680,8 +680,9 @@ fn attention_simd_matches_generic_f32() {
         let mut rng = Rng::new(100 + i as u64);
         let qkv = rand32(&mut rng, batch * seq * (heads + 2 * kv) * hs, 2.0);
         let gout = rand32(&mut rng, batch * seq * heads * hs, 1.0);
-        // Full causal, and a sliding window of about a third of the sequence.
-        for window in [None, Some(seq / 3 + 1)] {
+        // Full causal, a sliding window of about a third of the sequence, and one shorter than a tile
+        // of rows (so tiles start before a row's window and panels end before the block's last row).
+        for window in [None, Some(seq / 3 + 1), Some(3)] {
             let slow = attention_f32(AttnPath::Generic, &qkv, &gout, shape, window, 1);
             for path in [AttnPath::Auto, AttnPath::Avx2] {
                 let fast = attention_f32(path, &qkv, &gout, shape, window, 1);
