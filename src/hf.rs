@@ -326,6 +326,18 @@ fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: HfDtype) -> an
     Ok(())
 }
 
+/// The transformers class and `model_type` a model exports as: q/k/v biases make it a Qwen2, a sliding
+/// window (without them) a Mistral: the same tensors (and the biases), which transformers' Llama does
+/// not have.
+pub fn hf_architecture(base_model: &BaseModelConfig) -> (&'static str, &'static str) {
+    let mixer = &base_model.decoder.block.mixer;
+    match (mixer.qkv_bias(), mixer.window_size) {
+        (true, _) => ("Qwen2ForCausalLM", "qwen2"),
+        (false, Some(_)) => ("MistralForCausalLM", "mistral"),
+        (false, None) => ("LlamaForCausalLM", "llama"),
+    }
+}
+
 /// The `config.json` of `base_model` (refusing what a HuggingFace Llama cannot express).
 pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::Result<Value> {
     let b = base_model;
@@ -349,14 +361,8 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     if block.mlp.add_linear_biases == Some(true) || mixer.layer_bias(&mixer.dense_layer) {
         bail!("MLP and attention output biases cannot be exported (not supported)");
     }
-    // q/k/v biases make it a Qwen2, a sliding window (without them) a Mistral: the same tensors (and
-    // the biases), which transformers' Llama does not have.
     let qwen2 = mixer.qkv_bias();
-    let (arch, model_type) = match (qwen2, mixer.window_size) {
-        (true, _) => ("Qwen2ForCausalLM", "qwen2"),
-        (false, Some(_)) => ("MistralForCausalLM", "mistral"),
-        (false, None) => ("LlamaForCausalLM", "llama"),
-    };
+    let (arch, model_type) = hf_architecture(b);
     if qwen2 && mixer.heads * mixer.head_size != b.hidden_size {
         bail!(
             "a model with q/k/v biases exports as a Qwen2, whose config has no head_dim: heads x head_size ({} x {}) \
@@ -1184,11 +1190,7 @@ pub fn convert(a: &ConvertArgs) -> anyhow::Result<String> {
     };
     export_llama_with(&a.output_path, &base, &tensors, &opts)?;
     let params: usize = tensors.iter().map(|t| t.2.len()).sum();
-    // What `config.json` says the model is (a sliding window exports as a Mistral).
-    let model_type = hf_config(&base, &opts)?["model_type"]
-        .as_str()
-        .unwrap_or("llama")
-        .to_string();
+    let (_, model_type) = hf_architecture(&base);
     Ok(format!(
         "converted {} ({}) to {} ({model_type}, {}): {} tensors, {params} parameters",
         a.input_path.display(),
