@@ -174,6 +174,25 @@ unsafe fn gemm_view<T: Element>(
 
 /// `sum(a[i] * b[i])` with 8 interleaved accumulators (fixed order, vectorizable).
 #[inline]
+/// Checks a per-head norm's shapes; returns `(rows, num_heads * head_size)`.
+fn head_norm_shape(
+    len: usize,
+    row_stride: usize,
+    num_heads: usize,
+    split: usize,
+    head_size: usize,
+    weight_len: usize,
+) -> (usize, usize) {
+    let width = num_heads * head_size;
+    assert!(
+        head_size > 0 && row_stride > 0 && width <= row_stride && split <= num_heads,
+        "head_norm: {num_heads} heads of {head_size} (split at {split}) in rows of {row_stride}"
+    );
+    assert_eq!(len % row_stride, 0, "head_norm: x shape");
+    assert_eq!(weight_len, 2 * head_size, "head_norm: weight shape");
+    (len / row_stride, width)
+}
+
 fn dot<T: Element>(a: &[T], b: &[T]) -> T {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [T::ZERO; 8];
@@ -1888,6 +1907,115 @@ impl<T: Element<Master = T>> Kernels<T> for CpuKernels {
                 let gw = unsafe { pw.slice(c0, c1 - c0) };
                 for (w, &a) in gw.iter_mut().zip(acc.iter()) {
                     *w += a;
+                }
+            }
+        });
+    }
+
+    fn head_norm_forward(
+        &self,
+        x: &mut [T],
+        hat: &mut [T],
+        rstd: &mut [T],
+        weight: &[T],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+        eps: T,
+    ) {
+        let (n, width) = head_norm_shape(x.len(), row_stride, num_heads, split, head_size, weight.len());
+        assert_eq!(hat.len(), n * width, "head_norm_forward: hat shape");
+        assert_eq!(rstd.len(), n * num_heads, "head_norm_forward: rstd shape");
+        let inv_d = T::from_f64(1.0 / head_size as f64);
+        let (px, ph, pr) = (SyncPtr::new(x), SyncPtr::new(hat), SyncPtr::new(rstd));
+        self.par_ranges(n, 3 * width, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let (xs, hats, rs) = unsafe {
+                (
+                    px.slice(s * row_stride, (e - s) * row_stride),
+                    ph.slice(s * width, (e - s) * width),
+                    pr.slice(s * num_heads, (e - s) * num_heads),
+                )
+            };
+            for ((row, hrow), rrow) in xs
+                .chunks_exact_mut(row_stride)
+                .zip(hats.chunks_exact_mut(width))
+                .zip(rs.chunks_exact_mut(num_heads))
+            {
+                let heads = row[..width]
+                    .chunks_exact_mut(head_size)
+                    .zip(hrow.chunks_exact_mut(head_size));
+                for (h, ((xh, hh), r)) in heads.zip(rrow.iter_mut()).enumerate() {
+                    let w = &weight[usize::from(h >= split) * head_size..][..head_size];
+                    let rs = T::ONE / (dot(xh, xh) * inv_d + eps).sqrt();
+                    *r = rs;
+                    for ((xv, hv), &wv) in xh.iter_mut().zip(hh.iter_mut()).zip(w) {
+                        *hv = *xv * rs;
+                        *xv = *hv * wv;
+                    }
+                }
+            }
+        });
+    }
+
+    fn head_norm_backward(
+        &self,
+        grad: &mut [T],
+        grad_weight: &mut [T],
+        hat: &[T],
+        weight: &[T],
+        rstd: &[T],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+    ) {
+        let (n, width) = head_norm_shape(grad.len(), row_stride, num_heads, split, head_size, weight.len());
+        assert_eq!(hat.len(), n * width, "head_norm_backward: hat shape");
+        assert_eq!(rstd.len(), n * num_heads, "head_norm_backward: rstd shape");
+        assert_eq!(
+            grad_weight.len(),
+            2 * head_size,
+            "head_norm_backward: grad_weight shape"
+        );
+        // grad_weight first (it reads the output's gradient, which the input's then replaces): column
+        // j of weight row g sums g * hat over the rows in order, and within a row over g's heads in order.
+        let pw = SyncPtr::new(grad_weight);
+        let g_in: &[T] = grad;
+        self.par_ranges(2 * head_size, n * num_heads, |s, e| {
+            // SAFETY: columns s..e are this range's only.
+            let gw = unsafe { pw.slice(s, e - s) };
+            for (col, d) in (s..e).zip(gw.iter_mut()) {
+                let (group, j) = (col / head_size, col % head_size);
+                let heads = if group == 0 { 0..split } else { split..num_heads };
+                let mut acc = T::ZERO;
+                for i in 0..n {
+                    for h in heads.clone() {
+                        acc += g_in[i * row_stride + h * head_size + j] * hat[(i * num_heads + h) * head_size + j];
+                    }
+                }
+                *d += acc;
+            }
+        });
+        let inv_d = T::from_f64(1.0 / head_size as f64);
+        let pg = SyncPtr::new(grad);
+        self.par_ranges(n, 3 * width, |s, e| {
+            // SAFETY: rows s..e are this range's only.
+            let gs = unsafe { pg.slice(s * row_stride, (e - s) * row_stride) };
+            for (i, row) in (s..e).zip(gs.chunks_exact_mut(row_stride)) {
+                for (h, gh) in row[..width].chunks_exact_mut(head_size).enumerate() {
+                    let w = &weight[usize::from(h >= split) * head_size..][..head_size];
+                    let hh = &hat[(i * num_heads + h) * head_size..][..head_size];
+                    let r = rstd[i * num_heads + h];
+                    let mut m = T::ZERO;
+                    for ((&gv, &wv), &hv) in gh.iter().zip(w).zip(hh) {
+                        m += wv * gv * hv;
+                    }
+                    m *= inv_d;
+                    for ((gv, &wv), &hv) in gh.iter_mut().zip(w).zip(hh) {
+                        *gv = r * (wv * *gv - hv * m);
+                    }
                 }
             }
         });

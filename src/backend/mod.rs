@@ -241,6 +241,43 @@ pub trait Kernels<T: Element>: Send + Sync {
         accumulate: bool,
     );
 
+    /// Per-head RMSNorm in place (query/key norms, Qwen3): `x` holds `n` rows of `row_stride` values;
+    /// head `h < num_heads` of each row (values `h*head_size ..`) becomes `hat * w` where
+    /// `hat = head / rms(head)` and `w` is row 0 of `weight (2, head_size)` for `h < split` (queries),
+    /// row 1 otherwise (keys). Saves `hat (n, num_heads, head_size)` and
+    /// `rstd (n, num_heads) = 1/sqrt(mean(head^2) + eps)` for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn head_norm_forward(
+        &self,
+        x: &mut [T],
+        hat: &mut [T],
+        rstd: &mut [T::Master],
+        weight: &[T],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+        eps: T::Master,
+    );
+
+    /// Backward of [`Kernels::head_norm_forward`] in place: `grad` (same layout as its `x`) holds the
+    /// output's gradient on entry and the input's on exit (`r * (w*g - hat * mean(w*g*hat))`, other
+    /// values untouched); accumulates `grad_weight (2, head_size) += sum of g * hat` over the rows and
+    /// the heads of each weight row.
+    #[allow(clippy::too_many_arguments)]
+    fn head_norm_backward(
+        &self,
+        grad: &mut [T],
+        grad_weight: &mut [T::Master],
+        hat: &[T],
+        weight: &[T],
+        rstd: &[T::Master],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+    );
+
     /// Rotary embedding in place, HuggingFace Llama convention (rotate-half: element `i` pairs with
     /// `i + head_size/2`). `x` holds `n` rows of `row_stride` floats; the first `num_heads * head_size`
     /// of each row are rotated, head by head. Row `i` is at position `i % seq`. `cos`, `sin` are

@@ -398,6 +398,67 @@ fn rms_norm_forward_backward() {
     );
 }
 
+/// The per-head norm (query/key norms) is the RMSNorm of each head with its weight row, leaves the
+/// other values of a row alone, and its gradients match finite differences.
+#[test]
+fn head_norm_forward_backward() {
+    let k = k64(1);
+    let mut rng = Rng::new(21);
+    // 3 rows of 2 query heads, 1 key head and 1 untouched (value) head of 4.
+    let (n, heads, split, hs) = (3, 3, 2, 4);
+    let stride = (heads + 1) * hs;
+    let eps = 1e-6;
+    let x = rng.vec(n * stride, 1.0);
+    let weight: Vec<f64> = rng.vec(2 * hs, 0.5).iter().map(|v| 1.0 + v).collect();
+    let fwd = |x: &[f64], w: &[f64]| {
+        let (mut y, mut hat, mut rstd) = (x.to_vec(), vec![0.0; n * heads * hs], vec![0.0; n * heads]);
+        k.head_norm_forward(&mut y, &mut hat, &mut rstd, w, stride, heads, split, hs, eps);
+        (y, hat, rstd)
+    };
+    let (y, hat, rstd) = fwd(&x, &weight);
+    for i in 0..n {
+        for h in 0..heads + 1 {
+            let at = i * stride + h * hs;
+            let head = &x[at..at + hs];
+            let want = if h < heads {
+                let (mut out, mut r) = (vec![0.0; hs], [0.0]);
+                let w = &weight[usize::from(h >= split) * hs..][..hs];
+                k.rms_norm_forward(&mut out, &mut r, head, w, hs, eps);
+                assert!(
+                    (rstd[i * heads + h] - r[0]).abs() <= 1e-14 * r[0],
+                    "rstd row {i} head {h}"
+                );
+                out
+            } else {
+                head.to_vec()
+            };
+            assert_close(&format!("head_norm row {i} head {h}"), &y[at..at + hs], &want, 1e-14);
+        }
+    }
+    let g = rng.vec(n * stride, 1.0);
+    let gw0 = rng.vec(2 * hs, 1.0);
+    let (mut gx, mut gw) = (g.clone(), gw0.clone());
+    k.head_norm_backward(&mut gx, &mut gw, &hat, &weight, &rstd, stride, heads, split, hs);
+    let dw: Vec<f64> = gw.iter().zip(&gw0).map(|(a, b)| a - b).collect();
+    assert_grad("head_norm dx", &x, &gx, |v| dot(&fwd(v, &weight).0, &g));
+    assert_grad("head_norm dweight", &weight, &dw, |v| dot(&fwd(&x, v).0, &g));
+    // f32, and the same bits for any thread count.
+    let (x32, w32, g32) = (to32(&x), to32(&weight), to32(&g));
+    let run32 = |kern: &CpuKernels| {
+        let (mut y, mut hat, mut rstd) = (x32.clone(), vec![0.0f32; n * heads * hs], vec![0.0f32; n * heads]);
+        kern.head_norm_forward(&mut y, &mut hat, &mut rstd, &w32, stride, heads, split, hs, eps as f32);
+        let (mut gx, mut gw) = (g32.clone(), to32(&gw0));
+        kern.head_norm_backward(&mut gx, &mut gw, &hat, &w32, &rstd, stride, heads, split, hs);
+        (bits(&y), bits(&gx), bits(&gw))
+    };
+    let (y32, gx32, gw32) = run32(&CpuKernels::new(1));
+    let from_bits = |b: &[u32]| b.iter().map(|&v| f32::from_bits(v)).collect::<Vec<f32>>();
+    f32_vs_f64("head_norm forward", &from_bits(&y32), &y);
+    f32_vs_f64("head_norm dx", &from_bits(&gx32), &gx);
+    f32_vs_f64("head_norm dweight", &from_bits(&gw32), &gw);
+    assert_deterministic("head_norm", run32);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary
 // ---------------------------------------------------------------------------------------------

@@ -241,6 +241,62 @@ impl<T: DevElement> Kernels<T> for DirectKernels {
         );
     }
 
+    fn head_norm_forward(
+        &self,
+        x: &mut [T],
+        hat: &mut [T],
+        rstd: &mut [f32],
+        weight: &[T],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+        eps: f32,
+    ) {
+        ok(
+            self.kernels.head_norm_forward(
+                view(x),
+                view(hat),
+                master(rstd),
+                view(weight),
+                row_stride,
+                num_heads,
+                split,
+                head_size,
+                eps,
+            ),
+            "head_norm_forward",
+        );
+    }
+
+    fn head_norm_backward(
+        &self,
+        grad: &mut [T],
+        grad_weight: &mut [f32],
+        hat: &[T],
+        weight: &[T],
+        rstd: &[f32],
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+    ) {
+        ok(
+            self.kernels.head_norm_backward(
+                view(grad),
+                master(grad_weight),
+                view(hat),
+                view(weight),
+                master(rstd),
+                row_stride,
+                num_heads,
+                split,
+                head_size,
+            ),
+            "head_norm_backward",
+        );
+    }
+
     fn rotary(
         &self,
         x: &mut [T],

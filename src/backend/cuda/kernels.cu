@@ -574,6 +574,108 @@ extern "C" __global__ void sum_chunks_f32(float* out, const float* partial, int 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Per-head RMSNorm (query/key norms, Qwen3), in place on the first num_heads * head_size values of each
+// of the n rows of x (row_stride apart): head h of a row becomes hat * w, hat = head * rstd, w the row
+// (h < split ? 0 : 1) of weight (2, head_size). One warp-sized block per (row, head), grid-stride.
+template <class T>
+__device__ void head_norm_fwd_impl(T* x, T* hat, float* rstd, const T* weight, int n, int row_stride,
+                                   int num_heads, int split, int head_size, float eps) {
+    __shared__ float red[MAX_BLOCK / 32];
+    const float inv_d = 1.0f / (float)head_size;
+    const long long items = (long long)n * num_heads;
+    for (long long it = blockIdx.x; it < items; it += gridDim.x) {
+        const long long row = it / num_heads;
+        const int h = (int)(it - row * num_heads);
+        T* xh = x + row * row_stride + (long long)h * head_size;
+        T* hh = hat + it * head_size;
+        const T* w = weight + (h < split ? 0 : head_size);
+        float ss = 0.0f;
+        for (int j = threadIdx.x; j < head_size; j += blockDim.x) {
+            const float v = ld(xh[j]);
+            ss += v * v;
+        }
+        ss = block_sum(ss, red);
+        const float rs = 1.0f / sqrtf(ss * inv_d + eps);
+        if (threadIdx.x == 0) rstd[it] = rs;
+        for (int j = threadIdx.x; j < head_size; j += blockDim.x) {
+            // hat is stored in T; the output is computed from the stored (rounded) hat, as the
+            // backward sees it.
+            st(hh + j, ld(xh[j]) * rs);
+            st(xh + j, ld(hh[j]) * ld(w[j]));
+        }
+    }
+}
+extern "C" __global__ void head_norm_fwd_f32(float* x, float* hat, float* rstd, const float* weight, int n,
+                                             int row_stride, int num_heads, int split, int head_size, float eps) {
+    head_norm_fwd_impl(x, hat, rstd, weight, n, row_stride, num_heads, split, head_size, eps);
+}
+extern "C" __global__ void head_norm_fwd_bf16(bf16* x, bf16* hat, float* rstd, const bf16* weight, int n,
+                                              int row_stride, int num_heads, int split, int head_size, float eps) {
+    head_norm_fwd_impl(x, hat, rstd, weight, n, row_stride, num_heads, split, head_size, eps);
+}
+// The input gradient in place: g = r * (w*g - hat * mean(w*g*hat)), one block per (row, head).
+template <class T>
+__device__ void head_norm_bwd_dx_impl(T* grad, const T* hat, const T* weight, const float* rstd, int n,
+                                      int row_stride, int num_heads, int split, int head_size) {
+    __shared__ float red[MAX_BLOCK / 32];
+    const float inv_d = 1.0f / (float)head_size;
+    const long long items = (long long)n * num_heads;
+    for (long long it = blockIdx.x; it < items; it += gridDim.x) {
+        const long long row = it / num_heads;
+        const int h = (int)(it - row * num_heads);
+        T* gh = grad + row * row_stride + (long long)h * head_size;
+        const T* hh = hat + it * head_size;
+        const T* w = weight + (h < split ? 0 : head_size);
+        float m = 0.0f;
+        for (int j = threadIdx.x; j < head_size; j += blockDim.x) m += ld(w[j]) * ld(gh[j]) * ld(hh[j]);
+        m = block_sum(m, red) * inv_d;
+        const float r = rstd[it];
+        for (int j = threadIdx.x; j < head_size; j += blockDim.x) st(gh + j, r * (ld(w[j]) * ld(gh[j]) - ld(hh[j]) * m));
+    }
+}
+extern "C" __global__ void head_norm_bwd_dx_f32(float* grad, const float* hat, const float* weight,
+                                                const float* rstd, int n, int row_stride, int num_heads, int split,
+                                                int head_size) {
+    head_norm_bwd_dx_impl(grad, hat, weight, rstd, n, row_stride, num_heads, split, head_size);
+}
+extern "C" __global__ void head_norm_bwd_dx_bf16(bf16* grad, const bf16* hat, const bf16* weight,
+                                                 const float* rstd, int n, int row_stride, int num_heads, int split,
+                                                 int head_size) {
+    head_norm_bwd_dx_impl(grad, hat, weight, rstd, n, row_stride, num_heads, split, head_size);
+}
+// Weight-gradient chunk sums (before the input gradient replaces the output's): partial[chunk][c] for
+// column c of weight row g = c / head_size: the sum of grad * hat over the chunk's rows in order, and in
+// a row over g's heads in order. A thread per column (grid: column blocks x chunks); sum_chunks_f32
+// then adds the chunks in order.
+template <class T>
+__device__ void head_norm_bwd_dw_impl(float* partial, const T* grad, const T* hat, int n, int row_stride,
+                                      int num_heads, int split, int head_size, int rows_per_chunk) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int chunk = blockIdx.y;
+    if (col >= 2 * head_size) return;
+    const int j = col % head_size;
+    const int h0 = col < head_size ? 0 : split, h1 = col < head_size ? split : num_heads;
+    const int i0 = chunk * rows_per_chunk;
+    const int i1 = i0 + rows_per_chunk < n ? i0 + rows_per_chunk : n;
+    float acc = 0.0f;
+    for (int i = i0; i < i1; ++i)
+        for (int h = h0; h < h1; ++h)
+            acc += ld(grad[(long long)i * row_stride + (long long)h * head_size + j]) *
+                   ld(hat[((long long)i * num_heads + h) * head_size + j]);
+    partial[(long long)chunk * 2 * head_size + col] = acc;
+}
+extern "C" __global__ void head_norm_bwd_dw_f32(float* partial, const float* grad, const float* hat, int n,
+                                                int row_stride, int num_heads, int split, int head_size,
+                                                int rows_per_chunk) {
+    head_norm_bwd_dw_impl(partial, grad, hat, n, row_stride, num_heads, split, head_size, rows_per_chunk);
+}
+extern "C" __global__ void head_norm_bwd_dw_bf16(float* partial, const bf16* grad, const bf16* hat, int n,
+                                                 int row_stride, int num_heads, int split, int head_size,
+                                                 int rows_per_chunk) {
+    head_norm_bwd_dw_impl(partial, grad, hat, n, row_stride, num_heads, split, head_size, rows_per_chunk);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Rotary embedding (rotate-half), in place on the first num_heads * head_size values of each of the n
 // rows of x (row_stride values apart). Row i is at position i % seq; cos, sin are (seq, head_size/2)
 // fp32. With `inverse` the rotation is by -angle. Rows are spread over blocks, (head, pair) over the
@@ -2160,6 +2262,7 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int c
     X(cast_f32_to_bf16) X(cast_bf16_to_f32) X(add_f32) X(add_bf16) X(embedding_fwd_f32) X(embedding_fwd_bf16) \
     X(embedding_bwd_partial_f32) X(embedding_bwd_partial_bf16) X(embedding_bwd_sum) X(rms_norm_fwd_f32) X(rms_norm_fwd_bf16) X(rms_norm_bwd_dx_f32) \
     X(rms_norm_bwd_dx_bf16) X(rms_norm_bwd_dw_f32) X(rms_norm_bwd_dw_bf16) X(rms_norm_bwd_f32) X(rms_norm_bwd_bf16) X(sum_chunks_f32) X(rotary_f32) X(rotary_bf16)      \
+    X(head_norm_fwd_f32) X(head_norm_fwd_bf16) X(head_norm_bwd_dx_f32) X(head_norm_bwd_dx_bf16) X(head_norm_bwd_dw_f32) X(head_norm_bwd_dw_bf16) \
     X(swiglu_fwd_f32) X(swiglu_fwd_bf16) X(swiglu_bwd_f32) X(swiglu_bwd_bf16) X(cross_entropy_f32)            \
     X(cross_entropy_bf16) X(attn_fwd_f32) X(attn_fwd_bf16) X(attn_bwd_delta_f32) X(attn_bwd_delta_bf16)       \
     X(attn_bwd_dq_f32) X(attn_bwd_dq_bf16) X(attn_bwd_dkv_f32) X(attn_bwd_dkv_bf16) X(adamw_f32) X(adamw_f32_to_bf16) \

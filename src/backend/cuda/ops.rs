@@ -541,6 +541,15 @@ impl CudaKernels {
         }
     }
 
+    /// One warp-sized block per (row, head) of a per-head norm, grid-stride.
+    fn grid_heads(&self, items: usize) -> Launch {
+        Launch {
+            grid: (items.clamp(1, MAX_GRID) as u32, 1, 1),
+            block: (32, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
     /// Attention grid: (row blocks, `ys`, batch).
     fn grid_attn(&self, d: &AttnDims, ys: usize) -> Launch {
         let bs = self.block();
@@ -964,6 +973,169 @@ impl CudaKernels {
             )?;
             sum_chunks(partial.ptr, chunks)
         })
+    }
+
+    /// Checks a per-head norm's views; returns the rows `n`.
+    #[allow(clippy::too_many_arguments)]
+    fn head_norm_rows(
+        what: &str,
+        x: &DevView,
+        hat: &DevView,
+        rstd: &DevView,
+        weight: &DevView,
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+    ) -> Result<usize, GpuError> {
+        if head_size == 0 || row_stride == 0 || num_heads * head_size > row_stride || split > num_heads {
+            return Err(invalid(format!(
+                "{what}: unsupported shape ({num_heads} heads of {head_size}, split at {split}, rows of {row_stride})"
+            )));
+        }
+        if !x.len.is_multiple_of(row_stride) {
+            return Err(invalid(format!(
+                "{what}: x of {} elements is not (n, {row_stride})",
+                x.len
+            )));
+        }
+        let n = x.len / row_stride;
+        expect_same_dtype(hat, x, &format!("{what}: hat"))?;
+        expect_same_dtype(weight, x, &format!("{what}: weight"))?;
+        expect_dtype(rstd, DType::F32, &format!("{what}: rstd"))?;
+        expect_len(hat, n * num_heads * head_size, &format!("{what}: hat"))?;
+        expect_len(rstd, n * num_heads, &format!("{what}: rstd"))?;
+        expect_len(weight, 2 * head_size, &format!("{what}: weight"))?;
+        Ok(n)
+    }
+
+    /// Per-head RMSNorm in place (see [`Kernels::head_norm_forward`]); `rstd` fp32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_forward(
+        &self,
+        x: DevView,
+        hat: DevView,
+        rstd: DevView,
+        weight: DevView,
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        let what = "head_norm_forward";
+        let n = Self::head_norm_rows(what, &x, &hat, &rstd, &weight, row_stride, num_heads, split, head_size)?;
+        if n * num_heads == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("head_norm_fwd_{}", x.dtype.suffix()),
+            self.grid_heads(n * num_heads),
+            &[
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(hat.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::I32(int(n, "rows")?),
+                Arg::I32(int(row_stride, "row_stride")?),
+                Arg::I32(int(num_heads, "num_heads")?),
+                Arg::I32(int(split, "split")?),
+                Arg::I32(int(head_size, "head_size")?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// Backward of the per-head RMSNorm in place (see [`Kernels::head_norm_backward`]): the weight
+    /// gradient's chunk sums first (they read the output's gradient), then the input gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_backward(
+        &self,
+        grad: DevView,
+        grad_weight: DevView,
+        hat: DevView,
+        weight: DevView,
+        rstd: DevView,
+        row_stride: usize,
+        num_heads: usize,
+        split: usize,
+        head_size: usize,
+    ) -> Result<(), GpuError> {
+        let what = "head_norm_backward";
+        let n = Self::head_norm_rows(
+            what, &grad, &hat, &rstd, &weight, row_stride, num_heads, split, head_size,
+        )?;
+        expect_dtype(&grad_weight, DType::F32, "head_norm_backward: grad_weight")?;
+        expect_len(&grad_weight, 2 * head_size, "head_norm_backward: grad_weight")?;
+        if n * num_heads == 0 {
+            return Ok(());
+        }
+        let t = grad.dtype.suffix();
+        let (ni, rsi, nhi, si, hsi) = (
+            int(n, "rows")?,
+            int(row_stride, "row_stride")?,
+            int(num_heads, "num_heads")?,
+            int(split, "split")?,
+            int(head_size, "head_size")?,
+        );
+        let chunks = n.div_ceil(ROWS_PER_CHUNK);
+        if chunks > MAX_GRID {
+            return Err(invalid(format!(
+                "{what}: {n} rows is more than {MAX_GRID} chunks of {ROWS_PER_CHUNK}"
+            )));
+        }
+        let cols = 2 * head_size;
+        let bs = self.block();
+        self.with_scratch(chunks * cols, |partial| {
+            self.launch(
+                &format!("head_norm_bwd_dw_{t}"),
+                Launch {
+                    grid: (cols.div_ceil(bs) as u32, chunks as u32, 1),
+                    block: (bs as u32, 1, 1),
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(partial.ptr),
+                    Arg::Ptr(grad.ptr),
+                    Arg::Ptr(hat.ptr),
+                    Arg::I32(ni),
+                    Arg::I32(rsi),
+                    Arg::I32(nhi),
+                    Arg::I32(si),
+                    Arg::I32(hsi),
+                    Arg::I32(ROWS_PER_CHUNK as i32),
+                ],
+            )?;
+            self.launch(
+                "sum_chunks_f32",
+                Launch {
+                    grid: (cols.div_ceil(32) as u32, 1, 1),
+                    block: (32, SUM_LANES, 1),
+                    shared_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(grad_weight.ptr),
+                    Arg::Ptr(partial.ptr),
+                    Arg::I32(chunks as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )
+        })?;
+        self.launch(
+            &format!("head_norm_bwd_dx_{t}"),
+            self.grid_heads(n * num_heads),
+            &[
+                Arg::Ptr(grad.ptr),
+                Arg::Ptr(hat.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::I32(ni),
+                Arg::I32(rsi),
+                Arg::I32(nhi),
+                Arg::I32(si),
+                Arg::I32(hsi),
+            ],
+        )
     }
 
     /// Rotary embedding in place (see [`Kernels::rotary`]); `cos`, `sin` are fp32 `(seq, head_size/2)`.

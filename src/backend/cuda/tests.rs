@@ -384,6 +384,69 @@ fn rms_norm_matches_cpu() {
 }
 
 #[test]
+fn head_norm_matches_cpu() {
+    for gpu in test_gpus() {
+        let k = CudaKernels::new(gpu.clone());
+        let mut rng = Rng(14);
+        // (rows, query heads, key heads, head size): head sizes 8, 128 (several values per thread),
+        // 40; 150 rows: three weight-gradient chunks, the last partial; no key heads (split = all).
+        for (n, heads, kv, hs) in [(5, 2, 1, 8), (3, 4, 2, 128), (150, 2, 2, 40), (4, 3, 0, 8)] {
+            // q, k, then v heads (left alone) in each row, as the model's fused projection.
+            let stride = (heads + 2 * kv) * hs;
+            let (nh, split) = (heads + kv, heads);
+            for dtype in DTYPES {
+                let t = tol(dtype);
+                let sfx = format!("{}, n {n} heads {heads}+{kv} of {hs}", dtype.suffix());
+                let x = stored(&rng.vec(n * stride, 2.0), dtype);
+                let w = stored(&rng.vec(2 * hs, 1.5), dtype);
+                let (mut y, mut hat, mut rstd) = (x.clone(), vec![0.0; n * nh * hs], vec![0.0; n * nh]);
+                cpu().head_norm_forward(&mut y, &mut hat, &mut rstd, &w, stride, nh, split, hs, 1e-6);
+                let (dx, dw) = (buf(&gpu, &x, dtype), buf(&gpu, &w, dtype));
+                let dhat = DevBuf::zeros(&gpu, n * nh * hs, dtype).unwrap();
+                let dr = DevBuf::zeros(&gpu, n * nh, DType::F32).unwrap();
+                k.head_norm_forward(
+                    dx.view(),
+                    dhat.view(),
+                    dr.view(),
+                    dw.view(),
+                    stride,
+                    nh,
+                    split,
+                    hs,
+                    1e-6,
+                )
+                .unwrap();
+                check(&format!("head_norm_fwd_{sfx} out"), &read(&dx), &y, t);
+                check(&format!("head_norm_fwd_{sfx} hat"), &read(&dhat), &hat, t);
+                check(&format!("head_norm_fwd_{sfx} rstd"), &read(&dr), &rstd, TOL_F32);
+
+                // The backward from the device's saved hat and rstd (what its backward reads).
+                let (hat_dev, rstd_dev) = (read(&dhat), read(&dr));
+                let g = stored(&rng.vec(n * stride, 1.0), dtype);
+                let gw0 = rng.vec(2 * hs, 1.0);
+                let (mut want, mut gw) = (g.clone(), gw0.clone());
+                cpu().head_norm_backward(&mut want, &mut gw, &hat_dev, &w, &rstd_dev, stride, nh, split, hs);
+                let (dg, dgw) = (buf(&gpu, &g, dtype), buf(&gpu, &gw0, DType::F32));
+                k.head_norm_backward(
+                    dg.view(),
+                    dgw.view(),
+                    dhat.view(),
+                    dw.view(),
+                    dr.view(),
+                    stride,
+                    nh,
+                    split,
+                    hs,
+                )
+                .unwrap();
+                check(&format!("head_norm_bwd_dx_{sfx}"), &read(&dg), &want, t);
+                check(&format!("head_norm_bwd_dw_{sfx}"), &read(&dgw), &gw, TOL_F32);
+            }
+        }
+    }
+}
+
+#[test]
 fn rotary_matches_cpu() {
     for gpu in test_gpus() {
         let k = CudaKernels::new(gpu.clone());
