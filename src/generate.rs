@@ -149,6 +149,7 @@ impl InferenceModel {
                         qkv: qkv_w,
                         o: o_w,
                         qkv_bias: qkv_b,
+                        qk_norm: qk_w,
                     } = self.model.attention_weights(w);
                     k.rms_norm_forward(&mut normed, &mut rstd, &x, norm_w, c, s.norm_eps as f32);
                     let qkv = &mut proj[..n * qw];
@@ -157,6 +158,11 @@ impl InferenceModel {
                         for row in qkv.chunks_exact_mut(qw) {
                             row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
                         }
+                    }
+                    if let (Some(qk_w), Some(eps)) = (qk_w, s.qk_norm) {
+                        let heads = s.heads + s.kv_heads;
+                        let (mut hat, mut r) = (vec![0f32; n * heads * s.head_size], vec![0f32; n * heads]);
+                        k.head_norm_forward(qkv, &mut hat, &mut r, qk_w, qw, heads, s.heads, s.head_size, eps as f32);
                     }
                     // Row i is at position start + i: offset the tables, one "sequence" of n rows.
                     let tab = start * half..(start + n) * half;

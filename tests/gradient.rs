@@ -13,7 +13,8 @@ use fast_llm_rs::model::{init, Batch, Llama, ModelShape};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn model(tied_embeddings: bool, qkv_bias: bool) -> Llama {
+/// `qwen`: q/k/v biases and query/key norms (Qwen3 with biases).
+fn model(tied_embeddings: bool, qwen: bool) -> Llama {
     Llama::new(ModelShape {
         hidden: 16,
         vocab: 40,
@@ -27,7 +28,8 @@ fn model(tied_embeddings: bool, qkv_bias: bool) -> Llama {
         rotary: fast_llm_rs::model::Rotary::Default { theta: 10000.0 },
         tied_embeddings,
         window: None,
-        qkv_bias,
+        qkv_bias: qwen,
+        qk_norm: qwen.then_some(1e-6),
     })
 }
 
@@ -65,8 +67,8 @@ fn engine_gradient_equals_the_single_buffer_reference() {
     engine_gradient_matches(false, false);
 }
 
-/// q/k/v biases (Qwen2): the bias vectors sit at the end of each attention layer's range, so they
-/// straddle shards under some layouts.
+/// q/k/v biases (Qwen2) and query/key norms (Qwen3): the bias vectors and norm weights sit at the end
+/// of each attention layer's range, so they straddle shards under some layouts.
 #[test]
 fn biased_engine_gradient_equals_the_single_buffer_reference() {
     engine_gradient_matches(false, true);
@@ -79,8 +81,8 @@ fn tied_engine_gradient_equals_the_single_buffer_reference() {
     engine_gradient_matches(true, false);
 }
 
-fn engine_gradient_matches(tied: bool, qkv_bias: bool) {
-    let m = Arc::new(model(tied, qkv_bias));
+fn engine_gradient_matches(tied: bool, qwen: bool) {
+    let m = Arc::new(model(tied, qwen));
     let b = Batch { batch: 2, seq: 6 };
     for (world, df, bf) in [(1usize, 4usize, 1usize), (2, 2, 1), (2, 1, 2), (4, 1, 1), (1, 2, 2)] {
         let total = world * df * bf;

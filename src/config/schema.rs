@@ -351,6 +351,16 @@ impl BaseModelConfig {
             ab.mixer.qkv_bias().to_string(),
             bb.mixer.qkv_bias().to_string(),
         );
+        let qk_norm = |m: &MixerConfig| {
+            m.query_norm
+                .as_ref()
+                .map_or("null".to_string(), |n| n.epsilon.to_string())
+        };
+        cmp(
+            "decoder.block.mixer.query_norm.epsilon",
+            qk_norm(&ab.mixer),
+            qk_norm(&bb.mixer),
+        );
         cmp(
             "decoder.block.mixer.head_size",
             ab.mixer.head_size.to_string(),
@@ -484,6 +494,14 @@ pub struct MixerConfig {
     /// Output projection (`bias.enabled`: only false).
     #[serde(skip_serializing_if = "LinearLayerConfig::is_unset")]
     pub dense_layer: LinearLayerConfig,
+    /// RMSNorm of each query head, after the projection and before rotary (Qwen3's `q_norm`), with a
+    /// learned `(head_size)` weight shared by the heads. Default null: none. Set with `key_norm`, the
+    /// same epsilon (`{type: rms_norm, epsilon: 1e-6}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_norm: Option<NormalizationConfig>,
+    /// RMSNorm of each key head (Qwen3's `k_norm`); see `query_norm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_norm: Option<NormalizationConfig>,
 }
 
 impl MixerConfig {
@@ -535,6 +553,8 @@ impl Default for MixerConfig {
             key_layer: LinearLayerConfig::default(),
             value_layer: LinearLayerConfig::default(),
             dense_layer: LinearLayerConfig::default(),
+            query_norm: None,
+            key_norm: None,
         }
     }
 }

@@ -365,6 +365,39 @@ fn validate_base_model(base: &BaseModelConfig) -> Result<(), ConfigError> {
         )?;
     }
 
+    // Query/key norms (Qwen3): both or neither, one epsilon.
+    match (&mixer.query_norm, &mixer.key_norm) {
+        (None, None) => {}
+        (Some(q), Some(k)) => {
+            validate_normalization(&format!("{m}.query_norm"), q)?;
+            validate_normalization(&format!("{m}.key_norm"), k)?;
+            require(
+                q.epsilon == k.epsilon,
+                &format!("{m}.key_norm.epsilon"),
+                k.epsilon,
+                &format!(
+                    "the query and key norms share one epsilon (query_norm.epsilon is {})",
+                    q.epsilon
+                ),
+                "set both epsilons to the same value",
+            )?;
+        }
+        (q, _) => {
+            let (set, unset) = if q.is_some() {
+                ("query_norm", "key_norm")
+            } else {
+                ("key_norm", "query_norm")
+            };
+            require(
+                false,
+                &format!("{m}.{unset}"),
+                "null",
+                &format!("{set} is set: query and key norms come together (Qwen3) or not at all"),
+                &format!("set {m}.{unset}: {{type: rms_norm, epsilon: ...}} too, or remove {set}"),
+            )?;
+        }
+    }
+
     let mlp = &base.decoder.block.mlp;
     let f = format!("{P}.decoder.block.mlp");
     require(

@@ -52,6 +52,10 @@ pub struct ModelShape {
     /// Biases on the q, k and v projections (Qwen2): `self_attn.{q,k,v}_proj.bias`, after the layer's
     /// weights, one fused `(qkv_width)` vector.
     pub qkv_bias: bool,
+    /// RMSNorm of each query and key head before rotary (Qwen3's `q_norm`/`k_norm`, Fast-LLM's
+    /// `query_norm`/`key_norm`), with this epsilon: `self_attn.{q,k}_norm.weight` `(head_size)` each,
+    /// last in the layer's range (after the biases), one `(2, head_size)` block.
+    pub qk_norm: Option<f64>,
 }
 
 impl ModelShape {
@@ -72,6 +76,7 @@ impl ModelShape {
             tied_embeddings: cfg.tied_embedding_weight,
             window: mixer.window_size.map(|w| w as usize),
             qkv_bias: mixer.qkv_bias(),
+            qk_norm: mixer.query_norm.as_ref().map(|n| n.epsilon),
         })
     }
 
@@ -93,6 +98,7 @@ impl ModelShape {
             tied_embeddings: false,
             window: None,
             qkv_bias: false,
+            qk_norm: None,
         }
     }
 
@@ -184,6 +190,8 @@ pub struct AttentionWeights<'a, T> {
     pub o: &'a [T],
     /// Fused q/k/v bias `(qkv)`, with `qkv_bias`.
     pub qkv_bias: Option<&'a [T]>,
+    /// Query and key norm weights `(2, head_size)`, with `qk_norm`.
+    pub qk_norm: Option<&'a [T]>,
 }
 
 /// Rotary tables `(seq, head_size/2)`.
@@ -226,9 +234,10 @@ impl<T: Element> Rope<T> {
 /// Saved activations of one layer for one micro-batch.
 #[derive(Debug, Clone, Default)]
 pub struct LayerActs<T: Element> {
-    /// Normalized input `(n, c)`.
+    /// Normalized input `(n, c)`; an attention layer with query/key norms follows it with the heads'
+    /// normalized values `(n, heads + kv_heads, head_size)` ([`Llama::qk_heads_rows`]).
     pub normed: Buf<T>,
-    /// 1/rms per token `(n)`.
+    /// 1/rms per token `(n)`; then, with query/key norms, per query and key head `(n, heads + kv_heads)`.
     pub rstd: Buf<T::Master>,
     /// Attention: q/k/v after rotary `(n, qkv)`; MLP: gate|up `(n, 2*inter)`; head: logits `(n, vocab)`.
     pub proj: Buf<T>,
@@ -371,6 +380,16 @@ impl Llama {
                         ));
                     }
                 }
+                if s.qk_norm.is_some() {
+                    for name in ["q_norm", "k_norm"] {
+                        params.push(p(
+                            format!("{pre}.self_attn.{name}.weight"),
+                            vec![s.head_size],
+                            Init::Ones,
+                            false,
+                        ));
+                    }
+                }
                 params
             }
             LayerKind::Mlp(i) => {
@@ -441,14 +460,25 @@ impl Llama {
         match layer {
             LayerKind::Embedding => [0; 5],
             LayerKind::Attention(_) => [
-                n * s.hidden,
-                n,
+                n * s.hidden + self.qk_heads_rows(b) * s.head_size,
+                n + self.qk_heads_rows(b),
                 n * s.qkv_width(),
                 self.attention_rows(b),
                 n * s.attn_width(),
             ],
             LayerKind::Mlp(_) => [n * s.hidden, n, n * 2 * s.inter, 0, n * s.inter],
             LayerKind::Head => [n * s.hidden, n, n * s.vocab, 0, 0],
+        }
+    }
+
+    /// Query and key heads of a micro-batch, `n * (heads + kv_heads)`, with `qk_norm` (each saves its
+    /// normalized values after the layer's normalized input, and its `rstd` after the input's); else 0.
+    pub fn qk_heads_rows(&self, b: Batch) -> usize {
+        let s = &self.shape;
+        if s.qk_norm.is_some() {
+            b.tokens() * (s.heads + s.kv_heads)
+        } else {
+            0
         }
     }
 
@@ -642,10 +672,11 @@ impl Llama {
         let c = s.hidden;
         let (norm, rest) = weights.split_at(c);
         let (qkv, rest) = rest.split_at(s.qkv_width() * c);
-        let (o, bias) = rest.split_at(s.attn_width() * c);
+        let (o, rest) = rest.split_at(s.attn_width() * c);
+        let (bias, qk_norm) = rest.split_at(if s.qkv_bias { s.qkv_width() } else { 0 });
         assert_eq!(
-            bias.len(),
-            if s.qkv_bias { s.qkv_width() } else { 0 },
+            qk_norm.len(),
+            if s.qk_norm.is_some() { 2 * s.head_size } else { 0 },
             "attention: parameter range size"
         );
         AttentionWeights {
@@ -653,6 +684,7 @@ impl Llama {
             qkv,
             o,
             qkv_bias: s.qkv_bias.then_some(bias),
+            qk_norm: s.qk_norm.is_some().then_some(qk_norm),
         }
     }
 
@@ -703,12 +735,28 @@ impl Llama {
                     qkv: qkv_w,
                     o: o_w,
                     qkv_bias: qkv_b,
+                    qk_norm: qk_w,
                 } = self.attention_weights(weights);
-                k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
-                k.matmul(&mut la.proj, &la.normed, qkv_w, n, s.qkv_width(), c, false, true, false);
+                let (normed, qk_hat) = la.normed.split_at_mut(n * c);
+                let (rstd, qk_rstd) = la.rstd.split_at_mut(n);
+                k.rms_norm_forward(normed, rstd, input, norm_w, c, eps);
+                k.matmul(&mut la.proj, normed, qkv_w, n, s.qkv_width(), c, false, true, false);
                 if let Some(bias) = qkv_b {
                     // proj += ones (n, 1) @ bias (1, qkv): the bias on every row.
                     k.matmul(&mut la.proj, &acts.ones, bias, n, s.qkv_width(), 1, false, false, true);
+                }
+                if let (Some(qk_w), Some(qk_eps)) = (qk_w, s.qk_norm) {
+                    k.head_norm_forward(
+                        &mut la.proj,
+                        qk_hat,
+                        qk_rstd,
+                        qk_w,
+                        s.qkv_width(),
+                        s.heads + s.kv_heads,
+                        s.heads,
+                        s.head_size,
+                        T::Master::from_f64(qk_eps),
+                    );
                 }
                 k.rotary(
                     &mut la.proj,
@@ -793,11 +841,15 @@ impl Llama {
                     norm: norm_w,
                     qkv: qkv_w,
                     o: o_w,
+                    qk_norm: qk_w,
                     ..
                 } = self.attention_weights(weights);
                 let (g_norm, g_rest) = grads.split_at_mut(c);
                 let (g_qkv, g_rest) = g_rest.split_at_mut(s.qkv_width() * c);
-                let (g_o, g_bias) = g_rest.split_at_mut(s.attn_width() * c);
+                let (g_o, g_rest) = g_rest.split_at_mut(s.attn_width() * c);
+                let (g_bias, g_qk) = g_rest.split_at_mut(if s.qkv_bias { s.qkv_width() } else { 0 });
+                let (normed, qk_hat) = la.normed.split_at(n * c);
+                let (rstd, qk_rstd) = la.rstd.split_at(n);
                 let d_inner = &mut scratch.d_inner[..n * s.attn_width()];
                 let d_qkv = &mut scratch.d_proj[..n * s.qkv_width()];
                 // out = x + inner @ o^T
@@ -827,7 +879,20 @@ impl Llama {
                     &rope.sin,
                     true,
                 );
-                k.matmul_acc_master(g_qkv, d_qkv, &la.normed, s.qkv_width(), c, n, true, false);
+                if let Some(qk_w) = qk_w {
+                    k.head_norm_backward(
+                        d_qkv,
+                        g_qk,
+                        qk_hat,
+                        qk_w,
+                        qk_rstd,
+                        s.qkv_width(),
+                        s.heads + s.kv_heads,
+                        s.heads,
+                        s.head_size,
+                    );
+                }
+                k.matmul_acc_master(g_qkv, d_qkv, normed, s.qkv_width(), c, n, true, false);
                 if s.qkv_bias {
                     // bias grad += d_qkv^T (qkv, n) @ ones (n, 1): the column sums.
                     k.matmul_acc_master(g_bias, d_qkv, &acts.ones, s.qkv_width(), 1, n, true, false);
@@ -844,7 +909,7 @@ impl Llama {
                     false,
                 );
                 // Pre-norm residual: dh (the output's gradient) += the norm's input gradient.
-                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, &la.rstd, c, true);
+                k.rms_norm_backward(dh, g_norm, &scratch.d_normed, input, norm_w, rstd, c, true);
             }
             LayerKind::Mlp(_) => {
                 let (norm_w, rest) = weights.split_at(c);
@@ -920,6 +985,7 @@ mod tests {
             tied_embeddings,
             window,
             qkv_bias: false,
+            qk_norm: None,
         })
     }
 
@@ -1079,6 +1145,57 @@ mod tests {
             .for_each(|r| w0[r.clone()].iter_mut().for_each(|x| *x = 0.0));
         let without = run(&m, &w0, None, &tokens, &targets, b);
         assert!((with - without).abs() > 1e-4, "{with} vs {without}");
+    }
+
+    /// Query/key norms (Qwen3), with q/k/v biases before them and a window: the weights are last in
+    /// the attention range, the whole-model gradient matches central differences, a dropped key-norm
+    /// gradient is caught, and the norm weights change the loss.
+    #[test]
+    fn qk_norm_gradients_match_finite_differences() {
+        let normed = || {
+            let m = tiny(false, Some(3));
+            Llama::new(ModelShape {
+                qkv_bias: true,
+                qk_norm: Some(1e-6),
+                ..m.shape
+            })
+        };
+        let m = normed();
+        let names: Vec<String> = m
+            .layer_params(LayerKind::Attention(0))
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names[names.len() - 3..],
+            [
+                "model.layers.0.self_attn.v_proj.bias",
+                "model.layers.0.self_attn.q_norm.weight",
+                "model.layers.0.self_attn.k_norm.weight"
+            ]
+        );
+        let mut norm_ranges = Vec::new();
+        let mut off = 0;
+        for spec in m.all_params() {
+            if spec.name.ends_with("_norm.weight") && spec.name.contains("self_attn") {
+                assert_eq!(spec.shape, [m.shape.head_size]);
+                norm_ranges.push(off..off + spec.numel());
+            }
+            off += spec.numel();
+        }
+        assert_eq!(norm_ranges.len(), 4);
+        let err = model_gradient_error(normed(), |_| {});
+        assert!(err < 1e-6, "relative gradient error {err:e}");
+        let err = model_gradient_error(normed(), |g| {
+            g[norm_ranges[3].clone()].iter_mut().for_each(|x| *x = 0.0);
+        });
+        assert!(err > 1e-3, "a missing k_norm gradient is not detected: {err:e}");
+        let (_, w, tokens, targets, b) = setup_model(normed());
+        let with = run(&m, &w, None, &tokens, &targets, b);
+        let mut w2 = w.clone();
+        w2[norm_ranges[1].clone()].iter_mut().for_each(|x| *x *= 1.5);
+        let scaled = run(&m, &w2, None, &tokens, &targets, b);
+        assert!((with - scaled).abs() > 1e-4, "{with} vs {scaled}");
     }
 
     /// A window covering the sequence is full causal attention, bit for bit; a shorter one changes

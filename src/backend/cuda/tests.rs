@@ -1285,6 +1285,7 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
         tied_embeddings: false,
         window: None,
         qkv_bias: false,
+        qk_norm: None,
     }
 }
 
@@ -1295,9 +1296,11 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
 fn tiny_model_through_cuda_kernels_matches_cpu() {
     use crate::model::{init, Batch, Init, Llama};
     let devices = test_devices().into_iter().filter(|d| d.memory.name() == "host");
-    for (dev, qkv_bias) in devices.flat_map(|d| [(d.clone(), false), (d, true)]) {
+    let variants = [(false, None), (true, None), (true, Some(1e-6))];
+    for (dev, (qkv_bias, qk_norm)) in devices.flat_map(|d| variants.map(|v| (d.clone(), v))) {
         let mut m = Llama::new(crate::model::ModelShape {
             qkv_bias,
+            qk_norm,
             ..tiny_shape(29)
         });
         let b = Batch { batch: 2, seq: 7 };
@@ -1326,7 +1329,7 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
         let mut g_dev = vec![0.0f32; w.len()];
         let l_dev = m.forward_backward_flat(&staged, &w, Some(&mut g_dev), &tokens, &targets, b, scale);
         let le = (l_dev - l_cpu).abs() / l_cpu.abs();
-        println!("tiny model (q/k/v biases {qkv_bias}) loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
+        println!("tiny model (q/k/v biases {qkv_bias}, q/k norms {qk_norm:?}) loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
         assert!(le <= TOL_F32, "loss {l_dev} vs {l_cpu}");
         let mut worst = 0.0f64;
         for (name, r) in &spans {
@@ -1349,8 +1352,8 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
 
 /// The multi-stage engine (2 ranks, ZeRO-2, two stages, two micro-batches per rank) trained for three
 /// AdamW steps through [`super::direct::DirectKernels`] against the same run on the CPU backend: the losses of every
-/// step and the final weights within 1e-5. The model has q/k/v biases, so on a real GPU this also runs
-/// their products with the ones vector (`k = 1` and `n = 1` cuBLASLt products) in managed memory.
+/// step and the final weights within 1e-5, with q/k/v biases (on a real GPU this also runs their products
+/// with the ones vector: `k = 1` and `n = 1` cuBLASLt products, in managed memory) and with query/key norms.
 #[test]
 fn engine_training_through_cuda_kernels_matches_cpu() {
     use crate::config::MultiStageConfig;
@@ -1361,9 +1364,17 @@ fn engine_training_through_cuda_kernels_matches_cpu() {
     use crate::model::{init, Batch, Llama};
     use std::time::Duration;
 
-    for dev in test_devices() {
+    // q/k/v biases (Qwen2), then query/key norms (Qwen3). Not both: with key norms the key bias's
+    // gradient is a small difference of large terms (without them it is zero: softmax ignores a shift
+    // shared by every key), and Adam's first steps turn its rounding into whole updates.
+    let variants = [(true, None), (false, Some(1e-6))];
+    for (dev, (qkv_bias, qk_norm)) in test_devices()
+        .into_iter()
+        .flat_map(|d| variants.map(|v| (d.clone(), v)))
+    {
         let m = Arc::new(Llama::new(crate::model::ModelShape {
-            qkv_bias: true,
+            qkv_bias,
+            qk_norm,
             ..tiny_shape(40)
         }));
         let b = Batch { batch: 2, seq: 6 };
@@ -1419,7 +1430,8 @@ fn engine_training_through_cuda_kernels_matches_cpu() {
             for (step, (a, b)) in ld.iter().zip(lc).enumerate() {
                 let e = (a - b).abs() / b.abs();
                 println!(
-                    "engine rank {rank} step {}: loss cpu {b}, cuda {a}, relative error {e:.3e}",
+                    "engine (biases {qkv_bias}, q/k norms {qk_norm:?}) rank {rank} step {}: loss cpu {b}, cuda {a}, \
+                     relative error {e:.3e}",
                     step + 1
                 );
                 assert!(e <= TOL_F32, "rank {rank} step {}: loss {a} vs {b}", step + 1);
