@@ -326,15 +326,16 @@ fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: HfDtype) -> an
     Ok(())
 }
 
-/// The transformers class and `model_type` a model exports as: q/k/v biases make it a Qwen2, a sliding
-/// window (without them) a Mistral: the same tensors (and the biases), which transformers' Llama does
-/// not have.
+/// The transformers class and `model_type` a model exports as: query/key norms make it a Qwen3, q/k/v
+/// biases a Qwen2, a sliding window (without either) a Mistral: the same tensors (plus the norms or the
+/// biases), which transformers' Llama does not have.
 pub fn hf_architecture(base_model: &BaseModelConfig) -> (&'static str, &'static str) {
     let mixer = &base_model.decoder.block.mixer;
-    match (mixer.qkv_bias(), mixer.window_size) {
-        (true, _) => ("Qwen2ForCausalLM", "qwen2"),
-        (false, Some(_)) => ("MistralForCausalLM", "mistral"),
-        (false, None) => ("LlamaForCausalLM", "llama"),
+    match (mixer.query_norm.is_some(), mixer.qkv_bias(), mixer.window_size) {
+        (true, _, _) => ("Qwen3ForCausalLM", "qwen3"),
+        (false, true, _) => ("Qwen2ForCausalLM", "qwen2"),
+        (false, false, Some(_)) => ("MistralForCausalLM", "mistral"),
+        (false, false, None) => ("LlamaForCausalLM", "llama"),
     }
 }
 
@@ -361,8 +362,22 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     if block.mlp.add_linear_biases == Some(true) || mixer.layer_bias(&mixer.dense_layer) {
         bail!("MLP and attention output biases cannot be exported (not supported)");
     }
-    let qwen2 = mixer.qkv_bias();
     let (arch, model_type) = hf_architecture(b);
+    let (qwen2, qwen3) = (model_type == "qwen2", model_type == "qwen3");
+    if let Some(qn) = mixer.query_norm.as_ref().filter(|qn| qn.epsilon != block.normalization.epsilon) {
+        bail!(
+            "model.base_model.decoder.block.mixer.query_norm.epsilon ({}) differs from \
+             decoder.block.normalization.epsilon ({}): a HuggingFace Qwen3 has a single rms_norm_eps",
+            qn.epsilon,
+            block.normalization.epsilon
+        );
+    }
+    if qwen3 && mixer.qkv_bias() {
+        bail!(
+            "query/key norms with q/k/v biases cannot be exported: they make a Qwen3, whose attention_bias also \
+             puts a bias on the output projection (not supported)"
+        );
+    }
     if qwen2 && mixer.heads * mixer.head_size != b.hidden_size {
         bail!(
             "a model with q/k/v biases exports as a Qwen2, whose config has no head_dim: heads x head_size ({} x {}) \
@@ -396,8 +411,8 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
         "use_cache": true,
         "torch_dtype": opts.dtype.torch_name(),
     });
-    if qwen2 {
-        // Qwen2 slides on layers >= max_window_layers when use_sliding_window (transformers 5 also
+    if qwen2 || qwen3 {
+        // Qwen2/3 slide on layers >= max_window_layers when use_sliding_window (transformers 5 also
         // reads layer_types): a window on every layer is max_window_layers 0.
         let n = b.decoder.num_blocks;
         let kind = if mixer.window_size.is_some() {
@@ -406,8 +421,11 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
             "full_attention"
         };
         let o = cfg.as_object_mut().expect("an object");
-        o.remove("head_dim");
-        o.remove("attention_bias");
+        if qwen2 {
+            // Qwen2's config has neither (head_dim = hidden / heads, biases on q/k/v always).
+            o.remove("head_dim");
+            o.remove("attention_bias");
+        }
         o.remove("mlp_bias");
         o.remove("pretraining_tp");
         o.insert("use_sliding_window".into(), json!(mixer.window_size.is_some()));
@@ -677,15 +695,15 @@ fn rotary_from_hf(cfg: &Value, path: &Path) -> anyhow::Result<crate::config::Rot
     Ok(r)
 }
 
-/// A Qwen2 config's sliding window, which must cover every layer or none: transformers 5's
+/// A Qwen2 or Qwen3 config's sliding window, which must cover every layer or none: transformers 5's
 /// `layer_types` when present, else `use_sliding_window` (layers from `max_window_layers` on slide).
-fn qwen2_window(cfg: &Value, path: &Path) -> anyhow::Result<Option<u64>> {
+fn qwen_window(cfg: &Value, path: &Path) -> anyhow::Result<Option<u64>> {
     let p = path.display();
     let layers = cfg_u64(cfg, "num_hidden_layers", path)?.unwrap_or(0);
     let sliding_layers = match cfg.get("layer_types").and_then(Value::as_array) {
         Some(types) => types.iter().filter(|t| t.as_str() == Some("sliding_attention")).count() as u64,
         None if cfg_bool(cfg, "use_sliding_window", path)? == Some(true) => {
-            // transformers' Qwen2Config default max_window_layers: 28.
+            // transformers' Qwen2Config and Qwen3Config default max_window_layers: 28.
             let first = cfg_u64(cfg, "max_window_layers", path)?.unwrap_or(28);
             layers.saturating_sub(first)
         }
@@ -715,21 +733,30 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     // Mistral is a Llama with a sliding window (same tensor names and shapes).
     let model_type = cfg.get("model_type").and_then(Value::as_str);
     if let Some(mt) = model_type {
-        if !["llama", "mistral", "qwen2"].contains(&mt) {
-            bail!("{p}: model_type = '{mt}'; only 'llama', 'mistral' and 'qwen2' checkpoints can be imported");
-        }
-    }
-    if let Some(archs) = cfg.get("architectures").and_then(Value::as_array) {
-        let known = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
-        if !archs.iter().any(|a| a.as_str().is_some_and(|a| known.contains(&a))) {
+        if !["llama", "mistral", "qwen2", "qwen3"].contains(&mt) {
             bail!(
-                "{p}: architectures = {archs:?}; only LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM \
-                 can be imported"
+                "{p}: model_type = '{mt}'; only 'llama', 'mistral', 'qwen2' and 'qwen3' checkpoints can be imported"
             );
         }
     }
-    // Qwen2 is a Llama with q/k/v biases (always), a window on some layers at most.
+    if let Some(archs) = cfg.get("architectures").and_then(Value::as_array) {
+        let known = [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        ];
+        if !archs.iter().any(|a| a.as_str().is_some_and(|a| known.contains(&a))) {
+            bail!(
+                "{p}: architectures = {archs:?}; only LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and \
+                 Qwen3ForCausalLM can be imported"
+            );
+        }
+    }
+    // Qwen2 is a Llama with q/k/v biases (always), Qwen3 one with query/key norms (both: a window on
+    // some layers at most).
     let qwen2 = model_type == Some("qwen2");
+    let qwen3 = model_type == Some("qwen3");
     // transformers' MistralConfig defaults sliding_window to 4096 when the key is absent; null means
     // none. LlamaConfig has no window (a stray key is ignored, as transformers does).
     let window = match model_type {
@@ -741,7 +768,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
                 w => w,
             },
         },
-        Some("qwen2") => qwen2_window(cfg, path)?,
+        Some("qwen2" | "qwen3") => qwen_window(cfg, path)?,
         _ => None,
     };
     if cfg_bool(cfg, "attention_bias", path)? == Some(true) {
@@ -806,6 +833,14 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
         ] {
             layer.bias.enabled = Some(true);
         }
+    }
+    if qwen3 {
+        let norm = crate::config::NormalizationConfig {
+            epsilon: eps,
+            ..Default::default()
+        };
+        block.mixer.query_norm = Some(norm.clone());
+        block.mixer.key_norm = Some(norm);
     }
     block.mlp.intermediate_size = inter;
     block.normalization.epsilon = eps;

@@ -1127,3 +1127,105 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     let without = full_forward_logits(&InferenceModel::new(&b, &zeroed, 2).unwrap(), &tokens);
     assert!(max_diff(&full, &without) > 1e-3);
 }
+
+/// Query/key norms export as a Qwen3 (its class, `head_dim` kept, the `q_norm`/`k_norm` tensors) and
+/// import back bitwise, windows included; what a Qwen3 config cannot say is refused; the decode applies
+/// the norms like the training forward, and they change the logits.
+#[test]
+fn qk_norms_round_trip_as_qwen3_and_decode() {
+    let mut b = base();
+    let eps = b.decoder.block.normalization.epsilon;
+    let norm = fast_llm_rs::config::NormalizationConfig {
+        epsilon: eps,
+        ..Default::default()
+    };
+    b.decoder.block.mixer.query_norm = Some(norm.clone());
+    b.decoder.block.mixer.key_norm = Some(norm);
+    let hs = b.decoder.block.mixer.head_size as usize;
+    // Norm weights away from their initial ones, so a swapped q/k pair would show.
+    let w: Vec<NamedTensor> = weights(&b, 37)
+        .into_iter()
+        .map(|(n, s, v)| {
+            let v = if n.ends_with("_norm.weight") && n.contains("self_attn") {
+                v.iter().enumerate().map(|(i, x)| x + 0.1 * i as f32 - 0.2).collect()
+            } else {
+                v
+            };
+            (n, s, v)
+        })
+        .collect();
+    assert!(w
+        .iter()
+        .any(|t| t.0 == "model.layers.1.self_attn.k_norm.weight" && t.1 == vec![hs]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    export_llama(&out, &b, &w, HfDtype::F32).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], json!(["Qwen3ForCausalLM"]));
+    assert_eq!(cfg["model_type"], "qwen3");
+    assert_eq!(cfg["head_dim"], json!(hs));
+    assert_eq!(cfg["attention_bias"], false);
+    assert_eq!(cfg["use_sliding_window"], false);
+    let (b2, w2) = import_llama(&out).unwrap();
+    assert_eq!(b.architecture_differences(&b2), vec![]);
+    assert_eq!(b2.decoder.block.mixer.key_norm.as_ref().map(|n| n.epsilon), Some(eps));
+    assert_bitwise(&w, &w2);
+    // A Llama's config does not bring the norms; comparing names the field.
+    let diffs = b.architecture_differences(&base());
+    assert!(
+        diffs.iter().any(|d| d.0 == "model.base_model.decoder.block.mixer.query_norm.epsilon"),
+        "{diffs:?}"
+    );
+
+    let mut bw = b.clone();
+    bw.decoder.block.mixer.window_size = Some(5);
+    export_llama(&out, &bw, &w, HfDtype::F32).unwrap();
+    let (bw2, _) = import_llama(&out).unwrap();
+    assert_eq!(bw.architecture_differences(&bw2), vec![]);
+    assert_eq!(bw2.decoder.block.mixer.window_size, Some(5));
+
+    // Refused: an epsilon of their own (Qwen3 has one rms_norm_eps), q/k/v biases (Qwen3's
+    // attention_bias also biases the output projection), attention_bias on import.
+    let mut other_eps = b.clone();
+    for n in [
+        &mut other_eps.decoder.block.mixer.query_norm,
+        &mut other_eps.decoder.block.mixer.key_norm,
+    ] {
+        n.as_mut().unwrap().epsilon = 1e-3;
+    }
+    let odd = dir.path().join("odd");
+    assert_mentions(
+        &err_text(export_llama(&odd, &other_eps, &w, HfDtype::F32)),
+        &["query_norm.epsilon", "rms_norm_eps"],
+    );
+    let mut biased = b.clone();
+    biased.decoder.block.mixer.add_linear_biases = Some(true);
+    biased.decoder.block.mixer.dense_layer.bias.enabled = Some(false);
+    assert_mentions(
+        &err_text(export_llama(&odd, &biased, &weights(&biased, 2), HfDtype::F32)),
+        &["Qwen3", "attention_bias"],
+    );
+    let mut c = cfg.clone();
+    c["attention_bias"] = json!(true);
+    std::fs::write(out.join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+    assert_mentions(&err_text(import_llama(&out)), &["attention_bias = true"]);
+
+    // The decode normalizes q and k like the training forward; the norm weights change the logits.
+    let m = InferenceModel::new(&b, &w, 2).unwrap();
+    let tokens = test_tokens(10, m.model.shape.vocab);
+    let full = full_forward_logits(&m, &tokens);
+    cached_decode_matches(&m, &tokens, &full, 4);
+    let swapped: Vec<NamedTensor> = w
+        .iter()
+        .map(|(n, s, v)| {
+            let v = if n.ends_with("self_attn.q_norm.weight") {
+                vec![1.0; v.len()]
+            } else {
+                v.clone()
+            };
+            (n.clone(), s.clone(), v)
+        })
+        .collect();
+    let plain = full_forward_logits(&InferenceModel::new(&b, &swapped, 2).unwrap(), &tokens);
+    assert!(max_diff(&full, &plain) > 1e-3);
+}

@@ -954,6 +954,36 @@ mod tests {
         ])
         .unwrap();
         assert!(qwen2.model.base_model.decoder.block.mixer.qkv_bias());
+        // Qwen3's query/key norms: both, one epsilon, RMSNorm.
+        let qwen3 = example(&[
+            &format!("{b}.mixer.query_norm.epsilon=1e-6"),
+            &format!("{b}.mixer.key_norm.epsilon=1e-6"),
+        ])
+        .unwrap();
+        let mixer = &qwen3.model.base_model.decoder.block.mixer;
+        assert_eq!(mixer.query_norm.as_ref().map(|n| (n.kind.as_str(), n.epsilon)), Some(("rms_norm", 1e-6)));
+        assert_refused(
+            &[&format!("{b}.mixer.query_norm.epsilon=1e-6")],
+            &[&format!("{b}.mixer.key_norm = null"), "come together"],
+        );
+        assert_refused(
+            &[&format!("{b}.mixer.key_norm.type=rms_norm")],
+            &[&format!("{b}.mixer.query_norm = null"), "come together"],
+        );
+        assert_refused(
+            &[
+                &format!("{b}.mixer.query_norm.epsilon=1e-6"),
+                &format!("{b}.mixer.key_norm.epsilon=1e-5"),
+            ],
+            &[&format!("{b}.mixer.key_norm.epsilon = 0.00001"), "one epsilon"],
+        );
+        assert_refused(
+            &[
+                &format!("{b}.mixer.query_norm.type=layer_norm"),
+                &format!("{b}.mixer.key_norm.epsilon=1e-5"),
+            ],
+            &[&format!("{b}.mixer.query_norm.type = layer_norm")],
+        );
         assert_refused(
             &[&format!("{b}.mlp.add_linear_biases=true")],
             &[&format!("{b}.mlp.add_linear_biases = true"), "not supported"],
