@@ -248,11 +248,14 @@ fn plan_counts_the_attention_ds_scratch() {
 /// The shipped configs of released models have their published parameter counts (the `total_size`
 /// of each HuggingFace safetensors index / model card, in parameters): Llama-3.2-1B (tied, llama3
 /// rotary) 1,235,814,400; Qwen2.5-0.5B (tied, q/k/v biases) 494,032,768; Mistral-7B 7,241,732,096.
+/// Qwen3-0.6B (tied, query/key norms): 596,049,920, of which 155,582,464 embedding (the model card's
+/// "0.6B, 0.44B non-embedding"; its bf16 safetensors hold 2 bytes each).
 #[test]
 fn released_model_configs_have_their_published_parameter_counts() {
     for (file, params) in [
         ("llama-3.2-1b.yaml", 1_235_814_400usize),
         ("qwen2.5-0.5b.yaml", 494_032_768),
+        ("qwen3-0.6b.yaml", 596_049_920),
         ("mistral.yaml", 7_241_732_096),
     ] {
         let cfg = load_config(
