@@ -364,7 +364,11 @@ pub fn hf_config(base_model: &BaseModelConfig, opts: &ExportOptions) -> anyhow::
     }
     let (arch, model_type) = hf_architecture(b);
     let (qwen2, qwen3) = (model_type == "qwen2", model_type == "qwen3");
-    if let Some(qn) = mixer.query_norm.as_ref().filter(|qn| qn.epsilon != block.normalization.epsilon) {
+    if let Some(qn) = mixer
+        .query_norm
+        .as_ref()
+        .filter(|qn| qn.epsilon != block.normalization.epsilon)
+    {
         bail!(
             "model.base_model.decoder.block.mixer.query_norm.epsilon ({}) differs from \
              decoder.block.normalization.epsilon ({}): a HuggingFace Qwen3 has a single rms_norm_eps",
@@ -734,9 +738,7 @@ pub fn base_model_from_hf_config(cfg: &Value, path: &Path) -> anyhow::Result<Bas
     let model_type = cfg.get("model_type").and_then(Value::as_str);
     if let Some(mt) = model_type {
         if !["llama", "mistral", "qwen2", "qwen3"].contains(&mt) {
-            bail!(
-                "{p}: model_type = '{mt}'; only 'llama', 'mistral', 'qwen2' and 'qwen3' checkpoints can be imported"
-            );
+            bail!("{p}: model_type = '{mt}'; only 'llama', 'mistral', 'qwen2' and 'qwen3' checkpoints can be imported");
         }
     }
     if let Some(archs) = cfg.get("architectures").and_then(Value::as_array) {

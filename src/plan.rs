@@ -9,7 +9,7 @@ use crate::backend::cuda::DType;
 use crate::config::{validate::global_batch_tokens, ComputeDtype, MultiStageConfig, TrainConfig};
 use crate::engine::multi_stage::MultiStageLayout;
 use crate::engine::schedule::{plan as plan_batch, Op, WeightBufferState};
-use crate::model::{Batch, Llama, ModelShape};
+use crate::model::{Batch, Llama, MlpRecompute, ModelShape};
 use serde::Serialize;
 
 /// One setting's figures, per rank (bytes; elements for communication).
@@ -162,6 +162,7 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
     let mut model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
     // The CUDA kernels' attention is fused (log-sum-exp saved, not the softmax matrix).
     model.fused_attention = cfg.model.distributed.use_cuda;
+    model.mlp_recompute = MlpRecompute::from_level(cfg.model.base_model.decoder.block.mlp.recompute_level);
     let ms = &cfg.model.multi_stage;
     let world = cfg.model.distributed.world_size as usize;
     let layout = MultiStageLayout::new(&model, ms, world, compute_bytes(cfg));

@@ -532,11 +532,13 @@ fn full_forward_logits(m: &InferenceModel, tokens: &[u32]) -> Vec<f32> {
     };
     let rope = Rope::<f32>::new(b.seq, s.head_size, &s.rotary);
     let mut acts = model.alloc_acts::<f32>(b, 0..model.layers.len());
+    let mut scratch = model.alloc_scratch::<f32>(b);
     acts.tokens.copy_from_slice(tokens);
     let head = model.layers.len() - 1;
     assert_eq!(model.layers[head], LayerKind::Head);
     for l in 0..head {
-        model.forward_layer(&k, &rope, l, m.layer_weights(l), m.layer_weights(0), &mut acts, b, None);
+        let (w, table) = (m.layer_weights(l), m.layer_weights(0));
+        model.forward_layer(&k, &rope, l, w, table, &mut acts, &mut scratch, b, None);
     }
     let (norm_w, out_w) = model.head_weights(m.layer_weights(head), m.layer_weights(0));
     let n = tokens.len();
@@ -1173,7 +1175,9 @@ fn qk_norms_round_trip_as_qwen3_and_decode() {
     // A Llama's config does not bring the norms; comparing names the field.
     let diffs = b.architecture_differences(&base());
     assert!(
-        diffs.iter().any(|d| d.0 == "model.base_model.decoder.block.mixer.query_norm.epsilon"),
+        diffs
+            .iter()
+            .any(|d| d.0 == "model.base_model.decoder.block.mixer.query_norm.epsilon"),
         "{diffs:?}"
     );
 

@@ -203,3 +203,63 @@ fn data_parallel_k_equals_depth_first_k_on_one_rank() {
         }
     }
 }
+
+/// `mlp.recompute_level` trades memory for compute without changing a bit: the same losses and final
+/// weights as keeping the activations (2 ranks, ZeRO-3, two micro-batches in flight, so the forward of
+/// one uses the scratch while the other's activations wait for its backward), and each rank's
+/// activations shrink by the kept `gate|up` and `silu(gate) * up` less the scratch `full` adds.
+#[test]
+fn mlp_recomputation_trains_bitwise_like_keeping_the_activations() {
+    let data = corpus_dir();
+    let run_level = |level: &str| {
+        let exp = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(
+            data.path(),
+            exp.path(),
+            &ov(&[
+                ("model.distributed.world_size", "2".into()),
+                ("model.multi_stage.zero_stage", "3".into()),
+                ("schedule.depth_first_micro_batches", "2".into()),
+                ("schedule.breadth_first_micro_batches", "2".into()),
+                ("model.base_model.decoder.block.mlp.recompute_level", level.into()),
+            ]),
+        );
+        let summary = train(
+            &cfg,
+            &TrainOptions {
+                quiet: true,
+                threads_per_rank: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (cfg, summary)
+    };
+    let (cfg, none) = run_level("none");
+    assert_eq!(none.losses.len(), cfg.training.train_iters as usize);
+    let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let n = cfg.data.micro_batch_size as u64;
+    let inter = cfg.model.base_model.decoder.block.mlp.intermediate_size;
+    let blocks = cfg.model.base_model.decoder.num_blocks;
+    let (breadth_first, f32_bytes) = (2, 4);
+    for (level, kept_less, scratch_more) in [
+        ("activation", n * inter, 0),
+        ("activation_and_input", n * inter, 0),
+        ("full", 3 * n * inter, 2 * n * inter),
+    ] {
+        let (_, r) = run_level(level);
+        assert_eq!(r.losses, none.losses, "{level}: losses");
+        assert!(bits(&r.final_weights) == bits(&none.final_weights), "{level}: weights");
+        for (a, b) in none.memory.iter().zip(&r.memory) {
+            let saved = a.activations_peak - b.activations_peak;
+            assert_eq!(
+                saved,
+                (breadth_first * blocks * kept_less - scratch_more) * f32_bytes,
+                "{level}: rank {} activations {} -> {}",
+                a.rank,
+                a.activations_peak,
+                b.activations_peak
+            );
+        }
+    }
+}

@@ -643,6 +643,9 @@ pub struct MlpConfig {
     pub activation: String,
     /// Biases: not supported (must be false).
     pub add_linear_biases: Option<bool>,
+    /// Which of the MLP's intermediate activations the backward recomputes instead of keeping them
+    /// from the forward (Fast-LLM's field): memory for compute. Default `none`.
+    pub recompute_level: MlpRecomputeLevel,
 }
 
 impl Default for MlpConfig {
@@ -652,8 +655,25 @@ impl Default for MlpConfig {
             gated: true,
             activation: "silu".into(),
             add_linear_biases: None,
+            recompute_level: MlpRecomputeLevel::None,
         }
     }
+}
+
+/// `mlp.recompute_level` (Fast-LLM's `MLPRecomputeLevel`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpRecomputeLevel {
+    /// Keep `gate|up` and `silu(gate) * up` from the forward.
+    #[default]
+    None,
+    /// Recompute `silu(gate) * up` (one elementwise kernel) from the kept `gate|up`.
+    Activation,
+    /// As `activation` for a dense MLP (Fast-LLM's level for a mixture of experts' sparse input).
+    ActivationAndInput,
+    /// Recompute `gate|up` too, from the kept normalized input (one more product of the MLP's first
+    /// layer): the MLP keeps only its normalized input.
+    Full,
 }
 
 /// Normalization layer.

@@ -961,7 +961,10 @@ mod tests {
         ])
         .unwrap();
         let mixer = &qwen3.model.base_model.decoder.block.mixer;
-        assert_eq!(mixer.query_norm.as_ref().map(|n| (n.kind.as_str(), n.epsilon)), Some(("rms_norm", 1e-6)));
+        assert_eq!(
+            mixer.query_norm.as_ref().map(|n| (n.kind.as_str(), n.epsilon)),
+            Some(("rms_norm", 1e-6))
+        );
         assert_refused(
             &[&format!("{b}.mixer.query_norm.epsilon=1e-6")],
             &[&format!("{b}.mixer.key_norm = null"), "come together"],

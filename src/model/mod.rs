@@ -178,6 +178,34 @@ pub struct Llama {
     /// layer saves one log-sum-exp per row `(batch, heads, seq)` instead of the softmax matrix, and the
     /// backward scratch holds `(batch, heads, seq)` instead of `(batch, heads, seq, seq)`.
     pub fused_attention: bool,
+    /// MLP activations the backward recomputes (`mlp.recompute_level`): with `Activation` an MLP layer
+    /// keeps no `silu(gate) * up`, with `Full` no `gate|up` either (the backward recomputes them into
+    /// the scratch). The results are the same bits: the same kernels on the same inputs.
+    pub mlp_recompute: MlpRecompute,
+}
+
+/// What an MLP layer's backward recomputes ([`Llama::mlp_recompute`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MlpRecompute {
+    /// Nothing: the forward keeps `gate|up` and `silu(gate) * up`.
+    #[default]
+    None,
+    /// `silu(gate) * up`, from the kept `gate|up`.
+    Activation,
+    /// `gate|up` (from the kept normalized input) and `silu(gate) * up`.
+    Full,
+}
+
+impl MlpRecompute {
+    /// From the config's `mlp.recompute_level`.
+    pub fn from_level(level: crate::config::MlpRecomputeLevel) -> Self {
+        use crate::config::MlpRecomputeLevel as L;
+        match level {
+            L::None => Self::None,
+            L::Activation | L::ActivationAndInput => Self::Activation,
+            L::Full => Self::Full,
+        }
+    }
 }
 
 /// The tensors of an attention layer's parameter range ([`Llama::attention_weights`]).
@@ -278,6 +306,8 @@ pub struct Scratch<T: Element> {
     pub d_inner: Buf<T>,
     /// `(batch, heads, seq, seq)`, or `(batch, heads, seq)` with fused attention.
     pub d_probs: Buf<T::Master>,
+    /// `(n, 2*inter)`: an MLP's recomputed `gate|up` with [`MlpRecompute::Full`], else empty.
+    pub recomputed: Buf<T>,
 }
 
 /// Token-batch geometry of a micro-batch.
@@ -309,6 +339,7 @@ impl Llama {
             shape,
             layers,
             fused_attention: false,
+            mlp_recompute: MlpRecompute::None,
         }
     }
 
@@ -466,7 +497,14 @@ impl Llama {
                 self.attention_rows(b),
                 n * s.attn_width(),
             ],
-            LayerKind::Mlp(_) => [n * s.hidden, n, n * 2 * s.inter, 0, n * s.inter],
+            LayerKind::Mlp(_) => {
+                let (proj, inner) = match self.mlp_recompute {
+                    MlpRecompute::None => (n * 2 * s.inter, n * s.inter),
+                    MlpRecompute::Activation => (n * 2 * s.inter, 0),
+                    MlpRecompute::Full => (0, 0),
+                };
+                [n * s.hidden, n, proj, 0, inner]
+            }
             LayerKind::Head => [n * s.hidden, n, n * s.vocab, 0, 0],
         }
     }
@@ -544,7 +582,19 @@ impl Llama {
     pub fn scratch_elems(&self, b: Batch) -> usize {
         let s = &self.shape;
         let n = b.tokens();
-        n * s.hidden + n * s.qkv_width().max(2 * s.inter) + n * s.attn_width().max(s.inter) + self.attention_rows(b)
+        n * s.hidden
+            + n * s.qkv_width().max(2 * s.inter)
+            + n * s.attn_width().max(s.inter)
+            + self.attention_rows(b)
+            + self.recomputed_elems(b)
+    }
+
+    /// Elements of the scratch an MLP recomputes `gate|up` into ([`Scratch::recomputed`]).
+    fn recomputed_elems(&self, b: Batch) -> usize {
+        match self.mlp_recompute {
+            MlpRecompute::Full => b.tokens() * 2 * self.shape.inter,
+            MlpRecompute::None | MlpRecompute::Activation => 0,
+        }
     }
 
     /// Elements the attention saves per layer and micro-batch (and needs as backward scratch): the
@@ -594,6 +644,7 @@ impl Llama {
             d_proj: Buf::zeros_in(mem, n * s.qkv_width().max(2 * s.inter)),
             d_inner: Buf::zeros_in(mem, n * s.attn_width().max(s.inter)),
             d_probs: Buf::zeros_in(mem, self.attention_rows(b)),
+            recomputed: Buf::zeros_in(mem, self.recomputed_elems(b)),
         }
     }
 
@@ -632,11 +683,12 @@ impl Llama {
         acts.targets.copy_from_slice(targets);
         // The embedding is layer 0: its range starts the buffer, and every later layer's follows it.
         let table = &w[ranges[0].clone()];
+        let mut scratch = self.alloc_scratch::<T>(b);
         for (l, r) in ranges.iter().enumerate() {
-            self.forward_layer(k, &rope, l, &w[r.clone()], table, &mut acts, b, Some(loss_scale));
+            let wl = &w[r.clone()];
+            self.forward_layer(k, &rope, l, wl, table, &mut acts, &mut scratch, b, Some(loss_scale));
         }
         if let Some(g) = grads {
-            let mut scratch = self.alloc_scratch::<T>(b);
             let (g_table, g_rest) = g.split_at_mut(ranges[0].end);
             for (l, r) in ranges.iter().enumerate().rev() {
                 let (g_layer, g_table): (&mut [T::Master], &mut [T::Master]) = if l == 0 {
@@ -715,6 +767,7 @@ impl Llama {
         weights: &[T],
         table: &[T],
         acts: &mut MicroBatchActs<T>,
+        scratch: &mut Scratch<T>,
         b: Batch,
         loss_scale: Option<T::Master>,
     ) {
@@ -786,9 +839,19 @@ impl Llama {
                 let gu_w = &rest[..2 * s.inter * c];
                 let down_w = &rest[2 * s.inter * c..];
                 k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
-                k.matmul(&mut la.proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
-                k.swiglu_forward(&mut la.inner, &la.proj, s.inter);
-                k.matmul_residual(&mut after[0], input, &la.inner, down_w, n, c, s.inter, false, true);
+                // With recomputation the intermediates go to the scratch (free during a forward: it is
+                // used inside one layer's backward only) instead of the saved activations.
+                let (proj, inner) = match self.mlp_recompute {
+                    MlpRecompute::None => (&mut la.proj[..], &mut la.inner[..]),
+                    MlpRecompute::Activation => (&mut la.proj[..], &mut scratch.d_inner[..n * s.inter]),
+                    MlpRecompute::Full => (
+                        &mut scratch.d_proj[..n * 2 * s.inter],
+                        &mut scratch.d_inner[..n * s.inter],
+                    ),
+                };
+                k.matmul(proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
+                k.swiglu_forward(inner, proj, s.inter);
+                k.matmul_residual(&mut after[0], input, inner, down_w, n, c, s.inter, false, true);
             }
             LayerKind::Head => {
                 let (norm_w, out_w) = self.head_weights(weights, table);
@@ -919,9 +982,25 @@ impl Llama {
                 let (g_gu, g_down) = g_rest.split_at_mut(2 * s.inter * c);
                 let d_inner = &mut scratch.d_inner[..n * s.inter];
                 let d_gu = &mut scratch.d_proj[..n * 2 * s.inter];
-                k.matmul_acc_master(g_down, dh, &la.inner, c, s.inter, n, true, false);
+                // gate|up and silu(gate) * up: kept, or recomputed as the forward computed them (the
+                // activation into d_inner, which the product below then overwrites with its gradient).
+                let proj: &[T] = match self.mlp_recompute {
+                    MlpRecompute::Full => {
+                        let r = &mut scratch.recomputed[..n * 2 * s.inter];
+                        k.matmul(r, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
+                        r
+                    }
+                    MlpRecompute::None | MlpRecompute::Activation => &la.proj,
+                };
+                let inner: &[T] = if self.mlp_recompute == MlpRecompute::None {
+                    &la.inner
+                } else {
+                    k.swiglu_forward(d_inner, proj, s.inter);
+                    d_inner
+                };
+                k.matmul_acc_master(g_down, dh, inner, c, s.inter, n, true, false);
                 k.matmul(d_inner, dh, down_w, n, s.inter, c, false, false, false);
-                k.swiglu_backward(d_gu, d_inner, &la.proj, s.inter);
+                k.swiglu_backward(d_gu, d_inner, proj, s.inter);
                 k.matmul_acc_master(g_gu, d_gu, &la.normed, 2 * s.inter, c, n, true, false);
                 k.matmul(
                     &mut scratch.d_normed,
@@ -1196,6 +1275,51 @@ mod tests {
         w2[norm_ranges[1].clone()].iter_mut().for_each(|x| *x *= 1.5);
         let scaled = run(&m, &w2, None, &tokens, &targets, b);
         assert!((with - scaled).abs() > 1e-4, "{with} vs {scaled}");
+    }
+
+    /// Recomputing the MLP's activations (`recompute_level: activation`, `full`) gives the loss and every
+    /// gradient bit for bit (the same kernels on the same inputs, f32 and 2 threads here), keeps
+    /// `n * inter` (activation) or `3 n * inter` (full) fewer elements per MLP layer and micro-batch, and
+    /// takes `2 n * inter` of scratch for `full`.
+    #[test]
+    fn mlp_recomputation_gives_the_same_bits_with_fewer_saved_activations() {
+        let base = tiny(false, Some(3));
+        let (_, w64, tokens, targets, b) = setup_model(base.clone());
+        let w: Vec<f32> = w64.iter().map(|&v| v as f32).collect();
+        let run32 = |m: &Llama| {
+            let mut g = vec![0f32; w.len()];
+            let loss = m.forward_backward_flat(&CpuKernels::new(2), &w, Some(&mut g), &tokens, &targets, b, 0.1);
+            (loss.to_bits(), g.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+        };
+        let reference = run32(&base);
+        let (n, inter) = (b.tokens(), base.shape.inter);
+        let blocks = base.shape.num_blocks;
+        let all = 0..base.layers.len();
+        for (level, saved_less, scratch_more) in [
+            (MlpRecompute::Activation, n * inter, 0),
+            (MlpRecompute::Full, 3 * n * inter, 2 * n * inter),
+        ] {
+            let m = Llama {
+                mlp_recompute: level,
+                ..base.clone()
+            };
+            assert!(run32(&m) == reference, "{level:?}: loss or gradients differ");
+            assert_eq!(
+                base.acts_elems(b, all.clone()) - m.acts_elems(b, all.clone()),
+                blocks * saved_less,
+                "{level:?}"
+            );
+            assert_eq!(m.scratch_elems(b) - base.scratch_elems(b), scratch_more, "{level:?}");
+            let acts = m.alloc_acts::<f32>(b, all.clone());
+            let kept: usize = acts.layers.iter().map(|l| l.proj.len() + l.inner.len()).sum();
+            let base_kept: usize = base
+                .alloc_acts::<f32>(b, all.clone())
+                .layers
+                .iter()
+                .map(|l| l.proj.len() + l.inner.len())
+                .sum();
+            assert_eq!(base_kept - kept, blocks * saved_less, "{level:?}: allocated");
+        }
     }
 
     /// A window covering the sequence is full causal attention, bit for bit; a shorter one changes

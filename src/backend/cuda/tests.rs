@@ -1296,13 +1296,20 @@ fn tiny_shape(vocab: usize) -> crate::model::ModelShape {
 fn tiny_model_through_cuda_kernels_matches_cpu() {
     use crate::model::{init, Batch, Init, Llama};
     let devices = test_devices().into_iter().filter(|d| d.memory.name() == "host");
-    let variants = [(false, None), (true, None), (true, Some(1e-6))];
-    for (dev, (qkv_bias, qk_norm)) in devices.flat_map(|d| variants.map(|v| (d.clone(), v))) {
+    // The last variant also recomputes the MLP's activations in the backward (into the scratch).
+    use crate::model::MlpRecompute;
+    let variants = [
+        (false, None, MlpRecompute::None),
+        (true, None, MlpRecompute::None),
+        (true, Some(1e-6), MlpRecompute::Full),
+    ];
+    for (dev, (qkv_bias, qk_norm, recompute)) in devices.flat_map(|d| variants.map(|v| (d.clone(), v))) {
         let mut m = Llama::new(crate::model::ModelShape {
             qkv_bias,
             qk_norm,
             ..tiny_shape(29)
         });
+        m.mlp_recompute = recompute;
         let b = Batch { batch: 2, seq: 7 };
         let mut w: Vec<f32> = Vec::new();
         let mut spans = Vec::new();
@@ -1329,7 +1336,7 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
         let mut g_dev = vec![0.0f32; w.len()];
         let l_dev = m.forward_backward_flat(&staged, &w, Some(&mut g_dev), &tokens, &targets, b, scale);
         let le = (l_dev - l_cpu).abs() / l_cpu.abs();
-        println!("tiny model (q/k/v biases {qkv_bias}, q/k norms {qk_norm:?}) loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
+        println!("tiny model (q/k/v biases {qkv_bias}, q/k norms {qk_norm:?}, MLP recompute {recompute:?}) loss: cpu {l_cpu}, cuda {l_dev}, relative error {le:.3e}");
         assert!(le <= TOL_F32, "loss {l_dev} vs {l_cpu}");
         let mut worst = 0.0f64;
         for (name, r) in &spans {

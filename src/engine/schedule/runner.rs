@@ -134,7 +134,11 @@ fn measured_bytes<T: Element>(a: &MicroBatchActs<T>) -> u64 {
 
 /// Bytes held by the backward scratch.
 fn scratch_bytes<T: Element>(s: &Scratch<T>) -> u64 {
-    vec_bytes(&s.d_normed) + vec_bytes(&s.d_proj) + vec_bytes(&s.d_inner) + vec_bytes(&s.d_probs)
+    vec_bytes(&s.d_normed)
+        + vec_bytes(&s.d_proj)
+        + vec_bytes(&s.d_inner)
+        + vec_bytes(&s.d_probs)
+        + vec_bytes(&s.recomputed)
 }
 
 fn check(r: (Result<(), CommError>, Duration), waited: &mut Duration) -> anyhow::Result<()> {
@@ -456,8 +460,9 @@ impl<T: Element<Master = f32>> RankEngine<T> {
                     for (j, l) in st.layers.clone().enumerate() {
                         let w = &weights[st.layer_ranges[j].clone()];
                         let scale = train.then_some(loss_scale);
+                        let (k, rope, scratch) = (&*self.kernels, &self.rope, &mut self.scratch);
                         self.model
-                            .forward_layer(&*self.kernels, &self.rope, l, w, table, acts, self.batch, scale);
+                            .forward_layer(k, rope, l, w, table, acts, scratch, self.batch, scale);
                         if self.model.layers[l] == LayerKind::Head {
                             losses[micro_batch] = acts.loss_sum;
                         }
