@@ -238,7 +238,7 @@ fn mlp_recomputation_trains_bitwise_like_keeping_the_activations() {
     let (cfg, none) = run_level("none");
     assert_eq!(none.losses.len(), cfg.training.train_iters as usize);
     let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    let n = cfg.data.micro_batch_size as u64;
+    let n = cfg.data.micro_batch_size;
     let inter = cfg.model.base_model.decoder.block.mlp.intermediate_size;
     let blocks = cfg.model.base_model.decoder.num_blocks;
     let (breadth_first, f32_bytes) = (2, 4);
