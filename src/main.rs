@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use fast_llm_rs::config::load_config;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -106,11 +108,35 @@ enum Command {
     },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask training to stop after the step in
+/// progress, with a checkpoint; a second one ends the process at once. Returns the request flag and
+/// the number of the signal that raised it.
+fn stop_on_signals() -> anyhow::Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let (flag, which) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it: set means a second one.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, flag.clone())?;
+        signal_hook::flag::register_usize(sig, which.clone(), sig as usize)?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok((flag, which))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train { config, overrides } => {
             let cfg = load_config(&config, &overrides)?;
-            fast_llm_rs::train::train(&cfg, &Default::default())?;
+            let (stop, which) = stop_on_signals()?;
+            let opts = fast_llm_rs::train::TrainOptions {
+                stop: Some(stop),
+                ..Default::default()
+            };
+            let summary = fast_llm_rs::train::train(&cfg, &opts)?;
+            if summary.stopped_at.is_some() {
+                // The shell's convention for a process ended by signal N.
+                return Ok(ExitCode::from((128 + which.load(Ordering::SeqCst)) as u8));
+            }
         }
         Command::Prepare {
             output,
@@ -189,12 +215,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

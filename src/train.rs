@@ -19,6 +19,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,9 @@ pub struct TrainSummary {
     pub tokens_per_s: f64,
     /// Mean fraction of step time spent waiting on communication.
     pub comm_wait_fraction: f64,
+    /// Completed steps when a stop request ended the run early (its checkpoint holds them); `None`
+    /// when the run trained to `train_iters`.
+    pub stopped_at: Option<u64>,
 }
 
 /// Options that are not part of the config (tests, benchmarks).
@@ -71,6 +75,12 @@ pub struct TrainOptions {
     /// Tests: make checkpoint saves crash (see [`checkpoint::save`]): with `Some(n)`, ranks `>= n` fail
     /// before writing their file (or, when `n >= world size`, rank 0 fails before the marker).
     pub fail_checkpoint_after_files: Option<usize>,
+    /// A stop request (the CLI sets it on SIGINT / SIGTERM): training ends after the step in progress,
+    /// every rank at the same step (the request rides on the step's loss all-reduce), with a checkpoint
+    /// of that step, and [`TrainSummary::stopped_at`] says where.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Tests: `(rank, step)` makes that rank alone request a stop during that (0-based) step.
+    pub stop_rank_at_step: Option<(usize, u64)>,
 }
 
 struct Data {
@@ -860,9 +870,14 @@ fn rank_main<T: Element<Master = f32>>(
             geometry.fill(step, mb, tokens, targets, |i, t, y| sampler.fill(ds, i, t, y));
         };
         let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
-        let mut loss = [stats.loss_sum];
-        engine.comm().all_reduce_sum_f64(&mut loss)?;
-        let loss = loss[0] / global_tokens as f64;
+        // The loss sum, and whether any rank was asked to stop (each rank reads the request when it
+        // gets here; the sum makes the decision the same on every rank).
+        let stop_here = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+            || opts.stop_rank_at_step == Some((rank, step));
+        let mut reduced = [stats.loss_sum, if stop_here { 1.0 } else { 0.0 }];
+        engine.comm().all_reduce_sum_f64(&mut reduced)?;
+        let stopping = reduced[1] > 0.0;
+        let loss = reduced[0] / global_tokens as f64;
         let lr = learning_rate(&cfg.optimizer, step, train_iters);
         let o = &cfg.optimizer;
         let grad_norm = engine.optimizer_step(AdamStep {
@@ -976,12 +991,14 @@ fn rank_main<T: Element<Master = f32>>(
                 }
             }
         }
-        if cfg
+        let scheduled = cfg
             .training
             .checkpoint
             .interval
-            .is_some_and(|i| done % i == 0 || done == train_iters)
-        {
+            .is_some_and(|i| done % i == 0 || done == train_iters);
+        // A stop saves this step's checkpoint whether or not one was due (unless it is the last step's,
+        // which the schedule saves anyway, or no step remains).
+        if scheduled || (stopping && done < train_iters) {
             let saved = checkpoint::save(&engine, cfg, done, samples_per_batch, opts.fail_checkpoint_after_files)?;
             if let (Some(r), false) = (saved, quiet) {
                 let mib = r.bytes as f64 / (1 << 20) as f64;
@@ -990,6 +1007,20 @@ fn rank_main<T: Element<Master = f32>>(
                     format!("Saved checkpoint {} ({mib:.2} MiB, {:.2} s)", r.step, r.seconds),
                 );
             }
+        }
+        if stopping && done < train_iters {
+            summary.stopped_at = Some(done);
+            if !quiet {
+                emit(
+                    &progress,
+                    format!(
+                        "Stopped on request after step {done}/{train_iters}: checkpoint {done} saved in {}; run the \
+                         same command to resume",
+                        checkpoint::checkpoints_root(&cfg.run.experiment_dir).display()
+                    ),
+                );
+            }
+            break;
         }
     }
     if let Some(p) = progress {
@@ -1000,7 +1031,8 @@ fn rank_main<T: Element<Master = f32>>(
         summary.comm_wait_fraction = total_wait / total_time;
         if !quiet {
             println!(
-                "Done: {train_iters} steps, {} tokens/s ({}), communication wait {:.1}% of step time",
+                "Done: {} steps, {} tokens/s ({}), communication wait {:.1}% of step time",
+                summary.stopped_at.unwrap_or(train_iters),
                 human(summary.tokens_per_s),
                 throughput.describe(summary.tokens_per_s),
                 100.0 * summary.comm_wait_fraction

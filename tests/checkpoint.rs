@@ -374,3 +374,111 @@ fn tied_checkpoints_reshard_and_refuse_an_untied_config() {
     };
     assert!(format!("{err:#}").contains("tied_embedding_weight"), "{err:#}");
 }
+
+/// A stop request seen by one rank only (rank 1, during the third step) ends both ranks after that step
+/// with a checkpoint of it, though none was scheduled; running again resumes there and finishes the
+/// straight run's steps bit for bit.
+#[test]
+fn a_stop_request_ends_every_rank_at_one_step_with_a_checkpoint_to_resume() {
+    let (_, straight) = reference();
+    let exp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(data_dir(), exp.path(), &layout(2, 1, 1.0, 6));
+    assert!(cfg.training.checkpoint.interval.is_none());
+    let stopped = train(
+        &cfg,
+        &TrainOptions {
+            stop_rank_at_step: Some((1, 2)),
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(stopped.stopped_at, Some(3));
+    assert_eq!(stopped.losses[..], straight.losses[..3]);
+    assert_eq!(
+        latest_checkpoint(exp.path()),
+        Some(checkpoints_root(exp.path()).join("3"))
+    );
+    let resumed = train(&cfg, &opts()).unwrap();
+    assert_eq!((resumed.resumed_from, resumed.stopped_at), (3, None));
+    assert_eq!(resumed.losses[..], straight.losses[3..]);
+    assert!(resumed.final_weights == straight.final_weights, "final weights differ");
+}
+
+/// The binary: SIGTERM (a scheduler's preemption) during training stops it after the step in progress
+/// with a checkpoint, exits with 128 + 15 and says how to resume; the same command then finishes.
+#[test]
+fn sigterm_stops_the_binary_with_a_checkpoint_and_the_same_command_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let exp = tempfile::tempdir().unwrap();
+    let cfg_path = exp.path().join("config.yaml");
+    // Enough steps that the run is still training when the signal comes; one log line per step.
+    let cfg = tiny_config(
+        data_dir(),
+        exp.path(),
+        &with(layout(2, 1, 1.0, 100_000), &[("training.logs.interval", "1")]),
+    );
+    std::fs::write(&cfg_path, fast_llm_rs::config::to_yaml(&cfg)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_fast-llm-rs");
+    let mut child = Command::new(bin)
+        .args(["train", "--config", cfg_path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = String::new();
+    // Wait for the third step's line, then send SIGTERM.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        out += &line;
+        out.push('\n');
+        if line.starts_with("step 3/") {
+            break;
+        }
+    }
+    // The shell's builtin kill (no procps needed).
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for line in lines {
+        out += &line.unwrap();
+        out.push('\n');
+    }
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(128 + 15), "exit code; output:\n{out}");
+    let stopped: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Stopped on request after step "))
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no stop line in:\n{out}"));
+    assert!(stopped >= 3, "{out}");
+    assert!(out.contains("run the same command to resume"), "{out}");
+    assert_eq!(
+        latest_checkpoint(exp.path()),
+        Some(checkpoints_root(exp.path()).join(stopped.to_string()))
+    );
+    // The same command with a reachable end resumes from the stop.
+    let finish = Command::new(bin)
+        .args(["train", "--config", cfg_path.to_str().unwrap()])
+        .arg(format!("training.train_iters={}", stopped + 2))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&finish.stdout),
+        String::from_utf8_lossy(&finish.stderr)
+    );
+    assert!(finish.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("({stopped} of {} steps done)", stopped + 2)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("step {}/{}", stopped + 2, stopped + 2)),
+        "{text}"
+    );
+}
