@@ -6,7 +6,7 @@ use crate::backend::cuda::ops::AttentionKernels;
 use crate::backend::cuda::Device;
 use crate::backend::{bf16, Element, Kernels};
 use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, TrainConfig};
-use crate::data::{resolve_dataset, SequenceSampler, TokenDataset};
+use crate::data::Source;
 use crate::engine::checkpoint;
 use crate::engine::distributed::local::run_ranks;
 use crate::engine::distributed::nccl::{self, NcclLibrary};
@@ -84,24 +84,20 @@ pub struct TrainOptions {
 }
 
 struct Data {
-    training: Option<(TokenDataset, SequenceSampler)>,
-    eval: Vec<(String, u64, u64, TokenDataset, SequenceSampler)>,
+    training: Option<Source>,
+    eval: Vec<(String, u64, u64, Source)>,
 }
 
 fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
     let vocab = cfg.model.base_model.embeddings.vocab_size;
     let (seed, seq) = (cfg.model.distributed.seed, cfg.data.sequence_length);
-    let with_sampler = |name: &str, ds: TokenDataset| -> anyhow::Result<(TokenDataset, SequenceSampler)> {
-        let sampler = SequenceSampler::for_dataset(seed, &ds, seq)
-            .with_context(|| format!("dataset '{name}' cannot feed data.sequence_length = {seq}"))?;
-        Ok((ds, sampler))
-    };
+    let open = |name: &str, ds| Source::open(ds, &format!("data.datasets.{name}"), name, vocab, seed, seq);
     let training = if cfg.training.train_iters > 0 {
         let ds = cfg.data.datasets.get("training").with_context(|| {
             "data.datasets.training is missing: training needs a dataset, e.g. \
              `data: {datasets: {training: {type: text, path: examples/data/tinyshakespeare.txt}}}`"
         })?;
-        Some(with_sampler("training", resolve_dataset(ds, "training", vocab)?)?)
+        Some(open("training", ds)?)
     } else {
         None
     };
@@ -120,8 +116,7 @@ fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
                  add it or set training.evaluators.{name}.dataset_name"
             )
         })?;
-        let (ds, sampler) = with_sampler(&ds_name, resolve_dataset(ds, &ds_name, vocab)?)?;
-        eval.push((name.clone(), ev.interval, ev.iterations, ds, sampler));
+        eval.push((name.clone(), ev.interval, ev.iterations, open(&ds_name, ds)?));
     }
     Ok(Data { training, eval })
 }
@@ -861,13 +856,13 @@ fn rank_main<T: Element<Master = f32>>(
         p.set_position(start_step.min(train_iters));
     }
     for step in start_step..train_iters {
-        let (ds, sampler) = data.training.as_ref().expect("training dataset");
+        let source = data.training.as_ref().expect("training dataset");
         let step_start = Instant::now();
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
             if opts.fail_rank_at_step == Some((rank, step)) {
                 panic!("injected failure of rank {rank} at step {step}");
             }
-            geometry.fill(step, mb, tokens, targets, |i, t, y| sampler.fill(ds, i, t, y));
+            geometry.fill(step, mb, tokens, targets, |i, t, y| source.fill(i, t, y));
         };
         let stats = engine.run_batch(true, 1.0 / global_tokens as f32, &mut fill)?;
         // The loss sum, and whether any rank was asked to stop (each rank reads the request when it
@@ -971,9 +966,9 @@ fn rank_main<T: Element<Master = f32>>(
             }
             (interval_loss, interval_steps, interval_time, interval_wait) = (0.0, 0, 0.0, 0.0);
         }
-        for (name, interval, iterations, ds, sampler) in &data.eval {
+        for (name, interval, iterations, source) in &data.eval {
             if done % interval == 0 || done == train_iters {
-                let vloss = evaluate(&mut engine, sampler, ds, *iterations, global_tokens, samples_per_batch)?;
+                let vloss = evaluate(&mut engine, source, *iterations, global_tokens, samples_per_batch)?;
                 summary.validation.push((done, vloss));
                 if let Some(m) = metrics.as_mut() {
                     let mut extra = serde_json::Map::new();
@@ -1096,8 +1091,7 @@ impl Geometry {
 /// Mean validation loss over `iterations` global batches of consecutive windows.
 fn evaluate<T: Element<Master = f32>>(
     engine: &mut RankEngine<T>,
-    sampler: &SequenceSampler,
-    ds: &TokenDataset,
+    source: &Source,
     iterations: u64,
     global_tokens: u64,
     samples_per_batch: u64,
@@ -1106,7 +1100,7 @@ fn evaluate<T: Element<Master = f32>>(
     let mut total = 0.0;
     for it in 0..iterations {
         let mut fill = |mb: usize, tokens: &mut [u32], targets: &mut [u32]| {
-            geometry.fill(it, mb, tokens, targets, |i, t, y| sampler.fill_sequential(ds, i, t, y));
+            geometry.fill(it, mb, tokens, targets, |i, t, y| source.fill_sequential(i, t, y));
         };
         let stats = engine.run_batch(false, 0.0, &mut fill)?;
         let mut loss = [stats.loss_sum];

@@ -721,7 +721,7 @@ model:
     #[test]
     fn missing_required_field_names_its_path() {
         let err = example_err(&["data.datasets.extra.type=text"]);
-        assert_mentions(&err, &["data.datasets.extra.path: missing", "`data.datasets.extra`"]);
+        assert_mentions(&err, &["data.datasets.extra.path = missing", "set the path"]);
     }
 
     #[test]

@@ -143,19 +143,32 @@ impl Default for DataConfig {
 }
 
 /// One dataset source.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     /// `memmap`: a dataset written by `fast-llm-rs prepare` (path = its directory);
-    /// `text`: a plain-text file, tokenized byte-level and cached on first use (path = the file).
+    /// `text`: a plain-text file, tokenized byte-level and cached on first use (path = the file);
+    /// `blended`: a mixture of `datasets` in the proportions `weights` (Fast-LLM's).
     #[serde(rename = "type", default)]
     pub kind: DatasetKind,
-    /// Path of the prepared dataset directory or the text file.
+    /// Path of the prepared dataset directory or the text file (memmap, text).
+    #[serde(default, skip_serializing_if = "crate::config::schema::path_is_empty")]
     pub path: PathBuf,
     /// For `memmap`: which split of the prepared directory to read (`training` or `validation`).
     /// Default: the dataset's name when it is `training` or `validation`, else `training`.
     #[serde(default)]
     pub split: Option<String>,
+    /// For `blended`: the datasets mixed (each a dataset entry, blended ones included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetConfig>,
+    /// For `blended`: each dataset's share of the samples (> 0; normalized to sum 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<f64>,
+}
+
+/// Whether a path is empty (left out when a config is written).
+pub fn path_is_empty(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 /// Dataset kinds.
@@ -167,6 +180,8 @@ pub enum DatasetKind {
     Memmap,
     /// Plain text, prepared (byte-level) and cached automatically.
     Text,
+    /// A mixture of datasets.
+    Blended,
 }
 
 /// `schedule:` section.

@@ -133,25 +133,83 @@ fn validate_training(cfg: &TrainConfig) -> Result<(), ConfigError> {
     )
 }
 
-fn validate_data(data: &DataConfig) -> Result<(), ConfigError> {
-    for (name, dataset) in &data.datasets {
-        let path = format!("data.datasets.{name}");
+/// One dataset entry at config path `path`, the datasets of a blend included.
+fn validate_dataset(path: &str, dataset: &DatasetConfig) -> Result<(), ConfigError> {
+    if dataset.kind == DatasetKind::Blended {
         require(
-            !dataset.path.as_os_str().is_empty(),
-            &format!("{path}.path"),
-            "\"\"",
-            "must be a path (prepared dataset directory or text file)",
-            "set the path of the dataset",
+            !dataset.datasets.is_empty(),
+            &format!("{path}.datasets"),
+            "[]",
+            "a blended dataset mixes one or more datasets",
+            &format!("list them, e.g. `{path}: {{type: blended, datasets: [{{type: memmap, path: A}}, {{type: memmap, path: B}}], weights: [0.7, 0.3]}}`"),
         )?;
-        if let Some(split) = &dataset.split {
+        require(
+            dataset.weights.len() == dataset.datasets.len(),
+            &format!("{path}.weights"),
+            format!("{:?}", dataset.weights),
+            &format!("needs one weight per dataset ({} datasets)", dataset.datasets.len()),
+            "give each dataset its share, e.g. [0.7, 0.3]",
+        )?;
+        for (i, w) in dataset.weights.iter().enumerate() {
             require(
-                split == "training" || split == "validation",
-                &format!("{path}.split"),
-                split,
-                "accepted: training, validation",
-                "use one of those, or remove it to default to the dataset's name",
+                w.is_finite() && *w > 0.0,
+                &format!("{path}.weights[{i}]"),
+                w,
+                "must be > 0 (weights are normalized to sum 1)",
+                "give every dataset a positive share, or remove it",
             )?;
         }
+        for (field, set) in [
+            ("path", !dataset.path.as_os_str().is_empty()),
+            ("split", dataset.split.is_some()),
+        ] {
+            require(
+                !set,
+                &format!("{path}.{field}"),
+                "set",
+                "a blended dataset has no path or split of its own (its datasets have)",
+                &format!("remove it; set it on the entries of {path}.datasets"),
+            )?;
+        }
+        for (i, d) in dataset.datasets.iter().enumerate() {
+            validate_dataset(&format!("{path}.datasets[{i}]"), d)?;
+        }
+        return Ok(());
+    }
+    require(
+        !dataset.path.as_os_str().is_empty(),
+        &format!("{path}.path"),
+        "missing",
+        "must be a path (prepared dataset directory or text file)",
+        "set the path of the dataset",
+    )?;
+    for (field, set) in [
+        ("datasets", !dataset.datasets.is_empty()),
+        ("weights", !dataset.weights.is_empty()),
+    ] {
+        require(
+            !set,
+            &format!("{path}.{field}"),
+            "set",
+            "only a blended dataset has datasets and weights",
+            &format!("set {path}.type: blended, or remove {field}"),
+        )?;
+    }
+    if let Some(split) = &dataset.split {
+        require(
+            split == "training" || split == "validation",
+            &format!("{path}.split"),
+            split,
+            "accepted: training, validation",
+            "use one of those, or remove it to default to the dataset's name",
+        )?;
+    }
+    Ok(())
+}
+
+fn validate_data(data: &DataConfig) -> Result<(), ConfigError> {
+    for (name, dataset) in &data.datasets {
+        validate_dataset(&format!("data.datasets.{name}"), dataset)?;
     }
     require(
         data.sequence_length >= 2,
@@ -855,6 +913,46 @@ mod tests {
         assert_refused(
             &["schedule.breadth_first_micro_batches=0"],
             &["schedule.breadth_first_micro_batches = 0", ">= 1"],
+        );
+        // Blends (Fast-LLM's `type: blended`): one positive weight per dataset, no path of their own;
+        // the entries are checked like any dataset, named by their path.
+        let t = "data.datasets.training";
+        let blend = |extra: &[&str]| -> Vec<String> {
+            let mut o = vec![
+                format!("{t}.type=blended"),
+                format!("{t}.path="),
+                format!("{t}.datasets=[{{type: text, path: a.txt}}, {{type: text, path: b.txt}}]"),
+            ];
+            o.extend(extra.iter().map(|s| s.to_string()));
+            o
+        };
+        fn refs(o: &[String]) -> Vec<&str> {
+            o.iter().map(String::as_str).collect()
+        }
+        let ok = example(&refs(&blend(&[&format!("{t}.weights=[0.7, 0.3]")]))).unwrap();
+        assert_eq!(ok.data.datasets["training"].datasets.len(), 2);
+        assert_refused(
+            &refs(&blend(&[])),
+            &[&format!("{t}.weights = []"), "one weight per dataset"],
+        );
+        assert_refused(
+            &refs(&blend(&[&format!("{t}.weights=[1, -1]")])),
+            &[&format!("{t}.weights[1] = -1"), "> 0"],
+        );
+        assert_refused(
+            &refs(&blend(&[&format!("{t}.weights=[1, 1]"), &format!("{t}.path=x")])),
+            &[&format!("{t}.path = set"), "no path"],
+        );
+        assert_refused(
+            &refs(&blend(&[
+                &format!("{t}.weights=[1, 1]"),
+                &format!("{t}.datasets=[{{type: text, path: a.txt}}, {{type: text}}]"),
+            ])),
+            &[&format!("{t}.datasets[1].path = missing")],
+        );
+        assert_refused(
+            &[&format!("{t}.weights=[1]")],
+            &[&format!("{t}.weights = set"), "type: blended"],
         );
         assert_refused(
             &["data.datasets.training.split=test"],

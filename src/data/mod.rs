@@ -77,6 +77,7 @@ pub mod format;
 mod prepare;
 mod resolve;
 mod sampler;
+mod source;
 mod tokenizer;
 
 pub use dataset::TokenDataset;
@@ -85,4 +86,5 @@ pub use format::{Metadata, SourceInfo, SplitInfo, TokenDtype, TokenizerInfo};
 pub use prepare::{prepare, PrepareOptions, PrepareReport};
 pub use resolve::{resolve_dataset, split_for_dataset, text_cache_dir};
 pub use sampler::{global_sample_index, SequenceSampler};
+pub use source::Source;
 pub use tokenizer::Tokenizer;

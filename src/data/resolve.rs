@@ -68,6 +68,9 @@ pub fn resolve_dataset(cfg: &DatasetConfig, name: &str, vocab_size: u64) -> Resu
             let candidates = [text_cache_dir(&cfg.path), temp_cache_dir(&cfg.path)];
             resolve_text(&cfg.path, &split, vocab_size, &candidates)
         }
+        DatasetKind::Blended => Err(DataError::Invalid(format!(
+            "data.datasets.{name} is a blend of datasets, not one (open it as a data::Source)"
+        ))),
     }
 }
 
@@ -201,7 +204,7 @@ mod tests {
         DatasetConfig {
             kind: DatasetKind::Text,
             path: path.to_path_buf(),
-            split: None,
+            ..Default::default()
         }
     }
 
@@ -233,7 +236,7 @@ mod tests {
         let cfg = DatasetConfig {
             kind: DatasetKind::Memmap,
             path: out,
-            split: None,
+            ..Default::default()
         };
         assert_eq!(resolve_dataset(&cfg, "training", 256).unwrap().len(), 9);
         assert_eq!(resolve_dataset(&cfg, "validation", 256).unwrap().len(), 1);
