@@ -1098,6 +1098,11 @@ const SIDE_FILES: [&str; 5] = [
     "tokenizer.model",
 ];
 
+/// The tokenizer and generation files of the HuggingFace directory `dir` that exist.
+pub fn side_files(dir: &Path) -> Vec<PathBuf> {
+    SIDE_FILES.iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect()
+}
+
 /// Parsed `convert` arguments (Fast-LLM spelling `input.path=DIR input.format=distributed ...`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvertArgs {
@@ -1212,11 +1217,7 @@ pub fn convert(a: &ConvertArgs) -> anyhow::Result<String> {
             if let Some(m) = cfg.get("max_position_embeddings").and_then(Value::as_u64) {
                 opts.max_position_embeddings = m;
             }
-            opts.extra_files = SIDE_FILES
-                .iter()
-                .map(|f| a.input_path.join(f))
-                .filter(|p| p.exists())
-                .collect();
+            opts.extra_files = side_files(&a.input_path);
             (base, tensors)
         }
         _ => {

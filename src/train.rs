@@ -1003,6 +1003,9 @@ fn rank_main<T: Element<Master = f32>>(
                 );
             }
         }
+        if cfg.training.export.due(done, train_iters) {
+            export_weights(&engine, cfg, done, leader && !quiet, leader, &progress)?;
+        }
         if stopping && done < train_iters {
             summary.stopped_at = Some(done);
             if !quiet {
@@ -1037,6 +1040,59 @@ fn rank_main<T: Element<Master = f32>>(
     summary.comm_stats = Some(comm_stats());
     summary.final_weights = engine.gather_weights()?;
     Ok(summary)
+}
+
+/// `training.export`: the gathered weights (every rank takes part) as a HuggingFace directory in
+/// `run.experiment_dir/export/llama/<step>`, written by rank 0 in the compute dtype (bf16 when training
+/// in bf16, else f32), with the tokenizer files of a HuggingFace `pretrained:` model.
+fn export_weights<T: Element<Master = f32>>(
+    engine: &RankEngine<T>,
+    cfg: &TrainConfig,
+    done: u64,
+    report: bool,
+    leader: bool,
+    progress: &Option<indicatif::ProgressBar>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let flat = engine.gather_weights()?;
+    if !leader {
+        return Ok(());
+    }
+    let dir = export_dir(&cfg.run.experiment_dir, done);
+    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
+    let tensors = crate::hf::tensors_from_flat(&model, &flat)?;
+    let dtype = match cfg.model.distributed.compute_dtype {
+        ComputeDtype::Bfloat16 => crate::hf::HfDtype::Bf16,
+        _ => crate::hf::HfDtype::F32,
+    };
+    let extra_files = match &cfg.pretrained {
+        Some(p) if p.format == "llama" => crate::hf::side_files(&p.path),
+        _ => Vec::new(),
+    };
+    let opts = crate::hf::ExportOptions {
+        dtype,
+        max_position_embeddings: cfg.data.sequence_length,
+        extra_files,
+        ..Default::default()
+    };
+    crate::hf::export_llama_with(&dir, &cfg.model.base_model, &tensors, &opts)
+        .with_context(|| format!("training.export: cannot write {}", dir.display()))?;
+    if report {
+        emit(
+            progress,
+            format!(
+                "Exported step {done} to {} ({:.2} s)",
+                dir.display(),
+                start.elapsed().as_secs_f64()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Where `training.export` writes step `step`: `<experiment_dir>/export/llama/<step>`.
+pub fn export_dir(experiment_dir: &Path, step: u64) -> PathBuf {
+    experiment_dir.join("export").join("llama").join(step.to_string())
 }
 
 /// Print a log line above the progress bar (or plainly when there is no visible bar).

@@ -1233,3 +1233,68 @@ fn qk_norms_round_trip_as_qwen3_and_decode() {
     let plain = full_forward_logits(&InferenceModel::new(&b, &swapped, 2).unwrap(), &tokens);
     assert!(max_diff(&full, &plain) > 1e-3);
 }
+
+/// `training.export` writes HuggingFace directories during training (2 ranks, ZeRO-3): at the interval's
+/// steps and after the last; the last holds exactly the trained weights, an earlier one the weights of
+/// that step (a shorter run's final weights, bit for bit); a model that cannot be exported is refused
+/// before training.
+#[test]
+fn training_exports_huggingface_directories_at_its_interval() {
+    let data = corpus_dir();
+    let run = |iters: u64, export: bool| {
+        let exp = tempfile::tempdir().unwrap();
+        let mut o = ov(&[
+            ("model.distributed.world_size", "2".into()),
+            ("model.multi_stage.zero_stage", "3".into()),
+            ("training.train_iters", iters.to_string()),
+        ]);
+        if export {
+            o.push("training.export.interval=2".into());
+        }
+        let cfg = tiny_config(data.path(), exp.path(), &o);
+        let s = fast_llm_rs::train::train(
+            &cfg,
+            &fast_llm_rs::train::TrainOptions {
+                quiet: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (exp, cfg, s)
+    };
+    let (exp, cfg, full) = run(5, true);
+    let root = exp.path().join("export").join("llama");
+    let mut steps: Vec<u64> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec![2, 4, 5]);
+    let flat = |dir: &Path| -> Vec<f32> {
+        let (b, tensors) = import_llama(dir).unwrap();
+        assert_eq!(b.architecture_differences(&cfg.model.base_model), vec![]);
+        tensors.into_iter().flat_map(|t| t.2).collect()
+    };
+    assert!(
+        flat(&root.join("5")) == full.final_weights,
+        "the last export is the trained weights"
+    );
+    let (_, _, two) = run(2, false);
+    assert!(
+        flat(&root.join("2")) == two.final_weights,
+        "step 2's export is step 2's weights"
+    );
+    assert!(flat(&root.join("4")) != full.final_weights);
+
+    // Refused at load, naming the field: a model a HuggingFace config cannot express.
+    let err = fast_llm_rs::config::load_config_str(
+        &fast_llm_rs::config::to_yaml(&cfg),
+        &[
+            "training.export.interval=10".into(),
+            "model.base_model.head.normalization.epsilon=1e-3".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&err, &["training.export.interval = 10", "rms_norm_eps"]);
+}

@@ -60,6 +60,39 @@ pub struct TrainingConfig {
     pub evaluators: BTreeMap<String, EvaluatorConfig>,
     /// Training checkpoints.
     pub checkpoint: CheckpointConfig,
+    /// HuggingFace exports of the weights during training (Fast-LLM's `training.export`).
+    pub export: ExportConfig,
+}
+
+/// `training.export:`: the weights as a HuggingFace directory (`format: llama`, what `convert` writes)
+/// in `run.experiment_dir/export/llama/<step>/`, at steps `offset + k * interval` and after the last.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Export every `interval` steps. Default `None`: no exports. >= 1 when set.
+    pub interval: Option<u64>,
+    /// The first export's step (then every `interval`). Default 0.
+    pub offset: u64,
+    /// `llama` (a HuggingFace Llama, Mistral, Qwen2 or Qwen3 directory, as `convert` writes). Default `llama`.
+    pub format: String,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            offset: 0,
+            format: "llama".into(),
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Whether completed step `done` (of `train_iters`) exports.
+    pub fn due(&self, done: u64, train_iters: u64) -> bool {
+        self.interval
+            .is_some_and(|i| done == train_iters || (done >= self.offset && (done - self.offset).is_multiple_of(i)))
+    }
 }
 
 /// `training.logs:`.

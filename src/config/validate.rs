@@ -130,7 +130,35 @@ fn validate_training(cfg: &TrainConfig) -> Result<(), ConfigError> {
         training.checkpoint.keep,
         "must be >= 1 (number of newest checkpoints kept)",
         "set it to 1 or more",
-    )
+    )?;
+    let export = &training.export;
+    if let Some(interval) = export.interval {
+        require(
+            interval >= 1,
+            "training.export.interval",
+            interval,
+            "must be >= 1 when set (export every N steps)",
+            "set it to 1 or more, or remove it (null) to export nothing",
+        )?;
+    }
+    require(
+        export.format == "llama",
+        "training.export.format",
+        &export.format,
+        "accepted: llama (HuggingFace)",
+        "set it to llama",
+    )?;
+    if export.interval.is_some() {
+        // Refuse now what the export would refuse after hours of training.
+        if let Err(e) = crate::hf::hf_config(&cfg.model.base_model, &Default::default()) {
+            return Err(ConfigError::new(format!(
+                "training.export.interval = {}: this model cannot be exported as format llama ({e}); \
+                 remove training.export or change the model",
+                export.interval.unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One dataset entry at config path `path`, the datasets of a blend included.
