@@ -302,12 +302,16 @@ pub enum Sampling {
     /// The most likely token (the lowest id among ties).
     Greedy,
     /// Sample from `softmax(logits / temperature)` restricted to the `top_k` most likely tokens
-    /// (`0` = all), with a seeded generator.
+    /// (`0` = all), then to the fewest of those whose probabilities (renormalized over them) sum to at
+    /// least `top_p` (nucleus sampling; HuggingFace's order: temperature, top-k, top-p), with a seeded
+    /// generator.
     TopK {
         /// > 0.
         temperature: f32,
         /// Candidates kept; 0 keeps the whole vocabulary.
         top_k: usize,
+        /// Probability mass kept, in (0, 1]; 1 keeps every candidate.
+        top_p: f32,
         /// PRNG seed.
         seed: u64,
     },
@@ -355,7 +359,12 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         match self.sampling {
             Sampling::Greedy => argmax(logits),
-            Sampling::TopK { temperature, top_k, .. } => {
+            Sampling::TopK {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => {
                 let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
                 // Descending by logit, ties by id: a total order, so the result is deterministic.
                 idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
@@ -364,11 +373,22 @@ impl Sampler {
                 }
                 let mx = logits[idx[0] as usize] as f64;
                 let t = temperature as f64;
-                let weights: Vec<f64> = idx
+                let mut weights: Vec<f64> = idx
                     .iter()
                     .map(|&i| ((logits[i as usize] as f64 - mx) / t).exp())
                     .collect();
-                let total: f64 = weights.iter().sum();
+                let mut total: f64 = weights.iter().sum();
+                if top_p < 1.0 {
+                    // The shortest prefix (most likely first) holding top_p of the mass; at least one.
+                    let (mut kept, mut mass) = (0, 0.0);
+                    while kept < weights.len() && (kept == 0 || mass < top_p as f64 * total) {
+                        mass += weights[kept];
+                        kept += 1;
+                    }
+                    weights.truncate(kept);
+                    idx.truncate(kept);
+                    total = mass;
+                }
                 let mut u = self.next_f64() * total;
                 for (&i, &w) in idx.iter().zip(&weights) {
                     if u < w {

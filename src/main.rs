@@ -84,7 +84,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         max_new_tokens: usize,
         /// Greedy decoding (the default unless --temperature or --top-k is given).
-        #[arg(long, conflicts_with_all = ["temperature", "top_k"])]
+        #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
         greedy: bool,
         /// Sampling temperature (> 0).
         #[arg(long)]
@@ -92,6 +92,9 @@ enum Command {
         /// Sample among the K most likely tokens (0 = all).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Nucleus sampling: among the fewest most likely tokens holding this probability mass, in (0, 1].
+        #[arg(long)]
+        top_p: Option<f32>,
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -184,20 +187,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             greedy: _,
             temperature,
             top_k,
+            top_p,
             seed,
             tokenizer,
             dump_logits,
             print_ids,
         } => {
             use fast_llm_rs::generate::{run_generate, GenerateCommand, Sampling};
-            let sampling = if temperature.is_some() || top_k.is_some() {
+            let sampling = if temperature.is_some() || top_k.is_some() || top_p.is_some() {
                 let temperature = temperature.unwrap_or(1.0);
                 if !(temperature > 0.0 && temperature.is_finite()) {
                     anyhow::bail!("--temperature {temperature}: must be > 0 (use --greedy for argmax decoding)");
                 }
+                let top_p = top_p.unwrap_or(1.0);
+                if !(top_p > 0.0 && top_p <= 1.0) {
+                    anyhow::bail!("--top-p {top_p}: must be in (0, 1] (1 keeps every token)");
+                }
                 Sampling::TopK {
                     temperature,
                     top_k: top_k.unwrap_or(0),
+                    top_p,
                     seed,
                 }
             } else {

@@ -645,6 +645,7 @@ fn greedy_generation_is_deterministic_and_matches_uncached_argmax() {
     // Seeded sampling is reproducible.
     let sampled = GenerateOptions {
         sampling: Sampling::TopK {
+            top_p: 1.0,
             temperature: 0.8,
             top_k: 5,
             seed: 42,
@@ -665,6 +666,7 @@ fn top_k_one_is_greedy_and_sampling_follows_the_distribution() {
     let mut s = Sampler::new(Sampling::TopK {
         temperature: 1.0,
         top_k: 1,
+        top_p: 1.0,
         seed: 3,
     });
     assert!((0..20).all(|_| s.sample(&logits) == 1));
@@ -674,12 +676,38 @@ fn top_k_one_is_greedy_and_sampling_follows_the_distribution() {
     let mut s = Sampler::new(Sampling::TopK {
         temperature: 1.0,
         top_k: 2,
+        top_p: 1.0,
         seed: 9,
     });
     let picks: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
     let ones = picks.iter().filter(|&&t| t == 1).count();
     assert!(picks.iter().all(|&t| t == 1 || t == 3));
     assert!((800..1200).contains(&ones), "{ones}");
+
+    // Top-p: probabilities 0.5, 0.3, 0.15, 0.05 (ids 2, 0, 3, 1). 0.75 keeps the first two (0.8 >=
+    // 0.75), sampled 5:3; 0.5 keeps one (0.5 >= 0.5); 0.81 keeps three.
+    let probs = [0.3f64, 0.05, 0.5, 0.15];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln() as f32).collect();
+    let kept = |top_p: f32| {
+        let mut s = Sampler::new(Sampling::TopK {
+            temperature: 1.0,
+            top_k: 0,
+            top_p,
+            seed: 11,
+        });
+        let mut counts = [0usize; 4];
+        for _ in 0..8000 {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        counts
+    };
+    let c = kept(0.75);
+    assert_eq!((c[1], c[3]), (0, 0), "{c:?}");
+    let share = c[2] as f64 / 8000.0;
+    assert!((share - 0.625).abs() < 0.03, "{c:?}: 0.5 / 0.8 of the draws expected");
+    assert_eq!(kept(0.5), [0, 0, 8000, 0]);
+    let c = kept(0.81);
+    assert!(c[1] == 0 && c[3] > 0, "{c:?}");
 }
 
 #[test]
