@@ -28,6 +28,15 @@ struct Setting {
     breadth_first: usize,
 }
 
+/// Quiet, one kernel thread per rank.
+fn quiet_one_thread() -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        threads_per_rank: Some(1),
+        ..Default::default()
+    }
+}
+
 fn run(data: &std::path::Path, s: &Setting) -> (TrainSummary, Vec<Vec<usize>>) {
     let exp = tempfile::tempdir().unwrap();
     let mut o = ov(&[
@@ -45,15 +54,7 @@ fn run(data: &std::path::Path, s: &Setting) -> (TrainSummary, Vec<Vec<usize>>) {
         o.push(format!("model.multi_stage.num_weight_buffers={b}"));
     }
     let cfg = tiny_config(data, exp.path(), &o);
-    let summary = train(
-        &cfg,
-        &TrainOptions {
-            quiet: true,
-            threads_per_rank: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let summary = train(&cfg, &quiet_one_thread()).unwrap();
     // Grouping of micro-batches per grad-buffer occupancy, per stage, from the schedule.
     let model = Llama::new(ModelShape::from_config(&cfg.model.base_model).unwrap());
     let layout = MultiStageLayout::new(&model, &cfg.model.multi_stage, s.world, 4);
@@ -224,15 +225,7 @@ fn mlp_recomputation_trains_bitwise_like_keeping_the_activations() {
                 ("model.base_model.decoder.block.mlp.recompute_level", level.into()),
             ]),
         );
-        let summary = train(
-            &cfg,
-            &TrainOptions {
-                quiet: true,
-                threads_per_rank: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let summary = train(&cfg, &quiet_one_thread()).unwrap();
         (cfg, summary)
     };
     let (cfg, none) = run_level("none");

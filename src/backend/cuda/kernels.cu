@@ -577,6 +577,17 @@ extern "C" __global__ void sum_chunks_f32(float* out, const float* partial, int 
 // Per-head RMSNorm (query/key norms, Qwen3), in place on the first num_heads * head_size values of each
 // of the n rows of x (row_stride apart): head h of a row becomes hat * w, hat = head * rstd, w the row
 // (h < split ? 0 : 1) of weight (2, head_size). One warp-sized block per (row, head), grid-stride.
+// Head it % num_heads of row it / num_heads of x, and its weight row.
+template <class T>
+__device__ __forceinline__ T* head_norm_row(T* x, long long it, int row_stride, int num_heads, int head_size) {
+    const long long row = it / num_heads;
+    return x + row * row_stride + (it - row * num_heads) * head_size;
+}
+template <class T>
+__device__ __forceinline__ const T* head_norm_weight(const T* weight, long long it, int num_heads, int split,
+                                                     int head_size) {
+    return weight + (it % num_heads < split ? 0 : head_size);
+}
 template <class T>
 __device__ void head_norm_fwd_impl(T* x, T* hat, float* rstd, const T* weight, int n, int row_stride,
                                    int num_heads, int split, int head_size, float eps) {
@@ -584,11 +595,9 @@ __device__ void head_norm_fwd_impl(T* x, T* hat, float* rstd, const T* weight, i
     const float inv_d = 1.0f / (float)head_size;
     const long long items = (long long)n * num_heads;
     for (long long it = blockIdx.x; it < items; it += gridDim.x) {
-        const long long row = it / num_heads;
-        const int h = (int)(it - row * num_heads);
-        T* xh = x + row * row_stride + (long long)h * head_size;
+        T* xh = head_norm_row(x, it, row_stride, num_heads, head_size);
         T* hh = hat + it * head_size;
-        const T* w = weight + (h < split ? 0 : head_size);
+        const T* w = head_norm_weight(weight, it, num_heads, split, head_size);
         float ss = 0.0f;
         for (int j = threadIdx.x; j < head_size; j += blockDim.x) {
             const float v = ld(xh[j]);
@@ -621,11 +630,9 @@ __device__ void head_norm_bwd_dx_impl(T* grad, const T* hat, const T* weight, co
     const float inv_d = 1.0f / (float)head_size;
     const long long items = (long long)n * num_heads;
     for (long long it = blockIdx.x; it < items; it += gridDim.x) {
-        const long long row = it / num_heads;
-        const int h = (int)(it - row * num_heads);
-        T* gh = grad + row * row_stride + (long long)h * head_size;
+        T* gh = head_norm_row(grad, it, row_stride, num_heads, head_size);
         const T* hh = hat + it * head_size;
-        const T* w = weight + (h < split ? 0 : head_size);
+        const T* w = head_norm_weight(weight, it, num_heads, split, head_size);
         float m = 0.0f;
         for (int j = threadIdx.x; j < head_size; j += blockDim.x) m += ld(w[j]) * ld(gh[j]) * ld(hh[j]);
         m = block_sum(m, red) * inv_d;
