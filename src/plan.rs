@@ -200,7 +200,8 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
 }
 
 /// The seed's order: first smaller micro-batches / sequences at the configured ZeRO stage, then a higher
-/// ZeRO stage, then fewer buffers.
+/// ZeRO stage, then fewer buffers; last, recomputing the MLP activations (`mlp.recompute_level: full`)
+/// with those.
 fn recommend(cfg: &TrainConfig, model: &Llama, mem: u64) -> String {
     let ms = &cfg.model.multi_stage;
     let fits = |c: &TrainConfig, m: &MultiStageConfig| plan_row(c, model, m).total <= mem;
@@ -247,6 +248,35 @@ fn recommend(cfg: &TrainConfig, model: &Llama, mem: u64) -> String {
             "set model.multi_stage.zero_stage: 3 with num_weight_buffers: 1 and num_grad_buffers: 1, data.micro_batch_size: {}",
             c.data.micro_batch_size
         );
+    }
+    if model.mlp_recompute != MlpRecompute::Full {
+        let recomputing = Llama {
+            mlp_recompute: MlpRecompute::Full,
+            ..model.clone()
+        };
+        let fits_recomputing = |c: &TrainConfig, m: &MultiStageConfig| plan_row(c, &recomputing, m).total <= mem;
+        for (zero, buffers) in [(ms.zero_stage(), None), (3, None), (3, Some(1))] {
+            let m = MultiStageConfig {
+                zero_stage: Some(zero),
+                num_grad_buffers: buffers,
+                num_weight_buffers: buffers,
+                ..ms.clone()
+            };
+            for (setting, what) in [
+                (cfg, String::new()),
+                (&c, format!(", data.micro_batch_size: {}", c.data.micro_batch_size)),
+            ] {
+                if fits_recomputing(setting, &m) {
+                    let buffers = buffers.map_or(String::new(), |_| {
+                        " with num_weight_buffers: 1 and num_grad_buffers: 1".into()
+                    });
+                    return format!(
+                        "set model.base_model.decoder.block.mlp.recompute_level: full (the backward recomputes the MLP \
+                         activations), model.multi_stage.zero_stage: {zero}{buffers}{what}"
+                    );
+                }
+            }
+        }
     }
     "nothing fits: even ZeRO-3 with single buffers and one sequence per micro-batch exceeds the device memory; \
      add data-parallel ranks (model.distributed.world_size) or shorten data.sequence_length"

@@ -267,3 +267,56 @@ fn released_model_configs_have_their_published_parameter_counts() {
         assert_eq!(p.stage_parameters.iter().sum::<usize>(), params, "{file}");
     }
 }
+
+/// The recommendation follows the seed's order and its thresholds are the rows' own totals (llama-1b):
+/// the configured setting when it fits; a smaller micro-batch next; recomputing the MLP activations
+/// only once ZeRO-3 with single buffers and one sequence per micro-batch does not fit; then nothing.
+#[test]
+fn recommendations_follow_the_seeds_order_down_to_recomputation() {
+    let example = |extra: &[&str]| {
+        let o: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        load_config(
+            Path::new(&format!("{}/examples/llama-1b.yaml", env!("CARGO_MANIFEST_DIR"))),
+            &o,
+        )
+        .unwrap()
+    };
+    let total = |extra: &[&str]| plan(&example(extra), None).unwrap().rows[0].total;
+    let advice = |mem: u64| plan(&example(&[]), Some(mem)).unwrap().recommendation.unwrap();
+    let configured = total(&[]);
+    assert_eq!(advice(configured), "the configured setting fits");
+    assert!(
+        advice(configured - 1).starts_with("lower data.micro_batch_size"),
+        "{}",
+        advice(configured - 1)
+    );
+    let seq = example(&[]).data.sequence_length.to_string();
+    let smallest = [
+        "model.multi_stage.zero_stage=3",
+        "model.multi_stage.num_weight_buffers=1",
+        "model.multi_stage.num_grad_buffers=1",
+    ];
+    let mbs = format!("data.micro_batch_size={seq}");
+    let with = |more: &[&str]| {
+        let mut v = smallest.to_vec();
+        v.push(&mbs);
+        v.extend_from_slice(more);
+        total(&v)
+    };
+    let (keeping, recomputing) = (
+        with(&[]),
+        with(&["model.base_model.decoder.block.mlp.recompute_level=full"]),
+    );
+    assert!(recomputing < keeping);
+    let rec = advice(recomputing);
+    assert!(
+        rec.contains("recompute_level: full") && rec.contains(&format!("data.micro_batch_size: {seq}")),
+        "{rec}"
+    );
+    assert!(advice(keeping).contains("num_grad_buffers: 1") && !advice(keeping).contains("recompute"));
+    assert!(
+        advice(recomputing - 1).starts_with("nothing fits"),
+        "{}",
+        advice(recomputing - 1)
+    );
+}
