@@ -91,7 +91,8 @@ struct Data {
 fn open_data(cfg: &TrainConfig) -> anyhow::Result<Data> {
     let vocab = cfg.model.base_model.embeddings.vocab_size;
     let (seed, seq) = (cfg.model.distributed.seed, cfg.data.sequence_length);
-    let open = |name: &str, ds| Source::open(ds, &format!("data.datasets.{name}"), name, vocab, seed, seq);
+    let shuffle = cfg.data.sampling.shuffle;
+    let open = |name: &str, ds| Source::open(ds, &format!("data.datasets.{name}"), name, vocab, seed, seq, shuffle);
     let training = if cfg.training.train_iters > 0 {
         let ds = cfg.data.datasets.get("training").with_context(|| {
             "data.datasets.training is missing: training needs a dataset, e.g. \

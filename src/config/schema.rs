@@ -163,11 +163,42 @@ pub struct DataConfig {
     pub micro_batch_size: u64,
     /// Tokens in one sample (sequence). Default 2048, >= 2.
     pub sequence_length: u64,
+    /// How training samples walk the data (Fast-LLM's `data.sampling`).
+    pub sampling: SamplingConfig,
+}
+
+/// `data.sampling:`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Order of the training windows (see [`Shuffle`]). Default `epoch`.
+    pub shuffle: Shuffle,
+}
+
+/// `data.sampling.shuffle` (Fast-LLM's `ShufflingType` names; `full` is not supported, and
+/// `random_windows` is ours). A dataset is cut into `(tokens - 1) / sequence_length` non-overlapping
+/// windows; an epoch visits each once.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Shuffle {
+    /// Every epoch in its own random order (a keyed permutation per epoch).
+    #[default]
+    Epoch,
+    /// The first epoch in file order (for data shuffled when prepared), later epochs as `epoch`.
+    SkipFirstEpoch,
+    /// File order, every epoch.
+    Disabled,
+    /// All epochs shuffled together: not supported (refused at load).
+    Full,
+    /// No epochs: each sample starts at a random token, drawn with replacement (windows overlap and
+    /// start anywhere; about 1/e of the data is left out per epoch's worth of samples).
+    RandomWindows,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
+            sampling: SamplingConfig::default(),
             datasets: BTreeMap::new(),
             micro_batch_size: 2048,
             sequence_length: 2048,

@@ -236,6 +236,13 @@ fn validate_dataset(path: &str, dataset: &DatasetConfig) -> Result<(), ConfigErr
 }
 
 fn validate_data(data: &DataConfig) -> Result<(), ConfigError> {
+    require(
+        data.sampling.shuffle != Shuffle::Full,
+        "data.sampling.shuffle",
+        "full",
+        "shuffling all epochs together is not supported (it needs the run's length up front)",
+        "use epoch (each epoch in its own order), skip_first_epoch, disabled or random_windows",
+    )?;
     for (name, dataset) in &data.datasets {
         validate_dataset(&format!("data.datasets.{name}"), dataset)?;
     }
@@ -982,6 +989,15 @@ mod tests {
             &[&format!("{t}.weights=[1]")],
             &[&format!("{t}.weights = set"), "type: blended"],
         );
+        assert_refused(
+            &["data.sampling.shuffle=full"],
+            &["data.sampling.shuffle = full", "not supported", "epoch"],
+        );
+        assert_refused(
+            &["data.sampling.shuffle=sometimes"],
+            &["data.sampling.shuffle = sometimes", "epoch, skip_first_epoch, disabled"],
+        );
+        assert!(example(&["data.sampling.shuffle=random_windows"]).is_ok());
         assert_refused(
             &["data.datasets.training.split=test"],
             &["data.datasets.training.split = test", "training, validation"],

@@ -85,6 +85,6 @@ pub use error::DataError;
 pub use format::{Metadata, SourceInfo, SplitInfo, TokenDtype, TokenizerInfo};
 pub use prepare::{prepare, PrepareOptions, PrepareReport};
 pub use resolve::{resolve_dataset, split_for_dataset, text_cache_dir};
-pub use sampler::{global_sample_index, SequenceSampler};
+pub use sampler::{global_sample_index, permute, SequenceSampler, Shuffle};
 pub use source::Source;
 pub use tokenizer::Tokenizer;

@@ -5,6 +5,7 @@
 
 use super::format::mix64;
 use super::{DataError, TokenDataset};
+pub use crate::config::schema::Shuffle;
 
 /// The global index of sample `j` of global batch `batch`, with `samples_per_batch` samples per global
 /// batch (over all data-parallel ranks and micro-batches): `batch * samples_per_batch + j`.
@@ -44,6 +45,35 @@ impl SplitMix64 {
     }
 }
 
+/// Position `x` of epoch `epoch` in a permutation of `0..n` keyed by `(seed, epoch)`, computed alone
+/// (random access, no table): a 4-round Feistel network on the smallest even number of bits covering
+/// `n`, cycle-walked back into `0..n` (a bijection on the wider domain, so the walk from a value in
+/// `0..n` returns to `0..n` and distinct inputs give distinct outputs).
+pub fn permute(seed: u64, epoch: u64, x: u64, n: u64) -> u64 {
+    assert!(x < n, "position {x} of a permutation of {n}");
+    if n <= 1 {
+        return 0;
+    }
+    let mut bits = 64 - (n - 1).leading_zeros();
+    bits = (bits + bits % 2).max(2);
+    let half = bits / 2;
+    let mask = (1u64 << half) - 1;
+    let key = mix64(mix64(seed.wrapping_add(GOLDEN)) ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+    let round = |v: u64| {
+        let (mut l, mut r) = (v >> half, v & mask);
+        for k in 0..4u64 {
+            let f = mix64(key ^ (k << 60) ^ r) & mask;
+            (l, r) = (r, l ^ f);
+        }
+        (l << half) | r
+    };
+    let mut y = round(x);
+    while y >= n {
+        y = round(y);
+    }
+    y
+}
+
 /// Maps sample indices to windows of a dataset, deterministically from
 /// `(seed, dataset length, sequence_length)`.
 ///
@@ -63,6 +93,7 @@ pub struct SequenceSampler {
     seed: u64,
     dataset_len: u64,
     sequence_length: u64,
+    shuffle: Shuffle,
 }
 
 impl SequenceSampler {
@@ -83,7 +114,23 @@ impl SequenceSampler {
             seed,
             dataset_len,
             sequence_length,
+            shuffle: Shuffle::RandomWindows,
         })
+    }
+
+    /// The same sampler with training windows in `shuffle`'s order (`data.sampling.shuffle`; the
+    /// constructors give [`Shuffle::RandomWindows`]). With the epoch modes, training sample `i` is
+    /// window `order_e(i mod W)` of the `W` non-overlapping windows (the validation windows), in epoch
+    /// `e = i / W`, where `order_e` is the identity (`disabled`, and the first epoch of
+    /// `skip_first_epoch`) or a permutation keyed by `(seed, e)`.
+    pub fn with_shuffle(mut self, shuffle: Shuffle) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// The window order.
+    pub fn shuffle(&self) -> Shuffle {
+        self.shuffle
     }
 
     /// [`SequenceSampler::new`] for `dataset`, with an error naming its file.
@@ -106,7 +153,17 @@ impl SequenceSampler {
 
     /// Start offset of training sample `sample_index`.
     pub fn offset(&self, sample_index: u64) -> u64 {
-        SplitMix64::keyed(self.seed, sample_index).below(self.dataset_len - self.sequence_length)
+        let windows = self.num_sequential_windows();
+        let (epoch, position) = (sample_index / windows, sample_index % windows);
+        let window = match self.shuffle {
+            Shuffle::RandomWindows | Shuffle::Full => {
+                return SplitMix64::keyed(self.seed, sample_index).below(self.dataset_len - self.sequence_length)
+            }
+            Shuffle::Disabled => position,
+            Shuffle::SkipFirstEpoch if epoch == 0 => position,
+            Shuffle::Epoch | Shuffle::SkipFirstEpoch => permute(self.seed, epoch, position, windows),
+        };
+        window * self.sequence_length
     }
 
     /// Number of distinct windows [`fill_sequential`](Self::fill_sequential) cycles through.
@@ -170,6 +227,70 @@ mod tests {
         opts.validation_fraction = 0.0;
         prepare(&opts).unwrap();
         TokenDataset::open(&out, "training", 256).unwrap()
+    }
+
+    /// The keyed permutation is a bijection of `0..n` for every `n` (small, odd, powers of two and
+    /// around them), differs between epochs and seeds, and is not the identity.
+    #[test]
+    fn permutations_are_bijections_that_change_with_epoch_and_seed() {
+        for n in [1u64, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 100, 1000, 4097] {
+            for (seed, epoch) in [(1u64, 0u64), (1, 1), (2, 0)] {
+                let mut seen: Vec<u64> = (0..n).map(|x| permute(seed, epoch, x, n)).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n} seed {seed} epoch {epoch}");
+            }
+        }
+        let order = |seed, epoch| (0..1000).map(|x| permute(seed, epoch, x, 1000)).collect::<Vec<_>>();
+        assert_ne!(order(1, 0), order(1, 1));
+        assert_ne!(order(1, 0), order(2, 0));
+        assert_ne!(order(1, 0), (0..1000).collect::<Vec<_>>());
+        // Displacement looks random: the mean |p(x) - x| of a random permutation is about n / 3.
+        let mean = order(1, 0)
+            .iter()
+            .enumerate()
+            .map(|(x, &p)| (p as f64 - x as f64).abs())
+            .sum::<f64>()
+            / 1000.0;
+        assert!((mean - 333.0).abs() < 40.0, "{mean}");
+    }
+
+    /// The epoch modes visit every non-overlapping window exactly once per epoch: `epoch` in a new
+    /// order each epoch, `skip_first_epoch` first in file order, `disabled` always in file order;
+    /// `random_windows` starts anywhere and repeats windows.
+    #[test]
+    fn epoch_modes_visit_every_window_once_per_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dataset(dir.path(), 1601);
+        let seq = 16u64;
+        let base = SequenceSampler::for_dataset(7, &ds, seq).unwrap();
+        let w = base.num_sequential_windows();
+        assert_eq!(w, 100);
+        let epoch_offsets = |s: &SequenceSampler, e: u64| (e * w..(e + 1) * w).map(|i| s.offset(i)).collect::<Vec<_>>();
+        let file_order: Vec<u64> = (0..w).map(|k| k * seq).collect();
+        let sorted = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v
+        };
+        let epoch = base.clone().with_shuffle(Shuffle::Epoch);
+        let (e0, e1) = (epoch_offsets(&epoch, 0), epoch_offsets(&epoch, 1));
+        assert_eq!(sorted(e0.clone()), file_order);
+        assert_eq!(sorted(e1.clone()), file_order);
+        assert_ne!(e0, e1);
+        assert_ne!(e0, file_order);
+        let skip = base.clone().with_shuffle(Shuffle::SkipFirstEpoch);
+        assert_eq!(epoch_offsets(&skip, 0), file_order);
+        assert_eq!(epoch_offsets(&skip, 1), e1);
+        let disabled = base.clone().with_shuffle(Shuffle::Disabled);
+        assert_eq!(epoch_offsets(&disabled, 3), file_order);
+        // The windows are the validation windows: sample i's tokens are those of a sequential sample.
+        let (mut x, mut y, mut xs, mut ys) = ([0; 16], [0; 16], [0; 16], [0; 16]);
+        epoch.fill(&ds, 5, &mut x, &mut y);
+        epoch.fill_sequential(&ds, epoch.offset(5) / seq, &mut xs, &mut ys);
+        assert_eq!((x, y), (xs, ys));
+        assert!(
+            epoch_offsets(&base, 0).iter().any(|o| o % seq != 0),
+            "random windows start anywhere"
+        );
     }
 
     #[test]

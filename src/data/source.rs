@@ -8,7 +8,7 @@
 //! own seed (the blend's seed and its position), so two sources never draw correlated windows.
 
 use super::format::mix64;
-use super::{resolve_dataset, SequenceSampler, TokenDataset};
+use super::{resolve_dataset, SequenceSampler, Shuffle, TokenDataset};
 use crate::config::schema::{DatasetConfig, DatasetKind};
 use anyhow::Context;
 
@@ -44,11 +44,13 @@ impl Source {
         vocab_size: u64,
         seed: u64,
         sequence_length: u64,
+        shuffle: Shuffle,
     ) -> anyhow::Result<Source> {
         if cfg.kind != DatasetKind::Blended {
             let dataset = Box::new(resolve_dataset(cfg, name, vocab_size).with_context(|| path.to_string())?);
             let sampler = SequenceSampler::for_dataset(seed, &dataset, sequence_length)
-                .with_context(|| format!("{path} cannot feed data.sequence_length = {sequence_length}"))?;
+                .with_context(|| format!("{path} cannot feed data.sequence_length = {sequence_length}"))?
+                .with_shuffle(shuffle);
             return Ok(Source::Single { dataset, sampler });
         }
         let parts = cfg
@@ -64,6 +66,7 @@ impl Source {
                     vocab_size,
                     part_seed,
                     sequence_length,
+                    shuffle,
                 )
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -184,6 +187,7 @@ mod tests {
             256,
             5,
             seq,
+            Shuffle::RandomWindows,
         )
         .unwrap();
         let n = 20_000u64;
@@ -213,6 +217,7 @@ mod tests {
             256,
             5,
             seq,
+            Shuffle::RandomWindows,
         )
         .unwrap();
         again.fill(4321, &mut x2, &mut y2);
@@ -225,6 +230,7 @@ mod tests {
             256,
             9,
             seq,
+            Shuffle::RandomWindows,
         )
         .unwrap();
         let mut counts = [0u64; 3];
@@ -253,6 +259,7 @@ mod tests {
             256,
             1,
             8,
+            Shuffle::RandomWindows,
         )
         .unwrap_err();
         let text = format!("{err:#}");
