@@ -5,7 +5,7 @@ use crate::backend::cpu::CpuKernels;
 use crate::backend::cuda::ops::AttentionKernels;
 use crate::backend::cuda::Device;
 use crate::backend::{bf16, Element, Kernels};
-use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, TrainConfig};
+use crate::config::{validate::global_batch_tokens, CommBackend, ComputeDtype, Shuffle, TrainConfig};
 use crate::data::Source;
 use crate::engine::checkpoint;
 use crate::engine::distributed::local::run_ranks;
@@ -390,6 +390,22 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu
         cfg.data.micro_batch_size,
         global_tokens / seq as u64
     ));
+    if let Some(source) = &data.training {
+        let samples_per_step = global_tokens / seq as u64;
+        let windows = source.windows();
+        let order = match cfg.data.sampling.shuffle {
+            Shuffle::RandomWindows => "windows drawn at random offsets (data.sampling.shuffle: random_windows)".into(),
+            s => format!(
+                "an epoch is {windows} windows of {seq} = {:.1} steps (data.sampling.shuffle: {})",
+                windows as f64 / samples_per_step as f64,
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+        };
+        say(format!("Training data: {} tokens; {order}", source.tokens()));
+    }
     Ok(Setup {
         model,
         layout,

@@ -119,6 +119,14 @@ impl Source {
         }
     }
 
+    /// Non-overlapping windows of every dataset of the source (an epoch of each, summed).
+    pub fn windows(&self) -> u64 {
+        match self {
+            Source::Single { sampler, .. } => sampler.num_sequential_windows(),
+            Source::Blended { parts, .. } => parts.iter().map(Source::windows).sum(),
+        }
+    }
+
     /// Tokens in every dataset of the source.
     pub fn tokens(&self) -> u64 {
         match self {
