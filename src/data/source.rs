@@ -1,11 +1,14 @@
 //! A `data.datasets.<name>` entry ready to sample: one dataset with its [`SequenceSampler`], or a
 //! blend of such sources in given proportions (Fast-LLM's `type: blended`).
 //!
-//! Blending is random access like the samplers: global sample `i` of a blend draws its source from
-//! the weights with a generator keyed by `(the blend's seed, i)`, then takes sample `i` of that source.
-//! The stream therefore does not depend on ranks or micro-batches, and the share of each source over
-//! `n` samples is its weight up to the binomial spread (`sqrt(n w (1 - w))`). Each source gets its
-//! own seed (the blend's seed and its position), so two sources never draw correlated windows.
+//! Blending is random access like the samplers, and exact: the first source takes samples at the
+//! steps of a line of slope `s_0 = w_0` (sample `i` is its sample `floor(i s_0)` when
+//! `floor((i + 1) s_0) > floor(i s_0)`), the others share the rest the same way with the weights
+//! renormalized (`s_k = w_k / (w_k + ... + w_last)`). So any `n` consecutive samples hold each source's
+//! share to within one sample per level, every batch gets the mix, and each source sees its own
+//! samples `0, 1, 2, ...` in order: its epochs are whole (`data.sampling.shuffle`). The stream does not
+//! depend on ranks or micro-batches. Each source gets its own seed (the blend's seed and its
+//! position), so two sources never draw correlated windows.
 
 use super::format::mix64;
 use super::{resolve_dataset, SequenceSampler, Shuffle, TokenDataset};
@@ -26,10 +29,8 @@ pub enum Source {
     Blended {
         /// The mixed sources.
         parts: Vec<Source>,
-        /// Cumulative normalized weights (the last is 1).
-        cumulative: Vec<f64>,
-        /// Key of the draws.
-        seed: u64,
+        /// `shares[k]`: source `k`'s part of what sources `k..` take (the last is 1).
+        shares: Vec<f64>,
     },
 }
 
@@ -70,34 +71,35 @@ impl Source {
                 )
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let total: f64 = cfg.weights.iter().sum();
-        let mut acc = 0.0;
-        let mut cumulative: Vec<f64> = cfg
+        let mut rest: f64 = cfg.weights.iter().sum();
+        let shares = cfg
             .weights
             .iter()
-            .map(|w| {
-                acc += w / total;
-                acc
+            .enumerate()
+            .map(|(k, w)| {
+                let s = if k + 1 == cfg.weights.len() { 1.0 } else { w / rest };
+                rest -= w;
+                s
             })
             .collect();
-        if let Some(last) = cumulative.last_mut() {
-            *last = 1.0;
-        }
-        Ok(Source::Blended {
-            parts,
-            cumulative,
-            seed,
-        })
+        Ok(Source::Blended { parts, shares })
     }
 
-    /// Which source of a blend sample `i` comes from (0 for a single dataset).
-    pub fn part_of(&self, i: u64) -> usize {
+    /// The source of a blend that sample `i` comes from, and its index there (`(0, i)` for a single
+    /// dataset). See the module documentation.
+    pub fn locate(&self, i: u64) -> (usize, u64) {
         match self {
-            Source::Single { .. } => 0,
-            Source::Blended { cumulative, seed, .. } => {
-                // 53 random bits as a uniform in [0, 1).
-                let u = (mix64(mix64(seed.wrapping_add(0x5EED_B1E4D)) ^ i) >> 11) as f64 / (1u64 << 53) as f64;
-                cumulative.iter().position(|&c| u < c).unwrap_or(cumulative.len() - 1)
+            Source::Single { .. } => (0, i),
+            Source::Blended { shares, .. } => {
+                let mut j = i;
+                for (k, &s) in shares[..shares.len() - 1].iter().enumerate() {
+                    let before = (j as f64 * s).floor() as u64;
+                    if ((j + 1) as f64 * s).floor() as u64 > before {
+                        return (k, before);
+                    }
+                    j -= before;
+                }
+                (shares.len() - 1, j)
             }
         }
     }
@@ -106,16 +108,22 @@ impl Source {
     pub fn fill(&self, i: u64, inputs: &mut [u32], targets: &mut [u32]) {
         match self {
             Source::Single { dataset, sampler } => sampler.fill(dataset, i, inputs, targets),
-            Source::Blended { parts, .. } => parts[self.part_of(i)].fill(i, inputs, targets),
+            Source::Blended { parts, .. } => {
+                let (k, local) = self.locate(i);
+                parts[k].fill(local, inputs, targets)
+            }
         }
     }
 
-    /// Fills validation sample `i` (see [`SequenceSampler::fill_sequential`]): a blend draws the
-    /// source as in training, and the source gives its sequential sample `i`.
+    /// Fills validation sample `i` (see [`SequenceSampler::fill_sequential`]): a blend's sources in the
+    /// same proportions, each walking its own sequential samples.
     pub fn fill_sequential(&self, i: u64, inputs: &mut [u32], targets: &mut [u32]) {
         match self {
             Source::Single { dataset, sampler } => sampler.fill_sequential(dataset, i, inputs, targets),
-            Source::Blended { parts, .. } => parts[self.part_of(i)].fill_sequential(i, inputs, targets),
+            Source::Blended { parts, .. } => {
+                let (k, local) = self.locate(i);
+                parts[k].fill_sequential(local, inputs, targets)
+            }
         }
     }
 
@@ -178,78 +186,108 @@ mod tests {
         }
     }
 
-    /// Samples of a 3:1 blend come from each dataset in those proportions (within 4 binomial standard
-    /// deviations over 20,000 samples), are whole windows of the dataset drawn, in training and in
-    /// validation, and do not depend on the order they are asked for; a nested blend splits its share.
+    /// Samples of a 2:1:1 blend: any run of consecutive samples holds each dataset's share to within
+    /// one sample per level; each dataset receives its own samples 0, 1, 2, ... exactly once (so its
+    /// epochs stay whole: with `epoch` shuffling, 3 x 374 samples of the first dataset cover its 374
+    /// windows three times); every sample is a whole window of the dataset it names, in training and
+    /// validation; weights are normalized; a nested blend splits its share the same way.
     #[test]
-    fn blended_samples_follow_the_weights_and_come_whole_from_one_dataset() {
+    fn blended_samples_hold_the_weights_exactly_and_each_dataset_walks_its_own_samples() {
         let dir = tempfile::tempdir().unwrap();
         let a = prepared(dir.path(), "a", b"abcdef", 3000);
         let b = prepared(dir.path(), "b", b"0123456789", 2000);
         let c = prepared(dir.path(), "c", b"XYZ", 1000);
-        let seq = 8;
-        let src = Source::open(
-            &blend(vec![a.clone(), b.clone()], vec![3.0, 1.0]),
-            "t",
-            "training",
-            256,
-            5,
-            seq,
-            Shuffle::RandomWindows,
-        )
-        .unwrap();
-        let n = 20_000u64;
+        let seq = 8u64;
+        let open = |cfg: &DatasetConfig, shuffle| Source::open(cfg, "t", "training", 256, 5, seq, shuffle).unwrap();
+        let three = blend(vec![a.clone(), b.clone(), c.clone()], vec![2.0, 1.0, 1.0]);
+        let src = open(&three, Shuffle::Epoch);
+        let Source::Blended { parts, .. } = &src else {
+            unreachable!()
+        };
+        let Source::Single { sampler: sampler_a, .. } = &parts[0] else {
+            unreachable!()
+        };
+        let windows = sampler_a.num_sequential_windows();
+        assert_eq!(windows, (3000 - 1) / seq);
+        let n = 6 * windows;
         let (mut x, mut y) = (vec![0u32; seq as usize], vec![0u32; seq as usize]);
-        let mut counts = [0u64; 2];
+        let mut local: [Vec<u64>; 3] = Default::default();
+        let mut offsets_a = Vec::new();
         for i in 0..n {
             src.fill(i, &mut x, &mut y);
-            let k = origin(&x);
-            assert_eq!(k, src.part_of(i), "sample {i}");
+            let (k, j) = src.locate(i);
+            assert_eq!(origin(&x), k, "sample {i}");
             assert_eq!(x[1..], y[..seq as usize - 1], "targets are the inputs shifted");
-            counts[k] += 1;
+            local[k].push(j);
+            if k == 0 {
+                offsets_a.push(sampler_a.offset(j));
+            }
+            // Every prefix holds the shares to within one sample per level (two levels here).
+            let done = (i + 1) as f64;
+            let counts = local.iter().map(|v| v.len() as f64).collect::<Vec<_>>();
+            assert!((counts[0] - 0.5 * done).abs() <= 1.0, "{i}: {counts:?}");
+            assert!(
+                (counts[1] - 0.25 * done).abs() <= 2.0 && (counts[2] - 0.25 * done).abs() <= 2.0,
+                "{i}: {counts:?}"
+            );
         }
-        let sd = (n as f64 * 0.75 * 0.25).sqrt();
-        assert!((counts[0] as f64 - 0.75 * n as f64).abs() < 4.0 * sd, "{counts:?}");
-        // Validation samples come from the drawn dataset too.
+        for (k, l) in local.iter().enumerate() {
+            assert_eq!(
+                *l,
+                (0..l.len() as u64).collect::<Vec<_>>(),
+                "dataset {k} walks its samples in order"
+            );
+        }
+        assert_eq!(local[0].len() as u64, 3 * windows);
+        for epoch in offsets_a.chunks(windows as usize) {
+            let mut e = epoch.to_vec();
+            e.sort_unstable();
+            assert_eq!(e, (0..windows).map(|w| w * seq).collect::<Vec<_>>());
+        }
+        // Shares that binary fractions do not hold exactly (0.6, 0.5 of the rest; 1/7, 2/6, ...) still
+        // give each dataset its indices 0, 1, 2, ... once, and the counts within one sample per level.
+        for weights in [vec![3.0, 1.0, 1.0], vec![1.0, 2.0, 4.0], vec![0.1, 0.7, 0.2]] {
+            let mixed = open(
+                &blend(vec![a.clone(), b.clone(), c.clone()], weights.clone()),
+                Shuffle::Epoch,
+            );
+            let mut next = [0u64; 3];
+            for i in 0..10_000u64 {
+                let (k, j) = mixed.locate(i);
+                assert_eq!(j, next[k], "{weights:?}: sample {i}");
+                next[k] += 1;
+            }
+            let total: f64 = weights.iter().sum();
+            for (k, w) in weights.iter().enumerate() {
+                assert!((next[k] as f64 - 1e4 * w / total).abs() <= 2.0, "{weights:?}: {next:?}");
+            }
+        }
+        // Validation samples come from the dataset they name too.
         for i in 0..200 {
             src.fill_sequential(i, &mut x, &mut y);
-            assert_eq!(origin(&x), src.part_of(i));
+            assert_eq!(origin(&x), src.locate(i).0);
         }
-        // Random access: sample 4321 alone equals sample 4321 after the others.
+        // Normalized weights, random access: sample 4321 of 2:1:1 = sample 4321 of 0.5:0.25:0.25, alone.
         let (mut x2, mut y2) = (x.clone(), y.clone());
         src.fill(4321, &mut x, &mut y);
-        let again = Source::open(
-            &blend(vec![a.clone(), b.clone()], vec![0.75, 0.25]),
-            "t",
-            "training",
-            256,
-            5,
-            seq,
-            Shuffle::RandomWindows,
+        open(
+            &blend(vec![a.clone(), b.clone(), c.clone()], vec![0.5, 0.25, 0.25]),
+            Shuffle::Epoch,
         )
-        .unwrap();
-        again.fill(4321, &mut x2, &mut y2);
-        assert_eq!((x, y), (x2, y2), "weights normalized: 3:1 = 0.75:0.25");
+        .fill(4321, &mut x2, &mut y2);
+        assert_eq!((x, y), (x2, y2));
         // Nested: [a, [b, c] at 1:1] at 1:1 gives b and c a quarter each.
-        let nested = Source::open(
+        let nested = open(
             &blend(vec![a, blend(vec![b, c], vec![1.0, 1.0])], vec![1.0, 1.0]),
-            "t",
-            "training",
-            256,
-            9,
-            seq,
             Shuffle::RandomWindows,
-        )
-        .unwrap();
+        );
         let mut counts = [0u64; 3];
         let (mut x, mut y) = (vec![0u32; seq as usize], vec![0u32; seq as usize]);
-        for i in 0..n {
+        for i in 0..4000 {
             nested.fill(i, &mut x, &mut y);
             counts[origin(&x)] += 1;
         }
-        let sd = (n as f64 * 0.25 * 0.75).sqrt();
-        assert!((counts[1] as f64 - 0.25 * n as f64).abs() < 4.0 * sd, "{counts:?}");
-        assert!((counts[2] as f64 - 0.25 * n as f64).abs() < 4.0 * sd, "{counts:?}");
+        assert_eq!(counts, [2000, 1000, 1000]);
         assert_eq!(nested.tokens(), 6000);
     }
 
