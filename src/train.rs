@@ -929,6 +929,14 @@ fn rank_main<T: Element<Master = f32>>(
             if let Some(m) = metrics.as_mut() {
                 let mut extra = serde_json::Map::new();
                 extra.insert("lr".into(), json!(lr));
+                if cfg.data.sampling.shuffle != Shuffle::RandomWindows {
+                    // Epochs of the training data consumed (samples over non-overlapping windows).
+                    let windows = data.training.as_ref().map_or(1, |s| s.windows().max(1));
+                    extra.insert(
+                        "epoch".into(),
+                        json!((done * samples_per_batch) as f64 / windows as f64),
+                    );
+                }
                 extra.insert("grad_norm".into(), json!(grad_norm));
                 extra.insert("step_time_s".into(), json!(interval_time / interval_steps as f64));
                 extra.insert("tokens_per_s".into(), json!(tps));

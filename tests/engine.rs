@@ -162,11 +162,17 @@ fn training_records_give_model_flops_from_tokens_per_second() {
         .filter(|r| r["phase"] == "training")
         .collect();
     assert_eq!(steps.len(), 2);
+    // Epochs consumed: step x samples per step / non-overlapping windows of the training split.
+    let ds = fast_llm_rs::data::resolve_dataset(&cfg.data.datasets["training"], "training", 256).unwrap();
+    let windows = ((ds.len() - 1) / cfg.data.sequence_length) as f64;
+    let samples_per_step = (cfg.data.micro_batch_size / cfg.data.sequence_length) as f64;
     for r in steps {
         let tps = r["tokens_per_s"].as_f64().unwrap();
         let tflops = r["model_tflops"].as_f64().unwrap();
         assert!((tflops - tps * per_token / 1e12).abs() <= 1e-9 * tflops, "{r}");
         assert!(r.get("mfu").is_none(), "MFU without a peak: {r}");
+        let epoch = r["step"].as_f64().unwrap() * samples_per_step / windows;
+        assert!((r["epoch"].as_f64().unwrap() - epoch).abs() <= 1e-12, "{r}");
     }
 }
 
