@@ -534,19 +534,21 @@ unsafe fn attention_forward_head<T: Element>(
     let mut r0 = 0;
     while r0 < seq {
         let r1 = (r0 + ATTN_BLOCK).min(seq);
-        // Scores S[r0..r1, 0..r1] = scale * Q[r0..r1] K[0..r1]^T (blocks right of r1 are masked).
+        // The block's first attended key (sliding window): keys before it are zero in every row.
+        let c0 = s.first_key(r0);
+        // Scores S[r0..r1, c0..r1] = scale * Q[r0..r1] K[c0..r1]^T (blocks right of r1 are masked).
         gemm_view(
             r1 - r0,
-            r1,
+            r1 - c0,
             hs,
-            p.add(r0 * seq),
+            p.add(r0 * seq + c0),
             seq,
             1,
             false,
             q.add(r0 * qs),
             qs,
             1,
-            k,
+            k.add(c0 * qs),
             1,
             qs,
             scale,
@@ -569,19 +571,19 @@ unsafe fn attention_forward_head<T: Element>(
             }
             masked.fill(T::ZERO);
         }
-        // O[r0..r1] = P[r0..r1, 0..r1] V[0..r1].
+        // O[r0..r1] = P[r0..r1, c0..r1] V[c0..r1].
         gemm_view(
             r1 - r0,
             hs,
-            r1,
+            r1 - c0,
             o.add(r0 * os),
             os,
             1,
             false,
-            p.add(r0 * seq),
+            p.add(r0 * seq + c0),
             seq,
             1,
-            v,
+            v.add(c0 * qs),
             qs,
             1,
             T::ONE,
@@ -630,48 +632,55 @@ unsafe fn attention_backward_group<T: Element>(
         let mut r0 = 0;
         while r0 < seq {
             let r1 = (r0 + ATTN_BLOCK).min(seq);
-            // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
+            // The block's first attended key (sliding window); P is zero before it.
+            let c0 = s.first_key(r0);
+            // dP[r0..r1, c0..r1] = dO[r0..r1] V[c0..r1]^T
             gemm_view(
                 r1 - r0,
-                r1,
+                r1 - c0,
                 hs,
-                ds.add(r0 * seq),
+                ds.add(r0 * seq + c0),
                 seq,
                 1,
                 false,
                 go.add(r0 * os),
                 os,
                 1,
-                v,
+                v.add(c0 * qs),
                 1,
                 qs,
                 T::ONE,
                 none,
             );
-            // dS = P * (dP - rowsum(dP * P)) on the causal part, zero on the rest of the block.
+            // dS = P * (dP - rowsum(dP * P)) on the causal part, zero on the rest of the block and on
+            // the block of keys before c0, which the dK products below may read (a key block's rows
+            // reach the last one whose window holds its last key).
+            let z0 = c0.saturating_sub(ATTN_BLOCK);
             for i in r0..r1 {
-                let prow = std::slice::from_raw_parts(p.add(i * seq), i + 1);
-                let drow = std::slice::from_raw_parts_mut(ds.add(i * seq), r1);
-                let (live, masked) = drow.split_at_mut(i + 1);
+                let prow = std::slice::from_raw_parts(p.add(i * seq + c0), i + 1 - c0);
+                let drow = std::slice::from_raw_parts_mut(ds.add(i * seq + z0), r1 - z0);
+                let (before, drow) = drow.split_at_mut(c0 - z0);
+                before.fill(T::ZERO);
+                let (live, masked) = drow.split_at_mut(i + 1 - c0);
                 let d = dot(prow, live);
                 for (x, &pv) in live.iter_mut().zip(prow) {
                     *x = pv * (*x - d);
                 }
                 masked.fill(T::ZERO);
             }
-            // dQ[r0..r1] = scale * dS[r0..r1, 0..r1] K[0..r1]
+            // dQ[r0..r1] = scale * dS[r0..r1, c0..r1] K[c0..r1]
             gemm_view(
                 r1 - r0,
                 hs,
-                r1,
+                r1 - c0,
                 dq.add(r0 * qs),
                 qs,
                 1,
                 false,
-                ds.add(r0 * seq),
+                ds.add(r0 * seq + c0),
                 seq,
                 1,
-                k,
+                k.add(c0 * qs),
                 qs,
                 1,
                 scale,
@@ -679,11 +688,12 @@ unsafe fn attention_backward_group<T: Element>(
             );
             r0 = r1;
         }
-        // Key/value rows j0..j1 only receive from query rows i >= j0.
+        // Key/value rows j0..j1 only receive from query rows j0 <= i < j1 - 1 + window (the last row
+        // whose window holds key j1 - 1).
         let mut j0 = 0;
         while j0 < seq {
             let j1 = (j0 + ATTN_BLOCK).min(seq);
-            let depth = seq - j0;
+            let depth = (j1 - 1 + s.window).min(seq) - j0;
             // dV[j0..j1] (+)= P[j0.., j0..j1]^T dO[j0..]
             gemm_view(
                 j1 - j0,
