@@ -6,10 +6,10 @@
 
 use crate::backend::cuda::ops::{ds_elems_per_sequence, AttentionKernels, AttnDims, DS_SCRATCH_BYTES};
 use crate::backend::cuda::DType;
-use crate::config::{validate::global_batch_tokens, ComputeDtype, MultiStageConfig, TrainConfig};
+use crate::config::{validate::global_batch_tokens, ComputeDtype, MlpRecomputeLevel, MultiStageConfig, TrainConfig};
 use crate::engine::multi_stage::MultiStageLayout;
 use crate::engine::schedule::{plan as plan_batch, Op, WeightBufferState};
-use crate::model::{Batch, Llama, MlpRecompute, ModelShape};
+use crate::model::{Batch, Llama, ModelShape};
 use serde::Serialize;
 
 /// One setting's figures, per rank (bytes; elements for communication).
@@ -162,7 +162,7 @@ pub fn plan(cfg: &TrainConfig, device_memory: Option<u64>) -> anyhow::Result<Pla
     let mut model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
     // The CUDA kernels' attention is fused (log-sum-exp saved, not the softmax matrix).
     model.fused_attention = cfg.model.distributed.use_cuda;
-    model.mlp_recompute = MlpRecompute::from_level(cfg.model.base_model.decoder.block.mlp.recompute_level);
+    model.mlp_recompute = cfg.model.base_model.decoder.block.mlp.recompute_level;
     let ms = &cfg.model.multi_stage;
     let world = cfg.model.distributed.world_size as usize;
     let layout = MultiStageLayout::new(&model, ms, world, compute_bytes(cfg));
@@ -249,9 +249,9 @@ fn recommend(cfg: &TrainConfig, model: &Llama, mem: u64) -> String {
             c.data.micro_batch_size
         );
     }
-    if model.mlp_recompute != MlpRecompute::Full {
+    if !model.mlp_recompute.recompute_layer_1() {
         let recomputing = Llama {
-            mlp_recompute: MlpRecompute::Full,
+            mlp_recompute: MlpRecomputeLevel::Full,
             ..model.clone()
         };
         let fits_recomputing = |c: &TrainConfig, m: &MultiStageConfig| plan_row(c, &recomputing, m).total <= mem;

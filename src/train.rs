@@ -14,7 +14,7 @@ use crate::engine::distributed::{launch, nccl_lib, Communicator};
 use crate::engine::multi_stage::MultiStageLayout;
 use crate::engine::optimizer::learning_rate;
 use crate::engine::schedule::runner::{AdamStep, MemoryReport, RankEngine};
-use crate::model::{Batch, Llama, MlpRecompute, ModelShape};
+use crate::model::{Batch, Llama, ModelShape};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 use std::io::Write;
@@ -329,7 +329,7 @@ fn setup(cfg: &TrainConfig, opts: &TrainOptions, world: usize, leader: bool, gpu
     let mut model = Llama::new(shape);
     // The CUDA kernels' attention is fused: the model saves log-sum-exps, not softmax matrices.
     model.fused_attention = device.is_some();
-    model.mlp_recompute = MlpRecompute::from_level(cfg.model.base_model.decoder.block.mlp.recompute_level);
+    model.mlp_recompute = cfg.model.base_model.decoder.block.mlp.recompute_level;
     let model = Arc::new(model);
     // Weight buffers hold the compute type (bf16 only on a GPU: validation refuses it on the CPU).
     let compute_bytes = match cfg.model.distributed.compute_dtype {

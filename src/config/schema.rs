@@ -755,6 +755,18 @@ pub enum MlpRecomputeLevel {
     Full,
 }
 
+impl MlpRecomputeLevel {
+    /// Whether the backward recomputes `silu(gate) * up` (every level but `none`).
+    pub fn recompute_activation(self) -> bool {
+        self != MlpRecomputeLevel::None
+    }
+
+    /// Whether the backward recomputes `gate|up`, the MLP's first layer (`full`).
+    pub fn recompute_layer_1(self) -> bool {
+        self == MlpRecomputeLevel::Full
+    }
+}
+
 /// Normalization layer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

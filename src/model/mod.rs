@@ -17,7 +17,7 @@ pub use rotary::Rotary;
 
 use crate::backend::mem::{Buf, Memory};
 use crate::backend::{Element, Kernels};
-use crate::config::BaseModelConfig;
+use crate::config::{BaseModelConfig, MlpRecomputeLevel};
 use std::sync::Arc;
 
 /// The shape of a Llama model, checked and in `usize`.
@@ -178,34 +178,11 @@ pub struct Llama {
     /// layer saves one log-sum-exp per row `(batch, heads, seq)` instead of the softmax matrix, and the
     /// backward scratch holds `(batch, heads, seq)` instead of `(batch, heads, seq, seq)`.
     pub fused_attention: bool,
-    /// MLP activations the backward recomputes (`mlp.recompute_level`): with `Activation` an MLP layer
-    /// keeps no `silu(gate) * up`, with `Full` no `gate|up` either (the backward recomputes them into
-    /// the scratch). The results are the same bits: the same kernels on the same inputs.
-    pub mlp_recompute: MlpRecompute,
-}
-
-/// What an MLP layer's backward recomputes ([`Llama::mlp_recompute`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MlpRecompute {
-    /// Nothing: the forward keeps `gate|up` and `silu(gate) * up`.
-    #[default]
-    None,
-    /// `silu(gate) * up`, from the kept `gate|up`.
-    Activation,
-    /// `gate|up` (from the kept normalized input) and `silu(gate) * up`.
-    Full,
-}
-
-impl MlpRecompute {
-    /// From the config's `mlp.recompute_level`.
-    pub fn from_level(level: crate::config::MlpRecomputeLevel) -> Self {
-        use crate::config::MlpRecomputeLevel as L;
-        match level {
-            L::None => Self::None,
-            L::Activation | L::ActivationAndInput => Self::Activation,
-            L::Full => Self::Full,
-        }
-    }
+    /// MLP activations the backward recomputes (`mlp.recompute_level`): recomputing the activation, an
+    /// MLP layer keeps no `silu(gate) * up`, recomputing layer 1 no `gate|up` either (the backward
+    /// recomputes them into the scratch). The results are the same bits: the same kernels on the same
+    /// inputs.
+    pub mlp_recompute: MlpRecomputeLevel,
 }
 
 /// The tensors of an attention layer's parameter range ([`Llama::attention_weights`]).
@@ -306,7 +283,7 @@ pub struct Scratch<T: Element> {
     pub d_inner: Buf<T>,
     /// `(batch, heads, seq, seq)`, or `(batch, heads, seq)` with fused attention.
     pub d_probs: Buf<T::Master>,
-    /// `(n, 2*inter)`: an MLP's recomputed `gate|up` with [`MlpRecompute::Full`], else empty.
+    /// `(n, 2*inter)`: an MLP's recomputed `gate|up` when it recomputes layer 1, else empty.
     pub recomputed: Buf<T>,
 }
 
@@ -339,7 +316,7 @@ impl Llama {
             shape,
             layers,
             fused_attention: false,
-            mlp_recompute: MlpRecompute::None,
+            mlp_recompute: MlpRecomputeLevel::None,
         }
     }
 
@@ -498,11 +475,9 @@ impl Llama {
                 n * s.attn_width(),
             ],
             LayerKind::Mlp(_) => {
-                let (proj, inner) = match self.mlp_recompute {
-                    MlpRecompute::None => (n * 2 * s.inter, n * s.inter),
-                    MlpRecompute::Activation => (n * 2 * s.inter, 0),
-                    MlpRecompute::Full => (0, 0),
-                };
+                let r = self.mlp_recompute;
+                let proj = if r.recompute_layer_1() { 0 } else { n * 2 * s.inter };
+                let inner = if r.recompute_activation() { 0 } else { n * s.inter };
                 [n * s.hidden, n, proj, 0, inner]
             }
             LayerKind::Head => [n * s.hidden, n, n * s.vocab, 0, 0],
@@ -591,9 +566,10 @@ impl Llama {
 
     /// Elements of the scratch an MLP recomputes `gate|up` into ([`Scratch::recomputed`]).
     fn recomputed_elems(&self, b: Batch) -> usize {
-        match self.mlp_recompute {
-            MlpRecompute::Full => b.tokens() * 2 * self.shape.inter,
-            MlpRecompute::None | MlpRecompute::Activation => 0,
+        if self.mlp_recompute.recompute_layer_1() {
+            b.tokens() * 2 * self.shape.inter
+        } else {
+            0
         }
     }
 
@@ -841,13 +817,16 @@ impl Llama {
                 k.rms_norm_forward(&mut la.normed, &mut la.rstd, input, norm_w, c, eps);
                 // With recomputation the intermediates go to the scratch (free during a forward: it is
                 // used inside one layer's backward only) instead of the saved activations.
-                let (proj, inner) = match self.mlp_recompute {
-                    MlpRecompute::None => (&mut la.proj[..], &mut la.inner[..]),
-                    MlpRecompute::Activation => (&mut la.proj[..], &mut scratch.d_inner[..n * s.inter]),
-                    MlpRecompute::Full => (
-                        &mut scratch.d_proj[..n * 2 * s.inter],
-                        &mut scratch.d_inner[..n * s.inter],
-                    ),
+                let r = self.mlp_recompute;
+                let proj = if r.recompute_layer_1() {
+                    &mut scratch.d_proj[..n * 2 * s.inter]
+                } else {
+                    &mut la.proj[..]
+                };
+                let inner = if r.recompute_activation() {
+                    &mut scratch.d_inner[..n * s.inter]
+                } else {
+                    &mut la.inner[..]
                 };
                 k.matmul(proj, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
                 k.swiglu_forward(inner, proj, s.inter);
@@ -984,19 +963,18 @@ impl Llama {
                 let d_gu = &mut scratch.d_proj[..n * 2 * s.inter];
                 // gate|up and silu(gate) * up: kept, or recomputed as the forward computed them (the
                 // activation into d_inner, which the product below then overwrites with its gradient).
-                let proj: &[T] = match self.mlp_recompute {
-                    MlpRecompute::Full => {
-                        let r = &mut scratch.recomputed[..n * 2 * s.inter];
-                        k.matmul(r, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
-                        r
-                    }
-                    MlpRecompute::None | MlpRecompute::Activation => &la.proj,
-                };
-                let inner: &[T] = if self.mlp_recompute == MlpRecompute::None {
-                    &la.inner
+                let proj: &[T] = if self.mlp_recompute.recompute_layer_1() {
+                    let r = &mut scratch.recomputed[..n * 2 * s.inter];
+                    k.matmul(r, &la.normed, gu_w, n, 2 * s.inter, c, false, true, false);
+                    r
                 } else {
+                    &la.proj
+                };
+                let inner: &[T] = if self.mlp_recompute.recompute_activation() {
                     k.swiglu_forward(d_inner, proj, s.inter);
                     d_inner
+                } else {
+                    &la.inner
                 };
                 k.matmul_acc_master(g_down, dh, inner, c, s.inter, n, true, false);
                 k.matmul(d_inner, dh, down_w, n, s.inter, c, false, false, false);
@@ -1296,8 +1274,8 @@ mod tests {
         let blocks = base.shape.num_blocks;
         let all = 0..base.layers.len();
         for (level, saved_less, scratch_more) in [
-            (MlpRecompute::Activation, n * inter, 0),
-            (MlpRecompute::Full, 3 * n * inter, 2 * n * inter),
+            (MlpRecomputeLevel::Activation, n * inter, 0),
+            (MlpRecomputeLevel::Full, 3 * n * inter, 2 * n * inter),
         ] {
             let m = Llama {
                 mlp_recompute: level,

@@ -1297,11 +1297,11 @@ fn tiny_model_through_cuda_kernels_matches_cpu() {
     use crate::model::{init, Batch, Init, Llama};
     let devices = test_devices().into_iter().filter(|d| d.memory.name() == "host");
     // The last variant also recomputes the MLP's activations in the backward (into the scratch).
-    use crate::model::MlpRecompute;
+    use crate::config::MlpRecomputeLevel;
     let variants = [
-        (false, None, MlpRecompute::None),
-        (true, None, MlpRecompute::None),
-        (true, Some(1e-6), MlpRecompute::Full),
+        (false, None, MlpRecomputeLevel::None),
+        (true, None, MlpRecomputeLevel::None),
+        (true, Some(1e-6), MlpRecomputeLevel::Full),
     ];
     for (dev, (qkv_bias, qk_norm, recompute)) in devices.flat_map(|d| variants.map(|v| (d.clone(), v))) {
         let mut m = Llama::new(crate::model::ModelShape {
