@@ -138,6 +138,13 @@ impl InferenceModel {
         let mut rstd = vec![0f32; n];
         let mut proj = vec![0f32; n * qw.max(2 * s.inter)];
         let mut inner = vec![0f32; n * aw.max(s.inter)];
+        // Query/key norms' saved values (the forward writes them; decoding has no backward to read them).
+        let qk_heads = if s.qk_norm.is_some() {
+            n * (s.heads + s.kv_heads)
+        } else {
+            0
+        };
+        let (mut qk_hat, mut qk_rstd) = (vec![0f32; qk_heads * s.head_size], vec![0f32; qk_heads]);
         let mut logits = Vec::new();
         for (l, &layer) in self.model.layers.iter().enumerate() {
             let w = self.layer_weights(l);
@@ -161,8 +168,8 @@ impl InferenceModel {
                     }
                     if let (Some(qk_w), Some(eps)) = (qk_w, s.qk_norm) {
                         let heads = s.heads + s.kv_heads;
-                        let (mut hat, mut r) = (vec![0f32; n * heads * s.head_size], vec![0f32; n * heads]);
-                        k.head_norm_forward(qkv, &mut hat, &mut r, qk_w, qw, heads, s.heads, s.head_size, eps as f32);
+                        let (hat, r) = (&mut qk_hat[..], &mut qk_rstd[..]);
+                        k.head_norm_forward(qkv, hat, r, qk_w, qw, heads, s.heads, s.head_size, eps as f32);
                     }
                     // Row i is at position start + i: offset the tables, one "sequence" of n rows.
                     let tab = start * half..(start + n) * half;

@@ -1084,8 +1084,7 @@ fn export_weights<T: Element<Master = f32>>(
         return Ok(());
     }
     let dir = export_dir(&cfg.run.experiment_dir, done);
-    let model = Llama::new(ModelShape::from_config(&cfg.model.base_model)?);
-    let tensors = crate::hf::tensors_from_flat(&model, &flat)?;
+    let tensors = crate::hf::tensors_from_flat(&engine.model, &flat)?;
     let dtype = match cfg.model.distributed.compute_dtype {
         ComputeDtype::Bfloat16 => crate::hf::HfDtype::Bf16,
         _ => crate::hf::HfDtype::F32,

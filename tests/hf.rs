@@ -577,6 +577,20 @@ fn cached_decode_matches(m: &InferenceModel, tokens: &[u32], full: &[f32], prefi
     cache
 }
 
+/// `w` with the values of the tensors whose name satisfies `pick` replaced by `edit(index, value)`.
+fn edited(w: &[NamedTensor], pick: impl Fn(&str) -> bool, edit: impl Fn(usize, f32) -> f32) -> Vec<NamedTensor> {
+    w.iter()
+        .map(|(n, s, v)| {
+            let v = if pick(n) {
+                v.iter().enumerate().map(|(i, &x)| edit(i, x)).collect()
+            } else {
+                v.clone()
+            };
+            (n.clone(), s.clone(), v)
+        })
+        .collect()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -1143,17 +1157,7 @@ fn qkv_biases_round_trip_as_qwen2_and_decode() {
     let tokens = test_tokens(10, m.model.shape.vocab);
     let full = full_forward_logits(&m, &tokens);
     cached_decode_matches(&m, &tokens, &full, 4);
-    let zeroed: Vec<NamedTensor> = w
-        .iter()
-        .map(|(n, s, v)| {
-            let v = if n.ends_with("_proj.bias") {
-                vec![0.0; v.len()]
-            } else {
-                v.clone()
-            };
-            (n.clone(), s.clone(), v)
-        })
-        .collect();
+    let zeroed = edited(&w, |n| n.ends_with("_proj.bias"), |_, _| 0.0);
     let without = full_forward_logits(&InferenceModel::new(&b, &zeroed, 2).unwrap(), &tokens);
     assert!(max_diff(&full, &without) > 1e-3);
 }
@@ -1173,17 +1177,11 @@ fn qk_norms_round_trip_as_qwen3_and_decode() {
     b.decoder.block.mixer.key_norm = Some(norm);
     let hs = b.decoder.block.mixer.head_size as usize;
     // Norm weights away from their initial ones, so a swapped q/k pair would show.
-    let w: Vec<NamedTensor> = weights(&b, 37)
-        .into_iter()
-        .map(|(n, s, v)| {
-            let v = if n.ends_with("_norm.weight") && n.contains("self_attn") {
-                v.iter().enumerate().map(|(i, x)| x + 0.1 * i as f32 - 0.2).collect()
-            } else {
-                v
-            };
-            (n, s, v)
-        })
-        .collect();
+    let w = edited(
+        &weights(&b, 37),
+        |n| n.ends_with("_norm.weight") && n.contains("self_attn"),
+        |i, x| x + 0.1 * i as f32 - 0.2,
+    );
     assert!(w
         .iter()
         .any(|t| t.0 == "model.layers.1.self_attn.k_norm.weight" && t.1 == vec![hs]));
@@ -1247,18 +1245,8 @@ fn qk_norms_round_trip_as_qwen3_and_decode() {
     let tokens = test_tokens(10, m.model.shape.vocab);
     let full = full_forward_logits(&m, &tokens);
     cached_decode_matches(&m, &tokens, &full, 4);
-    let swapped: Vec<NamedTensor> = w
-        .iter()
-        .map(|(n, s, v)| {
-            let v = if n.ends_with("self_attn.q_norm.weight") {
-                vec![1.0; v.len()]
-            } else {
-                v.clone()
-            };
-            (n.clone(), s.clone(), v)
-        })
-        .collect();
-    let plain = full_forward_logits(&InferenceModel::new(&b, &swapped, 2).unwrap(), &tokens);
+    let reset = edited(&w, |n| n.ends_with("self_attn.q_norm.weight"), |_, _| 1.0);
+    let plain = full_forward_logits(&InferenceModel::new(&b, &reset, 2).unwrap(), &tokens);
     assert!(max_diff(&full, &plain) > 1e-3);
 }
 

@@ -148,13 +148,12 @@ fn validate_training(cfg: &TrainConfig) -> Result<(), ConfigError> {
         "accepted: llama (HuggingFace)",
         "set it to llama",
     )?;
-    if export.interval.is_some() {
+    if let Some(interval) = export.interval {
         // Refuse now what the export would refuse after hours of training.
         if let Err(e) = crate::hf::hf_config(&cfg.model.base_model, &Default::default()) {
             return Err(ConfigError::new(format!(
-                "training.export.interval = {}: this model cannot be exported as format llama ({e}); \
-                 remove training.export or change the model",
-                export.interval.unwrap_or_default()
+                "training.export.interval = {interval}: this model cannot be exported as format llama ({e}); \
+                 remove training.export or change the model"
             )));
         }
     }
