@@ -931,7 +931,7 @@ fn rank_main<T: Element<Master = f32>>(
                 extra.insert("lr".into(), json!(lr));
                 if cfg.data.sampling.shuffle != Shuffle::RandomWindows {
                     // Epochs of the training data consumed (samples over non-overlapping windows).
-                    let windows = data.training.as_ref().map_or(1, |s| s.windows().max(1));
+                    let windows = source.windows().max(1);
                     extra.insert(
                         "epoch".into(),
                         json!((done * samples_per_batch) as f64 / windows as f64),

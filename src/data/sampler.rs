@@ -128,11 +128,6 @@ impl SequenceSampler {
         self
     }
 
-    /// The window order.
-    pub fn shuffle(&self) -> Shuffle {
-        self.shuffle
-    }
-
     /// [`SequenceSampler::new`] for `dataset`, with an error naming its file.
     pub fn for_dataset(seed: u64, dataset: &TokenDataset, sequence_length: u64) -> Result<Self, DataError> {
         Self::new(seed, dataset.len(), sequence_length).map_err(|e| match e {
